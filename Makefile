@@ -1,0 +1,31 @@
+# Two commands for a newcomer:  make run  (the default pipeline)  and  make test.
+# Both create the pinned virtual environment in .venv when it is missing or stale.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+CORES  ?= all
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test env dvc clean
+
+run: $(STAMP)  ## run the default pipeline with Snakemake
+	snakemake --cores $(CORES)
+
+test: $(STAMP)  ## run the test suite
+	python -m pytest
+
+dvc: $(STAMP)  ## run the default pipeline with DVC instead
+	dvc repro
+
+env: $(STAMP)  ## only create the environment
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	touch $(STAMP)
+
+clean:  ## remove results and Snakemake state (keeps .venv)
+	rm -rf results .snakemake

@@ -1,0 +1,80 @@
+# FLORA pipeline, Snakemake wiring. Every rule runs one stage command of the
+# flora_steps package; dvc.yaml wires the very same commands for `dvc repro`.
+#
+#   snakemake --cores 8                                   # params.yaml (embedded default)
+#   snakemake --cores 8 --config params=configs/smoke.yaml   # another params profile
+#   snakemake --cores 8 --use-conda                       # per-rule conda env (environment.yml)
+#   snakemake --profile cluster/slurm                     # on a Slurm cluster
+
+import sys
+
+from flora_steps.errors import UserError
+from flora_steps.params import load_params
+
+PARAMS_FILE = config.get("params", "params.yaml")
+try:
+    PARAMS = load_params(PARAMS_FILE).model_dump(mode="json")
+except UserError as error:
+    sys.exit(f"error: {error}")
+
+
+def tracked(*sections):
+    """The params sections a rule depends on: changing one of them reruns the rule."""
+    return {section: PARAMS[section] for section in sections}
+
+
+rule all:
+    input:
+        "results/pretrain/metrics.json",
+        "results/decompose/metrics.json",
+
+
+rule pretrain:
+    output:
+        model="results/pretrain/model.safetensors",
+        spec="results/pretrain/model.json",
+        history="results/pretrain/history.csv",
+        metrics="results/pretrain/metrics.json",
+    log:
+        "results/pretrain/log.txt",
+    benchmark:
+        "results/pretrain/benchmark.tsv"
+    params:
+        file=PARAMS_FILE,
+        tracked=tracked("seed", "model", "data", "pretrain"),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.pretrain --params {params.file}"
+
+
+rule decompose:
+    input:
+        model="results/pretrain/model.safetensors",
+        spec="results/pretrain/model.json",
+    output:
+        model="results/decompose/model.safetensors",
+        spec="results/decompose/model.json",
+        spectra="results/decompose/spectra.csv",
+        layers="results/decompose/layers.csv",
+        plot=report("results/decompose/spectra.png", category="Decompose", caption="report/spectra.rst"),
+        metrics="results/decompose/metrics.json",
+    log:
+        "results/decompose/log.txt",
+    benchmark:
+        "results/decompose/benchmark.tsv"
+    params:
+        file=PARAMS_FILE,
+        tracked=tracked("seed", "decompose"),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.decompose --params {params.file}"

@@ -1,0 +1,162 @@
+"""Reading and writing stage artifacts, always atomically (temporary file, then rename).
+
+A model artifact is ``<stem>.safetensors`` (the state dict) beside ``<stem>.json``
+(what to build before loading it: the timm model name, its keyword arguments and
+which layers are low-rank). Training checkpoints use ``torch.save`` and are read
+back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import safetensors.torch
+import timm
+import torch
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from .core import LowRankLinear, RankConfig, replace_module
+from .errors import UserError
+
+MODEL_FORMAT = "flora-model/1"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, naming it and ``what`` it should be in the error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found (run the stage that writes it first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: corrupt {what}, not valid JSON ({error})") from None
+
+
+def write_csv(path: str | Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as temporary:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+
+
+def save_figure(path: str | Path, figure: Figure) -> None:
+    """Save without timestamps or version stamps, so the same figure gives the same bytes."""
+    path = Path(path)
+    metadata = {"pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}.get(
+        path.suffix[1:], {"Software": None}
+    )
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix[1:], metadata=metadata, dpi=150, bbox_inches="tight")
+
+
+def read_rank_config(path: str | Path) -> RankConfig:
+    path = Path(path)
+    try:
+        return RankConfig.from_json(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: rank config not found") from None
+    except ValueError as error:
+        raise UserError(f"{path}: bad rank config: {error}") from None
+
+
+def write_rank_config(path: str | Path, config: RankConfig) -> None:
+    write_text(path, config.to_json())
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """A training checkpoint, or ``None`` when there is none or it is unreadable (e.g. cut short)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint means: start from scratch
+        return None
+
+
+class ModelSpec(BaseModel):
+    """What to build before a model artifact's state dict can be loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = MODEL_FORMAT
+    model: str
+    model_kwargs: dict[str, Any]
+    lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear
+
+    def build(self) -> nn.Module:
+        """A randomly initialised model with this spec's structure."""
+        model = timm.create_model(self.model, pretrained=False, **self.model_kwargs)
+        for name, max_rank in self.lowrank.items():
+            dense = model.get_submodule(name)
+            replace_module(
+                model,
+                name,
+                LowRankLinear(dense.in_features, dense.out_features, max_rank, bias=dense.bias is not None),
+            )
+        return model
+
+
+def save_model(stem: str | Path, model: nn.Module, spec: ModelSpec) -> None:
+    """Write ``<stem>.safetensors`` and ``<stem>.json``."""
+    stem = Path(stem)
+    with atomic_path(stem.with_suffix(".safetensors")) as temporary:
+        safetensors.torch.save_model(model, str(temporary))
+    write_text(stem.with_suffix(".json"), spec.model_dump_json(indent=2) + "\n")
+
+
+def load_model(stem: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """Build the model described by ``<stem>.json`` and load ``<stem>.safetensors`` into it."""
+    stem = Path(stem)
+    meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    try:
+        spec = ModelSpec.model_validate(read_json(meta_path, "model description"))
+    except ValidationError as error:
+        raise UserError(f"{meta_path}: corrupt model description ({error.errors()[0]['msg']})") from None
+    if spec.format != MODEL_FORMAT:
+        raise UserError(f"{meta_path}: unsupported model format {spec.format!r}, expected {MODEL_FORMAT!r}")
+    if not weights_path.is_file():
+        raise UserError(f"{weights_path}: model weights not found (run the stage that writes it first)")
+    model = spec.build()
+    try:
+        safetensors.torch.load_model(model, str(weights_path), strict=True)
+    except Exception as error:  # noqa: BLE001 - header, size and key errors all mean a corrupt artifact
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{weights_path}: corrupt or mismatched model weights ({first_line})") from None
+    return model, spec

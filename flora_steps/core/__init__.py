@@ -1,0 +1,30 @@
+"""The method's maths: low-rank layers, SVD factorisation, rank configs and MACs counting.
+
+Pure functions and modules with no file I/O, usable from Python on any timm model.
+"""
+
+from .factorize import DEFAULT_TARGETS, factorize, find_linear_layers, lowrank_layers, materialize, replace_module, set_ranks
+from .lowrank import LowRankLinear, factorized_is_cheaper, full_rank, svd_factors, weight_cost
+from .macs import CostModel, LinearCost, count_macs, trace_costs, unfused_attention
+from .rank_config import RankConfig
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "CostModel",
+    "LinearCost",
+    "LowRankLinear",
+    "RankConfig",
+    "count_macs",
+    "factorize",
+    "factorized_is_cheaper",
+    "find_linear_layers",
+    "full_rank",
+    "lowrank_layers",
+    "materialize",
+    "replace_module",
+    "set_ranks",
+    "svd_factors",
+    "trace_costs",
+    "unfused_attention",
+    "weight_cost",
+]

@@ -1,0 +1,225 @@
+"""Data sets and their fixed, stratified train / val / test splits.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images), split
+  into test, val and train by stratified sampling with ``split_seed``.
+- ``imagenet``: an ImageFolder tree ``root/train/<class>/*`` and ``root/val/<class>/*``;
+  test is ``val/``, and val is a stratified hold-out of ``train/``.
+- ``cifar10``: the standard python batches (``data_batch_1..5``, ``test_batch``) in
+  ``root`` or ``root/cifar-10-batches-py``; val is a stratified hold-out of train.
+  The batches are read with an unpickler that only admits plain containers and
+  NumPy arrays, so a tampered file cannot run code.
+
+Real data uses timm's train and eval transforms for the model's input config.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.data
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from .errors import UserError
+from .params import DataParams
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three splits of one data set."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+
+
+def stratified_split(
+    labels: Sequence[int], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed."""
+    indices = np.arange(len(labels))
+    kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held_out)
+
+
+class Transformed(Dataset):
+    """A view of ``dataset`` with ``transform`` applied to each image."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def _split(dataset: Dataset, indices: np.ndarray, transform: Callable) -> Subset:
+    return Subset(Transformed(dataset, transform), indices.tolist())
+
+
+class ShiftedImages(Dataset):
+    """In-memory images (N, C, H, W) with an optional random shift of up to ``shift`` pixels.
+
+    The shift pads with ``fill`` and crops back, like ``RandomCrop(size, padding)``,
+    but a whole batch at a time (DataLoader's ``__getitems__``): per-image transforms
+    would cost more than the tiny model's training step.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0) -> None:
+        self.images, self.labels, self.shift, self.fill = images, labels, shift, fill
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        images = self.images[indices]
+        if self.shift:
+            images = random_shift(images, self.shift, self.fill)
+        return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
+
+
+def random_shift(images: torch.Tensor, shift: int, fill: float) -> torch.Tensor:
+    """Shift each image of a batch by its own random offset in [-shift, shift]² pixels."""
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (shift,) * 4, value=fill)
+    top, left = torch.randint(0, 2 * shift + 1, (2, batch, 1))
+    rows = (top + torch.arange(height))[:, :, None]
+    cols = (left + torch.arange(width))[:, None, :]
+    return padded[torch.arange(batch)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def digits_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
+    """Digits scaled to [0, 1] and normalised with the model's mean/std; random shift on train."""
+    digits = load_digits()
+    mean, std = data_config["mean"][0], data_config["std"][0]
+    images = (torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1) - mean) / std
+    labels = torch.tensor(digits.target)
+    rest, test = stratified_split(digits.target, params.test_fraction, params.split_seed)
+    train, val = (rest[i] for i in stratified_split(digits.target[rest], params.val_fraction, params.split_seed))
+    background = -mean / std
+    return DataSplits(
+        train=ShiftedImages(images[train], labels[train], params.shift, background),
+        val=ShiftedImages(images[val], labels[val]),
+        test=ShiftedImages(images[test], labels[test]),
+        num_classes=10,
+    )
+
+
+class Cifar10Batches(Dataset):
+    """CIFAR-10 from its python batches, read without executing pickled code."""
+
+    TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+    TEST_FILES = ("test_batch",)
+
+    def __init__(self, root: Path, train: bool) -> None:
+        folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+        images, labels = [], []
+        for name in self.TRAIN_FILES if train else self.TEST_FILES:
+            batch = _read_batch(folder / name)
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in batch[b"labels"])
+        self.images = np.concatenate(images).transpose(0, 2, 3, 1)  # N, H, W, C
+        self.targets = labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), self.targets[index]
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that admits NumPy array reconstruction and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_batch(path: Path) -> dict[bytes, Any]:
+    if not path.is_file():
+        raise UserError(f"data.root: CIFAR-10 batch file not found: {path}")
+    try:
+        with path.open("rb") as file:
+            batch = _ArraysOnlyUnpickler(file, encoding="bytes").load()
+        if not {b"data", b"labels"} <= set(batch):
+            raise ValueError("missing data or labels")
+    except Exception as error:  # noqa: BLE001 - any failure means the file is not a CIFAR batch
+        raise UserError(f"data.root: {path} is not a CIFAR-10 python batch ({error})") from None
+    return batch
+
+
+def _image_folder(path: Path) -> datasets.ImageFolder:
+    if not path.is_dir():
+        raise UserError(f"data.root: directory not found: {path}")
+    try:
+        return datasets.ImageFolder(str(path))
+    except FileNotFoundError as error:
+        raise UserError(f"data.root: {path} is not an ImageFolder tree ({error})") from None
+
+
+def build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
+    """The data set of ``params`` as train / val / test, transformed for ``data_config``.
+
+    ``data_config`` is timm's resolved input config of the model (input_size, mean,
+    std, interpolation, crop_pct). Val images get the eval transform.
+    """
+    if params.dataset == "digits":
+        return digits_splits(params, data_config)
+    root = params.root
+    if root is None or not root.is_dir():
+        raise UserError(f"data.root: directory not found: {root}")
+    train_transform = timm.data.create_transform(**data_config, is_training=True, **params.train_transform)
+    eval_transform = timm.data.create_transform(**data_config, is_training=False)
+    if params.dataset == "imagenet":
+        full_train, test = _image_folder(root / "train"), _image_folder(root / "val")
+        num_classes = len(full_train.classes)
+    else:
+        full_train, test = Cifar10Batches(root, train=True), Cifar10Batches(root, train=False)
+        num_classes = 10
+    train, val = stratified_split(full_train.targets, params.val_fraction, params.split_seed)
+    return DataSplits(
+        train=_split(full_train, train, train_transform),
+        val=_split(full_train, val, eval_transform),
+        test=Transformed(test, eval_transform),
+        num_classes=num_classes,
+    )
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling order depends only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=False,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )

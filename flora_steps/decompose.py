@@ -1,0 +1,127 @@
+"""Stage ``decompose``: SVD factorisation of the target layers (SPEC §2.1).
+
+Every linear layer whose module path matches a ``decompose.targets`` pattern is
+replaced by a full-rank ``LowRankLinear`` holding its balanced SVD factors
+(``first = sqrt(S) Vᵀ``, ``second = U sqrt(S)``), so that keeping the leading ``r``
+components is the optimal rank-``r`` approximation. Writes ``results/decompose/``:
+
+- ``model.safetensors`` + ``model.json``: the factorised model (supernet initialiser)
+- ``spectra.csv``: every singular value of every layer, with its cumulative energy
+- ``spectra.png``: the normalised spectra, one panel per target pattern
+- ``layers.csv``: shape, full rank, break-even rank and tokens of each target layer
+- ``metrics.json``: full-rank reconstruction error of the logits, MACs, parameters
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import matplotlib
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from .artifacts import load_model, save_figure, save_model, write_csv, write_json
+from .core import CostModel, factorize, find_linear_layers, trace_costs
+from .errors import UserError
+from .models import input_shape
+from .params import Params
+from .stage import RESULTS, log, stage_dir, stage_main
+
+STAGE = "decompose"
+
+
+def spectra_table(spectra: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per singular value: layer, index, value, value / largest, cumulative energy."""
+    rows = []
+    for name, values in spectra.items():
+        values = values.double()
+        energy = (values**2).cumsum(0) / (values**2).sum()
+        for index, (value, cumulative) in enumerate(zip(values.tolist(), energy.tolist(), strict=True)):
+            rows.append((name, index + 1, value, value / values[0].item(), cumulative))
+    return pd.DataFrame(rows, columns=["layer", "index", "singular_value", "relative", "energy"])
+
+
+def layers_table(costs: CostModel, names: list[str]) -> pd.DataFrame:
+    """Shape, full rank and break-even rank (first rank that is not cheaper than dense) per layer."""
+    rows = []
+    for name in names:
+        layer = costs.layers[name]
+        break_even = -(-layer.in_features * layer.out_features // (layer.in_features + layer.out_features))
+        rows.append((name, layer.in_features, layer.out_features, layer.full_rank, break_even, layer.tokens))
+    return pd.DataFrame(rows, columns=["layer", "in_features", "out_features", "full_rank", "break_even_rank", "tokens"])
+
+
+def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
+    """Normalised spectra (σ_i / σ_1 against i / full rank), one panel per target pattern."""
+    figure = Figure(figsize=(4 * len(patterns), 3.4), layout="tight")
+    axes = figure.subplots(1, len(patterns), squeeze=False, sharey=True)
+    layer_order = list(dict.fromkeys(table["layer"]))
+    colours = matplotlib.colormaps["viridis"]
+    for axis, pattern in zip(axes[0], patterns, strict=True):
+        layers = [name for name in layer_order if fnmatchcase(name, pattern)]
+        for depth, name in enumerate(layers):
+            rows = table[table["layer"] == name]
+            axis.plot(
+                rows["index"] / len(rows),
+                rows["relative"],
+                color=colours(depth / max(len(layers) - 1, 1)),
+                linewidth=1,
+                label=name if depth in (0, len(layers) - 1) else None,
+            )
+        axis.set_title(pattern)
+        axis.set_yscale("log")
+        axis.set_xlabel("component / full rank")
+        axis.grid(alpha=0.3)
+        if layers:
+            axis.legend(fontsize=6, title="first / last", title_fontsize=6)
+    axes[0][0].set_ylabel("σᵢ / σ₁")
+    figure.suptitle("Singular-value spectra of the target layers")
+    return figure
+
+
+@torch.no_grad()
+def max_logit_error(dense: torch.nn.Module, factorised: torch.nn.Module, seed: int, images: int = 8) -> float:
+    """Largest absolute logit difference between two models on random inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((images, *input_shape(dense)), generator=generator)
+    dense.eval(), factorised.eval()
+    return (dense(x) - factorised(x)).abs().max().item()
+
+
+def run(params: Params) -> None:
+    out = stage_dir(STAGE)
+    dense, spec = load_model(RESULTS / "pretrain" / "model")
+    patterns = params.decompose.targets
+    names = find_linear_layers(dense, patterns)
+    if not names:
+        raise UserError(f"decompose.targets: no linear layer of {spec.model} matches {patterns}")
+    unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise UserError(f"decompose.targets: pattern(s) {unmatched} match no linear layer of {spec.model}")
+    log.info("factorising %d layers of %s", len(names), spec.model)
+
+    costs = trace_costs(dense, input_shape(dense))
+    factorised, _ = load_model(RESULTS / "pretrain" / "model")
+    spectra = factorize(factorised, names)
+    error = max_logit_error(dense, factorised, params.seed)
+    log.info("full-rank factorisation: max |logit error| = %.2e", error)
+
+    table = spectra_table(spectra)
+    lowrank = {name: factorised.get_submodule(name).max_rank for name in names}
+    save_model(out / "model", factorised, spec.model_copy(update={"lowrank": lowrank}))
+    write_csv(out / "spectra.csv", table)
+    write_csv(out / "layers.csv", layers_table(costs, names))
+    save_figure(out / "spectra.png", plot_spectra(table, patterns))
+    write_json(
+        out / "metrics.json",
+        {"layers": len(names), "max_abs_logit_error": error, "macs": costs.dense_macs, "params": costs.dense_params},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Models by name: every timm model plus the embedded ``vit_digits``, and base-weight loading.
+
+Importing this module registers ``vit_digits`` with timm, so
+``timm.create_model("vit_digits")`` works like for any other timm model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .errors import UserError
+
+__all__ = ["create_base_model", "input_shape", "is_known_model", "vit_digits"]
+
+#: Pixel statistics of scikit-learn's digits after scaling to [0, 1].
+DIGITS_MEAN = (0.3051,)
+DIGITS_STD = (0.3750,)
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_digits": {
+            "num_classes": 10,
+            "input_size": (1, 8, 8),
+            "mean": DIGITS_MEAN,
+            "std": DIGITS_STD,
+            "crop_pct": 1.0,
+            "interpolation": "nearest",
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": "apache-2.0",
+        }
+    }
+)
+
+
+@register_model
+def vit_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Small ViT for 8x8 single-channel digits: patch 2, width 64, depth 4, 2 heads (~0.2 M params)."""
+    model_args = dict(
+        img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0
+    )
+    return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained, **dict(model_args, **kwargs))
+
+
+def is_known_model(name: str) -> bool:
+    """True for any model name ``timm.create_model`` accepts (including ``vit_digits``)."""
+    return timm.is_model(name)
+
+
+def input_shape(model: nn.Module) -> tuple[int, ...]:
+    """One image's (C, H, W) as the model's timm config gives it."""
+    return tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
+
+
+def create_base_model(
+    name: str,
+    num_classes: int,
+    checkpoint: Path | None = None,
+    hub: bool = False,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Create a timm model, with weights from a local ``checkpoint``, from timm's hub, or random.
+
+    A checkpoint goes through timm's own pretrained-weight loading (the model's
+    checkpoint filter, EMA/``state_dict``/``model`` keys, safetensors or
+    ``torch.load(weights_only=True)``), and must fit the model exactly.
+    """
+    if not is_known_model(name):
+        raise UserError(f"model.name: unknown timm model '{name}'")
+    kwargs = dict(kwargs or {}, num_classes=num_classes)
+    if checkpoint is None:
+        try:
+            return timm.create_model(name, pretrained=hub, **kwargs)
+        except TypeError as error:
+            raise UserError(f"model.kwargs: not accepted by {name} ({error})") from None
+    if not checkpoint.is_file():
+        raise UserError(f"model.checkpoint: file not found: {checkpoint}")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    cfg = dict(model.pretrained_cfg, file=str(checkpoint), num_classes=num_classes)
+    try:
+        timm.models.load_pretrained(model, cfg, num_classes=num_classes, in_chans=input_shape(model)[0], strict=True)
+    except Exception as error:  # noqa: BLE001 - torch, pickle, zip and safetensors all raise their own types
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        if lines[0].startswith("Error(s) in loading state_dict"):
+            raise UserError(f"model.checkpoint: {checkpoint} does not fit model {name}: {_shorten(lines[1])}") from None
+        raise UserError(f"model.checkpoint: {checkpoint} is not a readable weights file: {_shorten(lines[0])}") from None
+    return model
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

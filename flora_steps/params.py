@@ -1,0 +1,148 @@
+"""The typed schema of ``params.yaml``, shared by every stage and by the Snakefile.
+
+Every key is required (``params.yaml`` is the one place defaults live), unknown
+keys are rejected, and a problem is reported as one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComputeParams(Section):
+    """Where and how the stages run."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    threads: NonNegativeInt  # torch CPU threads; 0 leaves PyTorch's default
+    workers: NonNegativeInt  # DataLoader worker processes; 0 loads in the main process
+    amp: bool  # bfloat16 autocast on CUDA (ignored on CPU)
+
+
+class ModelParams(Section):
+    """The base model: a timm model name (or the embedded ``vit_digits``) and its weights."""
+
+    name: str
+    checkpoint: Path | None  # local weights file (timm/PyTorch .pth/.bin or .safetensors)
+    hub: bool  # fetch timm's pretrained weights (needs internet)
+    num_classes: PositiveInt
+    kwargs: dict[str, Any]  # extra keyword arguments for timm.create_model
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> ModelParams:
+        if self.checkpoint is not None and self.hub:
+            raise ValueError("give either checkpoint or hub: true, not both")
+        return self
+
+
+class DataParams(Section):
+    """The data set and its fixed, stratified train/val/test splits."""
+
+    dataset: Literal["digits", "imagenet", "cifar10"]
+    root: Path | None  # data directory (imagenet: ImageFolder with train/ and val/; cifar10: python batches)
+    val_fraction: Fraction  # share of the training images held out for validation
+    test_fraction: Fraction  # digits only: share of all images held out for test
+    split_seed: int
+    eval_batch_size: PositiveInt
+    shift: NonNegativeInt  # digits only: random-shift augmentation, in pixels
+    train_transform: dict[str, Any]  # real data only: extra arguments for timm.data.create_transform
+
+    @model_validator(mode="after")
+    def _root_for_real_data(self) -> DataParams:
+        if self.dataset != "digits" and self.root is None:
+            raise ValueError(f"dataset {self.dataset} needs root: the data directory")
+        return self
+
+
+class PretrainParams(Section):
+    """Training (or fine-tuning) of the base model; ``epochs: 0`` only imports and evaluates."""
+
+    epochs: NonNegativeInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    min_lr: NonNegativeFloat
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeInt
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    grad_clip: PositiveFloat | None
+
+
+class DecomposeParams(Section):
+    """Which layers are factorised by SVD."""
+
+    targets: Annotated[list[str], Field(min_length=1)]  # glob patterns on module paths
+
+
+class Params(Section):
+    """All of ``params.yaml``."""
+
+    seed: int
+    compute: ComputeParams
+    model: ModelParams
+    data: DataParams
+    pretrain: PretrainParams
+    decompose: DecomposeParams
+
+
+def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent, key = tuple(error["loc"][:-1]), str(error["loc"][-1])
+        close = difflib.get_close_matches(key, known.get(parent, []), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{location}: unknown key{hint}"
+    if kind == "missing":
+        return f"{location}: missing key"
+    if kind == "value_error":
+        return f"{location}: {error['msg'].removeprefix('Value error, ')}"
+    message = error["msg"][0].lower() + error["msg"][1:]
+    return f"{location}: {message}, got {error['input']!r}"
+
+
+def _known_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
+    keys = {prefix: list(model.model_fields)}
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            keys.update(_known_keys(info.annotation, (*prefix, name)))
+    return keys
+
+
+def validate_params(data: Any, source: str = "params") -> Params:
+    """Validate a params mapping; raise ``UserError`` with one line naming the first bad key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise UserError(f"{source}: {_describe(problems[0], _known_keys(Params))}{more}") from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return validate_params(data, str(path))

@@ -1,0 +1,88 @@
+"""Pieces shared by the training stages: device, seeding, optimizer, schedule, evaluation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import numpy as np
+import timm.optim
+import timm.scheduler
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .params import ComputeParams
+from .progress import progress
+
+
+def resolve_device(compute: ComputeParams) -> torch.device:
+    """The torch device ``compute.device`` asks for; also applies ``compute.threads``."""
+    if compute.threads:
+        torch.set_num_threads(compute.threads)
+    if compute.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("compute.device: cuda requested but no CUDA device is available")
+    if compute.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(compute.device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases, norms and the model's ``no_weight_decay`` tokens."""
+    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float
+) -> timm.scheduler.CosineLRScheduler:
+    """Per-step cosine decay to ``min_lr`` after a linear warmup; call ``step_update(step)``."""
+    return timm.scheduler.CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps, 1),
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=min_lr,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Top-1, top-5 (as fractions) and mean cross-entropy of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for images, labels in progress(batches, desc=desc, inner=True):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(labels[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise UserError("evaluation split is empty")
+    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count}

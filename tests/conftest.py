@@ -1,0 +1,41 @@
+"""Shared fixtures: the repository root, the smoke profile, and a scratch working directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flora_steps.models  # noqa: F401  (registers vit_digits with timm)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def smoke_params() -> dict:
+    """The smoke profile as a plain dict, to be modified by a test."""
+    return yaml.safe_load(SMOKE.read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory (stages write ``results/`` relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def copy_project(destination: Path) -> Path:
+    """Copy what the workflows need (package, wiring, params, profiles) into ``destination``."""
+    for name in ("flora_steps", "configs", "report"):
+        shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("Snakefile", "dvc.yaml", "params.yaml", "environment.yml", ".dvcignore"):
+        shutil.copy(ROOT / name, destination / name)
+    return destination

@@ -1,0 +1,141 @@
+"""Data sets: digits splits, ImageFolder (ImageNet layout) and CIFAR-10 python batches."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flora_steps.data import build_splits, make_loader, random_shift
+from flora_steps.errors import UserError
+from flora_steps.params import DataParams
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.875}
+DIGITS_CONFIG = {"input_size": (1, 8, 8), "mean": (0.3,), "std": (0.4,)}
+
+
+def data_params(**changes) -> DataParams:
+    values = dict(
+        dataset="digits", root=None, val_fraction=0.1, test_fraction=0.2, split_seed=0,
+        eval_batch_size=64, shift=1, train_transform={},
+    )
+    return DataParams(**{**values, **changes})
+
+
+def labels_of(dataset) -> list[int]:
+    return [int(label) for _, label in dataset]
+
+
+def test_digits_splits_are_fixed_stratified_and_disjoint() -> None:
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (1293, 144, 360)
+    again = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    assert torch.equal(splits.test.images, again.test.images)
+    other = build_splits(data_params(shift=0, split_seed=1), DIGITS_CONFIG)
+    assert not torch.equal(splits.test.images, other.test.images)
+    for split in (splits.train, splits.val, splits.test):
+        counts = Counter(labels_of(split))
+        assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 0.05 * len(split) + 2
+    rows = {tuple(image.flatten().tolist()) for s in (splits.train, splits.val, splits.test) for image in s.images}
+    assert len(rows) >= 1797 - 20  # disjoint up to the few duplicate images digits contains
+
+
+def test_digits_are_normalised_with_the_model_statistics() -> None:
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    pixels = splits.train.images * 0.4 + 0.3
+    assert pixels.min().item() == pytest.approx(0.0, abs=1e-6) and pixels.max().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_random_shift_moves_each_image_within_the_padding() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 8, 8)
+    shifted = random_shift(images, 1, fill=-9.0)
+    assert shifted.shape == images.shape
+    for original, moved in zip(images, shifted, strict=True):
+        matches = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(moved[0, max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)],
+                           original[0, max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)])
+        ]
+        assert matches
+    assert (shifted == -9.0).any()
+
+
+def test_loader_order_depends_only_on_the_seed() -> None:
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    first = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
+    second = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
+    assert first == second
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", 2)):
+        for label in range(classes):
+            folder = root / split / f"n0{label:07d}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+
+
+def test_imagenet_folder_through_the_real_loader(tmp_path: Path) -> None:
+    make_image_folder(tmp_path)
+    splits = build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG)
+    assert splits.num_classes == 3
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)
+    assert Counter(labels_of(splits.val)) == {0: 2, 1: 2, 2: 2}
+    images, labels = next(iter(make_loader(splits.train, 8, True, 0)))
+    assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
+    test_image, _ = splits.test[0]
+    assert test_image.shape == (3, 32, 32)
+
+
+def write_cifar(folder: Path, per_batch: int = 20) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [i % 10 for i in range(per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"{i}.png".encode() for i in range(per_batch)],
+        }
+        with (folder / name).open("wb") as file:
+            pickle.dump(batch, file, protocol=2)
+
+
+def test_cifar10_python_batches_through_the_real_loader(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    splits = build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (90, 10, 20)
+    assert sorted(labels_of(splits.val)) == list(range(10))
+    image, label = splits.test[3]
+    assert image.shape == (3, 32, 32) and label == 3
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_batch_with_pickled_code_is_refused(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    with (tmp_path / "data_batch_3").open("wb") as file:
+        pickle.dump({b"data": _Exploit(), b"labels": []}, file)
+    with pytest.raises(UserError, match=r"data_batch_3 is not a CIFAR-10 python batch \(refusing to load posix.system"):
+        build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG)
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "cifar10"])
+def test_missing_data_directory_is_a_clear_error(tmp_path: Path, dataset: str) -> None:
+    with pytest.raises(UserError, match="data.root: .*not found"):
+        build_splits(data_params(dataset=dataset, root=tmp_path / "nowhere"), DATA_CONFIG)

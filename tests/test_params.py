@@ -1,0 +1,119 @@
+"""Bad params give one clear line naming the key and what was expected; no stack trace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_params
+from flora_steps.cli import main
+from flora_steps.errors import UserError
+from flora_steps.params import load_params
+
+
+def test_every_profile_validates() -> None:
+    profiles = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+    assert len(profiles) >= 5
+    for path in profiles:
+        load_params(path)
+
+
+def set_key(params: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return params
+
+
+def drop_key(params: dict, dotted: str) -> dict:
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    del node[last]
+    return params
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: set_key(p, "pretrain.lrr", 0.1), "pretrain.lrr: unknown key (did you mean 'lr'?)"),
+        (lambda p: set_key(p, "extra_section", {}), "extra_section: unknown key"),
+        (lambda p: set_key(p, "pretrain.epochs", "many"), "pretrain.epochs: input should be a valid integer"),
+        (lambda p: set_key(p, "pretrain.epochs", -1), "pretrain.epochs: input should be greater than or equal to 0, got -1"),
+        (lambda p: set_key(p, "pretrain.lr", 0), "pretrain.lr: input should be greater than 0, got 0"),
+        (lambda p: set_key(p, "data.val_fraction", 1.5), "data.val_fraction: input should be less than 1, got 1.5"),
+        (lambda p: set_key(p, "data.dataset", "mnist"), "data.dataset: input should be 'digits', 'imagenet' or 'cifar10'"),
+        (lambda p: set_key(p, "compute.device", "tpu"), "compute.device: input should be 'auto', 'cpu' or 'cuda'"),
+        (lambda p: set_key(p, "decompose.targets", []), "decompose.targets: list should have at least 1 item"),
+        (lambda p: drop_key(p, "pretrain.batch_size"), "pretrain.batch_size: missing key"),
+        (lambda p: set_key(p, "data", {**p["data"], "dataset": "imagenet"}), "data: dataset imagenet needs root"),
+        (lambda p: set_key(p, "model", {**p["model"], "checkpoint": "w.pth", "hub": True}), "model: give either checkpoint or hub"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, smoke_params: dict, change, message: str) -> None:
+    path = write_params(tmp_path / "params.yaml", change(smoke_params))
+    with pytest.raises(UserError) as error:
+        load_params(path)
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_unreadable_params_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pretrain: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(broken)
+    broken.write_text("- a list\n")
+    with pytest.raises(UserError, match="expected a mapping of sections"):
+        load_params(broken)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flora_steps.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path: Path, smoke_params: dict) -> None:
+    path = write_params(tmp_path / "params.yaml", set_key(smoke_params, "pretrain.batch_size", 0))
+    result = run_cli("pretrain", "--params", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"flora pretrain: error: {path}: pretrain.batch_size: input should be greater than or equal to 1, got 0"
+    ]
+    assert sorted(p.name for p in (tmp_path / "results" / "pretrain").iterdir()) == ["log.txt"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.checkpoint", "missing.pth", "model.checkpoint: file not found: missing.pth"),
+        ("model.name", "vit_nonexistent", "model.name: unknown timm model 'vit_nonexistent'"),
+        ("data", {"dataset": "cifar10", "root": "no/such/dir"}, "data.root: directory not found: no/such/dir"),
+    ],
+)
+def test_missing_paths_stop_the_stage_with_one_line(workdir: Path, smoke_params: dict, capsys, key, value, message) -> None:
+    if isinstance(value, dict):
+        value = {**smoke_params["data"], **value}
+    path = write_params(workdir / "params.yaml", set_key(smoke_params, key, value))
+    assert main(["pretrain", "--params", str(path)]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error_lines == [f"flora pretrain: error: {message}"]
+    assert not (workdir / "results" / "pretrain" / "model.safetensors").exists()
+
+
+def test_check_command(tmp_path: Path) -> None:
+    assert run_cli("check", "--params", str(ROOT / "configs" / "smoke.yaml"), cwd=tmp_path).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: x\n")
+    result = run_cli("check", "--params", str(bad), cwd=tmp_path)
+    assert result.returncode == 2 and "seed: input should be a valid integer" in result.stderr
