@@ -40,7 +40,6 @@ rule pretrain:
     benchmark:
         "results/pretrain/benchmark.tsv"
     params:
-        file=PARAMS_FILE,
         tracked=tracked("seed", "model", "data", "pretrain"),
     threads: workflow.cores
     resources:
@@ -49,7 +48,7 @@ rule pretrain:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.pretrain --params {params.file}"
+        "python -m flora_steps.pretrain --params {PARAMS_FILE}"
 
 
 rule decompose:
@@ -68,7 +67,6 @@ rule decompose:
     benchmark:
         "results/decompose/benchmark.tsv"
     params:
-        file=PARAMS_FILE,
         tracked=tracked("seed", "decompose"),
     threads: workflow.cores
     resources:
@@ -77,4 +75,4 @@ rule decompose:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.decompose --params {params.file}"
+        "python -m flora_steps.decompose --params {PARAMS_FILE}"

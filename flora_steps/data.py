@@ -145,9 +145,10 @@ class Cifar10Batches(Dataset):
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that admits NumPy array reconstruction and nothing else."""
+    """Unpickler that admits NumPy array reconstruction (and bytes decoding) and nothing else."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

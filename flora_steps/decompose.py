@@ -1,15 +1,15 @@
-"""Stage ``decompose``: SVD factorisation of the target layers (SPEC §2.1).
+"""Factorise the target layers of the base model by SVD.
 
-Every linear layer whose module path matches a ``decompose.targets`` pattern is
-replaced by a full-rank ``LowRankLinear`` holding its balanced SVD factors
-(``first = sqrt(S) Vᵀ``, ``second = U sqrt(S)``), so that keeping the leading ``r``
-components is the optimal rank-``r`` approximation. Writes ``results/decompose/``:
+Every linear layer whose module path matches a `decompose.targets` pattern is
+replaced by a full-rank `LowRankLinear` holding its balanced SVD factors
+(`first = sqrt(S) Vᵀ`, `second = U sqrt(S)`), so that keeping the leading `r`
+components is the optimal rank-`r` approximation. Writes `results/decompose/`:
 
-- ``model.safetensors`` + ``model.json``: the factorised model (supernet initialiser)
-- ``spectra.csv``: every singular value of every layer, with its cumulative energy
-- ``spectra.png``: the normalised spectra, one panel per target pattern
-- ``layers.csv``: shape, full rank, break-even rank and tokens of each target layer
-- ``metrics.json``: full-rank reconstruction error of the logits, MACs, parameters
+- `model.safetensors` + `model.json`: the factorised model (supernet initialiser)
+- `spectra.csv`: every singular value of every layer, with its cumulative energy
+- `spectra.png`: the normalised spectra, one panel per target pattern
+- `layers.csv`: shape, full rank, break-even rank and tokens of each target layer
+- `metrics.json`: full-rank reconstruction error of the logits, MACs, parameters
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Command ``flora flops``: MACs and parameters of a model, dense or with a rank config (SPEC §3).
+"""Print MACs and parameters of a model, dense or with a rank config.
 
-Needs no weights, data or training: the model is built on PyTorch's ``meta``
+Needs no weights, data or training: the model is built on PyTorch's `meta`
 device and traced once.
 """
 

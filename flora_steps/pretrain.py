@@ -1,15 +1,15 @@
-"""Stage ``pretrain``: the dense base model (SPEC §2.0).
+"""Train (or import) the dense base model and evaluate it.
 
-Builds ``model.name`` with weights from ``model.checkpoint``, timm's hub, or random
-initialisation, trains it for ``pretrain.epochs`` (0: import only), evaluates it and
-writes ``results/pretrain/``:
+Builds `model.name` with weights from `model.checkpoint`, timm's hub, or random
+initialisation, trains it for `pretrain.epochs` (0: import only), evaluates it and
+writes `results/pretrain/`:
 
-- ``model.safetensors`` + ``model.json``: the base model artifact
-- ``metrics.json``: val and test top-1/top-5, MACs and parameters
-- ``history.csv``: per-epoch train loss, learning rate and val top-1
-- ``log.txt``
+- `model.safetensors` + `model.json`: the base model artifact
+- `metrics.json`: val and test top-1/top-5, MACs and parameters
+- `history.csv`: per-epoch train loss, learning rate and val top-1
+- `log.txt`
 
-Training keeps ``checkpoint.pt`` after every epoch and resumes from it after a kill;
+Training keeps `checkpoint.pt` after every epoch and resumes from it after a kill;
 the file is removed once the stage has finished.
 """
 

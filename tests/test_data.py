@@ -100,7 +100,7 @@ def test_imagenet_folder_through_the_real_loader(tmp_path: Path) -> None:
 
 
 def write_cifar(folder: Path, per_batch: int = 20) -> None:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {
