@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from . import models  # noqa: F401  (registers vit_digits, so every artifact can be rebuilt by name)
 from .core import LowRankLinear, RankConfig, replace_module
 from .errors import UserError
 

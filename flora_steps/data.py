@@ -27,7 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
 
 from .errors import UserError
 from .params import DataParams
@@ -43,9 +43,7 @@ class DataSplits:
     num_classes: int
 
 
-def stratified_split(
-    labels: Sequence[int], fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed."""
     indices = np.arange(len(labels))
     kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)

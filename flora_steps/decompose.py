@@ -49,7 +49,9 @@ def layers_table(costs: CostModel, names: list[str]) -> pd.DataFrame:
         layer = costs.layers[name]
         break_even = -(-layer.in_features * layer.out_features // (layer.in_features + layer.out_features))
         rows.append((name, layer.in_features, layer.out_features, layer.full_rank, break_even, layer.tokens))
-    return pd.DataFrame(rows, columns=["layer", "in_features", "out_features", "full_rank", "break_even_rank", "tokens"])
+    return pd.DataFrame(
+        rows, columns=["layer", "in_features", "out_features", "full_rank", "break_even_rank", "tokens"]
+    )
 
 
 def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
@@ -91,10 +90,11 @@ def create_base_model(
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         if lines[0].startswith("Error(s) in loading state_dict"):
             raise UserError(f"model.checkpoint: {checkpoint} does not fit model {name}: {_shorten(lines[1])}") from None
-        raise UserError(f"model.checkpoint: {checkpoint} is not a readable weights file: {_shorten(lines[0])}") from None
+        raise UserError(
+            f"model.checkpoint: {checkpoint} is not a readable weights file: {_shorten(lines[0])}"
+        ) from None
     return model
 
 
 def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-

@@ -44,7 +44,9 @@ def train(model: nn.Module, splits: DataSplits, params: Params, device: torch.de
     val_loader = make_loader(splits.val, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
+    scheduler = build_scheduler(
+        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     run_id = fingerprint(params.model, params.data, params.pretrain, params.seed)
 
@@ -71,7 +73,9 @@ def train(model: nn.Module, splits: DataSplits, params: Params, device: torch.de
             with autocast(device, amp):
                 loss = criterion(model(images), labels)
             if not torch.isfinite(loss):
-                raise UserError(f"pretrain.lr: training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the lr")
+                raise UserError(
+                    f"pretrain.lr: training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -130,7 +134,11 @@ def run(params: Params) -> None:
     metrics: dict = {"top1": None, "top5": None, "val_top1": None}
     if params.pretrain.epochs > 0 or has_data:
         splits = build_splits(params.data, data_config)
-        log.info("data %s: %d train, %d val, %d test images", params.data.dataset, *map(len, (splits.train, splits.val, splits.test)))
+        log.info(
+            "data %s: %d train, %d val, %d test images",
+            params.data.dataset,
+            *map(len, (splits.train, splits.val, splits.test)),
+        )
         if params.pretrain.epochs > 0:
             history = train(model, splits, params, device, out / "checkpoint.pt")
         workers, batch = params.compute.workers, params.data.eval_batch_size
@@ -142,7 +150,9 @@ def run(params: Params) -> None:
         log.warning("data.root %s not found: imported the weights without evaluating them", params.data.root)
 
     metrics.update(macs=costs.dense_macs, params=costs.dense_params, seconds=round(time.perf_counter() - started, 2))
-    spec = ModelSpec(model=params.model.name, model_kwargs={**params.model.kwargs, "num_classes": params.model.num_classes})
+    spec = ModelSpec(
+        model=params.model.name, model_kwargs={**params.model.kwargs, "num_classes": params.model.num_classes}
+    )
     save_model(out / "model", model.cpu(), spec)
     write_csv(out / "history.csv", pd.DataFrame(history, columns=["epoch", "train_loss", "lr", "val_top1", "val_loss"]))
     write_json(out / "metrics.json", metrics)

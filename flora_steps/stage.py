@@ -48,9 +48,7 @@ def _configure_logging(stage: str) -> logging.FileHandler:
 
 
 def add_params_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)"
-    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
 
 
 def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> int:

@@ -16,14 +16,26 @@ from flora_steps.data import build_splits, make_loader, random_shift
 from flora_steps.errors import UserError
 from flora_steps.params import DataParams
 
-DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.875}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bilinear",
+    "mean": (0.5,) * 3,
+    "std": (0.25,) * 3,
+    "crop_pct": 0.875,
+}
 DIGITS_CONFIG = {"input_size": (1, 8, 8), "mean": (0.3,), "std": (0.4,)}
 
 
 def data_params(**changes) -> DataParams:
     values = dict(
-        dataset="digits", root=None, val_fraction=0.1, test_fraction=0.2, split_seed=0,
-        eval_batch_size=64, shift=1, train_transform={},
+        dataset="digits",
+        root=None,
+        val_fraction=0.1,
+        test_fraction=0.2,
+        split_seed=0,
+        eval_batch_size=64,
+        shift=1,
+        train_transform={},
     )
     return DataParams(**{**values, **changes})
 
@@ -62,8 +74,10 @@ def test_random_shift_moves_each_image_within_the_padding() -> None:
             (dy, dx)
             for dy in (-1, 0, 1)
             for dx in (-1, 0, 1)
-            if torch.equal(moved[0, max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)],
-                           original[0, max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)])
+            if torch.equal(
+                moved[0, max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)],
+                original[0, max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)],
+            )
         ]
         assert matches
     assert (shifted == -9.0).any()

@@ -32,7 +32,10 @@ def test_errors_are_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "ranks.json"
     write_rank_config(path, RankConfig("vit_digits", {"blocks.7.mlp.fc1": 16}))
     assert main(["flops", "--ranks", str(path)]) == 2
-    assert capsys.readouterr().err == "flora flops: error: --ranks: 'blocks.7.mlp.fc1' is not a linear layer of this model\n"
+    assert (
+        capsys.readouterr().err
+        == "flora flops: error: --ranks: 'blocks.7.mlp.fc1' is not a linear layer of this model\n"
+    )
     assert main(["flops", "--model", "deit_tiny_patch16_224", "--ranks", str(path)]) == 2
     assert "is for model vit_digits, not deit_tiny_patch16_224" in capsys.readouterr().err
     assert main(["flops"]) == 2

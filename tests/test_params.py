@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, write_params
+
 from flora_steps.cli import main
 from flora_steps.errors import UserError
 from flora_steps.params import load_params
@@ -45,15 +45,24 @@ def drop_key(params: dict, dotted: str) -> dict:
         (lambda p: set_key(p, "pretrain.lrr", 0.1), "pretrain.lrr: unknown key (did you mean 'lr'?)"),
         (lambda p: set_key(p, "extra_section", {}), "extra_section: unknown key"),
         (lambda p: set_key(p, "pretrain.epochs", "many"), "pretrain.epochs: input should be a valid integer"),
-        (lambda p: set_key(p, "pretrain.epochs", -1), "pretrain.epochs: input should be greater than or equal to 0, got -1"),
+        (
+            lambda p: set_key(p, "pretrain.epochs", -1),
+            "pretrain.epochs: input should be greater than or equal to 0, got -1",
+        ),
         (lambda p: set_key(p, "pretrain.lr", 0), "pretrain.lr: input should be greater than 0, got 0"),
         (lambda p: set_key(p, "data.val_fraction", 1.5), "data.val_fraction: input should be less than 1, got 1.5"),
-        (lambda p: set_key(p, "data.dataset", "mnist"), "data.dataset: input should be 'digits', 'imagenet' or 'cifar10'"),
+        (
+            lambda p: set_key(p, "data.dataset", "mnist"),
+            "data.dataset: input should be 'digits', 'imagenet' or 'cifar10'",
+        ),
         (lambda p: set_key(p, "compute.device", "tpu"), "compute.device: input should be 'auto', 'cpu' or 'cuda'"),
         (lambda p: set_key(p, "decompose.targets", []), "decompose.targets: list should have at least 1 item"),
         (lambda p: drop_key(p, "pretrain.batch_size"), "pretrain.batch_size: missing key"),
         (lambda p: set_key(p, "data", {**p["data"], "dataset": "imagenet"}), "data: dataset imagenet needs root"),
-        (lambda p: set_key(p, "model", {**p["model"], "checkpoint": "w.pth", "hub": True}), "model: give either checkpoint or hub"),
+        (
+            lambda p: set_key(p, "model", {**p["model"], "checkpoint": "w.pth", "hub": True}),
+            "model: give either checkpoint or hub",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, smoke_params: dict, change, message: str) -> None:
@@ -78,7 +87,11 @@ def test_unreadable_params_files(tmp_path: Path) -> None:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flora_steps.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "flora_steps.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
 
@@ -101,7 +114,9 @@ def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path: Path
         ("data", {"dataset": "cifar10", "root": "no/such/dir"}, "data.root: directory not found: no/such/dir"),
     ],
 )
-def test_missing_paths_stop_the_stage_with_one_line(workdir: Path, smoke_params: dict, capsys, key, value, message) -> None:
+def test_missing_paths_stop_the_stage_with_one_line(
+    workdir: Path, smoke_params: dict, capsys, key, value, message
+) -> None:
     if isinstance(value, dict):
         value = {**smoke_params["data"], **value}
     path = write_params(workdir / "params.yaml", set_key(smoke_params, key, value))

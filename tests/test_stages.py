@@ -10,9 +10,9 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import write_params
 
 import flora_steps.pretrain
-from conftest import write_params
 from flora_steps.artifacts import load_model
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
@@ -26,7 +26,6 @@ def run_stage(stage: str, params: Path) -> int:
 def smoke_results(tmp_path_factory) -> Path:
     """``results/`` after pretrain and decompose on the smoke profile (run once for this module)."""
     import yaml
-
     from conftest import SMOKE
 
     directory = tmp_path_factory.mktemp("smoke")
@@ -40,7 +39,9 @@ def smoke_results(tmp_path_factory) -> Path:
 
 def test_pretrain_writes_its_artifacts(smoke_results: Path) -> None:
     out = smoke_results / "pretrain"
-    assert {"model.safetensors", "model.json", "metrics.json", "history.csv", "log.txt"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "model.json", "metrics.json", "history.csv", "log.txt"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not (out / "checkpoint.pt").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["macs"] == 3_495_040 and metrics["params"] == 202_186
@@ -72,7 +73,9 @@ def test_decompose_writes_a_full_rank_factorised_model(smoke_results: Path) -> N
     assert (out / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_killed_pretrain_resumes_and_matches_an_uninterrupted_run(workdir: Path, smoke_params: dict, monkeypatch) -> None:
+def test_a_killed_pretrain_resumes_and_matches_an_uninterrupted_run(
+    workdir: Path, smoke_params: dict, monkeypatch
+) -> None:
     smoke_params["pretrain"]["epochs"] = 3
     params = write_params(workdir / "params.yaml", smoke_params)
     assert run_stage("pretrain", params) == 0
@@ -120,7 +123,9 @@ def test_pretrain_imports_a_checkpoint_without_training(workdir: Path, smoke_par
     assert metrics["top1"] is not None and pd.read_csv(workdir / "results/pretrain/history.csv").empty
 
 
-def test_decompose_with_a_corrupt_base_model_is_one_clear_line(smoke_results: Path, workdir: Path, smoke_params: dict, capsys) -> None:
+def test_decompose_with_a_corrupt_base_model_is_one_clear_line(
+    smoke_results: Path, workdir: Path, smoke_params: dict, capsys
+) -> None:
     (workdir / "results/pretrain").mkdir(parents=True)
     for name in ("model.json", "model.safetensors"):
         (workdir / "results/pretrain" / name).write_bytes((smoke_results / "pretrain" / name).read_bytes())
@@ -132,9 +137,22 @@ def test_decompose_with_a_corrupt_base_model_is_one_clear_line(smoke_results: Pa
     assert not (workdir / "results/decompose/model.safetensors").exists()
 
 
-def test_decompose_target_pattern_that_matches_nothing(smoke_results: Path, workdir: Path, smoke_params: dict, capsys) -> None:
+def test_decompose_target_pattern_that_matches_nothing(
+    smoke_results: Path, workdir: Path, smoke_params: dict, capsys
+) -> None:
     (workdir / "results").mkdir()
     (workdir / "results/pretrain").symlink_to(smoke_results / "pretrain")
     smoke_params["decompose"]["targets"] = ["*.attn.qkv", "*.mlp.fc3"]
     assert run_stage("decompose", write_params(workdir / "params.yaml", smoke_params)) == 2
     assert "decompose.targets: pattern(s) ['*.mlp.fc3'] match no linear layer of vit_digits" in capsys.readouterr().err
+
+
+def test_import_without_data_keeps_the_weights_and_skips_evaluation(workdir: Path, smoke_params: dict) -> None:
+    safetensors.torch.save_file(timm.create_model("vit_digits").state_dict(), workdir / "base.safetensors")
+    smoke_params["model"]["checkpoint"] = "base.safetensors"
+    smoke_params["pretrain"]["epochs"] = 0
+    smoke_params["data"].update(dataset="imagenet", root="imagenet-not-here")
+    assert run_stage("pretrain", write_params(workdir / "params.yaml", smoke_params)) == 0
+    metrics = json.loads((workdir / "results/pretrain/metrics.json").read_text())
+    assert metrics["top1"] is None and metrics["macs"] == 3_495_040
+    assert "imported the weights without evaluating them" in (workdir / "results/pretrain/log.txt").read_text()

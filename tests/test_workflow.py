@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, copy_project
 
 PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -75,7 +74,9 @@ def test_snakefile_and_dvc_yaml_wire_the_same_stages() -> None:
 
 def test_pinned_environments_agree() -> None:
     requirements = {
-        line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
     }
     conda = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
@@ -113,11 +114,17 @@ def test_every_profile_dry_runs_with_snakemake(project: Path, profile: str) -> N
 
 
 def test_snakemake_with_bad_params_stops_with_one_line(project: Path) -> None:
-    (project / "configs/bad.yaml").write_text((project / "configs/smoke.yaml").read_text().replace("seed: 0", "seed: zero"))
+    (project / "configs/bad.yaml").write_text(
+        (project / "configs/smoke.yaml").read_text().replace("seed: 0", "seed: zero")
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "params=configs/bad.yaml"],
-        cwd=project, capture_output=True, text=True, env=env, timeout=120,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "error: configs/bad.yaml: seed: input should be a valid integer" in result.stderr

@@ -3,7 +3,15 @@
 Pure functions and modules with no file I/O, usable from Python on any timm model.
 """
 
-from .factorize import DEFAULT_TARGETS, factorize, find_linear_layers, lowrank_layers, materialize, replace_module, set_ranks
+from .factorize import (
+    DEFAULT_TARGETS,
+    factorize,
+    find_linear_layers,
+    lowrank_layers,
+    materialize,
+    replace_module,
+    set_ranks,
+)
 from .lowrank import LowRankLinear, factorized_is_cheaper, full_rank, svd_factors, weight_cost
 from .macs import CostModel, LinearCost, count_macs, trace_costs, unfused_attention
 from .rank_config import RankConfig
