@@ -14,6 +14,7 @@ components is the optimal rank-`r` approximation. Writes `results/decompose/`:
 
 from __future__ import annotations
 
+import copy
 from fnmatch import fnmatchcase
 
 import matplotlib
@@ -26,6 +27,7 @@ from .core import CostModel, factorize, find_linear_layers, trace_costs
 from .errors import UserError
 from .models import input_shape
 from .params import Params
+from .progress import progress
 from .stage import RESULTS, log, stage_dir, stage_main
 
 STAGE = "decompose"
@@ -104,8 +106,8 @@ def run(params: Params) -> None:
     log.info("factorising %d layers of %s", len(names), spec.model)
 
     costs = trace_costs(dense, input_shape(dense))
-    factorised, _ = load_model(RESULTS / "pretrain" / "model")
-    spectra = factorize(factorised, names)
+    factorised = copy.deepcopy(dense)
+    spectra = factorize(factorised, progress(names, desc="SVD"))
     error = max_logit_error(dense, factorised, params.seed)
     log.info("full-rank factorisation: max |logit error| = %.2e", error)
 
