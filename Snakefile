@@ -27,6 +27,7 @@ rule all:
     input:
         "results/pretrain/metrics.json",
         "results/decompose/metrics.json",
+        "results/filter/metrics.json",
 
 
 rule pretrain:
@@ -76,3 +77,28 @@ rule decompose:
         "environment.yml"
     shell:
         "python -m flora_steps.decompose --params {PARAMS_FILE}"
+
+
+rule filter:
+    input:
+        model="results/decompose/model.safetensors",
+        spec="results/decompose/model.json",
+    output:
+        space="results/filter/space.json",
+        sensitivity="results/filter/sensitivity.csv",
+        plot=report("results/filter/sensitivity.png", category="Filter", caption="report/sensitivity.rst"),
+        metrics="results/filter/metrics.json",
+    log:
+        "results/filter/log.txt",
+    benchmark:
+        "results/filter/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "data", "filter"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.filter --params {PARAMS_FILE}"

@@ -35,12 +35,13 @@ from .params import DataParams
 
 @dataclass(frozen=True)
 class DataSplits:
-    """The three splits of one data set."""
+    """The three splits of one data set, plus the train split without augmentation."""
 
     train: Dataset
     val: Dataset
     test: Dataset
     num_classes: int
+    train_plain: Dataset  # the train images with the eval transform (for scoring, not training)
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +117,7 @@ def digits_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
         val=ShiftedImages(images[val], labels[val]),
         test=ShiftedImages(images[test], labels[test]),
         num_classes=10,
+        train_plain=ShiftedImages(images[train], labels[train]),
     )
 
 
@@ -206,7 +208,16 @@ def build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
         val=_split(full_train, val, eval_transform),
         test=Transformed(test, eval_transform),
         num_classes=num_classes,
+        train_plain=_split(full_train, train, eval_transform),
     )
+
+
+def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``size`` images of ``dataset`` drawn once with ``seed`` (all of it when smaller)."""
+    if size >= len(dataset):
+        return dataset
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size, replace=False))
+    return Subset(dataset, indices.tolist())
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["create_base_model", "input_shape", "is_known_model", "vit_digits"]
+__all__ = ["create_base_model", "data_config", "input_shape", "is_known_model", "vit_digits"]
 
 #: Pixel statistics of scikit-learn's digits after scaling to [0, 1].
 DIGITS_MEAN = (0.3051,)
@@ -54,9 +54,14 @@ def is_known_model(name: str) -> bool:
     return timm.is_model(name)
 
 
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's resolved input config of ``model``: input_size, mean, std, interpolation, crop_pct."""
+    return timm.data.resolve_data_config({}, model=model)
+
+
 def input_shape(model: nn.Module) -> tuple[int, ...]:
     """One image's (C, H, W) as the model's timm config gives it."""
-    return tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
+    return tuple(data_config(model)["input_size"])
 
 
 def create_base_model(

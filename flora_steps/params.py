@@ -89,6 +89,15 @@ class DecomposeParams(Section):
     targets: Annotated[list[str], Field(min_length=1)]  # glob patterns on module paths
 
 
+class FilterParams(Section):
+    """Candidate filtering: rank grids and the keep rule (see flora_steps/filter.py)."""
+
+    ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)]  # of each layer's full rank
+    images: PositiveInt  # size of the fixed filter subset of the train split
+    keep_ratio: Annotated[float, Field(gt=0, le=1)]  # share of each block's tuples kept
+    bins: PositiveInt  # MACs bins per block that must each keep a tuple
+
+
 class Params(Section):
     """All of ``params.yaml``."""
 
@@ -98,6 +107,7 @@ class Params(Section):
     data: DataParams
     pretrain: PretrainParams
     decompose: DecomposeParams
+    filter: FilterParams
 
 
 def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> str:

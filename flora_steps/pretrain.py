@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import timm.data
 import torch
 from torch import nn
 
@@ -27,7 +26,7 @@ from .artifacts import ModelSpec, load_checkpoint, save_checkpoint, save_model, 
 from .core import trace_costs
 from .data import DataSplits, build_splits, make_loader
 from .errors import UserError
-from .models import create_base_model, input_shape
+from .models import create_base_model, data_config, input_shape
 from .params import Params
 from .progress import progress
 from .stage import fingerprint, log, stage_dir, stage_main
@@ -126,14 +125,13 @@ def run(params: Params) -> None:
         params.model.name, params.model.num_classes, params.model.checkpoint, params.model.hub, params.model.kwargs
     )
     costs = trace_costs(model, input_shape(model))
-    data_config = timm.data.resolve_data_config({}, model=model)
     model.to(device)
 
     has_data = params.data.dataset == "digits" or (params.data.root is not None and params.data.root.is_dir())
     history: list[dict] = []
     metrics: dict = {"top1": None, "top5": None, "val_top1": None}
     if params.pretrain.epochs > 0 or has_data:
-        splits = build_splits(params.data, data_config)
+        splits = build_splits(params.data, data_config(model))
         log.info(
             "data %s: %d train, %d val, %d test images",
             params.data.dataset,

@@ -1,0 +1,164 @@
+"""Score every rank tuple of every block and keep the efficient ones (the search space).
+
+Each target layer gets a rank grid (`filter.ratios` of its full rank; ranks not
+cheaper than dense are dropped). For each block, with all other blocks dense, every
+tuple of its layers' ranks is scored on a fixed subset of the training images
+(`filter.images`, eval transform): top-1, KL divergence of its logits from the
+dense model's, and the MACs it saves. The best `filter.keep_ratio` by KL per MAC
+saved are kept, plus the best of every one of `filter.bins` MACs bins and the
+dense tuple. Writes `results/filter/`:
+
+- `space.json`: per block, its layers, full ranks and the kept rank tuples
+- `sensitivity.csv`: every scored tuple (ranks, MACs, top-1, KL, score, kept)
+- `sensitivity.png`: KL of each layer alone at each rank ratio (heatmap)
+- `metrics.json`: tuples scored and kept, search-space size
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from .artifacts import load_model, save_figure, write_csv, write_json, write_text
+from .core import lowrank_layers, set_ranks, trace_costs
+from .core.filtering import efficiency, keep_efficient
+from .core.space import BlockSpace, SearchSpace, full_space
+from .data import build_splits, fixed_subset, make_loader
+from .models import data_config, input_shape
+from .params import Params
+from .progress import progress
+from .stage import RESULTS, log, stage_dir, stage_main
+from .training import autocast, resolve_device, seed_everything
+
+STAGE = "filter"
+
+
+@torch.no_grad()
+def score_block(
+    model: torch.nn.Module,
+    block: BlockSpace,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dense_logits: list[torch.Tensor],
+    amp: bool,
+) -> list[tuple[float, float]]:
+    """(top-1, KL from dense) of every choice of ``block``, all other blocks dense."""
+    device = dense_logits[0].device
+    scores = []
+    for choice in progress(block.choices, desc=block.name, inner=True):
+        set_ranks(model, dict(zip(block.layers, choice, strict=True)))
+        correct, kl, count = 0, 0.0, 0
+        for (images, labels), reference in zip(batches, dense_logits, strict=True):
+            with autocast(device, amp):
+                logits = model(images).float()
+            correct += (logits.argmax(1) == labels).sum().item()
+            kl += F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="sum").item()
+            count += len(labels)
+        scores.append((correct / count, kl / count))
+    set_ranks(model, {})
+    return scores
+
+
+def layer_role(block: BlockSpace, layer: str) -> str:
+    """A layer's path inside its block, e.g. ``attn.qkv``."""
+    return layer[len(block.name) + 1 :]
+
+
+def single_layer_kl(table: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
+    """KL of the tuples that factorise exactly one layer (the rest of the block dense)."""
+    records = []
+    for block in space.blocks:
+        roles = [layer_role(block, layer) for layer in block.layers]
+        for _, row in table[table["block"] == block.name].iterrows():
+            reduced = [i for i, role in enumerate(roles) if row[role] < block.full_ranks[i]]
+            if len(reduced) == 1:
+                i = reduced[0]
+                records.append((block.layers[i], round(row[roles[i]] / block.full_ranks[i], 4), row["kl"]))
+    return pd.DataFrame(records, columns=["layer", "ratio", "kl"])
+
+
+def plot_sensitivity(single: pd.DataFrame) -> Figure:
+    """Heatmap of log10 KL with one layer factorised: layers (rows) by rank ratio (columns)."""
+    grid = single.pivot(index="layer", columns="ratio", values="kl").reindex(list(dict.fromkeys(single["layer"])))
+    figure = Figure(figsize=(1.5 + 0.8 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), layout="tight")
+    axis = figure.subplots()
+    image = axis.imshow(np.log10(grid.clip(lower=1e-8).to_numpy()), aspect="auto", cmap=matplotlib.colormaps["magma_r"])
+    axis.set_xticks(range(grid.shape[1]), [f"{r:.3g}" for r in grid.columns])
+    axis.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+    axis.set_xlabel("rank / full rank")
+    axis.set_title("Sensitivity: one layer factorised, KL to dense logits")
+    figure.colorbar(image, ax=axis, label="log10 KL")
+    return figure
+
+
+def run(params: Params) -> None:
+    out = stage_dir(STAGE)
+    cfg = params.filter
+    device = resolve_device(params.compute)
+    seed_everything(params.seed)
+    model, spec = load_model(RESULTS / "decompose" / "model")
+    shape = input_shape(model)
+    costs = trace_costs(model, shape)
+    layers = lowrank_layers(model)
+    space = full_space({name: (m.in_features, m.out_features) for name, m in layers.items()}, cfg.ratios)
+    model.to(device).eval()
+
+    splits = build_splits(params.data, data_config(model))
+    subset = fixed_subset(splits.train_plain, cfg.images, params.seed)
+    loader = make_loader(subset, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
+    batches = [(images.to(device), labels.to(device)) for images, labels in loader]
+    with torch.no_grad(), autocast(device, params.compute.amp):
+        dense_logits = [model(images).float() for images, _ in batches]
+    log.info(
+        "scoring %d tuples in %d blocks on %d images",
+        sum(len(b.choices) for b in space.blocks),
+        len(space.blocks),
+        len(subset),
+    )
+
+    rows, kept_blocks = [], []
+    for block in progress(space.blocks, desc="filter"):
+        scores = score_block(model, block, batches, dense_logits, params.compute.amp)
+        macs = np.array([costs.macs(dict(zip(block.layers, c, strict=True))) for c in block.choices])
+        saved = costs.dense_macs - macs
+        damage = np.array([kl for _, kl in scores])
+        kept = keep_efficient(macs, saved, damage, cfg.keep_ratio, cfg.bins, block.choices.index(block.dense))
+        survivors = tuple(choice for choice, keep in zip(block.choices, kept, strict=True) if keep)
+        kept_blocks.append(BlockSpace(block.name, block.layers, block.full_ranks, survivors))
+        for choice, (top1, kl), m, s, score, k in zip(
+            block.choices, scores, macs, saved, efficiency(damage, saved), kept, strict=True
+        ):
+            ranks = {layer_role(block, layer): rank for layer, rank in zip(block.layers, choice, strict=True)}
+            rows.append(
+                {"block": block.name, **ranks, "macs": int(m), "saved_macs": int(s), "top1": top1, "kl": kl}
+                | {"score": score, "kept": bool(k)}
+            )
+        log.info("%s: kept %d of %d tuples", block.name, kept.sum(), len(block.choices))
+
+    filtered = SearchSpace(tuple(kept_blocks))
+    table = pd.DataFrame(rows)
+    write_text(out / "space.json", filtered.to_json())
+    write_csv(out / "sensitivity.csv", table)
+    save_figure(out / "sensitivity.png", plot_sensitivity(single_layer_kl(table, space)))
+    write_json(
+        out / "metrics.json",
+        {
+            "scored": len(table),
+            "kept": int(table["kept"].sum()),
+            "space_size_log10": round(sum(math.log10(len(b.choices)) for b in filtered.blocks), 3),
+            "full_space_size_log10": round(sum(math.log10(len(b.choices)) for b in space.blocks), 3),
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

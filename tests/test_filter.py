@@ -1,0 +1,70 @@
+"""Candidate filtering: the keep rule and the filter stage on the smoke profile."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import SMOKE, write_params
+
+from flora_steps.cli import main
+from flora_steps.core.filtering import efficiency, keep_efficient, macs_bins
+from flora_steps.core.space import SearchSpace, rank_grid
+
+
+def test_efficiency_is_damage_per_mac_saved() -> None:
+    scores = efficiency(np.array([1.0, 2.0, 0.5]), np.array([10.0, 10.0, 0.0]))
+    assert scores[0] == pytest.approx(0.1) and scores[1] == pytest.approx(0.2) and scores[2] == np.inf
+
+
+def test_keep_rule_keeps_the_best_share_the_dense_choice_and_every_bin() -> None:
+    rng = np.random.default_rng(0)
+    macs = np.concatenate([rng.uniform(10, 20, 40), rng.uniform(80, 100, 59), [100.0]])  # last one: dense
+    saved = 100.0 - macs
+    damage = np.concatenate([rng.uniform(5, 9, 40), rng.uniform(0, 1, 59), [0.0]])  # small models hurt more
+    kept = keep_efficient(macs, saved, damage, keep_ratio=0.2, bins=5, dense_index=99)
+    assert kept[99]
+    best = np.argsort(efficiency(damage, saved))[:20]
+    assert kept[best].all()
+    bins = macs_bins(macs, 5)
+    assert {b for b in bins} == {b for b in bins[kept]}  # every occupied MACs bin keeps a choice
+    assert kept[:40].any()  # the small-model bin survives although none of its choices ranks in the top 20%
+    assert kept.sum() <= 20 + 5 + 1
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("filter")
+    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        for stage in ("pretrain", "decompose", "filter"):
+            assert main([stage, "--params", str(params)]) == 0
+    return directory / "results" / "filter"
+
+
+def test_filter_stage_writes_a_space_inside_the_grid(filtered: Path) -> None:
+    space = SearchSpace.from_dict(json.loads((filtered / "space.json").read_text()))
+    assert [b.name for b in space.blocks] == [f"blocks.{i}" for i in range(4)]
+    grid = {64: rank_grid(64, 192, [0.25, 0.5, 1.0]), 256: rank_grid(64, 256, [0.25, 0.5, 1.0])}
+    for block in space.blocks:
+        assert block.dense == (64, 64, 64) and block.dense in block.choices
+        for qkv, fc1, fc2 in block.choices:
+            assert qkv in grid[64] and fc1 in grid[256] and fc2 in grid[256]
+    table = pd.read_csv(filtered / "sensitivity.csv")
+    assert len(table) == 4 * 27 and {"attn.qkv", "mlp.fc1", "mlp.fc2", "kl", "top1", "kept"} <= set(table.columns)
+    for block in space.blocks:
+        rows = table[table["block"] == block.name]
+        assert rows["kept"].sum() == len(block.choices) >= math.ceil(0.3 * 27)
+        dense = rows[(rows["attn.qkv"] == 64) & (rows["mlp.fc1"] == 64) & (rows["mlp.fc2"] == 64)]
+        assert dense["kl"].abs().max() < 1e-6 and dense["saved_macs"].item() == 0
+    smallest = table[(table["attn.qkv"] == 16) & (table["mlp.fc1"] == 16) & (table["mlp.fc2"] == 16)]
+    assert (smallest["kl"] > 0).all()
+    metrics = json.loads((filtered / "metrics.json").read_text())
+    assert metrics["scored"] == 108 and metrics["kept"] == int(table["kept"].sum())
+    assert (filtered / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
