@@ -28,6 +28,7 @@ rule all:
         "results/pretrain/metrics.json",
         "results/decompose/metrics.json",
         "results/filter/metrics.json",
+        "results/supernet/metrics.json",
 
 
 rule pretrain:
@@ -102,3 +103,31 @@ rule filter:
         "environment.yml"
     shell:
         "python -m flora_steps.filter --params {PARAMS_FILE}"
+
+
+rule supernet:
+    input:
+        model="results/decompose/model.safetensors",
+        spec="results/decompose/model.json",
+        teacher="results/pretrain/model.safetensors",
+        teacher_spec="results/pretrain/model.json",
+        space="results/filter/space.json",
+    output:
+        model="results/supernet/model.safetensors",
+        spec="results/supernet/model.json",
+        history="results/supernet/history.csv",
+        metrics="results/supernet/metrics.json",
+    log:
+        "results/supernet/log.txt",
+    benchmark:
+        "results/supernet/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "data", "supernet"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.supernet --params {PARAMS_FILE}"

@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, decompose, flops, pretrain
+from . import __version__, decompose, flops, pretrain, supernet
 from . import filter as filter_stage
 from .errors import UserError
 from .params import load_params
 from .stage import add_params_argument, run_stage
 
 #: Pipeline stages in order: subcommand name -> module with ``run(params)``.
-STAGES = {"pretrain": pretrain, "decompose": decompose, "filter": filter_stage}
+STAGES = {"pretrain": pretrain, "decompose": decompose, "filter": filter_stage, "supernet": supernet}
 
 
 def build_parser() -> argparse.ArgumentParser:

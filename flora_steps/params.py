@@ -98,6 +98,21 @@ class FilterParams(Section):
     bins: PositiveInt  # MACs bins per block that must each keep a tuple
 
 
+class SupernetParams(Section):
+    """Low-rank supernet training with knowledge distillation (see flora_steps/supernet.py)."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt  # global batch, split over torchrun processes
+    lr: PositiveFloat
+    min_lr: NonNegativeFloat
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeInt
+    grad_clip: PositiveFloat | None
+    sampling: Literal["lowrank", "uniform"]  # lowrank: p ∝ 1 / prod(rank / full rank), the paper's rule
+    temperature: PositiveFloat  # distillation temperature
+    hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation, as in the paper
+
+
 class Params(Section):
     """All of ``params.yaml``."""
 
@@ -108,6 +123,7 @@ class Params(Section):
     pretrain: PretrainParams
     decompose: DecomposeParams
     filter: FilterParams
+    supernet: SupernetParams
 
 
 def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> str:

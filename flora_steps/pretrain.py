@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .artifacts import ModelSpec, load_checkpoint, save_checkpoint, save_model, write_csv, write_json
+from .artifacts import ModelSpec, save_checkpoint, save_model, write_csv, write_json
 from .core import trace_costs
 from .data import DataSplits, build_splits, make_loader
 from .errors import UserError
@@ -30,7 +30,16 @@ from .models import create_base_model, data_config, input_shape
 from .params import Params
 from .progress import progress
 from .stage import fingerprint, log, stage_dir, stage_main
-from .training import autocast, build_optimizer, build_scheduler, evaluate, resolve_device, seed_everything
+from .training import (
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    epoch_seed,
+    evaluate,
+    resolve_device,
+    resume,
+    seed_everything,
+)
 
 STAGE = "pretrain"
 
@@ -49,21 +58,12 @@ def train(model: nn.Module, splits: DataSplits, params: Params, device: torch.de
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     run_id = fingerprint(params.model, params.data, params.pretrain, params.seed)
 
-    start_epoch, history = 0, []
-    state = load_checkpoint(checkpoint)
-    if state is not None and state.get("run_id") == run_id:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-        log.info("resuming from %s after epoch %d", checkpoint, start_epoch)
-    elif state is not None:
-        log.info("ignoring %s: it belongs to other params", checkpoint)
+    start_epoch, history = resume(checkpoint, run_id, model, optimizer)
 
     bar = progress(desc="pretrain", total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
-        # Randomness depends only on (seed, epoch), so a resumed run equals an uninterrupted one.
-        torch.manual_seed(params.seed * 100_003 + epoch)
-        train_loader.generator.manual_seed(params.seed * 100_003 + epoch)
+        torch.manual_seed(epoch_seed(params.seed, epoch))
+        train_loader.generator.manual_seed(epoch_seed(params.seed, epoch))
         model.train()
         loss_sum = 0.0
         for step, (images, labels) in enumerate(train_loader):

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,15 +35,19 @@ def fingerprint(*parts: BaseModel | int | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _configure_logging(stage: str) -> logging.FileHandler:
-    log.setLevel(logging.INFO)
+def _configure_logging(stage: str) -> logging.FileHandler | None:
+    """Log to stderr and ``results/<stage>/log.txt``; extra torchrun processes only warn, to stderr."""
     log.handlers.clear()
     log.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(f"flora {stage}: %(message)s"))
+    log.addHandler(console)
+    if os.environ.get("RANK", "0") != "0":
+        log.setLevel(logging.WARNING)
+        return None
+    log.setLevel(logging.INFO)
     file = logging.FileHandler(stage_dir(stage) / "log.txt", mode="w")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(console)
     log.addHandler(file)
     return file
 
@@ -69,8 +74,9 @@ def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> i
         log.error("interrupted; a rerun resumes from the last checkpoint where the stage keeps one")
         return 130
     finally:
-        log.removeHandler(file_handler)
-        file_handler.close()
+        if file_handler is not None:
+            log.removeHandler(file_handler)
+            file_handler.close()
 
 
 def stage_main(stage: str, description: str, run: Callable[[Params], None], argv: Sequence[str] | None = None) -> int:

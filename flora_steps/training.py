@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import timm.optim
@@ -12,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artifacts import load_checkpoint
 from .errors import UserError
 from .params import ComputeParams
 from .progress import progress
+from .stage import log
 
 
 def resolve_device(compute: ComputeParams) -> torch.device:
@@ -58,6 +61,28 @@ def build_scheduler(
         warmup_prefix=False,
         t_in_epochs=False,
     )
+
+
+def resume(checkpoint: Path, run_id: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore ``model`` and ``optimizer`` from ``checkpoint`` if it belongs to ``run_id``.
+
+    Returns (epochs already done, per-epoch history so far); (0, []) to start fresh.
+    """
+    state = load_checkpoint(checkpoint)
+    if state is None:
+        return 0, []
+    if state.get("run_id") != run_id:
+        log.info("ignoring %s: it belongs to other params", checkpoint)
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
+    return state["epoch"], state["history"]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch's randomness, so that a resumed run equals an uninterrupted one."""
+    return seed * 100_003 + epoch
 
 
 @torch.no_grad()

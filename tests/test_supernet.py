@@ -1,0 +1,103 @@
+"""Supernet training: distillation loss, the stage on the smoke profile, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import SMOKE, write_params
+
+import flora_steps.supernet
+from flora_steps.artifacts import load_model
+from flora_steps.cli import main
+from flora_steps.supernet import distillation_loss
+
+
+def test_distillation_loss_is_soft_target_cross_entropy() -> None:
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    expected = F.cross_entropy(student, teacher.softmax(1))
+    assert distillation_loss(student, teacher, labels, 1.0, 0.0) == pytest.approx(expected.item(), rel=1e-6)
+    hot = distillation_loss(student, teacher, labels, 2.0, 0.0)
+    assert hot == pytest.approx(4 * F.cross_entropy(student / 2, (teacher / 2).softmax(1)).item(), rel=1e-6)
+    mixed = distillation_loss(student, teacher, labels, 1.0, 0.25)
+    assert mixed == pytest.approx(0.75 * expected.item() + 0.25 * F.cross_entropy(student, labels).item(), rel=1e-6)
+    # The loss is smallest when the student matches the teacher.
+    assert distillation_loss(teacher, teacher, labels, 1.0, 0.0) < distillation_loss(student, teacher, labels, 1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """pretrain, decompose and filter results on the smoke profile."""
+    directory = tmp_path_factory.mktemp("upstream")
+    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        for stage in ("pretrain", "decompose", "filter"):
+            assert main([stage, "--params", str(params)]) == 0
+    return directory / "results"
+
+
+def prepare(workdir: Path, upstream: Path, smoke_params: dict) -> Path:
+    (workdir / "results").mkdir()
+    for stage in ("pretrain", "decompose", "filter"):
+        (workdir / "results" / stage).symlink_to(upstream / stage)
+    return write_params(workdir / "params.yaml", smoke_params)
+
+
+def test_supernet_stage_trains_and_reports_extreme_subnets(workdir: Path, upstream: Path, smoke_params: dict) -> None:
+    params = prepare(workdir, upstream, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    out = workdir / "results/supernet"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["smallest"]["macs"] < metrics["largest"]["macs"] == 3_495_040
+    for name in ("smallest", "largest"):
+        assert 0 <= metrics[name]["val_top1_truncation"] <= 1 and 0 <= metrics[name]["val_top1"] <= 1
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "lr", "val_top1_smallest", "val_top1_largest"]
+    assert list(history["epoch"]) == [1, 2] and (history["loss"] > 0).all()
+    model, spec = load_model(out / "model")
+    assert spec.lowrank["blocks.0.attn.qkv"] == 64
+    decomposed, _ = load_model(upstream / "decompose/model")
+    assert not torch.equal(
+        model.state_dict()["blocks.0.attn.qkv.first"], decomposed.state_dict()["blocks.0.attn.qkv.first"]
+    )
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_killed_supernet_resumes_and_matches_an_uninterrupted_run(
+    workdir: Path, upstream: Path, smoke_params: dict, monkeypatch
+) -> None:
+    smoke_params["supernet"]["epochs"] = 3
+    params = prepare(workdir, upstream, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    uninterrupted = (workdir / "results/supernet/model.safetensors").read_bytes()
+    (workdir / "results/supernet").rename(workdir / "first")
+
+    real_save = flora_steps.supernet.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(flora_steps.supernet, "save_checkpoint", save_then_die)
+    assert main(["supernet", "--params", str(params)]) == 130
+    checkpoint = torch.load(workdir / "results/supernet/checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint
+    assert main(["supernet", "--params", str(params)]) == 0
+    assert "resuming from" in (workdir / "results/supernet/log.txt").read_text()
+    assert (workdir / "results/supernet/model.safetensors").read_bytes() == uninterrupted
+
+
+def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, smoke_params: dict, capsys) -> None:
+    (workdir / "results").mkdir()
+    for stage in ("pretrain", "decompose"):
+        (workdir / "results" / stage).symlink_to(upstream / stage)
+    assert main(["supernet", "--params", str(write_params(workdir / "params.yaml", smoke_params))]) == 2
+    assert "results/filter/space.json: search space not found (run the filter stage first)" in capsys.readouterr().err
