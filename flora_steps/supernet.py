@@ -50,6 +50,7 @@ from .training import (
     resolve_device,
     resume,
     seed_everything,
+    weights_in_sync,
 )
 
 STAGE = "supernet"
@@ -198,6 +199,10 @@ def run(params: Params) -> None:
         if world_size > 1:
             dist.barrier()
     bar.close()
+    if world_size > 1:
+        if not weights_in_sync(student):
+            raise RuntimeError("DDP processes ended with different weights")
+        log.info("weights identical on all %d processes", world_size)
 
     if rank == 0:
         final = evaluate_subnets(student, space, subnets, val_loader, params)

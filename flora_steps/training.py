@@ -10,6 +10,7 @@ import numpy as np
 import timm.optim
 import timm.scheduler
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -78,6 +79,16 @@ def resume(checkpoint: Path, run_id: str, model: nn.Module, optimizer: torch.opt
     optimizer.load_state_dict(state["optimizer"])
     log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
     return state["epoch"], state["history"]
+
+
+def weights_in_sync(model: nn.Module) -> bool:
+    """True when every process of the running process group holds exactly the same parameters."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    same = torch.tensor([float(torch.equal(flat, reference))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import SMOKE, write_params
+from conftest import ROOT, SMOKE, write_params
 
 import flora_steps.supernet
 from flora_steps.artifacts import load_model
@@ -101,3 +104,25 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
         (workdir / "results" / stage).symlink_to(upstream / stage)
     assert main(["supernet", "--params", str(write_params(workdir / "params.yaml", smoke_params))]) == 2
     assert "results/filter/space.json: search space not found (run the filter stage first)" in capsys.readouterr().err
+
+
+def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:
+    smoke_params["supernet"]["epochs"] = 1
+    smoke_params["compute"]["device"] = "cpu"
+    params = prepare(workdir, upstream, smoke_params)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, "-m", "flora_steps.supernet", "--params", str(params)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (workdir / "results/supernet/log.txt").read_text()
+    assert "weights identical on all 2 processes" in log
+    metrics = json.loads((workdir / "results/supernet/metrics.json").read_text())
+    assert metrics["processes"] == 2
+    history = pd.read_csv(workdir / "results/supernet/history.csv")
+    assert list(history["epoch"]) == [1]
