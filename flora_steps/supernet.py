@@ -123,6 +123,8 @@ def run(params: Params) -> None:
     splits = build_splits(params.data, data_config(student))
     workers = params.compute.workers
     val_loader = make_loader(splits.val, params.data.eval_batch_size, shuffle=False, workers=workers)
+    if cfg.batch_size % world_size:
+        raise UserError(f"supernet.batch_size: {cfg.batch_size} does not split evenly over {world_size} processes")
     per_process = cfg.batch_size // world_size
     if world_size > 1:
         train_sampler = DistributedSampler(splits.train, shuffle=True, seed=params.seed, drop_last=True)

@@ -9,6 +9,7 @@ import torch
 
 from flora_steps.core import DEFAULT_TARGETS, find_linear_layers, trace_costs
 from flora_steps.core.space import (
+    BlockSpace,
     SearchSpace,
     SubnetSampler,
     block_of,
@@ -84,3 +85,24 @@ def test_sampler_frequencies_match_the_rule_and_stay_in_the_space() -> None:
     # The rule's main effect, in aggregate: the smallest qkv rank is drawn 8x as often as the full one.
     qkv = np.array([c[0] for c in block.choices])
     assert counts[qkv == 8].sum() / counts[qkv == 64].sum() == pytest.approx(8, rel=0.1)
+
+
+def test_samples_from_a_filtered_space_stay_inside_it() -> None:
+    full = digits_space()
+    rng = np.random.default_rng(1)
+    filtered = SearchSpace(
+        tuple(
+            BlockSpace(
+                b.name,
+                b.layers,
+                b.full_ranks,
+                tuple(b.choices[i] for i in sorted(rng.choice(len(b.choices), 30, replace=False))) + (b.dense,),
+            )
+            for b in full.blocks
+        )
+    )
+    sampler = SubnetSampler(filtered)
+    for _ in range(2000):
+        subnet = sampler.sample(rng)
+        assert filtered.contains(subnet)
+        assert set(filtered.ranks(subnet).values()) <= {8, 16, 24, 32, 40, 48}
