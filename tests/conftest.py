@@ -27,6 +27,20 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory) -> Path:
+    """``results/`` after pretrain, decompose and filter on the smoke profile (run once; treat as read-only)."""
+    from flora_steps.cli import main
+
+    directory = tmp_path_factory.mktemp("smoke")
+    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        for stage in ("pretrain", "decompose", "filter"):
+            assert main([stage, "--params", str(params)]) == 0, stage
+    return directory / "results"
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

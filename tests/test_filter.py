@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import SMOKE, write_params
 
-from flora_steps.cli import main
 from flora_steps.core.filtering import efficiency, keep_efficient, macs_bins
 from flora_steps.core.space import SearchSpace, rank_grid
 
@@ -37,15 +34,9 @@ def test_keep_rule_keeps_the_best_share_the_dense_choice_and_every_bin() -> None
     assert kept.sum() <= 20 + 5 + 1
 
 
-@pytest.fixture(scope="module")
-def filtered(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("filter")
-    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        for stage in ("pretrain", "decompose", "filter"):
-            assert main([stage, "--params", str(params)]) == 0
-    return directory / "results" / "filter"
+@pytest.fixture
+def filtered(smoke_results: Path) -> Path:
+    return smoke_results / "filter"
 
 
 def test_filter_stage_writes_a_space_inside_the_grid(filtered: Path) -> None:

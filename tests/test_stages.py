@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import safetensors.torch
 import timm
 import torch
@@ -20,21 +19,6 @@ from flora_steps.core import LowRankLinear
 
 def run_stage(stage: str, params: Path) -> int:
     return main([stage, "--params", str(params)])
-
-
-@pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory) -> Path:
-    """``results/`` after pretrain and decompose on the smoke profile (run once for this module)."""
-    import yaml
-    from conftest import SMOKE
-
-    directory = tmp_path_factory.mktemp("smoke")
-    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        assert run_stage("pretrain", params) == 0
-        assert run_stage("decompose", params) == 0
-    return directory / "results"
 
 
 def test_pretrain_writes_its_artifacts(smoke_results: Path) -> None:

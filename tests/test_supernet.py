@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from conftest import ROOT, SMOKE, write_params
+from conftest import ROOT, write_params
 
 import flora_steps.supernet
 from flora_steps.artifacts import load_model
@@ -34,16 +33,9 @@ def test_distillation_loss_is_soft_target_cross_entropy() -> None:
     assert distillation_loss(teacher, teacher, labels, 1.0, 0.0) < distillation_loss(student, teacher, labels, 1.0, 0.0)
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    """pretrain, decompose and filter results on the smoke profile."""
-    directory = tmp_path_factory.mktemp("upstream")
-    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        for stage in ("pretrain", "decompose", "filter"):
-            assert main([stage, "--params", str(params)]) == 0
-    return directory / "results"
+@pytest.fixture
+def upstream(smoke_results: Path) -> Path:
+    return smoke_results
 
 
 def prepare(workdir: Path, upstream: Path, smoke_params: dict) -> Path:
