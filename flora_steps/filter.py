@@ -51,7 +51,7 @@ def score_block(
     device = dense_logits[0].device
     scores = []
     for choice in progress(block.choices, desc=block.name, inner=True):
-        set_ranks(model, dict(zip(block.layers, choice, strict=True)))
+        set_ranks(model, block.ranks(choice))
         correct, kl, count = 0, 0.0, 0
         for (images, labels), reference in zip(batches, dense_logits, strict=True):
             with autocast(device, amp):
@@ -124,7 +124,7 @@ def run(params: Params) -> None:
     rows, kept_blocks = [], []
     for block in progress(space.blocks, desc="filter"):
         scores = score_block(model, block, batches, dense_logits, params.compute.amp)
-        macs = np.array([costs.macs(dict(zip(block.layers, c, strict=True))) for c in block.choices])
+        macs = np.array([costs.macs(block.ranks(c)) for c in block.choices])
         saved = costs.dense_macs - macs
         damage = np.array([kl for _, kl in scores])
         kept = keep_efficient(macs, saved, damage, cfg.keep_ratio, cfg.bins, block.choices.index(block.dense))

@@ -25,7 +25,6 @@ from torch import nn
 from .artifacts import ModelSpec, save_checkpoint, save_model, write_csv, write_json
 from .core import trace_costs
 from .data import DataSplits, build_splits, make_loader
-from .errors import UserError
 from .models import create_base_model, data_config, input_shape
 from .params import Params
 from .progress import progress
@@ -36,6 +35,7 @@ from .training import (
     build_scheduler,
     epoch_seed,
     evaluate,
+    optimizer_step,
     resolve_device,
     resume,
     seed_everything,
@@ -71,15 +71,7 @@ def train(model: nn.Module, splits: DataSplits, params: Params, device: torch.de
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, amp):
                 loss = criterion(model(images), labels)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"pretrain.lr: training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(loss, model, optimizer, cfg.grad_clip, "pretrain.lr")
             loss_sum += loss.item()
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)

@@ -47,6 +47,7 @@ from .training import (
     build_scheduler,
     epoch_seed,
     evaluate,
+    optimizer_step,
     resolve_device,
     resume,
     seed_everything,
@@ -70,9 +71,7 @@ def distillation_loss(
 
 def extreme_subnets(space: SearchSpace, costs: CostModel) -> dict[str, list[Choice]]:
     """The subnet with the fewest MACs (each block's cheapest tuple) and the largest (dense)."""
-    smallest = [
-        min(b.choices, key=lambda c, b=b: costs.macs(dict(zip(b.layers, c, strict=True)))) for b in space.blocks
-    ]
+    smallest = [min(b.choices, key=lambda c, b=b: costs.macs(b.ranks(c))) for b in space.blocks]
     return {"smallest": smallest, "largest": [b.dense for b in space.blocks]}
 
 
@@ -166,13 +165,7 @@ def run(params: Params) -> None:
                 with torch.no_grad():
                     targets = teacher(images).float()
                 loss = distillation_loss(model(images).float(), targets, labels, cfg.temperature, cfg.hard_label_weight)
-            if not torch.isfinite(loss):
-                raise UserError(f"supernet.lr: training diverged (loss {loss.item()}) at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(loss, student, optimizer, cfg.grad_clip, "supernet.lr")
             loss_sum += loss.item()
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
@@ -207,7 +200,6 @@ def run(params: Params) -> None:
         log.info("weights identical on all %d processes", world_size)
 
     if rank == 0:
-        final = evaluate_subnets(student, space, subnets, val_loader, params)
         save_model(out / "model", student.cpu(), spec)
         write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
         write_json(
@@ -216,7 +208,7 @@ def run(params: Params) -> None:
                 name: {
                     "macs": costs.macs(space.ranks(subnets[name])),
                     "val_top1_truncation": truncation[name],
-                    "val_top1": final[name],
+                    "val_top1": history[-1][f"val_top1_{name}"],  # after the last epoch
                 }
                 for name in subnets
             }

@@ -81,6 +81,22 @@ def resume(checkpoint: Path, run_id: str, model: nn.Module, optimizer: torch.opt
     return state["epoch"], state["history"]
 
 
+def optimizer_step(
+    loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, lr_key: str
+) -> None:
+    """Backward pass, optional gradient-norm clipping and one optimizer step.
+
+    A non-finite loss stops training with a one-line error naming ``lr_key``.
+    """
+    if not torch.isfinite(loss):
+        raise UserError(f"{lr_key}: training diverged (loss {loss.item()}); lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def weights_in_sync(model: nn.Module) -> bool:
     """True when every process of the running process group holds exactly the same parameters."""
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])

@@ -51,6 +51,10 @@ class BlockSpace:
     def dense(self) -> Choice:
         return self.full_ranks
 
+    def ranks(self, choice: Choice) -> dict[str, int]:
+        """Layer -> rank of one of this block's choices (full rank included)."""
+        return dict(zip(self.layers, choice, strict=True))
+
     def ratios(self, choice: Choice) -> np.ndarray:
         """Each layer's rank as a fraction of its full rank."""
         return np.asarray(choice, dtype=float) / np.asarray(self.full_ranks, dtype=float)
