@@ -5,6 +5,9 @@
 #   snakemake --cores 8 --config params=configs/smoke.yaml   # another params profile
 #   snakemake --cores 8 --use-conda                       # per-rule conda env (environment.yml)
 #   snakemake --profile cluster/slurm                     # on a Slurm cluster
+#
+# Each rule lists the package sources it runs as `code` inputs (as dvc.yaml's deps
+# do), so editing a stage's code reruns that stage and everything downstream.
 
 import sys
 
@@ -32,6 +35,8 @@ rule all:
 
 
 rule pretrain:
+    input:
+        code=["flora_steps/pretrain.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/training.py"],
     output:
         model="results/pretrain/model.safetensors",
         spec="results/pretrain/model.json",
@@ -55,6 +60,7 @@ rule pretrain:
 
 rule decompose:
     input:
+        code=["flora_steps/decompose.py", "flora_steps/core"],
         model="results/pretrain/model.safetensors",
         spec="results/pretrain/model.json",
     output:
@@ -82,6 +88,7 @@ rule decompose:
 
 rule filter:
     input:
+        code=["flora_steps/filter.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/core"],
         model="results/decompose/model.safetensors",
         spec="results/decompose/model.json",
     output:
@@ -107,6 +114,7 @@ rule filter:
 
 rule supernet:
     input:
+        code=["flora_steps/supernet.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/training.py", "flora_steps/core"],
         model="results/decompose/model.safetensors",
         spec="results/decompose/model.json",
         teacher="results/pretrain/model.safetensors",

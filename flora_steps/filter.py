@@ -6,7 +6,7 @@ tuple of its layers' ranks is scored on a fixed subset of the training images
 (`filter.images`, eval transform): top-1, KL divergence of its logits from the
 dense model's, and the MACs it saves. The best `filter.keep_ratio` by KL per MAC
 saved are kept, plus the best of every one of `filter.bins` MACs bins and the
-dense tuple. Writes `results/filter/`:
+dense and the cheapest tuple. Writes `results/filter/`:
 
 - `space.json`: per block, its layers, full ranks and the kept rank tuples
 - `sensitivity.csv`: every scored tuple (ranks, MACs, top-1, KL, score, kept)

@@ -37,8 +37,8 @@ def snakefile_rules() -> dict[str, dict]:
     for block in re.split(r"^rule ", (ROOT / "Snakefile").read_text(), flags=re.M)[1:]:
         name = block.split(":", 1)[0]
         shell = re.search(r'shell:\s*\n\s*"([^"]+)"', block)
-        files = set(re.findall(r'"(results/[^"]+)"', block.split("params:")[0]))
-        inputs = set(re.findall(r'"(results/[^"]+)"', block.split("output:")[0])) if "output:" in block else files
+        files = set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("params:")[0]))
+        inputs = set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("output:")[0])) if "output:" in block else files
         rules[name] = {"cmd": shell.group(1) if shell else None, "files": files - inputs, "inputs": inputs}
     return rules
 
@@ -50,7 +50,7 @@ def dvc_stages() -> dict[str, dict]:
         for key in ("outs", "metrics", "plots"):
             for entry in stage.get(key, []):
                 files.add(entry if isinstance(entry, str) else next(iter(entry)))
-        deps = {d for d in stage["deps"] if d.startswith("results/")}
+        deps = {d for d in stage["deps"] if d.startswith(("results/", "flora_steps/"))}
         stages[name] = {"cmd": stage["cmd"], "files": files, "inputs": deps, "params": stage["params"]}
     return stages
 

@@ -4,8 +4,10 @@ The paper's filtering code was never released; this is our documented design
 (SPEC §2.2). Each of a block's choices is scored, with every other block dense, by
 the damage it does (KL divergence of its logits from the dense model's) per MAC it
 saves. The best ``keep_ratio`` of the choices survive, plus the best choice of every
-MACs bin the block's choices fall into (so the search can still reach every model
-size), plus the dense choice.
+MACs bin the block's choices fall into, plus both ends of the block's MACs range:
+the dense choice and the cheapest choice. So the search space still spans every
+model size, down to the smallest subnet the rank grid allows, and the low-rank
+sampling rule trains that smallest end most.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ def keep_efficient(
 ) -> np.ndarray:
     """Boolean mask of the kept choices of one block.
 
-    Keeps the ``ceil(keep_ratio * n)`` most efficient choices, then the most
-    efficient choice of every MACs bin that has none kept yet, and the dense choice.
+    Keeps the ``ceil(keep_ratio * n)`` most efficient choices, the dense choice, the
+    cheapest choice (ties: the most efficient), then the most efficient choice of
+    every MACs bin that has none kept yet.
     """
     score = efficiency(damage, saved_macs)
     order = np.lexsort((np.asarray(macs), score))  # by score, ties towards fewer MACs
     kept = np.zeros(len(score), dtype=bool)
     kept[order[: math.ceil(keep_ratio * len(score))]] = True
     kept[dense_index] = True
+    kept[np.lexsort((score, np.asarray(macs)))[0]] = True
     bin_of = macs_bins(macs, bins)
     for b in np.unique(bin_of):
         if not kept[bin_of == b].any():
