@@ -21,6 +21,13 @@ except UserError as error:
     sys.exit(f"error: {error}")
 
 
+BUDGETS = PARAMS["budgets"]
+
+
+wildcard_constraints:
+    budget=r"\d*\.?\d+",
+
+
 def tracked(*sections):
     """The params sections a rule depends on: changing one of them reruns the rule."""
     return {section: PARAMS[section] for section in sections}
@@ -32,6 +39,9 @@ rule all:
         "results/decompose/metrics.json",
         "results/filter/metrics.json",
         "results/supernet/metrics.json",
+        expand("results/search/{budget}/metrics.json", budget=BUDGETS["search"]),
+        expand("results/retrain/flora/{budget}/metrics.json", budget=BUDGETS["search"]),
+        expand("results/retrain/uniform/{budget}/metrics.json", budget=BUDGETS["uniform"]),
 
 
 rule pretrain:
@@ -139,3 +149,102 @@ rule supernet:
         "environment.yml"
     shell:
         "python -m flora_steps.supernet --params {PARAMS_FILE}"
+
+
+rule search:
+    input:
+        code=["flora_steps/search.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/core"],
+        model="results/supernet/model.safetensors",
+        spec="results/supernet/model.json",
+        teacher="results/pretrain/model.safetensors",
+        teacher_spec="results/pretrain/model.json",
+        space="results/filter/space.json",
+    output:
+        ranks="results/search/{budget}/ranks.json",
+        history=report("results/search/{budget}/history.csv", category="Search"),
+        metrics="results/search/{budget}/metrics.json",
+    log:
+        "results/search/{budget}/log.txt",
+    benchmark:
+        "results/search/{budget}/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "data", "search"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.search --params {PARAMS_FILE} --budget {wildcards.budget}"
+
+
+rule retrain_flora:
+    input:
+        code=[
+            "flora_steps/retrain.py",
+            "flora_steps/models.py",
+            "flora_steps/data.py",
+            "flora_steps/training.py",
+            "flora_steps/core",
+        ],
+        model="results/supernet/model.safetensors",
+        spec="results/supernet/model.json",
+        teacher="results/pretrain/model.safetensors",
+        teacher_spec="results/pretrain/model.json",
+        ranks="results/search/{budget}/ranks.json",
+    output:
+        model="results/retrain/flora/{budget}/model.safetensors",
+        spec="results/retrain/flora/{budget}/model.json",
+        ranks="results/retrain/flora/{budget}/ranks.json",
+        history="results/retrain/flora/{budget}/history.csv",
+        metrics="results/retrain/flora/{budget}/metrics.json",
+    log:
+        "results/retrain/flora/{budget}/log.txt",
+    benchmark:
+        "results/retrain/flora/{budget}/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "data", "retrain"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.retrain --params {PARAMS_FILE} --method flora --budget {wildcards.budget}"
+
+
+rule retrain_uniform:
+    input:
+        code=[
+            "flora_steps/retrain.py",
+            "flora_steps/models.py",
+            "flora_steps/data.py",
+            "flora_steps/training.py",
+            "flora_steps/core",
+        ],
+        model="results/decompose/model.safetensors",
+        spec="results/decompose/model.json",
+        teacher="results/pretrain/model.safetensors",
+        teacher_spec="results/pretrain/model.json",
+    output:
+        model="results/retrain/uniform/{budget}/model.safetensors",
+        spec="results/retrain/uniform/{budget}/model.json",
+        ranks="results/retrain/uniform/{budget}/ranks.json",
+        history="results/retrain/uniform/{budget}/history.csv",
+        metrics="results/retrain/uniform/{budget}/metrics.json",
+    log:
+        "results/retrain/uniform/{budget}/log.txt",
+    benchmark:
+        "results/retrain/uniform/{budget}/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "data", "retrain"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.retrain --params {PARAMS_FILE} --method uniform --budget {wildcards.budget}"

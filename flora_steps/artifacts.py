@@ -26,6 +26,7 @@ from torch import nn
 
 from . import models  # noqa: F401  (registers vit_digits, so every artifact can be rebuilt by name)
 from .core import LowRankLinear, RankConfig, replace_module
+from .core.space import SearchSpace
 from .errors import UserError
 
 MODEL_FORMAT = "flora-model/1"
@@ -95,6 +96,15 @@ def write_rank_config(path: str | Path, config: RankConfig) -> None:
     write_text(path, config.to_json())
 
 
+def read_space(path: str | Path) -> SearchSpace:
+    """The filtered search space ``filter`` wrote."""
+    data = read_json(path, "search space")
+    try:
+        return SearchSpace.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise UserError(f"{path}: corrupt search space ({error})") from None
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as temporary:
         torch.save(state, temporary)
@@ -119,7 +129,8 @@ class ModelSpec(BaseModel):
     format: str = MODEL_FORMAT
     model: str
     model_kwargs: dict[str, Any]
-    lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear
+    lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear (supernets)
+    factorized: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
 
     def build(self) -> nn.Module:
         """A randomly initialised model with this spec's structure."""
@@ -131,6 +142,13 @@ class ModelSpec(BaseModel):
                 name,
                 LowRankLinear(dense.in_features, dense.out_features, max_rank, bias=dense.bias is not None),
             )
+        for name, rank in self.factorized.items():
+            dense = model.get_submodule(name)
+            pair = nn.Sequential(
+                nn.Linear(dense.in_features, rank, bias=False),
+                nn.Linear(rank, dense.out_features, bias=dense.bias is not None),
+            )
+            replace_module(model, name, pair)
         return model
 
 

@@ -4,9 +4,10 @@ Each target layer gets a rank grid (`filter.ratios` of its full rank; ranks not
 cheaper than dense are dropped). For each block, with all other blocks dense, every
 tuple of its layers' ranks is scored on a fixed subset of the training images
 (`filter.images`, eval transform): top-1, KL divergence of its logits from the
-dense model's, and the MACs it saves. The best `filter.keep_ratio` by KL per MAC
-saved are kept, plus the best of every one of `filter.bins` MACs bins and the
-dense and the cheapest tuple. Writes `results/filter/`:
+dense model's, and the MACs it saves. In each of `filter.bins` equal-width MACs
+bins of the block, the best `filter.keep_ratio` of its tuples by KL per MAC saved
+are kept, plus the dense and the cheapest tuple (see `flora_steps.core.filtering`).
+Writes `results/filter/`:
 
 - `space.json`: per block, its layers, full ranks and the kept rank tuples
 - `sensitivity.csv`: every scored tuple (ranks, MACs, top-1, KL, score, kept)

@@ -94,8 +94,8 @@ class FilterParams(Section):
 
     ratios: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)]  # of each layer's full rank
     images: PositiveInt  # size of the fixed filter subset of the train split
-    keep_ratio: Annotated[float, Field(gt=0, le=1)]  # share of each block's tuples kept
-    bins: PositiveInt  # MACs bins per block that must each keep a tuple
+    keep_ratio: Annotated[float, Field(gt=0, le=1)]  # share of each MACs bin's tuples kept
+    bins: PositiveInt  # equal-width MACs bins per block, each keeping its best keep_ratio share
 
 
 class SupernetParams(Section):
@@ -113,6 +113,61 @@ class SupernetParams(Section):
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation, as in the paper
 
 
+Budget = Annotated[float, Field(gt=0, le=1)]
+
+
+class BudgetParams(Section):
+    """MACs budgets as fractions of the dense model's MACs: which searches and baselines run."""
+
+    search: Annotated[list[Budget], Field(min_length=1)]  # FLORA: one search and one retrain per budget
+    uniform: Annotated[list[Budget], Field(min_length=1)]  # uniform-rank baseline; includes every search budget
+
+    @model_validator(mode="after")
+    def _uniform_covers_search(self) -> BudgetParams:
+        missing = sorted(set(self.search) - set(self.uniform))
+        if missing:
+            raise ValueError(f"uniform must include every search budget (missing {missing})")
+        for name, values in (("search", self.search), ("uniform", self.uniform)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a budget twice")
+        return self
+
+
+class SearchParams(Section):
+    """Evolutionary search under a MACs budget (see flora_steps/search.py); defaults are the paper's."""
+
+    band: Annotated[float, Field(gt=0, lt=1)]  # legal: MACs in [budget - band, budget], fractions of dense
+    population: Annotated[int, Field(ge=2)]
+    top_k: Annotated[int, Field(ge=2)]
+    mutations: NonNegativeInt
+    mutation_prob: Annotated[float, Field(gt=0, le=1)]
+    crossovers: NonNegativeInt
+    generations: PositiveInt
+    val_images: PositiveInt | None  # fitness on this many val images; null: the whole val split
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> SearchParams:
+        if self.top_k > self.population:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed population ({self.population})")
+        return self
+
+
+class RetrainParams(Section):
+    """Fine-tuning of each searched subnet and of the uniform baseline, with distillation."""
+
+    epochs: NonNegativeInt  # 0: evaluate the inherited / truncated weights only
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    min_lr: NonNegativeFloat
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeInt
+    grad_clip: PositiveFloat | None
+    temperature: PositiveFloat
+    hard_label_weight: Annotated[float, Field(ge=0, le=1)]
+    latency_batch: PositiveInt  # images per forward pass when timing inference
+    latency_repeats: PositiveInt  # timed forward passes (the median is reported)
+
+
 class Params(Section):
     """All of ``params.yaml``."""
 
@@ -124,6 +179,9 @@ class Params(Section):
     decompose: DecomposeParams
     filter: FilterParams
     supernet: SupernetParams
+    budgets: BudgetParams
+    search: SearchParams
+    retrain: RetrainParams
 
 
 def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> str:

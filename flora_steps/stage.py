@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,7 +24,7 @@ log = logging.getLogger("flora")
 
 
 def stage_dir(stage: str) -> Path:
-    """``results/<stage>/``, created if missing."""
+    """``results/<stage>/`` (``stage`` may have sub-folders, e.g. ``search/0.5``), created if missing."""
     path = RESULTS / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -52,12 +53,32 @@ def _configure_logging(stage: str) -> logging.FileHandler | None:
     return file
 
 
+def budget_name(budget: float) -> str:
+    """A budget as its results folder, Snakemake wildcard and DVC ``foreach`` item spell it: 0.5 -> ``0.5``."""
+    return repr(float(budget))
+
+
 def add_params_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
 
 
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+    )
+
+
+def check_budget(budget: float, allowed: Sequence[float], key: str) -> None:
+    """Raise ``UserError`` unless ``budget`` is one of the params' ``key`` budgets."""
+    if budget not in allowed:
+        raise UserError(f"--budget {budget}: not one of {key} {list(allowed)}")
+
+
 def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> int:
-    """Load params, log to ``results/<stage>/log.txt``, run the stage; user errors become one line."""
+    """Load params, log to ``results/<stage>/log.txt``, run the stage; user errors become one line.
+
+    ``stage`` may name a sub-folder (``search/0.5``) for stages that run once per budget.
+    """
     file_handler = _configure_logging(stage)
     started = time.perf_counter()
     try:
@@ -79,9 +100,27 @@ def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> i
             file_handler.close()
 
 
-def stage_main(stage: str, description: str, run: Callable[[Params], None], argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``python -m flora_steps.<stage>``."""
+def run_from_args(stage: str, run: Callable[..., None], args: argparse.Namespace) -> int:
+    """Run a stage from its parsed arguments.
+
+    ``--method`` and ``--budget``, where the stage has them, are passed on to ``run``
+    and pick its results sub-folder: ``results/<stage>/[<method>/][<budget>/]``.
+    """
+    options = {key: getattr(args, key) for key in ("method", "budget") if getattr(args, key, None) is not None}
+    folder = "/".join([stage, *[budget_name(v) if k == "budget" else v for k, v in options.items()]])
+    return run_stage(folder, partial(run, **options), args.params)
+
+
+def stage_main(
+    stage: str,
+    description: str,
+    run: Callable[..., None],
+    argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Entry point for ``python -m flora_steps.<stage>``; ``add_arguments`` adds the stage's own options."""
     parser = argparse.ArgumentParser(prog=f"python -m flora_steps.{stage}", description=description)
     add_params_argument(parser)
-    args = parser.parse_args(argv)
-    return run_stage(stage, run, args.params)
+    if add_arguments is not None:
+        add_arguments(parser)
+    return run_from_args(stage, run, parser.parse_args(argv))

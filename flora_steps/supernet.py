@@ -27,12 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .artifacts import load_model, save_checkpoint, save_model, write_csv, write_json
+from .artifacts import load_model, read_space, save_checkpoint, save_model, write_csv, write_json
 from .core import CostModel, set_ranks, trace_costs
 from .core.space import Choice, SearchSpace, SubnetSampler
 from .data import build_splits, make_loader
@@ -45,6 +44,7 @@ from .training import (
     autocast,
     build_optimizer,
     build_scheduler,
+    distillation_loss,
     epoch_seed,
     evaluate,
     optimizer_step,
@@ -56,17 +56,6 @@ from .training import (
 
 STAGE = "supernet"
 HISTORY_COLUMNS = ["epoch", "loss", "lr", "val_top1_smallest", "val_top1_largest"]
-
-
-def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, hard_weight: float
-) -> torch.Tensor:
-    """Soft-target cross entropy on the teacher's probabilities (scaled by T²), plus weighted hard-label CE."""
-    soft_targets = (teacher / temperature).softmax(dim=1)
-    soft = -(soft_targets * (student / temperature).log_softmax(dim=1)).sum(dim=1).mean() * temperature**2
-    if hard_weight == 0:
-        return soft
-    return (1 - hard_weight) * soft + hard_weight * F.cross_entropy(student, labels)
 
 
 def extreme_subnets(space: SearchSpace, costs: CostModel) -> dict[str, list[Choice]]:
@@ -85,15 +74,6 @@ def evaluate_subnets(
         scores[name] = evaluate(model, loader, device, params.compute.amp, desc=f"val {name}")["top1"]
     set_ranks(model, {})
     return scores
-
-
-def read_space(path: Path) -> SearchSpace:
-    try:
-        return SearchSpace.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{path}: search space not found (run the filter stage first)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: corrupt search space ({error})") from None
 
 
 def run(params: Params) -> None:

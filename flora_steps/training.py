@@ -97,6 +97,17 @@ def optimizer_step(
     optimizer.step()
 
 
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, hard_weight: float
+) -> torch.Tensor:
+    """Soft-target cross entropy on the teacher's probabilities (scaled by T²), plus weighted hard-label CE."""
+    soft_targets = (teacher / temperature).softmax(dim=1)
+    soft = -(soft_targets * (student / temperature).log_softmax(dim=1)).sum(dim=1).mean() * temperature**2
+    if hard_weight == 0:
+        return soft
+    return (1 - hard_weight) * soft + hard_weight * F.cross_entropy(student, labels)
+
+
 def weights_in_sync(model: nn.Module) -> bool:
     """True when every process of the running process group holds exactly the same parameters."""
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])

@@ -17,7 +17,7 @@ from conftest import ROOT, write_params
 import flora_steps.supernet
 from flora_steps.artifacts import load_model
 from flora_steps.cli import main
-from flora_steps.supernet import distillation_loss
+from flora_steps.training import distillation_loss
 
 
 def test_distillation_loss_is_soft_target_cross_entropy() -> None:
@@ -95,7 +95,7 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
     for stage in ("pretrain", "decompose"):
         (workdir / "results" / stage).symlink_to(upstream / stage)
     assert main(["supernet", "--params", str(write_params(workdir / "params.yaml", smoke_params))]) == 2
-    assert "results/filter/space.json: search space not found (run the filter stage first)" in capsys.readouterr().err
+    assert "results/filter/space.json: search space not found (run the stage that writes it first)" in capsys.readouterr().err
 
 
 def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:

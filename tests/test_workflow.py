@@ -44,8 +44,12 @@ def snakefile_rules() -> dict[str, dict]:
 
 
 def dvc_stages() -> dict[str, dict]:
+    """Each stage's command, outputs, inputs and params; ``foreach`` items written as Snakemake's ``{budget}``."""
+    text = (ROOT / "dvc.yaml").read_text().replace("${item}", "{budget}")
     stages = {}
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+    for name, stage in yaml.safe_load(text)["stages"].items():
+        if "foreach" in stage:
+            stage = stage["do"]
         files = set()
         for key in ("outs", "metrics", "plots"):
             for entry in stage.get(key, []):
@@ -60,11 +64,17 @@ def test_snakefile_and_dvc_yaml_wire_the_same_stages() -> None:
     assert set(rules) - {"all"} == set(stages)
     for name, stage in stages.items():
         rule = rules[name]
-        assert rule["cmd"].replace("{PARAMS_FILE}", "params.yaml") == stage["cmd"]
-        assert stage["cmd"] == f"python -m flora_steps.{name} --params params.yaml"
-        assert rule["files"] - {f"results/{name}/benchmark.tsv"} == stage["files"], name
+        command = rule["cmd"].replace("{PARAMS_FILE}", "params.yaml").replace("{wildcards.budget}", "{budget}")
+        assert command == stage["cmd"]
+        module, _, method = name.partition("_")
+        assert stage["cmd"].startswith(f"python -m flora_steps.{module} --params params.yaml")
+        if method:
+            assert f"--method {method} --budget {{budget}}" in stage["cmd"]
+        benchmark = {path for path in rule["files"] if path.endswith("benchmark.tsv")}
+        assert len(benchmark) == 1 and rule["files"] - benchmark == stage["files"], name
         assert rule["inputs"] == stage["inputs"], name
-        assert all(path.startswith(f"results/{name}/") for path in stage["files"])
+        folder = f"results/{module}/{method}/" if method else f"results/{module}/"
+        assert all(path.startswith(folder) for path in stage["files"]), name
     snakefile = (ROOT / "Snakefile").read_text()
     for name, stage in stages.items():
         block = snakefile.split(f"rule {name}:")[1].split("\nrule ")[0]

@@ -3,11 +3,12 @@
 The paper's filtering code was never released; this is our documented design
 (SPEC §2.2). Each of a block's choices is scored, with every other block dense, by
 the damage it does (KL divergence of its logits from the dense model's) per MAC it
-saves. The best ``keep_ratio`` of the choices survive, plus the best choice of every
-MACs bin the block's choices fall into, plus both ends of the block's MACs range:
-the dense choice and the cheapest choice. So the search space still spans every
-model size, down to the smallest subnet the rank grid allows, and the low-rank
-sampling rule trains that smallest end most.
+saves. The block's choices are split into equal-width MACs bins, and in every bin
+the best ``keep_ratio`` of its choices survive: damage per MAC saved grows steeply
+as ranks shrink, so one ranking over all sizes would keep almost only light
+compressions and leave the search nothing to choose from at small budgets. Both
+ends of the block's MACs range are always kept: the dense choice and the cheapest
+choice, so the space spans every model size the rank grid allows.
 """
 
 from __future__ import annotations
@@ -39,18 +40,18 @@ def keep_efficient(
 ) -> np.ndarray:
     """Boolean mask of the kept choices of one block.
 
-    Keeps the ``ceil(keep_ratio * n)`` most efficient choices, the dense choice, the
-    cheapest choice (ties: the most efficient), then the most efficient choice of
-    every MACs bin that has none kept yet.
+    In each of ``bins`` equal-width MACs bins, keeps the ``ceil(keep_ratio * n)`` most
+    efficient of its ``n`` choices (ties towards fewer MACs); also keeps the dense
+    choice and the cheapest choice (ties: the most efficient).
     """
+    macs = np.asarray(macs)
     score = efficiency(damage, saved_macs)
-    order = np.lexsort((np.asarray(macs), score))  # by score, ties towards fewer MACs
-    kept = np.zeros(len(score), dtype=bool)
-    kept[order[: math.ceil(keep_ratio * len(score))]] = True
-    kept[dense_index] = True
-    kept[np.lexsort((score, np.asarray(macs)))[0]] = True
     bin_of = macs_bins(macs, bins)
+    kept = np.zeros(len(score), dtype=bool)
     for b in np.unique(bin_of):
-        if not kept[bin_of == b].any():
-            kept[next(i for i in order if bin_of[i] == b)] = True
+        members = np.flatnonzero(bin_of == b)
+        ranked = members[np.lexsort((macs[members], score[members]))]
+        kept[ranked[: math.ceil(keep_ratio * len(members))]] = True
+    kept[dense_index] = True
+    kept[np.lexsort((score, macs))[0]] = True
     return kept

@@ -1,0 +1,107 @@
+"""Benchmark: inference latency of compressed models against the dense one and the theoretical MACs ratio.
+
+    python bench/inference_latency.py [--models vit_digits deit_base_patch16_224] [--budget 0.45]
+                                      [--batch 16] [--repeats 5] [--device cpu]
+
+For each model (random weights; latency does not depend on the values), builds
+side by side, as the retrain stage materialises them (factorised layers as two
+``nn.Linear``):
+- searched-style: a non-uniform rank config, one rank tuple per block drawn by the
+  search's own sampler from the full rank grid, with MACs in [budget - 0.02, budget];
+- uniform: one rank ratio for all target layers, the largest that fits the budget.
+Times interleaved forward passes (median of --repeats) and prints the speedup over
+dense against the theoretical MACs ratio (dense MACs / compressed MACs), and the
+share of the theoretical speedup achieved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+import flora_steps.models  # noqa: F401  (registers vit_digits)
+from flora_steps.core import DEFAULT_TARGETS, factorize, find_linear_layers, materialize, trace_costs
+from flora_steps.core.evolution import MacsTable, genome_choices, random_legal
+from flora_steps.core.space import full_space
+from flora_steps.core.uniform import fit_uniform_ratio
+from flora_steps.models import input_shape
+
+RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
+BAND = 0.02
+
+
+def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, tuple[nn.Module, int]]:
+    """Dense, searched-style and uniform models at ``budget`` of dense MACs, with their MACs."""
+    shape = input_shape(dense)
+    factorised = copy.deepcopy(dense)
+    layers = find_linear_layers(factorised, DEFAULT_TARGETS)
+    factorize(factorised, layers)
+    costs = trace_costs(factorised, shape)
+    space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
+    table = MacsTable.from_space(space, costs)
+    rng = np.random.default_rng(seed)
+    genome = None
+    while genome is None:
+        genome = random_legal(rng, table, (budget - BAND) * costs.dense_macs, budget * costs.dense_macs)
+    searched = space.ranks(genome_choices(space, genome))
+    _, uniform = fit_uniform_ratio(costs, layers, budget * costs.dense_macs)
+    return {
+        "dense": (dense, costs.dense_macs),
+        "searched-style": (materialize(factorised, searched), costs.macs(searched)),
+        "uniform": (materialize(factorised, uniform), costs.macs(uniform)),
+    }
+
+
+@torch.no_grad()
+def interleaved_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds per forward pass of each model, timed in turns so drift hits all alike."""
+    for model in models.values():
+        model.eval()(images)  # warm-up
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(images)
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            timings[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(values) for name, values in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vit_digits", "deit_base_patch16_224"])
+    parser.add_argument("--budget", type=float, default=0.45, help="fraction of dense MACs")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    print(f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    for name in args.models:
+        built = compressed_models(timm.create_model(name), args.budget, args.seed)
+        models = {label: model.to(device) for label, (model, _) in built.items()}
+        images = torch.randn((args.batch, *input_shape(models["dense"])), device=device)
+        latency = interleaved_latency(models, images, args.repeats)
+        dense_macs = built["dense"][1]
+        for label, (_, macs) in built.items():
+            speedup, theoretical = latency["dense"] / latency[label], dense_macs / macs
+            print(
+                f"{name:24s} {label:15s} {macs / dense_macs:6.3f} of dense MACs  {latency[label]:9.2f} ms"
+                f"  speedup {speedup:5.2f}x  theoretical {theoretical:5.2f}x  achieved {speedup / theoretical:6.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Evolutionary search over a filtered search space under a MACs budget (SPEC §2.4).
+
+A *genome* is one index per block into that block's allowed choices. A genome is
+*legal* when its MACs lie in the budget band ``[low, high]``. The search follows
+the paper (and AutoFormer, whose search it reuses): a stratified random initial
+population, then per generation the ``top_k`` best genomes seen so far, new genomes
+by mutation (each block resampled with probability ``mutation_prob``) and by
+crossover (each block taken from one of two top-k parents), and random legal
+genomes to fill the population. Every genome is evaluated once (a cache of visited
+genomes); fitness is any comparable score, higher is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from .macs import CostModel
+from .space import Choice, SearchSpace
+
+Genome = tuple[int, ...]
+Score = TypeVar("Score")
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    """The search's knobs; the defaults are the paper's."""
+
+    population: int = 50
+    top_k: int = 10
+    mutations: int = 25
+    mutation_prob: float = 0.2
+    crossovers: int = 25
+    generations: int = 20
+    tries: int = 50  # attempts at producing one new legal genome before giving up
+
+
+@dataclass(frozen=True)
+class MacsTable:
+    """MACs of a genome as a sum: a fixed part plus one entry per block's chosen tuple."""
+
+    fixed: int
+    block_macs: tuple[np.ndarray, ...]
+
+    @classmethod
+    def from_space(cls, space: SearchSpace, costs: CostModel) -> MacsTable:
+        per_block = []
+        for block in space.blocks:
+            layers = [costs.layers[name] for name in block.layers]
+            per_block.append(
+                np.array([sum(layer.macs(rank) for layer, rank in zip(layers, c, strict=True)) for c in block.choices])
+            )
+        searched = sum(costs.layers[name].macs() for block in space.blocks for name in block.layers)
+        return cls(costs.dense_macs - searched, tuple(per_block))
+
+    def macs(self, genome: Genome) -> int:
+        return int(self.fixed + sum(table[i] for table, i in zip(self.block_macs, genome, strict=True)))
+
+    @property
+    def smallest(self) -> int:
+        return int(self.fixed + sum(table.min() for table in self.block_macs))
+
+    @property
+    def largest(self) -> int:
+        return int(self.fixed + sum(table.max() for table in self.block_macs))
+
+
+@dataclass
+class SearchResult(Generic[Score]):
+    """The best genome, its score and MACs, and one summary row per generation."""
+
+    best: Genome
+    score: Score
+    macs: int
+    evaluations: int
+    history: list[dict] = field(default_factory=list)
+
+
+def genome_choices(space: SearchSpace, genome: Genome) -> list[Choice]:
+    """The rank tuple of every block that a genome picks."""
+    return [block.choices[i] for block, i in zip(space.blocks, genome, strict=True)]
+
+
+def random_legal(rng: np.random.Generator, table: MacsTable, low: float, high: float) -> Genome | None:
+    """A random genome with MACs in ``[low, high]``, or ``None`` when this draw finds none.
+
+    Blocks are visited in random order; each picks uniformly among its choices that
+    leave the remaining blocks able to land in the window (by their min and max MACs).
+    """
+    tables = table.block_macs
+    order = rng.permutation(len(tables))
+    rest_min = np.concatenate([np.cumsum([tables[b].min() for b in order[::-1]])[::-1][1:], [0]])
+    rest_max = np.concatenate([np.cumsum([tables[b].max() for b in order[::-1]])[::-1][1:], [0]])
+    genome = [0] * len(tables)
+    total = table.fixed
+    for position, b in enumerate(order):
+        after = total + tables[b]
+        feasible = np.flatnonzero((after + rest_min[position] <= high) & (after + rest_max[position] >= low))
+        if len(feasible) == 0:
+            return None
+        genome[b] = int(rng.choice(feasible))
+        total += int(tables[b][genome[b]])
+    return tuple(genome)
+
+
+def stratified_population(
+    rng: np.random.Generator, table: MacsTable, low: float, high: float, size: int, tries: int
+) -> list[Genome]:
+    """``size`` distinct legal genomes, the i-th aimed at the i-th of ``size`` equal slices of the band.
+
+    Plain random sampling piles up around the space's mean size; aiming each genome
+    at its own slice spreads the population over the whole legal band.
+    """
+    edges = np.linspace(low, high, size + 1)
+    population: list[Genome] = []
+    seen: set[Genome] = set()
+    for i in range(size):
+        for attempt in range(tries):
+            window = (edges[i], edges[i + 1]) if attempt < tries // 2 else (low, high)
+            genome = random_legal(rng, table, *window)
+            if genome is not None and genome not in seen:
+                population.append(genome)
+                seen.add(genome)
+                break
+    return population
+
+
+def mutate(rng: np.random.Generator, genome: Genome, choices: Sequence[int], probability: float) -> Genome:
+    """Each block resampled uniformly from its choices with ``probability``."""
+    return tuple(
+        int(rng.integers(n)) if rng.random() < probability else gene for gene, n in zip(genome, choices, strict=True)
+    )
+
+
+def crossover(rng: np.random.Generator, first: Genome, second: Genome) -> Genome:
+    """Each block taken from either parent with equal probability."""
+    return tuple(a if rng.random() < 0.5 else b for a, b in zip(first, second, strict=True))
+
+
+def evolve(
+    table: MacsTable,
+    fitness: Callable[[Genome], Score],
+    low: float,
+    high: float,
+    settings: EvolutionSettings,
+    rng: np.random.Generator,
+    on_generation: Callable[[dict], None] | None = None,
+) -> SearchResult[Score]:
+    """Search the genome with the highest ``fitness`` among those with MACs in ``[low, high]``.
+
+    Raises ``ValueError`` when no genome of the space is legal.
+    """
+    if table.smallest > high or table.largest < low:
+        raise ValueError(
+            f"no subnet lies in the MACs band [{low:.0f}, {high:.0f}]; "
+            f"the space spans [{table.smallest}, {table.largest}]"
+        )
+    choices = [len(t) for t in table.block_macs]
+    cache: dict[Genome, Score] = {}
+
+    def legal(genome: Genome) -> bool:
+        return low <= table.macs(genome) <= high
+
+    def new_genomes(count: int, make: Callable[[], Genome]) -> list[Genome]:
+        made: list[Genome] = []
+        for _ in range(count):
+            for _ in range(settings.tries):
+                genome = make()
+                if genome not in cache and genome not in made and legal(genome):
+                    made.append(genome)
+                    break
+        return made
+
+    candidates = stratified_population(rng, table, low, high, settings.population, settings.tries)
+    if not candidates:
+        raise ValueError(f"found no legal subnet in the MACs band [{low:.0f}, {high:.0f}]")
+    top: list[Genome] = []
+    history: list[dict] = []
+    for generation in range(1, settings.generations + 1):
+        for genome in candidates:
+            if genome not in cache:
+                cache[genome] = fitness(genome)
+        top = sorted(set(top) | set(candidates), key=lambda g: cache[g], reverse=True)[: settings.top_k]
+        history.append(
+            {"generation": generation, "evaluations": len(cache), "best_macs": table.macs(top[0])}
+            | {"best": cache[top[0]], "top_k": [cache[g] for g in top]}
+        )
+        if on_generation is not None:
+            on_generation(history[-1])
+        if generation == settings.generations:
+            break
+        mutated = new_genomes(
+            settings.mutations, lambda: mutate(rng, top[rng.integers(len(top))], choices, settings.mutation_prob)
+        )
+        crossed = (
+            new_genomes(
+                settings.crossovers,
+                lambda: crossover(rng, *(top[i] for i in rng.choice(len(top), 2, replace=False))),
+            )
+            if len(top) > 1
+            else []
+        )
+        candidates = mutated + crossed
+        fill = settings.population - len(candidates)
+        candidates += new_genomes(fill, lambda: random_legal(rng, table, low, high) or top[0])
+    best = top[0]
+    return SearchResult(best, cache[best], table.macs(best), len(cache), history)

@@ -1,0 +1,117 @@
+"""Evolutionary search: legality, determinism, and closeness to a known optimum."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from flora_steps.core.evolution import (
+    EvolutionSettings,
+    MacsTable,
+    crossover,
+    evolve,
+    mutate,
+    random_legal,
+    stratified_population,
+)
+from flora_steps.core.macs import CostModel, LinearCost
+from flora_steps.core.space import BlockSpace, SearchSpace, full_space
+
+
+def synthetic_table(seed: int = 0, blocks: int = 5, choices: int = 8) -> tuple[MacsTable, list[np.ndarray]]:
+    """Per-block MACs and per-block values where bigger choices are worth more, with noise."""
+    rng = np.random.default_rng(seed)
+    macs = [np.sort(rng.integers(10, 100, choices)) for _ in range(blocks)]
+    values = [np.sqrt(m) + rng.normal(0, 0.8, choices) for m in macs]
+    return MacsTable(50, tuple(macs)), values
+
+
+def best_by_brute_force(table: MacsTable, values: list[np.ndarray], low: float, high: float) -> float:
+    best = -np.inf
+    for genome in itertools.product(*(range(len(m)) for m in table.block_macs)):
+        if low <= table.macs(genome) <= high:
+            best = max(best, sum(v[i] for v, i in zip(values, genome, strict=True)))
+    return best
+
+
+def test_macs_table_matches_the_cost_model() -> None:
+    layers = {f"blocks.{b}.{n}": LinearCost(64, 256, 17) for b in range(3) for n in ("mlp.fc1", "mlp.fc2")}
+    costs = CostModel(layers | {"head": LinearCost(64, 10, 1)}, other_macs=1000, other_params=0)
+    space = full_space({name: (64, 256) for name in layers}, [0.25, 0.5, 1.0])
+    table = MacsTable.from_space(space, costs)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        genome = tuple(int(rng.integers(len(b.choices))) for b in space.blocks)
+        ranks = space.ranks([b.choices[i] for b, i in zip(space.blocks, genome, strict=True)])
+        assert table.macs(genome) == costs.macs(ranks)
+    assert table.largest == costs.dense_macs
+
+
+def test_random_legal_and_stratified_population_stay_in_the_band() -> None:
+    table, _ = synthetic_table()
+    low, high = 280, 300
+    rng = np.random.default_rng(1)
+    population = stratified_population(rng, table, low, high, size=30, tries=50)
+    assert len(population) == len(set(population)) == 30
+    sizes = [table.macs(g) for g in population]
+    assert all(low <= s <= high for s in sizes)
+    assert max(sizes) - min(sizes) >= 15  # spread over the band, not piled up in one spot
+    assert random_legal(rng, table, 10_000, 20_000) is None
+
+
+def test_mutation_and_crossover_only_mix_existing_choices() -> None:
+    rng = np.random.default_rng(0)
+    child = mutate(rng, (0, 1, 2, 3), [4, 4, 4, 4], probability=1.0)
+    assert all(0 <= gene < 4 for gene in child)
+    assert mutate(rng, (0, 1, 2, 3), [4, 4, 4, 4], probability=0.0) == (0, 1, 2, 3)
+    assert all(gene in pair for gene, pair in zip(crossover(rng, (0, 0, 0), (1, 1, 1)), [(0, 1)] * 3, strict=True))
+
+
+@pytest.mark.parametrize("band", [(250, 270), (300, 330), (360, 380)])
+def test_search_gets_close_to_the_known_optimum_and_stays_legal(band: tuple[int, int]) -> None:
+    table, values = synthetic_table()
+    low, high = band
+    seen = []
+
+    def fitness(genome: tuple[int, ...]) -> float:
+        assert low <= table.macs(genome) <= high, "only legal genomes are evaluated"
+        seen.append(genome)
+        return float(sum(v[i] for v, i in zip(values, genome, strict=True)))
+
+    result = evolve(table, fitness, low, high, EvolutionSettings(), np.random.default_rng(0))
+    optimum = best_by_brute_force(table, values, low, high)
+    assert low <= result.macs <= high
+    assert result.score >= optimum - 0.02 * abs(optimum)
+    assert len(seen) == len(set(seen)) == result.evaluations  # the cache evaluates every genome once
+    assert [row["generation"] for row in result.history] == list(range(1, 21))
+    assert all(a["best"] <= b["best"] for a, b in itertools.pairwise(result.history))
+
+
+def test_search_is_deterministic_per_seed() -> None:
+    table, values = synthetic_table(seed=3)
+
+    def fitness(genome: tuple[int, ...]) -> float:
+        return float(sum(v[i] for v, i in zip(values, genome, strict=True)))
+
+    settings = EvolutionSettings(population=20, generations=5)
+    first = evolve(table, fitness, 280, 300, settings, np.random.default_rng(7))
+    second = evolve(table, fitness, 280, 300, settings, np.random.default_rng(7))
+    assert first.best == second.best and first.history == second.history
+
+
+def test_search_refuses_a_band_outside_the_space() -> None:
+    table, values = synthetic_table()
+    with pytest.raises(ValueError, match="no subnet lies in the MACs band"):
+        evolve(table, lambda g: 0.0, 1, 10, EvolutionSettings(), np.random.default_rng(0))
+
+
+def test_search_stays_inside_a_filtered_space() -> None:
+    block = BlockSpace("blocks.0", ("a", "b"), (8, 8), ((2, 2), (4, 8), (8, 8)))
+    space = SearchSpace((block, BlockSpace("blocks.1", ("c", "d"), (8, 8), ((2, 4), (8, 8)))))
+    costs = CostModel({name: LinearCost(8, 8, 1) for name in "abcd"}, other_macs=0, other_params=0)
+    table = MacsTable.from_space(space, costs)
+    result = evolve(table, lambda g: -table.macs(g), 0, costs.dense_macs, EvolutionSettings(), np.random.default_rng(0))
+    choices = [b.choices[i] for b, i in zip(space.blocks, result.best, strict=True)]
+    assert space.contains(choices) and choices == [(2, 2), (2, 4)]

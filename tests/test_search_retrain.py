@@ -1,0 +1,166 @@
+"""The search and retrain stages on the smoke profile, loading a compressed model, ONNX export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import write_params
+
+from flora_steps.artifacts import load_model, read_space
+from flora_steps.cli import main
+from flora_steps.core import count_macs, trace_costs
+from flora_steps.core.macs import CostModel, LinearCost
+from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, uniform_ranks
+from flora_steps.export import export_onnx, onnx_max_difference
+from flora_steps.models import input_shape
+
+DENSE_MACS = 3_495_040
+
+
+@pytest.fixture(scope="module")
+def searched(smoke_results: Path, tmp_path_factory) -> Path:
+    """A project folder after supernet, search 0.5 and retrain (flora and uniform) 0.5 on the smoke profile."""
+    directory = tmp_path_factory.mktemp("searched")
+    (directory / "results").mkdir()
+    for stage in ("pretrain", "decompose", "filter"):
+        (directory / "results" / stage).symlink_to(smoke_results / stage)
+    params = yaml.safe_load((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
+    params_file = str(write_params(directory / "params.yaml", params))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        for command in (
+            ["supernet"],
+            ["search", "--budget", "0.5"],
+            ["retrain", "--method", "flora", "--budget", "0.5"],
+            ["retrain", "--method", "uniform", "--budget", "0.5"],
+        ):
+            assert main([*command, "--params", params_file]) == 0, command
+    return directory
+
+
+def test_search_returns_a_legal_subnet_of_the_filtered_space(searched: Path) -> None:
+    out = searched / "results/search/0.5"
+    config = json.loads((out / "ranks.json").read_text())
+    assert config["model"] == "vit_digits" and config["ranks"]
+    space = read_space(searched / "results/filter/space.json")
+    subnet = [tuple(config["ranks"].get(layer, full) for layer, full in zip(b.layers, b.full_ranks, strict=True))
+              for b in space.blocks]
+    assert space.contains(subnet)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (0.5 - 0.02) * DENSE_MACS <= metrics["macs"] <= 0.5 * DENSE_MACS
+    model, _ = load_model(searched / "results/supernet/model")
+    assert trace_costs(model, (1, 8, 8)).macs(config["ranks"]) == metrics["macs"]
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["generation"]) == [1, 2, 3]
+    assert history["best_top1"].is_monotonic_increasing
+    assert metrics["evaluations"] == history["evaluations"].iloc[-1] > 10
+
+
+def test_search_gives_the_same_result_for_the_same_seed(searched: Path, monkeypatch) -> None:
+    first = (searched / "results/search/0.5/ranks.json").read_text()
+    shutil.rmtree(searched / "results/search/0.5")
+    monkeypatch.chdir(searched)
+    assert main(["search", "--budget", "0.5", "--params", "params.yaml"]) == 0
+    assert (searched / "results/search/0.5/ranks.json").read_text() == first
+
+
+def test_search_with_a_budget_not_in_params_is_one_clear_line(searched: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(searched)
+    assert main(["search", "--budget", "0.42", "--params", "params.yaml"]) == 2
+    assert "--budget 0.42: not one of budgets.search [0.5]" in capsys.readouterr().err
+
+
+def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_path: Path, monkeypatch, capsys):
+    params = yaml.safe_load((searched / "params.yaml").read_text())
+    params["budgets"] = {"search": [0.1], "uniform": [0.1]}
+    (tmp_path / "results").mkdir()
+    for stage in ("pretrain", "filter", "supernet"):
+        (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--budget", "0.1", "--params", str(write_params(tmp_path / "p.yaml", params))]) == 2
+    assert "budgets.search: 0.1 is below the smallest subnet of the filtered space" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["flora", "uniform"])
+def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched: Path, method: str) -> None:
+    out = searched / "results/retrain" / method / "0.5"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"top1", "top5", "val_top1", "macs", "params", "latency_ms_cpu", "dense_latency_ms_cpu"} <= set(metrics)
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    assert metrics["macs"] <= 0.5 * DENSE_MACS
+    model, spec = load_model(out / "model")
+    assert spec.factorized and not spec.lowrank
+    assert not any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    assert count_macs(model, (1, 8, 8)) == metrics["macs"]
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]
+    ranks = json.loads((out / "ranks.json").read_text())["ranks"]
+    assert {name: rank for name, rank in ranks.items()} == spec.factorized
+    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
+
+
+def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) -> None:
+    flora = json.loads((searched / "results/retrain/flora/0.5/ranks.json").read_text())
+    searched_ranks = json.loads((searched / "results/search/0.5/ranks.json").read_text())
+    assert flora == searched_ranks
+    uniform = json.loads((searched / "results/retrain/uniform/0.5/metrics.json").read_text())
+    assert 0 < uniform["rank_ratio"] < 1
+
+
+def test_compressed_model_loads_with_torch_and_timm_only(searched: Path) -> None:
+    """The few lines the README shows for loading a compressed model without flora."""
+    import timm
+    from safetensors.torch import load_file
+
+    stem = searched / "results/retrain/flora/0.5/model"
+    spec = json.loads(stem.with_suffix(".json").read_text())
+    model = timm.create_model(spec["model"], **spec["model_kwargs"])
+    for name, rank in spec["factorized"].items():
+        dense = model.get_submodule(name)
+        pair = torch.nn.Sequential(
+            torch.nn.Linear(dense.in_features, rank, bias=False),
+            torch.nn.Linear(rank, dense.out_features, bias=dense.bias is not None),
+        )
+        model.set_submodule(name, pair)
+    model.load_state_dict(load_file(stem.with_suffix(".safetensors")))
+
+    reference, _ = load_model(stem)
+    images = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), reference.eval()(images))
+
+
+def test_onnx_export_matches_pytorch(searched: Path, tmp_path: Path) -> None:
+    model, _ = load_model(searched / "results/retrain/flora/0.5/model")
+    export_onnx(model, input_shape(model), tmp_path / "model.onnx")
+    assert onnx_max_difference(model, input_shape(model), tmp_path / "model.onnx", batch=7) < 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary files left behind
+
+
+def test_flora_export_command(searched: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(searched / "results/retrain/uniform/0.5/model"), str(tmp_path / "u.onnx")]) == 0
+    assert "ONNX Runtime matches PyTorch" in capsys.readouterr().out
+    assert main(["export", str(searched / "results/retrain/uniform/0.5/model"), str(tmp_path / "u.txt")]) == 2
+
+
+def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allows() -> None:
+    layers = {f"blocks.{b}.{n}": LinearCost(i, o, 197) for b in range(3)
+              for n, (i, o) in {"attn.qkv": (96, 288), "mlp.fc1": (96, 384), "mlp.fc2": (384, 96)}.items()}
+    costs = CostModel(layers, other_macs=5_000_000, other_params=0)
+    names = list(layers)
+    ratios = candidate_ratios(costs, names)
+    for budget in np.linspace(0.3, 0.95, 14):
+        ratio, ranks = fit_uniform_ratio(costs, names, budget * costs.dense_macs)
+        assert costs.macs(ranks) <= budget * costs.dense_macs
+        larger = [r for r in ratios if r > ratio]
+        if larger:  # the next ratio of the grid would overshoot the budget
+            assert costs.macs(uniform_ranks(costs, names, larger[0])) > budget * costs.dense_macs
+        assert len(set(ranks.values())) <= 1  # one rank for all (equal full ranks here)
+    with pytest.raises(ValueError, match="below the uniform model at rank 1"):
+        fit_uniform_ratio(costs, names, 0.05 * costs.dense_macs)
