@@ -164,3 +164,36 @@ def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allow
         assert len(set(ranks.values())) <= 1  # one rank for all (equal full ranks here)
     with pytest.raises(ValueError, match="below the uniform model at rank 1"):
         fit_uniform_ratio(costs, names, 0.05 * costs.dense_macs)
+
+
+def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Path, tmp_path: Path, monkeypatch):
+    import flora_steps.retrain
+
+    params = yaml.safe_load((searched / "params.yaml").read_text())
+    params["retrain"]["epochs"] = 2
+    (tmp_path / "results").mkdir()
+    for stage in ("pretrain", "decompose"):
+        (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
+    params_file = str(write_params(tmp_path / "p.yaml", params))
+    monkeypatch.chdir(tmp_path)
+    command = ["retrain", "--method", "uniform", "--budget", "0.8", "--params", params_file]
+    assert main(command) == 0
+    out = tmp_path / "results/retrain/uniform/0.8"
+    uninterrupted = (out / "model.safetensors").read_bytes()
+    shutil.rmtree(out)
+
+    real_save = flora_steps.retrain.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(flora_steps.retrain, "save_checkpoint", save_then_die)
+    assert main(command) == 130
+    assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
+    monkeypatch.setattr(flora_steps.retrain, "save_checkpoint", real_save)
+    assert main(command) == 0
+    assert "resuming from" in (out / "log.txt").read_text()
+    assert (out / "model.safetensors").read_bytes() == uninterrupted
+    assert not (out / "checkpoint.pt").exists()

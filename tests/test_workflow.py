@@ -102,7 +102,17 @@ def project(tmp_path_factory) -> Path:
 def test_smoke_profile_through_snakemake(project: Path) -> None:
     config = ["--config", "params=configs/smoke.yaml"]
     snakemake("--cores", "2", *config, cwd=project)
-    for path in ("pretrain/model.safetensors", "pretrain/benchmark.tsv", "decompose/spectra.png", "decompose/log.txt"):
+    for path in (
+        "pretrain/model.safetensors",
+        "pretrain/benchmark.tsv",
+        "decompose/spectra.png",
+        "decompose/log.txt",
+        "search/0.5/ranks.json",
+        "search/0.5/benchmark.tsv",
+        "retrain/flora/0.5/model.safetensors",
+        "retrain/uniform/0.5/metrics.json",
+        "retrain/uniform/0.8/log.txt",
+    ):
         assert (project / "results" / path).is_file(), path
     dry = snakemake("-n", "--cores", "2", *config, cwd=project)
     assert "Nothing to be done" in dry.stdout + dry.stderr
@@ -154,6 +164,8 @@ def dvc_project(tmp_path_factory) -> Path:
 def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     dvc("repro", cwd=dvc_project)
     assert (dvc_project / "results/decompose/model.safetensors").is_file()
+    assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
+    assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()
     assert "up to date" in dvc("status", cwd=dvc_project).stdout
     again = dvc("repro", cwd=dvc_project)
     assert "didn't change, skipping" in again.stdout
