@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test env dvc clean
+.PHONY: run test env dvc docs clean
 
 run: $(STAMP)  ## run the default pipeline with Snakemake
 	snakemake --cores $(CORES)
@@ -18,6 +18,10 @@ test: $(STAMP)  ## run the test suite
 
 dvc: $(STAMP)  ## run the default pipeline with DVC instead
 	dvc repro
+
+docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/
+	snakemake --cores $(CORES)
+	cp results/report/tradeoff.png results/report/results.md results/report/extra_reduction.md results/report/summary.json docs/
 
 env: $(STAMP)  ## only create the environment
 

@@ -42,6 +42,7 @@ rule all:
         expand("results/search/{budget}/metrics.json", budget=BUDGETS["search"]),
         expand("results/retrain/flora/{budget}/metrics.json", budget=BUDGETS["search"]),
         expand("results/retrain/uniform/{budget}/metrics.json", budget=BUDGETS["uniform"]),
+        "results/report/summary.json",
 
 
 rule pretrain:
@@ -58,7 +59,7 @@ rule pretrain:
         "results/pretrain/benchmark.tsv"
     params:
         tracked=tracked("seed", "model", "data", "pretrain"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=4000,
         runtime=60,
@@ -86,7 +87,7 @@ rule decompose:
         "results/decompose/benchmark.tsv"
     params:
         tracked=tracked("seed", "decompose"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=4000,
         runtime=30,
@@ -112,7 +113,7 @@ rule filter:
         "results/filter/benchmark.tsv"
     params:
         tracked=tracked("seed", "data", "filter"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=120,
@@ -141,7 +142,7 @@ rule supernet:
         "results/supernet/benchmark.tsv"
     params:
         tracked=tracked("seed", "data", "supernet"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=720,
@@ -169,7 +170,7 @@ rule search:
         "results/search/{budget}/benchmark.tsv"
     params:
         tracked=tracked("seed", "data", "search"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=240,
@@ -205,7 +206,7 @@ rule retrain_flora:
         "results/retrain/flora/{budget}/benchmark.tsv"
     params:
         tracked=tracked("seed", "data", "retrain"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=720,
@@ -240,7 +241,7 @@ rule retrain_uniform:
         "results/retrain/uniform/{budget}/benchmark.tsv"
     params:
         tracked=tracked("seed", "data", "retrain"),
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=8000,
         runtime=720,
@@ -248,3 +249,58 @@ rule retrain_uniform:
         "environment.yml"
     shell:
         "python -m flora_steps.retrain --params {PARAMS_FILE} --method uniform --budget {wildcards.budget}"
+
+
+rule report:
+    input:
+        code=["flora_steps/report.py", "flora_steps/tables.py", "flora_steps/figures.py", "flora_steps/tradeoff.py"],
+        base="results/pretrain/metrics.json",
+        spectra="results/decompose/spectra.csv",
+        layers="results/decompose/layers.csv",
+        decompose="results/decompose/metrics.json",
+        spec="results/decompose/model.json",
+        sensitivity="results/filter/sensitivity.csv",
+        space="results/filter/space.json",
+        filter="results/filter/metrics.json",
+        supernet="results/supernet/metrics.json",
+        search=expand(
+            "results/search/{budget}/{name}", budget=BUDGETS["search"], name=["metrics.json", "history.csv", "ranks.json"]
+        ),
+        flora=expand("results/retrain/flora/{budget}/metrics.json", budget=BUDGETS["search"]),
+        uniform=expand("results/retrain/uniform/{budget}/metrics.json", budget=BUDGETS["uniform"]),
+    output:
+        results=report("results/report/results.csv", category="Tables"),
+        extra_reduction=report("results/report/extra_reduction.csv", category="Tables"),
+        ranks=report("results/report/ranks.csv", category="Tables"),
+        costs=report("results/report/costs.csv", category="Tables"),
+        text_tables=[
+            "results/report/results.md",
+            "results/report/results.tex",
+            "results/report/extra_reduction.md",
+            "results/report/extra_reduction.tex",
+            "results/report/ranks.md",
+            "results/report/ranks.tex",
+            "results/report/costs.md",
+            "results/report/costs.tex",
+        ],
+        tradeoff=report("results/report/tradeoff.png", category="Headline", caption="report/tradeoff.rst"),
+        spectra=report("results/report/spectra.png", category="Decompose", caption="report/spectra.rst"),
+        sensitivity=report("results/report/sensitivity.png", category="Filter", caption="report/sensitivity.rst"),
+        search=report("results/report/search.png", category="Search", caption="report/search.rst"),
+        ranks_figure=report("results/report/ranks.png", category="Search", caption="report/ranks.rst"),
+        sampling=report("results/report/sampling.png", category="Supernet", caption="report/sampling.rst"),
+        summary="results/report/summary.json",
+    log:
+        "results/report/log.txt",
+    benchmark:
+        "results/report/benchmark.tsv"
+    params:
+        tracked=tracked("seed", "budgets", "decompose"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "environment.yml"
+    shell:
+        "python -m flora_steps.report --params {PARAMS_FILE}"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, decompose, export, flops, pretrain, retrain, search, supernet
+from . import __version__, decompose, export, flops, pretrain, report, retrain, search, supernet
 from . import filter as filter_stage
 from .errors import UserError
 from .params import load_params
@@ -20,6 +20,7 @@ STAGES = {
     "supernet": supernet,
     "search": search,
     "retrain": retrain,
+    "report": report,
 }
 
 

@@ -15,16 +15,16 @@ components is the optimal rank-`r` approximation. Writes `results/decompose/`:
 from __future__ import annotations
 
 import copy
+import time
 from fnmatch import fnmatchcase
 
-import matplotlib
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from .artifacts import load_model, save_figure, save_model, write_csv, write_json
 from .core import CostModel, factorize, find_linear_layers, trace_costs
 from .errors import UserError
+from .figures import plot_spectra
 from .models import input_shape
 from .params import Params
 from .progress import progress
@@ -56,34 +56,6 @@ def layers_table(costs: CostModel, names: list[str]) -> pd.DataFrame:
     )
 
 
-def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
-    """Normalised spectra (σ_i / σ_1 against i / full rank), one panel per target pattern."""
-    figure = Figure(figsize=(4 * len(patterns), 3.4), layout="tight")
-    axes = figure.subplots(1, len(patterns), squeeze=False, sharey=True)
-    layer_order = list(dict.fromkeys(table["layer"]))
-    colours = matplotlib.colormaps["viridis"]
-    for axis, pattern in zip(axes[0], patterns, strict=True):
-        layers = [name for name in layer_order if fnmatchcase(name, pattern)]
-        for depth, name in enumerate(layers):
-            rows = table[table["layer"] == name]
-            axis.plot(
-                rows["index"] / len(rows),
-                rows["relative"],
-                color=colours(depth / max(len(layers) - 1, 1)),
-                linewidth=1,
-                label=name if depth in (0, len(layers) - 1) else None,
-            )
-        axis.set_title(pattern)
-        axis.set_yscale("log")
-        axis.set_xlabel("component / full rank")
-        axis.grid(alpha=0.3)
-        if layers:
-            axis.legend(fontsize=6, title="first / last", title_fontsize=6)
-    axes[0][0].set_ylabel("σᵢ / σ₁")
-    figure.suptitle("Singular-value spectra of the target layers")
-    return figure
-
-
 @torch.no_grad()
 def max_logit_error(dense: torch.nn.Module, factorised: torch.nn.Module, seed: int, images: int = 8) -> float:
     """Largest absolute logit difference between two models on random inputs."""
@@ -95,6 +67,7 @@ def max_logit_error(dense: torch.nn.Module, factorised: torch.nn.Module, seed: i
 
 def run(params: Params) -> None:
     out = stage_dir(STAGE)
+    started = time.perf_counter()
     dense, spec = load_model(RESULTS / "pretrain" / "model")
     patterns = params.decompose.targets
     names = find_linear_layers(dense, patterns)
@@ -119,7 +92,8 @@ def run(params: Params) -> None:
     save_figure(out / "spectra.png", plot_spectra(table, patterns))
     write_json(
         out / "metrics.json",
-        {"layers": len(names), "max_abs_logit_error": error, "macs": costs.dense_macs, "params": costs.dense_params},
+        {"layers": len(names), "max_abs_logit_error": error, "macs": costs.dense_macs, "params": costs.dense_params}
+        | {"seconds": round(time.perf_counter() - started, 2)},
     )
 
 

@@ -18,19 +18,19 @@ Writes `results/filter/`:
 from __future__ import annotations
 
 import math
+import time
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 from .artifacts import load_model, save_figure, write_csv, write_json, write_text
 from .core import lowrank_layers, set_ranks, trace_costs
 from .core.filtering import efficiency, keep_efficient
 from .core.space import BlockSpace, SearchSpace, full_space
 from .data import build_splits, fixed_subset, make_loader
+from .figures import plot_sensitivity, single_layer_kl
 from .models import data_config, input_shape
 from .params import Params
 from .progress import progress
@@ -65,40 +65,9 @@ def score_block(
     return scores
 
 
-def layer_role(block: BlockSpace, layer: str) -> str:
-    """A layer's path inside its block, e.g. ``attn.qkv``."""
-    return layer[len(block.name) + 1 :]
-
-
-def single_layer_kl(table: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
-    """KL of the tuples that factorise exactly one layer (the rest of the block dense)."""
-    records = []
-    for block in space.blocks:
-        roles = [layer_role(block, layer) for layer in block.layers]
-        for _, row in table[table["block"] == block.name].iterrows():
-            reduced = [i for i, role in enumerate(roles) if row[role] < block.full_ranks[i]]
-            if len(reduced) == 1:
-                i = reduced[0]
-                records.append((block.layers[i], round(row[roles[i]] / block.full_ranks[i], 4), row["kl"]))
-    return pd.DataFrame(records, columns=["layer", "ratio", "kl"])
-
-
-def plot_sensitivity(single: pd.DataFrame) -> Figure:
-    """Heatmap of log10 KL with one layer factorised: layers (rows) by rank ratio (columns)."""
-    grid = single.pivot(index="layer", columns="ratio", values="kl").reindex(list(dict.fromkeys(single["layer"])))
-    figure = Figure(figsize=(1.5 + 0.8 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), layout="tight")
-    axis = figure.subplots()
-    image = axis.imshow(np.log10(grid.clip(lower=1e-8).to_numpy()), aspect="auto", cmap=matplotlib.colormaps["magma_r"])
-    axis.set_xticks(range(grid.shape[1]), [f"{r:.3g}" for r in grid.columns])
-    axis.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
-    axis.set_xlabel("rank / full rank")
-    axis.set_title("Sensitivity: one layer factorised, KL to dense logits")
-    figure.colorbar(image, ax=axis, label="log10 KL")
-    return figure
-
-
 def run(params: Params) -> None:
     out = stage_dir(STAGE)
+    started = time.perf_counter()
     cfg = params.filter
     device = resolve_device(params.compute)
     seed_everything(params.seed)
@@ -134,7 +103,7 @@ def run(params: Params) -> None:
         for choice, (top1, kl), m, s, score, k in zip(
             block.choices, scores, macs, saved, efficiency(damage, saved), kept, strict=True
         ):
-            ranks = {layer_role(block, layer): rank for layer, rank in zip(block.layers, choice, strict=True)}
+            ranks = {block.role(layer): rank for layer, rank in zip(block.layers, choice, strict=True)}
             rows.append(
                 {"block": block.name, **ranks, "macs": int(m), "saved_macs": int(s), "top1": top1, "kl": kl}
                 | {"score": score, "kept": bool(k)}
@@ -153,6 +122,7 @@ def run(params: Params) -> None:
             "kept": int(table["kept"].sum()),
             "space_size_log10": round(sum(math.log10(len(b.choices)) for b in filtered.blocks), 3),
             "full_space_size_log10": round(sum(math.log10(len(b.choices)) for b in space.blocks), 3),
+            "seconds": round(time.perf_counter() - started, 2),
         },
     )
 

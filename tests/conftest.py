@@ -41,6 +41,28 @@ def smoke_results(tmp_path_factory) -> Path:
     return directory / "results"
 
 
+@pytest.fixture(scope="session")
+def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
+    """A project folder with params.yaml = smoke profile, after every stage up to retrain (run once)."""
+    from flora_steps.cli import main
+
+    directory = tmp_path_factory.mktemp("pipeline")
+    (directory / "results").mkdir()
+    for stage in ("pretrain", "decompose", "filter"):
+        (directory / "results" / stage).symlink_to(smoke_results / stage)
+    params = yaml.safe_load(SMOKE.read_text())
+    params_file = str(write_params(directory / "params.yaml", params))
+    commands = [["supernet"]]
+    commands += [["search", "--budget", str(b)] for b in params["budgets"]["search"]]
+    commands += [["retrain", "--method", "flora", "--budget", str(b)] for b in params["budgets"]["search"]]
+    commands += [["retrain", "--method", "uniform", "--budget", str(b)] for b in params["budgets"]["uniform"]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        for command in commands:
+            assert main([*command, "--params", params_file]) == 0, command
+    return directory
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -25,24 +25,8 @@ DENSE_MACS = 3_495_040
 
 
 @pytest.fixture(scope="module")
-def searched(smoke_results: Path, tmp_path_factory) -> Path:
-    """A project folder after supernet, search 0.5 and retrain (flora and uniform) 0.5 on the smoke profile."""
-    directory = tmp_path_factory.mktemp("searched")
-    (directory / "results").mkdir()
-    for stage in ("pretrain", "decompose", "filter"):
-        (directory / "results" / stage).symlink_to(smoke_results / stage)
-    params = yaml.safe_load((Path(__file__).parents[1] / "configs/smoke.yaml").read_text())
-    params_file = str(write_params(directory / "params.yaml", params))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        for command in (
-            ["supernet"],
-            ["search", "--budget", "0.5"],
-            ["retrain", "--method", "flora", "--budget", "0.5"],
-            ["retrain", "--method", "uniform", "--budget", "0.5"],
-        ):
-            assert main([*command, "--params", params_file]) == 0, command
-    return directory
+def searched(smoke_pipeline: Path) -> Path:
+    return smoke_pipeline
 
 
 def test_search_returns_a_legal_subnet_of_the_filtered_space(searched: Path) -> None:

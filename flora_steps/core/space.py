@@ -55,6 +55,10 @@ class BlockSpace:
         """Layer -> rank of one of this block's choices (full rank included)."""
         return dict(zip(self.layers, choice, strict=True))
 
+    def role(self, layer: str) -> str:
+        """A layer's path inside this block, e.g. ``attn.qkv`` for ``blocks.3.attn.qkv``."""
+        return layer[len(self.name) + 1 :]
+
     def ratios(self, choice: Choice) -> np.ndarray:
         """Each layer's rank as a fraction of its full rank."""
         return np.asarray(choice, dtype=float) / np.asarray(self.full_ranks, dtype=float)

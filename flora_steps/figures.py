@@ -1,0 +1,162 @@
+"""Figures of the pipeline and the report: each function takes plain tables and returns a matplotlib Figure.
+
+Saving (deterministic, no timestamps) is `flora_steps.artifacts.save_figure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .core.space import SearchSpace
+
+METHOD_STYLE = {
+    "dense": {"color": "black", "marker": "D"},
+    "uniform": {"color": "tab:blue", "marker": "o"},
+    "flora": {"color": "tab:red", "marker": "*", "markersize": 12},
+}
+
+
+def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
+    """Normalised spectra (σ_i / σ_1 against i / full rank), one panel per target pattern."""
+    figure = Figure(figsize=(4 * len(patterns), 3.4), layout="tight")
+    axes = figure.subplots(1, len(patterns), squeeze=False, sharey=True)
+    layer_order = list(dict.fromkeys(table["layer"]))
+    colours = matplotlib.colormaps["viridis"]
+    for axis, pattern in zip(axes[0], patterns, strict=True):
+        layers = [name for name in layer_order if fnmatchcase(name, pattern)]
+        for depth, name in enumerate(layers):
+            rows = table[table["layer"] == name]
+            axis.plot(
+                rows["index"] / len(rows),
+                rows["relative"],
+                color=colours(depth / max(len(layers) - 1, 1)),
+                linewidth=1,
+                label=name if depth in (0, len(layers) - 1) else None,
+            )
+        axis.set_title(pattern)
+        axis.set_yscale("log")
+        axis.set_xlabel("component / full rank")
+        axis.grid(alpha=0.3)
+        if layers:
+            axis.legend(fontsize=6, title="first / last", title_fontsize=6)
+    axes[0][0].set_ylabel("σᵢ / σ₁")
+    figure.suptitle("Singular-value spectra of the target layers")
+    return figure
+
+
+def single_layer_kl(table: pd.DataFrame, space: SearchSpace) -> pd.DataFrame:
+    """KL of the scored tuples that factorise exactly one layer (the rest of the block dense)."""
+    records = []
+    for block in space.blocks:
+        roles = [block.role(layer) for layer in block.layers]
+        for _, row in table[table["block"] == block.name].iterrows():
+            reduced = [i for i, role in enumerate(roles) if row[role] < block.full_ranks[i]]
+            if len(reduced) == 1:
+                i = reduced[0]
+                records.append((block.layers[i], round(row[roles[i]] / block.full_ranks[i], 4), row["kl"]))
+    return pd.DataFrame(records, columns=["layer", "ratio", "kl"])
+
+
+def plot_sensitivity(single: pd.DataFrame) -> Figure:
+    """Heatmap of log10 KL with one layer factorised: layers (rows) by rank ratio (columns)."""
+    grid = single.pivot(index="layer", columns="ratio", values="kl").reindex(list(dict.fromkeys(single["layer"])))
+    figure = Figure(figsize=(1.5 + 0.8 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), layout="tight")
+    axis = figure.subplots()
+    image = axis.imshow(np.log10(grid.clip(lower=1e-8).to_numpy()), aspect="auto", cmap=matplotlib.colormaps["magma_r"])
+    axis.set_xticks(range(grid.shape[1]), [f"{r:.3g}" for r in grid.columns])
+    axis.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+    axis.set_xlabel("rank / full rank")
+    axis.set_title("Sensitivity: one layer factorised, KL to dense logits")
+    figure.colorbar(image, ax=axis, label="log10 KL")
+    return figure
+
+
+def macs_unit(macs: float) -> tuple[float, str]:
+    """Divisor and unit name that make ``macs`` a readable number (GMACs for real models, MMACs for small)."""
+    return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
+
+
+def plot_tradeoff(results: pd.DataFrame, extra: pd.DataFrame) -> Figure:
+    """Top-1 against MACs: the uniform-rank curve, the FLORA points, the dense model.
+
+    ``results`` has columns method, macs, top1; ``extra`` has, per FLORA point, its
+    macs and top1 and the uniform MACs at equal accuracy (``uniform_macs``, may be NaN)
+    and ``extra_reduction``; each is drawn as an arrow from the uniform curve to FLORA.
+    """
+    divisor, unit = macs_unit(results["macs"].max())
+    figure = Figure(figsize=(6, 4.2), layout="tight")
+    axis = figure.subplots()
+    for method in ("uniform", "flora", "dense"):
+        rows = results[results["method"] == method].sort_values("macs")
+        style = METHOD_STYLE[method]
+        axis.plot(rows["macs"] / divisor, 100 * rows["top1"], linestyle="-" if method != "dense" else "none",
+                  label={"flora": "FLORA (searched ranks)", "uniform": "uniform rank", "dense": "dense"}[method],
+                  **style)
+    dense = results[results["method"] == "dense"]
+    if len(dense):
+        axis.axhline(100 * dense["top1"].iloc[0], color="black", linewidth=0.8, linestyle=":")
+    for _, row in extra.dropna(subset=["uniform_macs"]).iterrows():
+        if row["uniform_macs"] > row["macs"]:
+            point = (row["macs"] / divisor, 100 * row["top1"])
+            axis.annotate("", xy=point, xytext=(row["uniform_macs"] / divisor, 100 * row["top1"]),
+                          arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8})
+            axis.annotate(f"−{100 * row['extra_reduction']:.0f}% MACs", xy=point, xytext=(0, -14),
+                          textcoords="offset points", fontsize=7, color="tab:red", ha="center", va="top")
+    axis.set_xlabel(unit)
+    axis.set_ylabel("test top-1 (%)")
+    axis.set_title("Accuracy vs MACs: FLORA vs uniform low rank")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+def plot_search(histories: Mapping[str, pd.DataFrame]) -> Figure:
+    """Best and top-k mean val top-1 per generation, one line pair per budget."""
+    figure = Figure(figsize=(6, 3.8), layout="tight")
+    axis = figure.subplots()
+    colours = matplotlib.colormaps["viridis"]
+    for index, (budget, history) in enumerate(histories.items()):
+        colour = colours(index / max(len(histories) - 1, 1))
+        axis.plot(history["generation"], 100 * history["best_top1"], color=colour, label=f"budget {budget}: best")
+        axis.plot(history["generation"], 100 * history["top_k_mean_top1"], color=colour, linestyle="--",
+                  label=f"budget {budget}: top-k mean")
+    axis.set_xlabel("generation")
+    axis.set_ylabel("val top-1 (%), supernet weights")
+    axis.set_title("Evolutionary search convergence")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return figure
+
+
+def plot_ranks(ranks: pd.DataFrame) -> Figure:
+    """Heatmap of rank / full rank: target layers (rows) by searched subnet (columns)."""
+    figure = Figure(figsize=(2 + 1.1 * ranks.shape[1], 1.2 + 0.28 * ranks.shape[0]), layout="tight")
+    axis = figure.subplots()
+    image = axis.imshow(ranks.to_numpy(dtype=float), aspect="auto", cmap=matplotlib.colormaps["viridis"], vmin=0,
+                        vmax=1)
+    axis.set_xticks(range(ranks.shape[1]), ranks.columns)
+    axis.set_yticks(range(ranks.shape[0]), ranks.index, fontsize=7)
+    axis.set_xlabel("budget (fraction of dense MACs)")
+    axis.set_title("Per-layer ranks of the searched subnets")
+    figure.colorbar(image, ax=axis, label="rank / full rank (1 = dense)")
+    return figure
+
+
+def plot_sampling(macs: Mapping[str, np.ndarray], dense_macs: int) -> Figure:
+    """Histograms of the MACs of sampled subnets, one per sampling rule."""
+    figure = Figure(figsize=(6, 3.6), layout="tight")
+    axis = figure.subplots()
+    bins = np.linspace(0, 1, 41)
+    for rule, values in macs.items():
+        axis.hist(values / dense_macs, bins=bins, alpha=0.55, label=f"{rule} sampling")
+    axis.set_xlabel("subnet MACs / dense MACs")
+    axis.set_ylabel("sampled subnets")
+    axis.set_title("Supernet sampling distribution over the filtered space")
+    axis.legend(fontsize=8)
+    return figure

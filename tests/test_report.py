@@ -1,0 +1,91 @@
+"""The report stage: every table and figure from a smoke results tree, byte-identical reruns, the trade-off maths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flora_steps.cli import main
+from flora_steps.tradeoff import extra_reduction, macs_for_accuracy
+
+TABLES = ["results", "extra_reduction", "ranks", "costs"]
+FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
+
+
+def test_macs_for_accuracy_interpolates_on_the_envelope() -> None:
+    macs, top1 = [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]
+    assert macs_for_accuracy(macs, top1, 0.85) == pytest.approx(40)
+    assert macs_for_accuracy(macs, top1, 0.91) == pytest.approx(60)
+    assert macs_for_accuracy(macs, top1, 0.70) == 30  # the cheapest point already reaches it
+    assert macs_for_accuracy(macs, top1, 0.96) is None
+    # A dip does not count: the envelope is the best top-1 with at most that many MACs.
+    assert macs_for_accuracy([30, 50, 70, 100], [0.80, 0.90, 0.85, 0.95], 0.90) == pytest.approx(50)
+    assert macs_for_accuracy([100, 30], [0.95, 0.80], 0.875) == pytest.approx(65)  # order does not matter
+
+
+def test_extra_reduction_on_a_hand_made_curve() -> None:
+    # Uniform needs 60 MACs for 91% top-1; FLORA gets 91% with 40: one third fewer MACs.
+    assert extra_reduction(40, 0.91, [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]) == pytest.approx(1 / 3)
+    assert extra_reduction(80, 0.85, [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]) == pytest.approx(-1.0)
+    assert extra_reduction(40, 0.99, [30, 100], [0.8, 0.95]) is None
+
+
+@pytest.fixture(scope="module")
+def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("report")
+    (directory / "results").mkdir()
+    for stage in ("pretrain", "decompose", "filter", "supernet", "search", "retrain"):
+        (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
+    shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        assert main(["report", "--params", "params.yaml"]) == 0
+    return directory
+
+
+def test_report_writes_every_table_and_figure(reported: Path) -> None:
+    out = reported / "results/report"
+    for name in TABLES:
+        for suffix in ("csv", "md", "tex"):
+            assert (out / f"{name}.{suffix}").stat().st_size > 0, f"{name}.{suffix}"
+    for name in FIGURES:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    results = pd.read_csv(out / "results.csv")
+    assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
+    assert list(results["method"]) == ["dense", "uniform", "uniform", "flora"]
+    assert list(results["budget"]) == [1.0, 0.5, 0.8, 0.5]
+    assert "\\begin{tabular}" in (out / "results.tex").read_text()
+    assert "| method" in (out / "results.md").read_text()
+    ranks = pd.read_csv(out / "ranks.csv")
+    assert len(ranks) == 12 and list(ranks.columns) == ["layer", "full_rank", "0.5"]
+    costs = pd.read_csv(out / "costs.csv")
+    assert costs["stage"].iloc[-1] == "total"
+    assert costs["seconds"].iloc[-1] == pytest.approx(costs["seconds"].iloc[:-1].sum())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dense"]["macs"] == 3_495_040
+    assert [entry["budget"] for entry in summary["budgets"]] == [0.5]
+    flora = results[results["method"] == "flora"].iloc[0]
+    assert summary["budgets"][0]["flora"] == {"top1": flora["top1"], "macs": flora["macs"]}
+
+
+def test_report_is_byte_identical_when_run_again(reported: Path, monkeypatch) -> None:
+    out = reported / "results/report"
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "log.txt"}
+    monkeypatch.chdir(reported)
+    assert main(["report", "--params", "params.yaml"]) == 0
+    second = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "log.txt"}
+    assert first.keys() == second.keys() and len(first) == 4 * 3 + 6 + 1
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_report_without_retrain_results_is_one_clear_line(smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/pretrain").symlink_to(smoke_pipeline / "results/pretrain")
+    shutil.copy(smoke_pipeline / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--params", "params.yaml"]) == 2
+    assert "results/retrain/uniform/0.5/metrics.json: metrics not found" in capsys.readouterr().err
