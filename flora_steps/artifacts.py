@@ -30,6 +30,8 @@ from .core.space import SearchSpace
 from .errors import UserError
 
 MODEL_FORMAT = "flora-model/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -41,6 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert costs["seconds"].iloc[-1] == pytest.approx(costs["seconds"].iloc[:-1].sum())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dense"]["macs"] == 3_495_040
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file
     assert [entry["budget"] for entry in summary["budgets"]] == [0.5]
     flora = results[results["method"] == "flora"].iloc[0]
     assert summary["budgets"][0]["flora"] == {"top1": flora["top1"], "macs": flora["macs"]}
