@@ -25,8 +25,7 @@ import torch.nn.functional as F
 import flora_steps.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorize, find_linear_layers, set_ranks
 from flora_steps.core.space import SubnetSampler, full_space
-from flora_steps.training import distillation_loss
-from flora_steps.training import build_optimizer
+from flora_steps.training import build_optimizer, distillation_loss
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 

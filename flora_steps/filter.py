@@ -71,7 +71,7 @@ def run(params: Params) -> None:
     cfg = params.filter
     device = resolve_device(params.compute)
     seed_everything(params.seed)
-    model, spec = load_model(RESULTS / "decompose" / "model")
+    model, _ = load_model(RESULTS / "decompose" / "model")
     shape = input_shape(model)
     costs = trace_costs(model, shape)
     layers = lowrank_layers(model)

@@ -25,8 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .artifacts import ModelSpec, read_json, read_rank_config, read_space, save_figure, write_csv, write_json
-from .artifacts import write_text
+from .artifacts import (
+    ModelSpec,
+    read_json,
+    read_rank_config,
+    read_space,
+    save_figure,
+    write_csv,
+    write_json,
+    write_text,
+)
 from .core import trace_costs
 from .core.evolution import MacsTable
 from .core.space import SubnetSampler

@@ -31,8 +31,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .artifacts import ModelSpec, load_model, read_rank_config, save_checkpoint, save_model, write_csv, write_json
-from .artifacts import write_rank_config
+from .artifacts import (
+    ModelSpec,
+    load_model,
+    read_rank_config,
+    save_checkpoint,
+    save_model,
+    write_csv,
+    write_json,
+    write_rank_config,
+)
 from .core import RankConfig, count_macs, lowrank_layers, materialize, trace_costs
 from .core.uniform import fit_uniform_ratio
 from .data import DataSplits, build_splits, make_loader

@@ -18,10 +18,8 @@ on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -102,7 +102,7 @@ def test_search_is_deterministic_per_seed() -> None:
 
 
 def test_search_refuses_a_band_outside_the_space() -> None:
-    table, values = synthetic_table()
+    table, _ = synthetic_table()
     with pytest.raises(ValueError, match="no subnet lies in the MACs band"):
         evolve(table, lambda g: 0.0, 1, 10, EvolutionSettings(), np.random.default_rng(0))
 
