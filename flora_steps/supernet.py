@@ -65,6 +65,9 @@ def extreme_subnets(space: SearchSpace, costs: CostModel) -> dict[str, list[Choi
 def evaluate_subnets(
     model: nn.Module, space: SearchSpace, subnets: dict[str, list[Choice]], loader: DataLoader, params: Params
 ) -> dict[str, float]:
+    """Val top-1 of each named subnet; only the first process evaluates (the others get NaN)."""
+    if os.environ.get("RANK", "0") != "0":
+        return {name: float("nan") for name in subnets}
     device = next(model.parameters()).device
     scores = {}
     for name, subnet in subnets.items():
