@@ -68,13 +68,9 @@ METHODS = ("flora", "uniform")
 HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "val_top1"]
 
 
-def factorized_layers(model: nn.Module) -> dict[str, int]:
-    """Layer -> rank of every factorised pair (``nn.Sequential`` of two ``nn.Linear``) of a materialised model."""
-    return {
-        name: module[0].out_features
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Sequential) and len(module) == 2 and all(isinstance(m, nn.Linear) for m in module)
-    }
+def factorized_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]:
+    """The layers of ``ranks`` that ``materialize`` made a factorised pair (the others became dense)."""
+    return {name: rank for name, rank in ranks.items() if isinstance(model.get_submodule(name), nn.Sequential)}
 
 
 def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
@@ -97,7 +93,7 @@ def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Mod
         model = materialize(source, ranks)
     except (KeyError, ValueError) as error:
         raise UserError(f"rank config for budget {budget}: {error}") from None
-    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorized=factorized_layers(model))
+    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorized=factorized_layers(model, ranks))
     return model, ranks, plain, origin
 
 
