@@ -8,7 +8,8 @@ side by side, as the retrain stage materialises them (factorised layers as two
 ``nn.Linear``):
 - searched-style: a non-uniform rank config, one rank tuple per block drawn by the
   search's own sampler from the full rank grid, with MACs in [budget - 0.02, budget];
-- uniform: one rank ratio for all target layers, the largest that fits the budget.
+- uniform: one rank ratio for all target layers, the largest that fits the budget,
+  with any integer rank and with ranks rounded to multiples of 8 (aligned matmuls).
 Times interleaved forward passes (median of --repeats) and prints the speedup over
 dense against the theoretical MACs ratio (dense MACs / compressed MACs), and the
 share of the theoretical speedup achieved.
@@ -52,10 +53,12 @@ def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, t
         genome = random_legal(rng, table, (budget - BAND) * costs.dense_macs, budget * costs.dense_macs)
     searched = space.ranks(genome_choices(space, genome))
     _, uniform = fit_uniform_ratio(costs, layers, budget * costs.dense_macs)
+    _, aligned = fit_uniform_ratio(costs, layers, budget * costs.dense_macs, multiple=8)
     return {
         "dense": (dense, costs.dense_macs),
         "searched-style": (materialize(factorised, searched), costs.macs(searched)),
         "uniform": (materialize(factorised, uniform), costs.macs(uniform)),
+        "uniform x8": (materialize(factorised, aligned), costs.macs(aligned)),
     }
 
 

@@ -164,6 +164,7 @@ class RetrainParams(Section):
     grad_clip: PositiveFloat | None
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
+    uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
     latency_batch: PositiveInt  # images per forward pass when timing inference
     latency_repeats: PositiveInt  # timed forward passes (the median is reported)
 

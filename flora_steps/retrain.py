@@ -85,7 +85,9 @@ def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Mod
         source, spec = load_model(RESULTS / "decompose" / "model")
         costs = trace_costs(source, input_shape(source))
         try:
-            ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), budget * costs.dense_macs)
+            ratio, ranks = fit_uniform_ratio(
+                costs, list(lowrank_layers(source)), budget * costs.dense_macs, params.retrain.uniform_rank_multiple
+            )
         except ValueError as error:
             raise UserError(f"budgets.uniform: {budget}: {error}") from None
         origin = {"source": "SVD of the base model, uniform rank ratio", "rank_ratio": round(ratio, 6)}

@@ -148,6 +148,14 @@ def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allow
         assert len(set(ranks.values())) <= 1  # one rank for all (equal full ranks here)
     with pytest.raises(ValueError, match="below the uniform model at rank 1"):
         fit_uniform_ratio(costs, names, 0.05 * costs.dense_macs)
+    aligned = candidate_ratios(costs, names, multiple=8)
+    for budget in np.linspace(0.3, 0.95, 14):
+        ratio, ranks = fit_uniform_ratio(costs, names, budget * costs.dense_macs, multiple=8)
+        assert all(rank % 8 == 0 for rank in ranks.values())
+        assert costs.macs(ranks) <= budget * costs.dense_macs
+        larger = [r for r in aligned if r > ratio]
+        if larger:
+            assert costs.macs(uniform_ranks(costs, names, larger[0], multiple=8)) > budget * costs.dense_macs
 
 
 def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Path, tmp_path: Path, monkeypatch):
