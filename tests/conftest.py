@@ -63,6 +63,25 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
     return directory
 
 
+def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch, module) -> list[int]:
+    """Make ``module.save_checkpoint`` save and then raise ``KeyboardInterrupt`` after epoch 1, once.
+
+    As if the job were killed right after its first checkpoint. Returns the epochs
+    saved so far, a list that keeps growing over later runs.
+    """
+    real_save = module.save_checkpoint
+    saves: list[int] = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if saves == [1]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    return saves
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import write_params
+from conftest import kill_after_first_epoch, write_params
 
 from flora_steps.artifacts import load_model, read_space
 from flora_steps.cli import main
@@ -174,18 +174,11 @@ def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Pat
     uninterrupted = (out / "model.safetensors").read_bytes()
     shutil.rmtree(out)
 
-    real_save = flora_steps.retrain.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(flora_steps.retrain, "save_checkpoint", save_then_die)
+    saves = kill_after_first_epoch(monkeypatch, flora_steps.retrain)
     assert main(command) == 130
     assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
-    monkeypatch.setattr(flora_steps.retrain, "save_checkpoint", real_save)
     assert main(command) == 0
+    assert saves == [1, 2]  # the rerun started at epoch 2
     assert "resuming from" in (out / "log.txt").read_text()
     assert (out / "model.safetensors").read_bytes() == uninterrupted
     assert not (out / "checkpoint.pt").exists()

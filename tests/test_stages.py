@@ -9,7 +9,7 @@ import pandas as pd
 import safetensors.torch
 import timm
 import torch
-from conftest import write_params
+from conftest import kill_after_first_epoch, write_params
 
 import flora_steps.pretrain
 from flora_steps.artifacts import load_model
@@ -66,16 +66,7 @@ def test_a_killed_pretrain_resumes_and_matches_an_uninterrupted_run(
     uninterrupted = (workdir / "results/pretrain/model.safetensors").read_bytes()
     history = pd.read_csv(workdir / "results/pretrain/history.csv")
 
-    real_save = flora_steps.pretrain.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["epoch"])
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt  # as if the job were killed right after epoch 1
-
-    monkeypatch.setattr(flora_steps.pretrain, "save_checkpoint", save_then_die)
+    saves = kill_after_first_epoch(monkeypatch, flora_steps.pretrain)
     (workdir / "results").rename(workdir / "first")
     assert run_stage("pretrain", params) == 130
     assert (workdir / "results/pretrain/checkpoint.pt").exists()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, write_params
+from conftest import ROOT, kill_after_first_epoch, write_params
 
 import flora_steps.supernet
 from flora_steps.artifacts import load_model
@@ -74,14 +74,7 @@ def test_a_killed_supernet_resumes_and_matches_an_uninterrupted_run(
     uninterrupted = (workdir / "results/supernet/model.safetensors").read_bytes()
     (workdir / "results/supernet").rename(workdir / "first")
 
-    real_save = flora_steps.supernet.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(flora_steps.supernet, "save_checkpoint", save_then_die)
+    kill_after_first_epoch(monkeypatch, flora_steps.supernet)
     assert main(["supernet", "--params", str(params)]) == 130
     checkpoint = torch.load(workdir / "results/supernet/checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint
