@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, write_params
 
 from flora_steps.cli import main
@@ -139,3 +140,17 @@ def test_check_command(tmp_path: Path) -> None:
     bad.write_text("seed: x\n")
     result = run_cli("check", "--params", str(bad), cwd=tmp_path)
     assert result.returncode == 2 and "seed: input should be a valid integer" in result.stderr
+
+
+def test_readme_documents_every_param() -> None:
+    def leaves(data: dict, prefix: str = "") -> list[str]:
+        keys = []
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            is_section = isinstance(value, dict) and key not in ("kwargs", "train_transform")
+            keys += leaves(value, f"{dotted}.") if is_section else [dotted]
+        return keys
+
+    readme = (ROOT / "README.md").read_text()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert [key for key in leaves(params) if f"`{key}`" not in readme] == []
