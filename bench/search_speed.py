@@ -47,7 +47,11 @@ def evaluations_per_second(table: MacsTable, dense_macs: int, fitness, repeats: 
     for repeat in range(repeats):
         started = time.perf_counter()
         result = evolve(
-            table, fitness, (BUDGET - BAND) * dense_macs, BUDGET * dense_macs, EvolutionSettings(),
+            table,
+            fitness,
+            (BUDGET - BAND) * dense_macs,
+            BUDGET * dense_macs,
+            EvolutionSettings(),
             np.random.default_rng(repeat),
         )
         rates.append(result.evaluations / (time.perf_counter() - started))

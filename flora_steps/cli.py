@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_arguments(stage_parser)
     flops_parser = commands.add_parser("flops", help=flops.__doc__.splitlines()[0], description=flops.__doc__)
     flops.add_arguments(flops_parser)
-    export_parser = commands.add_parser("export", help=export.__doc__.splitlines()[0], description=export.__doc__,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export_parser = commands.add_parser(
+        "export",
+        help=export.__doc__.splitlines()[0],
+        description=export.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     export.add_arguments(export_parser)
     check_parser = commands.add_parser("check", help="validate a params file and exit")
     add_params_argument(check_parser)

@@ -95,19 +95,35 @@ def plot_tradeoff(results: pd.DataFrame, extra: pd.DataFrame) -> Figure:
     for method in ("uniform", "flora", "dense"):
         rows = results[results["method"] == method].sort_values("macs")
         style = METHOD_STYLE[method]
-        axis.plot(rows["macs"] / divisor, 100 * rows["top1"], linestyle="-" if method != "dense" else "none",
-                  label={"flora": "FLORA (searched ranks)", "uniform": "uniform rank", "dense": "dense"}[method],
-                  **style)
+        axis.plot(
+            rows["macs"] / divisor,
+            100 * rows["top1"],
+            linestyle="-" if method != "dense" else "none",
+            label={"flora": "FLORA (searched ranks)", "uniform": "uniform rank", "dense": "dense"}[method],
+            **style,
+        )
     dense = results[results["method"] == "dense"]
     if len(dense):
         axis.axhline(100 * dense["top1"].iloc[0], color="black", linewidth=0.8, linestyle=":")
     for _, row in extra.dropna(subset=["uniform_macs"]).iterrows():
         if row["uniform_macs"] > row["macs"]:
             point = (row["macs"] / divisor, 100 * row["top1"])
-            axis.annotate("", xy=point, xytext=(row["uniform_macs"] / divisor, 100 * row["top1"]),
-                          arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8})
-            axis.annotate(f"−{100 * row['extra_reduction']:.0f}% MACs", xy=point, xytext=(0, -14),
-                          textcoords="offset points", fontsize=7, color="tab:red", ha="center", va="top")
+            axis.annotate(
+                "",
+                xy=point,
+                xytext=(row["uniform_macs"] / divisor, 100 * row["top1"]),
+                arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8},
+            )
+            axis.annotate(
+                f"−{100 * row['extra_reduction']:.0f}% MACs",
+                xy=point,
+                xytext=(0, -14),
+                textcoords="offset points",
+                fontsize=7,
+                color="tab:red",
+                ha="center",
+                va="top",
+            )
     axis.set_xlabel(unit)
     axis.set_ylabel("test top-1 (%)")
     axis.set_title("Accuracy vs MACs: FLORA vs uniform low rank")
@@ -124,8 +140,13 @@ def plot_search(histories: Mapping[str, pd.DataFrame]) -> Figure:
     for index, (budget, history) in enumerate(histories.items()):
         colour = colours(index / max(len(histories) - 1, 1))
         axis.plot(history["generation"], 100 * history["best_top1"], color=colour, label=f"budget {budget}: best")
-        axis.plot(history["generation"], 100 * history["top_k_mean_top1"], color=colour, linestyle="--",
-                  label=f"budget {budget}: top-k mean")
+        axis.plot(
+            history["generation"],
+            100 * history["top_k_mean_top1"],
+            color=colour,
+            linestyle="--",
+            label=f"budget {budget}: top-k mean",
+        )
     axis.set_xlabel("generation")
     axis.set_ylabel("val top-1 (%), supernet weights")
     axis.set_title("Evolutionary search convergence")
@@ -138,8 +159,9 @@ def plot_ranks(ranks: pd.DataFrame) -> Figure:
     """Heatmap of rank / full rank: target layers (rows) by searched subnet (columns)."""
     figure = Figure(figsize=(2 + 1.1 * ranks.shape[1], 1.2 + 0.28 * ranks.shape[0]), layout="tight")
     axis = figure.subplots()
-    image = axis.imshow(ranks.to_numpy(dtype=float), aspect="auto", cmap=matplotlib.colormaps["viridis"], vmin=0,
-                        vmax=1)
+    image = axis.imshow(
+        ranks.to_numpy(dtype=float), aspect="auto", cmap=matplotlib.colormaps["viridis"], vmin=0, vmax=1
+    )
     axis.set_xticks(range(ranks.shape[1]), ranks.columns)
     axis.set_yticks(range(ranks.shape[0]), ranks.index, fontsize=7)
     axis.set_xlabel("budget (fraction of dense MACs)")

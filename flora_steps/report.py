@@ -98,10 +98,14 @@ def run(params: Params) -> None:
     if dense.get("top1") is None:
         raise UserError("results/pretrain/metrics.json: the base model was not evaluated (data.root missing?)")
     methods = {
-        "uniform": {b: read_json(RESULTS / "retrain" / "uniform" / budget_name(b) / "metrics.json", "metrics")
-                    for b in budgets.uniform},
-        "flora": {b: read_json(RESULTS / "retrain" / "flora" / budget_name(b) / "metrics.json", "metrics")
-                  for b in budgets.search},
+        "uniform": {
+            b: read_json(RESULTS / "retrain" / "uniform" / budget_name(b) / "metrics.json", "metrics")
+            for b in budgets.uniform
+        },
+        "flora": {
+            b: read_json(RESULTS / "retrain" / "flora" / budget_name(b) / "metrics.json", "metrics")
+            for b in budgets.search
+        },
     }
     results = results_table(dense, methods)
     extra = extra_reduction_table(results)
@@ -114,24 +118,35 @@ def run(params: Params) -> None:
     ranks = ranks_table(layers, configs)
     write_table("ranks", ranks, ranks)
 
-    seconds = [(stage, read_json(RESULTS / stage / "metrics.json", "metrics")["seconds"])
-               for stage in ("pretrain", "decompose", "filter", "supernet")]
-    seconds += [(f"search {b}", read_json(RESULTS / "search" / budget_name(b) / "metrics.json", "metrics")["seconds"])
-                for b in budgets.search]
-    seconds += [(f"retrain {m} {b}", metrics["seconds"]) for m, by_budget in methods.items()
-                for b, metrics in sorted(by_budget.items())]
+    seconds = [
+        (stage, read_json(RESULTS / stage / "metrics.json", "metrics")["seconds"])
+        for stage in ("pretrain", "decompose", "filter", "supernet")
+    ]
+    seconds += [
+        (f"search {b}", read_json(RESULTS / "search" / budget_name(b) / "metrics.json", "metrics")["seconds"])
+        for b in budgets.search
+    ]
+    seconds += [
+        (f"retrain {m} {b}", metrics["seconds"])
+        for m, by_budget in methods.items()
+        for b, metrics in sorted(by_budget.items())
+    ]
     costs = costs_table(seconds)
     write_table("costs", costs, readable(costs, divisor, unit))
 
     space = read_space(RESULTS / "filter" / "space.json")
     histories = {budget_name(b): read_csv(RESULTS / "search" / budget_name(b) / "history.csv") for b in budgets.search}
-    fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(ranks.set_index("layer")["full_rank"],
-                                                                               axis=0)
+    fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
+        ranks.set_index("layer")["full_rank"], axis=0
+    )
     save_figure(out / "tradeoff.png", plot_tradeoff(results, extra))
-    save_figure(out / "spectra.png", plot_spectra(read_csv(RESULTS / "decompose" / "spectra.csv"),
-                                                  params.decompose.targets))
-    save_figure(out / "sensitivity.png", plot_sensitivity(single_layer_kl(read_csv(RESULTS / "filter" /
-                                                                                   "sensitivity.csv"), space)))
+    save_figure(
+        out / "spectra.png", plot_spectra(read_csv(RESULTS / "decompose" / "spectra.csv"), params.decompose.targets)
+    )
+    save_figure(
+        out / "sensitivity.png",
+        plot_sensitivity(single_layer_kl(read_csv(RESULTS / "filter" / "sensitivity.csv"), space)),
+    )
     save_figure(out / "search.png", plot_search(histories))
     save_figure(out / "ranks.png", plot_ranks(fractions))
     save_figure(out / "sampling.png", plot_sampling(*sampled_macs(params, space)))
@@ -143,8 +158,10 @@ def run(params: Params) -> None:
             {
                 "budget": float(row["budget"]),
                 "flora": {"top1": row["top1"], "macs": int(row["macs"])},
-                "uniform": {"top1": methods["uniform"][row["budget"]]["top1"],
-                            "macs": methods["uniform"][row["budget"]]["macs"]},
+                "uniform": {
+                    "top1": methods["uniform"][row["budget"]]["top1"],
+                    "macs": methods["uniform"][row["budget"]]["macs"],
+                },
                 "extra_macs_reduction": None if math.isnan(row["extra_reduction"]) else row["extra_reduction"],
             }
             for _, row in extra.iterrows()
@@ -153,8 +170,10 @@ def run(params: Params) -> None:
         "pipeline_seconds": round(float(costs["seconds"].iloc[-1]), 2),
     }
     write_json(out / "summary.json", summary)
-    log.info("FLORA vs uniform at equal top-1: up to %s extra MACs reduction",
-             "n/a" if summary["max_extra_macs_reduction"] is None else f"{100 * summary['max_extra_macs_reduction']:.1f}%")
+    log.info(
+        "FLORA vs uniform at equal top-1: up to %s extra MACs reduction",
+        "n/a" if summary["max_extra_macs_reduction"] is None else f"{100 * summary['max_extra_macs_reduction']:.1f}%",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

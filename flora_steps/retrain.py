@@ -79,7 +79,9 @@ def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Mod
         source, spec = load_model(RESULTS / "supernet" / "model")
         config = read_rank_config(RESULTS / "search" / budget_name(budget) / "ranks.json")
         if config.model != spec.model:
-            raise UserError(f"results/search/{budget_name(budget)}/ranks.json: for model {config.model}, not {spec.model}")
+            raise UserError(
+                f"results/search/{budget_name(budget)}/ranks.json: for model {config.model}, not {spec.model}"
+            )
         ranks, origin = config.ranks, {"source": "supernet weights, searched ranks"}
     else:
         source, spec = load_model(RESULTS / "decompose" / "model")
@@ -100,7 +102,12 @@ def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Mod
 
 
 def finetune(
-    model: nn.Module, teacher: nn.Module, splits: DataSplits, params: Params, device: torch.device, run_id: str,
+    model: nn.Module,
+    teacher: nn.Module,
+    splits: DataSplits,
+    params: Params,
+    device: torch.device,
+    run_id: str,
     checkpoint: Path,
 ) -> list[dict]:
     """Distillation fine-tuning for ``retrain.epochs``; resumes from ``checkpoint``."""
@@ -140,8 +147,13 @@ def finetune(
                 "val_top1": val["top1"],
             }
         )
-        log.info("epoch %d/%d  loss %.4f  val top-1 %.2f%%", epoch + 1, cfg.epochs, history[-1]["train_loss"],
-                 100 * val["top1"])
+        log.info(
+            "epoch %d/%d  loss %.4f  val top-1 %.2f%%",
+            epoch + 1,
+            cfg.epochs,
+            history[-1]["train_loss"],
+            100 * val["top1"],
+        )
         save_checkpoint(
             checkpoint,
             {"run_id": run_id, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -184,7 +196,11 @@ def run(params: Params, method: str, budget: float) -> None:
         raise RuntimeError(f"MACs mismatch: the cost model says {macs}, flop_counter counts {counted}")
     log.info(
         "%s at budget %s: %d factorised layers, %.3f of dense MACs (%d), %d parameters",
-        method, budget_name(budget), len(spec.factorized), macs / costs.dense_macs, macs,
+        method,
+        budget_name(budget),
+        len(spec.factorized),
+        macs / costs.dense_macs,
+        macs,
         sum(p.numel() for p in model.parameters()),
     )
 

@@ -107,7 +107,13 @@ def run(params: Params, budget: float) -> None:
     scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp)
     log.info(
         "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images",
-        budget_name(budget), low, high, dense, table.smallest, table.largest, len(val),
+        budget_name(budget),
+        low,
+        high,
+        dense,
+        table.smallest,
+        table.largest,
+        len(val),
     )
 
     settings = EvolutionSettings(
@@ -128,7 +134,11 @@ def run(params: Params, budget: float) -> None:
         bar.set_postfix(top1=f"{row['best'].top1:.4f}", evaluations=row["evaluations"], refresh=False)
         log.info(
             "generation %d: best val top-1 %.2f%% (loss %.4f, %.3f of dense MACs), %d evaluated",
-            row["generation"], 100 * row["best"].top1, row["best"].loss, row["best_macs"] / dense, row["evaluations"],
+            row["generation"],
+            100 * row["best"].top1,
+            row["best"].loss,
+            row["best_macs"] / dense,
+            row["evaluations"],
         )
 
     search_started = time.perf_counter()
@@ -174,7 +184,10 @@ def run(params: Params, budget: float) -> None:
     )
     log.info(
         "best subnet: val top-1 %.2f%% at %.3f of dense MACs (%d evaluations, %.1f/s)",
-        100 * result.score.top1, result.macs / dense, result.evaluations, result.evaluations / search_seconds,
+        100 * result.score.top1,
+        result.macs / dense,
+        result.evaluations,
+        result.evaluations / search_seconds,
     )
 
 

@@ -18,13 +18,29 @@ RESULT_COLUMNS = ["method", "budget", "macs", "params", "top1", "top5", "macs_re
 
 def results_table(dense: Mapping, methods: Mapping[str, Mapping[float, Mapping]]) -> pd.DataFrame:
     """Dense, then each method's models by budget: MACs, params, top-1/top-5, MACs reduction, top-1 delta."""
-    rows = [{"method": "dense", "budget": 1.0, "macs": dense["macs"], "params": dense["params"],
-             "top1": dense["top1"], "top5": dense["top5"]}]
+    rows = [
+        {
+            "method": "dense",
+            "budget": 1.0,
+            "macs": dense["macs"],
+            "params": dense["params"],
+            "top1": dense["top1"],
+            "top5": dense["top5"],
+        }
+    ]
     for method, by_budget in methods.items():
         for budget in sorted(by_budget):
             metrics = by_budget[budget]
-            rows.append({"method": method, "budget": budget, "macs": metrics["macs"], "params": metrics["params"],
-                         "top1": metrics["top1"], "top5": metrics["top5"]})
+            rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "macs": metrics["macs"],
+                    "params": metrics["params"],
+                    "top1": metrics["top1"],
+                    "top5": metrics["top5"],
+                }
+            )
     table = pd.DataFrame(rows)
     table["macs_reduction"] = 1 - table["macs"] / dense["macs"]
     table["delta_top1"] = table["top1"] - dense["top1"]
@@ -37,13 +53,15 @@ def extra_reduction_table(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in results[results["method"] == "flora"].iterrows():
         uniform_macs = macs_for_accuracy(curve["macs"], curve["top1"], row["top1"])
-        rows.append({
-            "budget": row["budget"],
-            "macs": row["macs"],
-            "top1": row["top1"],
-            "uniform_macs": np.nan if uniform_macs is None else uniform_macs,
-            "extra_reduction": np.nan if uniform_macs is None else 1 - row["macs"] / uniform_macs,
-        })
+        rows.append(
+            {
+                "budget": row["budget"],
+                "macs": row["macs"],
+                "top1": row["top1"],
+                "uniform_macs": np.nan if uniform_macs is None else uniform_macs,
+                "extra_reduction": np.nan if uniform_macs is None else 1 - row["macs"] / uniform_macs,
+            }
+        )
     return pd.DataFrame(rows, columns=["budget", "macs", "top1", "uniform_macs", "extra_reduction"])
 
 
@@ -51,8 +69,9 @@ def ranks_table(layers: pd.DataFrame, configs: Mapping[float, Mapping[str, int]]
     """Rank of every target layer (rows) in every searched subnet (columns); a dense layer shows its full rank."""
     table = pd.DataFrame({"layer": layers["layer"], "full_rank": layers["full_rank"]})
     for budget in sorted(configs):
-        table[str(budget)] = [configs[budget].get(layer, full) for layer, full in
-                              zip(layers["layer"], layers["full_rank"], strict=True)]
+        table[str(budget)] = [
+            configs[budget].get(layer, full) for layer, full in zip(layers["layer"], layers["full_rank"], strict=True)
+        ]
     return table
 
 

@@ -64,7 +64,10 @@ def drop_key(params: dict, dotted: str) -> dict:
             lambda p: set_key(p, "model", {**p["model"], "checkpoint": "w.pth", "hub": True}),
             "model: give either checkpoint or hub",
         ),
-        (lambda p: set_key(p, "budgets.search", [0.5, 1.2]), "budgets.search.1: input should be less than or equal to 1"),
+        (
+            lambda p: set_key(p, "budgets.search", [0.5, 1.2]),
+            "budgets.search.1: input should be less than or equal to 1",
+        ),
         (lambda p: set_key(p, "budgets.uniform", [0.0, 0.5]), "budgets.uniform.0: input should be greater than 0"),
         (
             lambda p: set_key(p, "budgets.uniform", [0.8]),

@@ -34,8 +34,10 @@ def test_search_returns_a_legal_subnet_of_the_filtered_space(searched: Path) -> 
     config = json.loads((out / "ranks.json").read_text())
     assert config["model"] == "vit_digits" and config["ranks"]
     space = read_space(searched / "results/filter/space.json")
-    subnet = [tuple(config["ranks"].get(layer, full) for layer, full in zip(b.layers, b.full_ranks, strict=True))
-              for b in space.blocks]
+    subnet = [
+        tuple(config["ranks"].get(layer, full) for layer, full in zip(b.layers, b.full_ranks, strict=True))
+        for b in space.blocks
+    ]
     assert space.contains(subnet)
     metrics = json.loads((out / "metrics.json").read_text())
     assert (0.5 - 0.02) * DENSE_MACS <= metrics["macs"] <= 0.5 * DENSE_MACS
@@ -134,8 +136,11 @@ def test_flora_export_command(searched: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allows() -> None:
-    layers = {f"blocks.{b}.{n}": LinearCost(i, o, 197) for b in range(3)
-              for n, (i, o) in {"attn.qkv": (96, 288), "mlp.fc1": (96, 384), "mlp.fc2": (384, 96)}.items()}
+    layers = {
+        f"blocks.{b}.{n}": LinearCost(i, o, 197)
+        for b in range(3)
+        for n, (i, o) in {"attn.qkv": (96, 288), "mlp.fc1": (96, 384), "mlp.fc2": (384, 96)}.items()
+    }
     costs = CostModel(layers, other_macs=5_000_000, other_params=0)
     names = list(layers)
     ratios = candidate_ratios(costs, names)

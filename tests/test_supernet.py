@@ -88,7 +88,10 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
     for stage in ("pretrain", "decompose"):
         (workdir / "results" / stage).symlink_to(upstream / stage)
     assert main(["supernet", "--params", str(write_params(workdir / "params.yaml", smoke_params))]) == 2
-    assert "results/filter/space.json: search space not found (run the stage that writes it first)" in capsys.readouterr().err
+    assert (
+        "results/filter/space.json: search space not found (run the stage that writes it first)"
+        in capsys.readouterr().err
+    )
 
 
 def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:

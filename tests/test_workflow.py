@@ -38,7 +38,11 @@ def snakefile_rules() -> dict[str, dict]:
         name = block.split(":", 1)[0]
         shell = re.search(r'shell:\s*\n\s*"([^"]+)"', block)
         files = set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("params:")[0]))
-        inputs = set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("output:")[0])) if "output:" in block else files
+        inputs = (
+            set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("output:")[0]))
+            if "output:" in block
+            else files
+        )
         rules[name] = {"cmd": shell.group(1) if shell else None, "files": files - inputs, "inputs": inputs}
     return rules
 

@@ -31,7 +31,11 @@ def uniform_ranks(costs: CostModel, layers: Sequence[str], ratio: float, multipl
 def candidate_ratios(costs: CostModel, layers: Sequence[str], multiple: int = 1) -> list[float]:
     """Every ratio at which some layer's uniform rank changes, ascending."""
     return sorted(
-        {r / costs.layers[n].full_rank for n in layers for r in range(multiple, costs.layers[n].full_rank + 1, multiple)}
+        {
+            r / costs.layers[n].full_rank
+            for n in layers
+            for r in range(multiple, costs.layers[n].full_rank + 1, multiple)
+        }
     )
 
 
