@@ -83,11 +83,7 @@ def sampled_macs(params: Params, space, rules=("lowrank", "uniform")) -> tuple[d
     samples = {}
     for rule in rules:
         sampler, rng = SubnetSampler(space, rule), np.random.default_rng(params.seed)
-        genomes = [
-            [block.choices.index(choice) for block, choice in zip(space.blocks, sampler.sample(rng), strict=True)]
-            for _ in range(SAMPLED_SUBNETS)
-        ]
-        samples[rule] = np.array([table.macs(tuple(genome)) for genome in genomes], dtype=float)
+        samples[rule] = np.array([table.macs(sampler.sample_indices(rng)) for _ in range(SAMPLED_SUBNETS)], dtype=float)
     return samples, costs.dense_macs
 
 

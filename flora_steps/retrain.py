@@ -41,7 +41,7 @@ from .artifacts import (
     write_json,
     write_rank_config,
 )
-from .core import RankConfig, count_macs, lowrank_layers, materialize, trace_costs
+from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialize, trace_costs
 from .core.uniform import fit_uniform_ratio
 from .data import DataSplits, build_splits, make_loader
 from .errors import UserError
@@ -73,8 +73,13 @@ def factorized_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]
     return {name: rank for name, rank in ranks.items() if isinstance(model.get_submodule(name), nn.Sequential)}
 
 
-def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
-    """The materialised model, its rank config, its spec and how its ranks were chosen."""
+def compressed_model(
+    params: Params, method: str, budget: float, costs: CostModel
+) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
+    """The materialised model, its rank config, its spec and how its ranks were chosen.
+
+    ``costs`` is the base model's cost model (the uniform chooser prices ranks with it).
+    """
     if method == "flora":
         source, spec = load_model(RESULTS / "supernet" / "model")
         config = read_rank_config(RESULTS / "search" / budget_name(budget) / "ranks.json")
@@ -85,7 +90,6 @@ def compressed_model(params: Params, method: str, budget: float) -> tuple[nn.Mod
         ranks, origin = config.ranks, {"source": "supernet weights, searched ranks"}
     else:
         source, spec = load_model(RESULTS / "decompose" / "model")
-        costs = trace_costs(source, input_shape(source))
         try:
             ratio, ranks = fit_uniform_ratio(
                 costs, list(lowrank_layers(source)), budget * costs.dense_macs, params.retrain.uniform_rank_multiple
@@ -186,10 +190,10 @@ def run(params: Params, method: str, budget: float) -> None:
     device = resolve_device(params.compute)
     seed_everything(params.seed)
 
-    model, ranks, spec, origin = compressed_model(params, method, budget)
     teacher, _ = load_model(RESULTS / "pretrain" / "model")
-    shape = input_shape(model)
+    shape = input_shape(teacher)
     costs = trace_costs(teacher, shape)
+    model, ranks, spec, origin = compressed_model(params, method, budget, costs)
     macs = costs.macs(ranks)
     counted = count_macs(model, shape)
     if counted != macs:
@@ -215,7 +219,10 @@ def run(params: Params, method: str, budget: float) -> None:
     history = finetune(model, teacher, splits, params, device, run_id, out / "checkpoint.pt")
 
     test = evaluate(model, test_loader, device, amp, "test")
-    val = evaluate(model, make_loader(splits.val, batch, False, workers), device, amp, "val")
+    if history:  # the last epoch already evaluated the final weights on the val split
+        val_top1 = history[-1]["val_top1"]
+    else:
+        val_top1 = evaluate(model, make_loader(splits.val, batch, False, workers), device, amp, "val")["top1"]
     model.cpu()
     teacher.cpu()
     metrics = {
@@ -225,7 +232,7 @@ def run(params: Params, method: str, budget: float) -> None:
         "top5": test["top5"],
         "test_loss": test["loss"],
         "top1_before_finetune": before["top1"],
-        "val_top1": val["top1"],
+        "val_top1": val_top1,
         "macs": macs,
         "macs_fraction": round(macs / costs.dense_macs, 6),
         "params": sum(p.numel() for p in model.parameters()),
@@ -239,7 +246,7 @@ def run(params: Params, method: str, budget: float) -> None:
     write_csv(out / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
     write_json(out / "metrics.json", metrics)
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    log.info("test top-1 %.2f%%, val top-1 %.2f%%", 100 * test["top1"], 100 * val["top1"])
+    log.info("test top-1 %.2f%%, val top-1 %.2f%%", 100 * test["top1"], 100 * val_top1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

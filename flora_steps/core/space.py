@@ -160,8 +160,9 @@ class SubnetSampler:
         self.space = space
         self.probabilities = [sampling_probabilities(block, rule) for block in space.blocks]
 
+    def sample_indices(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """The index of the drawn choice of every block."""
+        return tuple(int(rng.choice(len(p), p=p)) for p in self.probabilities)
+
     def sample(self, rng: np.random.Generator) -> list[Choice]:
-        return [
-            block.choices[rng.choice(len(block.choices), p=p)]
-            for block, p in zip(self.space.blocks, self.probabilities, strict=True)
-        ]
+        return [block.choices[i] for block, i in zip(self.space.blocks, self.sample_indices(rng), strict=True)]
