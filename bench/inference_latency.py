@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import flora_steps.models  # noqa: F401  (registers vit_digits)
-from flora_steps.core import DEFAULT_TARGETS, factorize, find_linear_layers, materialize, trace_costs
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.core.evolution import MacsTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
@@ -43,7 +43,7 @@ def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, t
     shape = input_shape(dense)
     factorised = copy.deepcopy(dense)
     layers = find_linear_layers(factorised, DEFAULT_TARGETS)
-    factorize(factorised, layers)
+    factorise(factorised, layers)
     costs = trace_costs(factorised, shape)
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
     table = MacsTable.from_space(space, costs)
@@ -56,9 +56,9 @@ def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, t
     _, aligned = fit_uniform_ratio(costs, layers, budget * costs.dense_macs, multiple=8)
     return {
         "dense": (dense, costs.dense_macs),
-        "searched-style": (materialize(factorised, searched), costs.macs(searched)),
-        "uniform": (materialize(factorised, uniform), costs.macs(uniform)),
-        "uniform x8": (materialize(factorised, aligned), costs.macs(aligned)),
+        "searched-style": (materialise(factorised, searched), costs.macs(searched)),
+        "uniform": (materialise(factorised, uniform), costs.macs(uniform)),
+        "uniform x8": (materialise(factorised, aligned), costs.macs(aligned)),
     }
 
 

@@ -21,7 +21,7 @@ import timm
 import torch
 
 import flora_steps.models  # noqa: F401  (registers vit_digits)
-from flora_steps.core import DEFAULT_TARGETS, factorize, find_linear_layers, trace_costs
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, trace_costs
 from flora_steps.core.evolution import EvolutionSettings, MacsTable, evolve, genome_choices
 from flora_steps.core.space import full_space
 from flora_steps.models import input_shape
@@ -36,7 +36,7 @@ def supernet_and_space(name: str):
         model = timm.create_model(name)
     layers = find_linear_layers(model, DEFAULT_TARGETS)
     if name == "vit_digits":
-        factorize(model, layers)
+        factorise(model, layers)
     costs = trace_costs(model, input_shape(model))
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
     return model, space, MacsTable.from_space(space, costs), costs.dense_macs

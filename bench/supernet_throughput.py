@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import flora_steps.models  # noqa: F401  (registers vit_digits)
-from flora_steps.core import DEFAULT_TARGETS, factorize, find_linear_layers, set_ranks
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, set_ranks
 from flora_steps.core.space import SubnetSampler, full_space
 from flora_steps.training import build_optimizer, distillation_loss
 
@@ -55,7 +55,7 @@ def main() -> None:
         y = torch.randint(0, dense.num_classes, (batch,))
         supernet = copy.deepcopy(dense)
         layers = find_linear_layers(supernet, DEFAULT_TARGETS)
-        factorize(supernet, layers)
+        factorise(supernet, layers)
         space = full_space(
             {n: (supernet.get_submodule(n).in_features, supernet.get_submodule(n).out_features) for n in layers}, RATIOS
         )

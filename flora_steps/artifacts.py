@@ -133,7 +133,7 @@ class ModelSpec(BaseModel):
     model: str
     model_kwargs: dict[str, Any]
     lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear (supernets)
-    factorized: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
+    factorised: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
 
     def build(self) -> nn.Module:
         """A randomly initialised model with this spec's structure."""
@@ -145,7 +145,7 @@ class ModelSpec(BaseModel):
                 name,
                 LowRankLinear(dense.in_features, dense.out_features, max_rank, bias=dense.bias is not None),
             )
-        for name, rank in self.factorized.items():
+        for name, rank in self.factorised.items():
             dense = model.get_submodule(name)
             pair = nn.Sequential(
                 nn.Linear(dense.in_features, rank, bias=False),

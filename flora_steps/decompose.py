@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .artifacts import load_model, save_figure, save_model, write_csv, write_json
-from .core import CostModel, factorize, find_linear_layers, trace_costs
+from .core import CostModel, factorise, find_linear_layers, trace_costs
 from .errors import UserError
 from .figures import plot_spectra
 from .models import input_shape
@@ -80,7 +80,7 @@ def run(params: Params) -> None:
 
     costs = trace_costs(dense, input_shape(dense))
     factorised = copy.deepcopy(dense)
-    spectra = factorize(factorised, progress(names, desc="SVD"))
+    spectra = factorise(factorised, progress(names, desc="SVD"))
     error = max_logit_error(dense, factorised, params.seed)
     log.info("full-rank factorisation: max |logit error| = %.2e", error)
 

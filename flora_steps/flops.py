@@ -37,7 +37,7 @@ def count(model_name: str, ranks: dict[str, int], num_classes: int | None = None
     return {
         "model": model_name,
         "input_size": list(shape),
-        "factorized_layers": len(ranks),
+        "factorised_layers": len(ranks),
         "macs": macs,
         "params": params,
         "dense_macs": costs.dense_macs,
@@ -55,7 +55,7 @@ def format_report(result: dict) -> str:
 
     size = "x".join(map(str, result["input_size"]))
     return (
-        f"model        {result['model']} (input {size}, {result['factorized_layers']} factorised layers)\n"
+        f"model        {result['model']} (input {size}, {result['factorised_layers']} factorised layers)\n"
         f"MACs         {scaled(result['macs'], 'MACs')}  ({100 * result['macs_ratio']:.1f}% of dense "
         f"{scaled(result['dense_macs'], 'MACs')})\n"
         f"parameters   {scaled(result['params'], '')}  (dense {scaled(result['dense_params'], '')})"

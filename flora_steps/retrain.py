@@ -14,7 +14,7 @@ warmup + cosine; a checkpoint every epoch, resumed after a kill). Writes
 
 - `model.safetensors` + `model.json`: the compressed model (plain timm model plus
   factorised pairs; see the README for loading it with torch and timm only)
-- `ranks.json`: its rank config (SPEC §3)
+- `ranks.json`: its rank config
 - `history.csv`: per epoch, train loss, lr, val top-1
 - `metrics.json`: test top-1/top-5 and loss (and top-1 before fine-tuning), val
   top-1, MACs (checked against `torch.utils.flop_counter`), parameters, latency
@@ -41,7 +41,7 @@ from .artifacts import (
     write_json,
     write_rank_config,
 )
-from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialize, trace_costs
+from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
 from .core.uniform import fit_uniform_ratio
 from .data import DataSplits, build_splits, make_loader
 from .errors import UserError
@@ -68,8 +68,8 @@ METHODS = ("flora", "uniform")
 HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "val_top1"]
 
 
-def factorized_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]:
-    """The layers of ``ranks`` that ``materialize`` made a factorised pair (the others became dense)."""
+def factorised_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]:
+    """The layers of ``ranks`` that ``materialise`` made a factorised pair (the others became dense)."""
     return {name: rank for name, rank in ranks.items() if isinstance(model.get_submodule(name), nn.Sequential)}
 
 
@@ -98,10 +98,10 @@ def compressed_model(
             raise UserError(f"budgets.uniform: {budget}: {error}") from None
         origin = {"source": "SVD of the base model, uniform rank ratio", "rank_ratio": round(ratio, 6)}
     try:
-        model = materialize(source, ranks)
+        model = materialise(source, ranks)
     except (KeyError, ValueError) as error:
         raise UserError(f"rank config for budget {budget}: {error}") from None
-    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorized=factorized_layers(model, ranks))
+    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorised=factorised_layers(model, ranks))
     return model, ranks, plain, origin
 
 
@@ -202,7 +202,7 @@ def run(params: Params, method: str, budget: float) -> None:
         "%s at budget %s: %d factorised layers, %.3f of dense MACs (%d), %d parameters",
         method,
         budget_name(budget),
-        len(spec.factorized),
+        len(spec.factorised),
         macs / costs.dense_macs,
         macs,
         sum(p.numel() for p in model.parameters()),

@@ -10,7 +10,7 @@ the val split or a fixed `search.val_images` subset of it. The search itself
 (stratified initial population, mutation, crossover, random fill, a cache of
 visited subnets) is `flora_steps.core.evolution`. Writes `results/search/<budget>/`:
 
-- `ranks.json`: the best subnet as a rank config (SPEC §3)
+- `ranks.json`: the best subnet as a rank config
 - `history.csv`: per generation, evaluations so far, best and top-k mean fitness, best MACs
 - `metrics.json`: the best subnet's val top-1 and loss, MACs, parameters; evaluations per second
 """

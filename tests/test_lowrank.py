@@ -10,10 +10,10 @@ from torch import nn
 from flora_steps.core import (
     DEFAULT_TARGETS,
     LowRankLinear,
-    factorize,
-    factorized_is_cheaper,
+    factorise,
+    factorised_is_cheaper,
     find_linear_layers,
-    materialize,
+    materialise,
     set_ranks,
     svd_factors,
 )
@@ -27,7 +27,7 @@ def test_full_rank_factorisation_reproduces_dense_logits(name: str) -> None:
     factorised.load_state_dict(dense.state_dict())
     layers = find_linear_layers(factorised, DEFAULT_TARGETS)
     assert len(layers) == 3 * len(dense.blocks)
-    factorize(factorised, layers)
+    factorise(factorised, layers)
     x = torch.randn(2, *dense.pretrained_cfg["input_size"])
     with torch.no_grad():
         error = (dense(x) - factorised(x)).abs().max().item()
@@ -86,30 +86,30 @@ def test_rank_outside_range_is_rejected() -> None:
         LowRankLinear(8, 6, max_rank=7)
 
 
-def test_materialize_matches_supernet_output_and_uses_break_even() -> None:
+def test_materialise_matches_supernet_output_and_uses_break_even() -> None:
     torch.manual_seed(3)
     linear = nn.Linear(64, 256)
     layer = LowRankLinear.from_linear(linear)
     x = torch.randn(3, 10, 64)
     for rank in (8, 51, 52, 64):  # break-even of 64 x 256 is 51.2: ranks >= 52 are dense
         layer.rank = rank
-        plain = layer.materialize()
+        plain = layer.materialise()
         assert torch.allclose(plain(x), layer(x), atol=1e-5)
-        if factorized_is_cheaper(64, 256, rank):
+        if factorised_is_cheaper(64, 256, rank):
             assert isinstance(plain, nn.Sequential) and plain[0].out_features == rank
         else:
             assert isinstance(plain, nn.Linear)
-    assert not factorized_is_cheaper(64, 256, 52) and factorized_is_cheaper(64, 256, 51)
+    assert not factorised_is_cheaper(64, 256, 52) and factorised_is_cheaper(64, 256, 51)
 
 
 def test_model_level_ranks_and_materialisation_agree() -> None:
     torch.manual_seed(4)
     model = timm.create_model("vit_digits").eval()
     layers = find_linear_layers(model, DEFAULT_TARGETS)
-    factorize(model, layers)
+    factorise(model, layers)
     ranks = {name: 8 + 4 * i for i, name in enumerate(layers)}
     set_ranks(model, ranks)
-    plain = materialize(model)
+    plain = materialise(model)
     assert not any(isinstance(m, LowRankLinear) for m in plain.modules())
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

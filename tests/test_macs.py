@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from flora_steps.core import DEFAULT_TARGETS, count_macs, factorize, find_linear_layers, materialize, trace_costs
+from flora_steps.core import DEFAULT_TARGETS, count_macs, factorise, find_linear_layers, materialise, trace_costs
 
 
 def meta_costs(name: str):
@@ -45,8 +45,8 @@ def test_counter_equals_flop_counter_on_materialised_deit_small_with_random_rank
     rng = random.Random(0)
     ranks = {name: rng.randint(1, costs.layers[name].full_rank) for name in layers}
     ranks[layers[0]] = costs.layers[layers[0]].full_rank  # one dense layer at full rank
-    factorize(model, layers)
-    compressed = materialize(model, ranks)
+    factorise(model, layers)
+    compressed = materialise(model, ranks)
     assert costs.macs(ranks) == count_macs(compressed, shape)
     assert costs.params(ranks) == sum(p.numel() for p in compressed.parameters())
     assert costs.macs(ranks) < costs.dense_macs
@@ -64,7 +64,7 @@ def test_counter_prices_a_factorised_layer_as_tokens_times_rank_times_in_plus_ou
 def test_a_supernet_model_is_priced_like_its_dense_original() -> None:
     model = timm.create_model("vit_digits")
     dense = trace_costs(model, (1, 8, 8))
-    factorize(model, find_linear_layers(model, DEFAULT_TARGETS))
+    factorise(model, find_linear_layers(model, DEFAULT_TARGETS))
     assert trace_costs(model, (1, 8, 8)) == dense
 
 

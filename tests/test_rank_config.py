@@ -1,4 +1,4 @@
-"""Rank-config JSON (SPEC §3): round trip and clear errors."""
+"""Rank-config JSON: round trip and clear errors."""
 
 from __future__ import annotations
 

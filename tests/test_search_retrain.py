@@ -82,12 +82,12 @@ def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched:
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
     assert metrics["macs"] <= 0.5 * DENSE_MACS
     model, spec = load_model(out / "model")
-    assert spec.factorized and not spec.lowrank
+    assert spec.factorised and not spec.lowrank
     assert not any(type(m).__name__ == "LowRankLinear" for m in model.modules())
     assert count_macs(model, (1, 8, 8)) == metrics["macs"]
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     ranks = json.loads((out / "ranks.json").read_text())["ranks"]
-    assert {name: rank for name, rank in ranks.items()} == spec.factorized
+    assert {name: rank for name, rank in ranks.items()} == spec.factorised
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
 
 
@@ -107,7 +107,7 @@ def test_compressed_model_loads_with_torch_and_timm_only(searched: Path) -> None
     stem = searched / "results/retrain/flora/0.5/model"
     spec = json.loads(stem.with_suffix(".json").read_text())
     model = timm.create_model(spec["model"], **spec["model_kwargs"])
-    for name, rank in spec["factorized"].items():
+    for name, rank in spec["factorised"].items():
         dense = model.get_submodule(name)
         pair = torch.nn.Sequential(
             torch.nn.Linear(dense.in_features, rank, bias=False),

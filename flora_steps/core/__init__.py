@@ -3,16 +3,16 @@
 Pure functions and modules with no file I/O, usable from Python on any timm model.
 """
 
-from .factorize import (
+from .factorise import (
     DEFAULT_TARGETS,
-    factorize,
+    factorise,
     find_linear_layers,
     lowrank_layers,
-    materialize,
+    materialise,
     replace_module,
     set_ranks,
 )
-from .lowrank import LowRankLinear, factorized_is_cheaper, full_rank, svd_factors, weight_cost
+from .lowrank import LowRankLinear, factorised_is_cheaper, full_rank, svd_factors, weight_cost
 from .macs import CostModel, LinearCost, count_macs, trace_costs, unfused_attention
 from .rank_config import RankConfig
 
@@ -23,12 +23,12 @@ __all__ = [
     "LowRankLinear",
     "RankConfig",
     "count_macs",
-    "factorize",
-    "factorized_is_cheaper",
+    "factorise",
+    "factorised_is_cheaper",
     "find_linear_layers",
     "full_rank",
     "lowrank_layers",
-    "materialize",
+    "materialise",
     "replace_module",
     "set_ranks",
     "svd_factors",

@@ -1,4 +1,4 @@
-"""Evolutionary search over a filtered search space under a MACs budget (SPEC §2.4).
+"""Evolutionary search over a filtered search space under a MACs budget.
 
 A *genome* is one index per block into that block's allowed choices. A genome is
 *legal* when its MACs lie in the budget band ``[low, high]``. The search follows

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def factorized_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
+def factorised_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
     """True when ``rank`` factors cost fewer MACs (and parameters) than the dense weight."""
     return rank * (in_features + out_features) < in_features * out_features
 
@@ -29,7 +29,7 @@ def weight_cost(in_features: int, out_features: int, rank: int | None) -> int:
     ``None``, full rank and any rank at or above break-even cost the dense weight,
     because such a layer is materialised dense.
     """
-    if rank is None or not factorized_is_cheaper(in_features, out_features, rank):
+    if rank is None or not factorised_is_cheaper(in_features, out_features, rank):
         return in_features * out_features
     return rank * (in_features + out_features)
 
@@ -119,7 +119,7 @@ class LowRankLinear(nn.Module):
         r = self._rank if rank is None else rank
         return self.second[:, :r] @ self.first[:r]
 
-    def materialize(self, rank: int | None = None) -> nn.Module:
+    def materialise(self, rank: int | None = None) -> nn.Module:
         """Plain layers computing the same function at ``rank`` (the active rank by default).
 
         Returns ``nn.Sequential(nn.Linear(in, r, bias=False), nn.Linear(r, out))`` when that
@@ -129,7 +129,7 @@ class LowRankLinear(nn.Module):
         factory = {"device": self.first.device, "dtype": self.first.dtype}
         has_bias = self.bias is not None
         with torch.no_grad():
-            if not factorized_is_cheaper(self.in_features, self.out_features, r):
+            if not factorised_is_cheaper(self.in_features, self.out_features, r):
                 dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, **factory)
                 dense.weight.copy_(self.dense_weight(r))
                 if has_bias:

@@ -1,6 +1,6 @@
 """MACs and parameter counting for dense and rank-configured models.
 
-Convention (SPEC §3): multiply-accumulates of every matrix product of one image's
+Convention: multiply-accumulates of every matrix product of one image's
 forward pass: linear layers, attention's QKᵀ and AV, the patch-embedding
 convolution and the head. Norms, softmax, GELU, bias and residual additions are
 not counted. A factorised linear layer costs ``tokens * rank * (in + out)``; a

@@ -1,4 +1,4 @@
-"""Rank configuration: which linear layers are factorised, and at which rank (SPEC §3).
+"""Rank configuration: which linear layers are factorised, and at which rank.
 
 JSON form: ``{"model": "<timm name>", "ranks": {"blocks.0.attn.qkv": 96, ...}}``;
 a layer not listed is dense.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import factorized_is_cheaper, full_rank
+from .lowrank import factorised_is_cheaper, full_rank
 
 Choice = tuple[int, ...]
 
@@ -28,7 +28,7 @@ def rank_grid(in_features: int, out_features: int, ratios: Iterable[float]) -> l
     """
     limit = full_rank(in_features, out_features)
     ranks = {max(1, round(ratio * limit)) for ratio in ratios if 0 < ratio < 1}
-    cheaper = {r for r in ranks if factorized_is_cheaper(in_features, out_features, r)}
+    cheaper = {r for r in ranks if factorised_is_cheaper(in_features, out_features, r)}
     return sorted(cheaper | {limit})
 
 

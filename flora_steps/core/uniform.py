@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .lowrank import factorized_is_cheaper
+from .lowrank import factorised_is_cheaper
 from .macs import CostModel
 
 
@@ -23,7 +23,7 @@ def uniform_ranks(costs: CostModel, layers: Sequence[str], ratio: float, multipl
     for name in layers:
         layer = costs.layers[name]
         rank = max(multiple, math.floor(ratio * layer.full_rank / multiple + 1e-9) * multiple)
-        if rank < layer.full_rank and factorized_is_cheaper(layer.in_features, layer.out_features, rank):
+        if rank < layer.full_rank and factorised_is_cheaper(layer.in_features, layer.out_features, rank):
             ranks[name] = rank
     return ranks
 

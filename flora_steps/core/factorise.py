@@ -37,7 +37,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def factorize(
+def factorise(
     model: nn.Module,
     layer_names: Iterable[str],
     max_ranks: Mapping[str, int] | None = None,
@@ -73,7 +73,7 @@ def set_ranks(model: nn.Module, ranks: Mapping[str, int]) -> None:
         layer.rank = ranks.get(name, layer.max_rank)
 
 
-def materialize(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.Module:
+def materialise(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.Module:
     """A copy of ``model`` with every ``LowRankLinear`` turned into plain ``nn.Linear`` layers.
 
     Each layer takes its rank from ``ranks`` (its active rank when not listed); a
@@ -83,5 +83,5 @@ def materialize(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.
     if ranks is not None:
         set_ranks(model, ranks)
     for name, layer in lowrank_layers(model).items():
-        replace_module(model, name, layer.materialize())
+        replace_module(model, name, layer.materialise())
     return model
