@@ -6,12 +6,17 @@
 #   snakemake --cores 8 --use-conda                       # per-rule conda env (environment.yml)
 #   snakemake --profile cluster/slurm                     # on a Slurm cluster
 #
-# Each rule lists the package sources it runs as `code` inputs (as dvc.yaml's deps
-# do), so editing a stage's code reruns that stage and everything downstream.
+# What each rule writes, reads, tracks and runs comes from flora_steps/layout.py
+# (the one description of the pipeline): outputs by name, inputs as the outputs of
+# the rules that make them, the params keys the stage reads (changing one reruns
+# it), and its code: every package module the stage imports, so editing a module
+# reruns exactly the stages that use it. This file adds what only Snakemake needs:
+# threads, resources, conda, report flags.
 
 import sys
 
 from flora_steps.errors import UserError
+from flora_steps.layout import STAGES, budget_name, code_files, param_value, tracked_params
 from flora_steps.params import load_params
 
 PARAMS_FILE = config.get("params", "params.yaml")
@@ -21,44 +26,72 @@ except UserError as error:
     sys.exit(f"error: {error}")
 
 
-BUDGETS = PARAMS["budgets"]
+BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items()}
 
 
 wildcard_constraints:
-    budget=r"\d*\.?\d+",
+    budget=r"\d*\.\d+",
 
 
-def tracked(*sections):
-    """The params sections a rule depends on: changing one of them reruns the rule."""
-    return {section: PARAMS[section] for section in sections}
+def outputs(stage):
+    """The stage's output files by name; those flagged in the layout also go into `snakemake --report`."""
+    files = {}
+    for key, output in STAGES[stage].outputs.items():
+        path = str(STAGES[stage].path(key))
+        files[key] = report(path, category=output.category, caption=output.caption) if output.category else path
+    return files
 
 
-rule all:
-    input:
-        "results/pretrain/metrics.json",
-        "results/decompose/metrics.json",
-        "results/filter/metrics.json",
-        "results/supernet/metrics.json",
-        expand("results/search/{budget}/metrics.json", budget=BUDGETS["search"]),
-        expand("results/retrain/flora/{budget}/metrics.json", budget=BUDGETS["search"]),
-        expand("results/retrain/uniform/{budget}/metrics.json", budget=BUDGETS["uniform"]),
-        "results/report/summary.json",
+def inputs(stage):
+    """The stage's code files and its inputs as the outputs of the rules that make them.
+
+    A rule that runs once and reads a per-budget rule's output gets that output for every budget.
+    """
+    files = {"code": [str(path) for path in code_files(STAGES[stage].module)]}
+    for key, reference in STAGES[stage].inputs.items():
+        made = getattr(getattr(rules, reference.stage).output, reference.output)
+        producer = STAGES[reference.stage]
+        if producer.foreach and not STAGES[stage].foreach:
+            made = expand(made, budget=BUDGETS[producer.foreach.split(".")[1]])
+        files[key] = made
+    for key in STAGES[stage].file_params:  # e.g. model.checkpoint: a local weights file
+        value = param_value(PARAMS, key)
+        if value is not None:
+            files[key.replace(".", "_")] = value
+    return files
+
+
+def log_file(stage):
+    return str(STAGES[stage].path("log"))
+
+
+def benchmark_file(stage):
+    return str(STAGES[stage].path("benchmark"))
+
+
+def command(stage):
+    """The stage's shell command; the params path is quoted for the shell."""
+    options = " ".join(STAGES[stage].arguments("{wildcards.budget}"))
+    return f"python -m flora_steps.{STAGES[stage].module} --params {{PARAMS_FILE:q}} {options}".rstrip()
+
+
+def every_run(stage, output):
+    """One output of a stage for each of its runs (every budget of a per-budget stage)."""
+    made = getattr(getattr(rules, stage).output, output)
+    return expand(made, budget=BUDGETS[STAGES[stage].foreach.split(".")[1]]) if STAGES[stage].foreach else made
 
 
 rule pretrain:
     input:
-        code=["flora_steps/pretrain.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/training.py"],
+        **inputs("pretrain"),
     output:
-        model="results/pretrain/model.safetensors",
-        spec="results/pretrain/model.json",
-        history="results/pretrain/history.csv",
-        metrics="results/pretrain/metrics.json",
+        **outputs("pretrain"),
     log:
-        "results/pretrain/log.txt",
+        log_file("pretrain"),
     benchmark:
-        "results/pretrain/benchmark.tsv"
+        benchmark_file("pretrain")
     params:
-        tracked=tracked("seed", "model", "data", "pretrain"),
+        tracked=tracked_params("pretrain", PARAMS),
     threads: 8
     resources:
         mem_mb=4000,
@@ -66,27 +99,20 @@ rule pretrain:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.pretrain --params {PARAMS_FILE}"
+        command("pretrain")
 
 
 rule decompose:
     input:
-        code=["flora_steps/decompose.py", "flora_steps/core"],
-        model="results/pretrain/model.safetensors",
-        spec="results/pretrain/model.json",
+        **inputs("decompose"),
     output:
-        model="results/decompose/model.safetensors",
-        spec="results/decompose/model.json",
-        spectra="results/decompose/spectra.csv",
-        layers="results/decompose/layers.csv",
-        plot=report("results/decompose/spectra.png", category="Decompose", caption="report/spectra.rst"),
-        metrics="results/decompose/metrics.json",
+        **outputs("decompose"),
     log:
-        "results/decompose/log.txt",
+        log_file("decompose"),
     benchmark:
-        "results/decompose/benchmark.tsv"
+        benchmark_file("decompose")
     params:
-        tracked=tracked("seed", "decompose"),
+        tracked=tracked_params("decompose", PARAMS),
     threads: 8
     resources:
         mem_mb=4000,
@@ -94,25 +120,20 @@ rule decompose:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.decompose --params {PARAMS_FILE}"
+        command("decompose")
 
 
 rule filter:
     input:
-        code=["flora_steps/filter.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/core"],
-        model="results/decompose/model.safetensors",
-        spec="results/decompose/model.json",
+        **inputs("filter"),
     output:
-        space="results/filter/space.json",
-        sensitivity="results/filter/sensitivity.csv",
-        plot=report("results/filter/sensitivity.png", category="Filter", caption="report/sensitivity.rst"),
-        metrics="results/filter/metrics.json",
+        **outputs("filter"),
     log:
-        "results/filter/log.txt",
+        log_file("filter"),
     benchmark:
-        "results/filter/benchmark.tsv"
+        benchmark_file("filter")
     params:
-        tracked=tracked("seed", "data", "filter"),
+        tracked=tracked_params("filter", PARAMS),
     threads: 8
     resources:
         mem_mb=8000,
@@ -120,28 +141,20 @@ rule filter:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.filter --params {PARAMS_FILE}"
+        command("filter")
 
 
 rule supernet:
     input:
-        code=["flora_steps/supernet.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/training.py", "flora_steps/core"],
-        model="results/decompose/model.safetensors",
-        spec="results/decompose/model.json",
-        teacher="results/pretrain/model.safetensors",
-        teacher_spec="results/pretrain/model.json",
-        space="results/filter/space.json",
+        **inputs("supernet"),
     output:
-        model="results/supernet/model.safetensors",
-        spec="results/supernet/model.json",
-        history="results/supernet/history.csv",
-        metrics="results/supernet/metrics.json",
+        **outputs("supernet"),
     log:
-        "results/supernet/log.txt",
+        log_file("supernet"),
     benchmark:
-        "results/supernet/benchmark.tsv"
+        benchmark_file("supernet")
     params:
-        tracked=tracked("seed", "data", "supernet"),
+        tracked=tracked_params("supernet", PARAMS),
     threads: 8
     resources:
         mem_mb=8000,
@@ -149,27 +162,20 @@ rule supernet:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.supernet --params {PARAMS_FILE}"
+        command("supernet")
 
 
 rule search:
     input:
-        code=["flora_steps/search.py", "flora_steps/models.py", "flora_steps/data.py", "flora_steps/core"],
-        model="results/supernet/model.safetensors",
-        spec="results/supernet/model.json",
-        teacher="results/pretrain/model.safetensors",
-        teacher_spec="results/pretrain/model.json",
-        space="results/filter/space.json",
+        **inputs("search"),
     output:
-        ranks="results/search/{budget}/ranks.json",
-        history=report("results/search/{budget}/history.csv", category="Search"),
-        metrics="results/search/{budget}/metrics.json",
+        **outputs("search"),
     log:
-        "results/search/{budget}/log.txt",
+        log_file("search"),
     benchmark:
-        "results/search/{budget}/benchmark.tsv"
+        benchmark_file("search")
     params:
-        tracked=tracked("seed", "data", "search"),
+        tracked=tracked_params("search", PARAMS),
     threads: 8
     resources:
         mem_mb=8000,
@@ -177,35 +183,20 @@ rule search:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.search --params {PARAMS_FILE} --budget {wildcards.budget}"
+        command("search")
 
 
 rule retrain_flora:
     input:
-        code=[
-            "flora_steps/retrain.py",
-            "flora_steps/models.py",
-            "flora_steps/data.py",
-            "flora_steps/training.py",
-            "flora_steps/core",
-        ],
-        model="results/supernet/model.safetensors",
-        spec="results/supernet/model.json",
-        teacher="results/pretrain/model.safetensors",
-        teacher_spec="results/pretrain/model.json",
-        ranks="results/search/{budget}/ranks.json",
+        **inputs("retrain_flora"),
     output:
-        model="results/retrain/flora/{budget}/model.safetensors",
-        spec="results/retrain/flora/{budget}/model.json",
-        ranks="results/retrain/flora/{budget}/ranks.json",
-        history="results/retrain/flora/{budget}/history.csv",
-        metrics="results/retrain/flora/{budget}/metrics.json",
+        **outputs("retrain_flora"),
     log:
-        "results/retrain/flora/{budget}/log.txt",
+        log_file("retrain_flora"),
     benchmark:
-        "results/retrain/flora/{budget}/benchmark.tsv"
+        benchmark_file("retrain_flora")
     params:
-        tracked=tracked("seed", "data", "retrain"),
+        tracked=tracked_params("retrain_flora", PARAMS),
     threads: 8
     resources:
         mem_mb=8000,
@@ -213,34 +204,20 @@ rule retrain_flora:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.retrain --params {PARAMS_FILE} --method flora --budget {wildcards.budget}"
+        command("retrain_flora")
 
 
 rule retrain_uniform:
     input:
-        code=[
-            "flora_steps/retrain.py",
-            "flora_steps/models.py",
-            "flora_steps/data.py",
-            "flora_steps/training.py",
-            "flora_steps/core",
-        ],
-        model="results/decompose/model.safetensors",
-        spec="results/decompose/model.json",
-        teacher="results/pretrain/model.safetensors",
-        teacher_spec="results/pretrain/model.json",
+        **inputs("retrain_uniform"),
     output:
-        model="results/retrain/uniform/{budget}/model.safetensors",
-        spec="results/retrain/uniform/{budget}/model.json",
-        ranks="results/retrain/uniform/{budget}/ranks.json",
-        history="results/retrain/uniform/{budget}/history.csv",
-        metrics="results/retrain/uniform/{budget}/metrics.json",
+        **outputs("retrain_uniform"),
     log:
-        "results/retrain/uniform/{budget}/log.txt",
+        log_file("retrain_uniform"),
     benchmark:
-        "results/retrain/uniform/{budget}/benchmark.tsv"
+        benchmark_file("retrain_uniform")
     params:
-        tracked=tracked("seed", "data", "retrain"),
+        tracked=tracked_params("retrain_uniform", PARAMS),
     threads: 8
     resources:
         mem_mb=8000,
@@ -248,54 +225,41 @@ rule retrain_uniform:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.retrain --params {PARAMS_FILE} --method uniform --budget {wildcards.budget}"
+        command("retrain_uniform")
+
+
+rule latency:
+    input:
+        **inputs("latency"),
+    output:
+        **outputs("latency"),
+    log:
+        log_file("latency"),
+    benchmark:
+        benchmark_file("latency")
+    params:
+        tracked=tracked_params("latency", PARAMS),
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "environment.yml"
+    shell:
+        command("latency")
 
 
 rule report:
     input:
-        code=["flora_steps/report.py", "flora_steps/tables.py", "flora_steps/figures.py", "flora_steps/tradeoff.py"],
-        base="results/pretrain/metrics.json",
-        spectra="results/decompose/spectra.csv",
-        layers="results/decompose/layers.csv",
-        decompose="results/decompose/metrics.json",
-        spec="results/decompose/model.json",
-        sensitivity="results/filter/sensitivity.csv",
-        space="results/filter/space.json",
-        filter="results/filter/metrics.json",
-        supernet="results/supernet/metrics.json",
-        search=expand(
-            "results/search/{budget}/{name}", budget=BUDGETS["search"], name=["metrics.json", "history.csv", "ranks.json"]
-        ),
-        flora=expand("results/retrain/flora/{budget}/metrics.json", budget=BUDGETS["search"]),
-        uniform=expand("results/retrain/uniform/{budget}/metrics.json", budget=BUDGETS["uniform"]),
+        **inputs("report"),
     output:
-        results=report("results/report/results.csv", category="Tables"),
-        extra_reduction=report("results/report/extra_reduction.csv", category="Tables"),
-        ranks=report("results/report/ranks.csv", category="Tables"),
-        costs=report("results/report/costs.csv", category="Tables"),
-        text_tables=[
-            "results/report/results.md",
-            "results/report/results.tex",
-            "results/report/extra_reduction.md",
-            "results/report/extra_reduction.tex",
-            "results/report/ranks.md",
-            "results/report/ranks.tex",
-            "results/report/costs.md",
-            "results/report/costs.tex",
-        ],
-        tradeoff=report("results/report/tradeoff.png", category="Headline", caption="report/tradeoff.rst"),
-        spectra=report("results/report/spectra.png", category="Decompose", caption="report/spectra.rst"),
-        sensitivity=report("results/report/sensitivity.png", category="Filter", caption="report/sensitivity.rst"),
-        search=report("results/report/search.png", category="Search", caption="report/search.rst"),
-        ranks_figure=report("results/report/ranks.png", category="Search", caption="report/ranks.rst"),
-        sampling=report("results/report/sampling.png", category="Supernet", caption="report/sampling.rst"),
-        summary="results/report/summary.json",
+        **outputs("report"),
     log:
-        "results/report/log.txt",
+        log_file("report"),
     benchmark:
-        "results/report/benchmark.tsv"
+        benchmark_file("report")
     params:
-        tracked=tracked("seed", "budgets", "decompose"),
+        tracked=tracked_params("report", PARAMS),
     threads: 1
     resources:
         mem_mb=2000,
@@ -303,4 +267,11 @@ rule report:
     conda:
         "environment.yml"
     shell:
-        "python -m flora_steps.report --params {PARAMS_FILE}"
+        command("report")
+
+
+rule all:
+    default_target: True
+    input:
+        [every_run(stage, "metrics") for stage in STAGES if "metrics" in STAGES[stage].outputs],
+        rules.report.output.summary,

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import numpy as np
 import timm
 import torch
 from torch import nn
 
-import flora_steps.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.core.evolution import MacsTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
-from flora_steps.models import input_shape
+from flora_steps.latency import interleaved_latency
+from flora_steps.models import input_shape  # also registers vit_digits
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 BAND = 0.02
@@ -62,24 +60,6 @@ def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, t
     }
 
 
-@torch.no_grad()
-def interleaved_latency(models: dict[str, nn.Module], images: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median milliseconds per forward pass of each model, timed in turns so drift hits all alike."""
-    for model in models.values():
-        model.eval()(images)  # warm-up
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            if images.is_cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            model(images)
-            if images.is_cuda:
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - started)
-    return {name: 1000 * statistics.median(values) for name, values in timings.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit_digits", "deit_base_patch16_224"])
@@ -95,8 +75,7 @@ def main() -> None:
     for name in args.models:
         built = compressed_models(timm.create_model(name), args.budget, args.seed)
         models = {label: model.to(device) for label, (model, _) in built.items()}
-        images = torch.randn((args.batch, *input_shape(models["dense"])), device=device)
-        latency = interleaved_latency(models, images, args.repeats)
+        latency = interleaved_latency(models, input_shape(models["dense"]), args.batch, device, args.repeats, warmup=1)
         dense_macs = built["dense"][1]
         for label, (_, macs) in built.items():
             speedup, theoretical = latency["dense"] / latency[label], dense_macs / macs

@@ -2,8 +2,8 @@
 
 A model artifact is ``<stem>.safetensors`` (the state dict) beside ``<stem>.json``
 (what to build before loading it: the timm model name, its keyword arguments and
-which layers are low-rank). Training checkpoints use ``torch.save`` and are read
-back with ``torch.load(weights_only=True)``.
+which layers are low-rank; ``models.build_model`` builds it). Training checkpoints
+use ``torch.save`` and are read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,18 +18,17 @@ from typing import Any
 
 import pandas as pd
 import safetensors.torch
-import timm
 import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from . import models  # noqa: F401  (registers vit_digits, so every artifact can be rebuilt by name)
-from .core import LowRankLinear, RankConfig, replace_module
+from .core import RankConfig
 from .core.space import SearchSpace
 from .errors import UserError
+from .models import build_model
 
-MODEL_FORMAT = "flora-model/1"
+MODEL_FORMAT = "flora-model/2"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -114,14 +113,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """A training checkpoint, or ``None`` when there is none or it is unreadable (e.g. cut short)."""
+    """A training checkpoint, or ``None`` when there is none; ``ValueError`` saying why when it is unreadable."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint means: start from scratch
-        return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and storage errors all mean an unreadable file
+        message = str(error).strip().splitlines()
+        raise ValueError(message[0] if message else type(error).__name__) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a dict of training state, got {type(state).__name__}")
+    return state
 
 
 class ModelSpec(BaseModel):
@@ -134,25 +137,6 @@ class ModelSpec(BaseModel):
     model_kwargs: dict[str, Any]
     lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear (supernets)
     factorised: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
-
-    def build(self) -> nn.Module:
-        """A randomly initialised model with this spec's structure."""
-        model = timm.create_model(self.model, pretrained=False, **self.model_kwargs)
-        for name, max_rank in self.lowrank.items():
-            dense = model.get_submodule(name)
-            replace_module(
-                model,
-                name,
-                LowRankLinear(dense.in_features, dense.out_features, max_rank, bias=dense.bias is not None),
-            )
-        for name, rank in self.factorised.items():
-            dense = model.get_submodule(name)
-            pair = nn.Sequential(
-                nn.Linear(dense.in_features, rank, bias=False),
-                nn.Linear(rank, dense.out_features, bias=dense.bias is not None),
-            )
-            replace_module(model, name, pair)
-        return model
 
 
 def save_model(stem: str | Path, model: nn.Module, spec: ModelSpec) -> None:
@@ -175,7 +159,7 @@ def load_model(stem: str | Path) -> tuple[nn.Module, ModelSpec]:
         raise UserError(f"{meta_path}: unsupported model format {spec.format!r}, expected {MODEL_FORMAT!r}")
     if not weights_path.is_file():
         raise UserError(f"{weights_path}: model weights not found (run the stage that writes it first)")
-    model = spec.build()
+    model = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
     try:
         safetensors.torch.load_model(model, str(weights_path), strict=True)
     except Exception as error:  # noqa: BLE001 - header, size and key errors all mean a corrupt artifact

@@ -1,27 +1,36 @@
-"""The ``flora`` console script: one subcommand per stage, plus ``flops``, ``export`` and ``check``."""
+"""The ``flora`` console script: one subcommand per stage, plus ``flops``, ``export``, ``check`` and ``dvc-yaml``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
-from . import __version__, decompose, export, flops, pretrain, report, retrain, search, supernet
-from . import filter as filter_stage
+from . import __version__
 from .errors import UserError
+from .layout import STAGES
 from .params import load_params
-from .stage import add_params_argument, run_from_args
+from .stage import add_params_argument, add_stage_arguments, run_from_args
 
-#: Pipeline stages in order: subcommand name -> module with ``run(params)``.
-STAGES = {
-    "pretrain": pretrain,
-    "decompose": decompose,
-    "filter": filter_stage,
-    "supernet": supernet,
-    "search": search,
-    "retrain": retrain,
-    "report": report,
-}
+#: Stage commands in pipeline order (``retrain`` runs both retrain stages, by ``--method``).
+COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of a stage command, found by name: ``flora_steps.<name>``."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _add_command(commands: argparse._SubParsersAction, name: str, module: ModuleType) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=module.__doc__.splitlines()[0],
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,37 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in STAGES.items():
-        summary = module.__doc__.splitlines()[0]
-        stage_parser = commands.add_parser(
-            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-        add_params_argument(stage_parser)
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(stage_parser)
-    flops_parser = commands.add_parser("flops", help=flops.__doc__.splitlines()[0], description=flops.__doc__)
-    flops.add_arguments(flops_parser)
-    export_parser = commands.add_parser(
-        "export",
-        help=export.__doc__.splitlines()[0],
-        description=export.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    export.add_arguments(export_parser)
-    check_parser = commands.add_parser("check", help="validate a params file and exit")
-    add_params_argument(check_parser)
+    for name in COMMANDS:
+        add_stage_arguments(_add_command(commands, name, stage_module(name)), name)
+    for name in ("flops", "export"):
+        module = stage_module(name)
+        module.add_arguments(_add_command(commands, name, module))
+    add_params_argument(commands.add_parser("check", help="validate a params file and exit"))
+    dvc_parser = commands.add_parser("dvc-yaml", help="write dvc.yaml from the pipeline layout (flora_steps/layout.py)")
+    dvc_parser.add_argument("--output", type=Path, default=Path("dvc.yaml"), help="file to write (default: dvc.yaml)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in STAGES:
-        return run_from_args(args.command, STAGES[args.command].run, args)
+    if args.command in COMMANDS:
+        return run_from_args(args.command, stage_module(args.command).run, args)
     try:
-        if args.command == "flops":
-            return flops.run(args)
-        if args.command == "export":
-            return export.run(args)
+        if args.command in ("flops", "export"):
+            return stage_module(args.command).run(args)
+        if args.command == "dvc-yaml":
+            from .dvc_yaml import write
+
+            write(args.output)
+            print(f"wrote {args.output}")
+            return 0
         load_params(args.params)
         print(f"{args.params}: ok")
         return 0

@@ -15,7 +15,7 @@ components is the optimal rank-`r` approximation. Writes `results/decompose/`:
 from __future__ import annotations
 
 import copy
-import time
+import logging
 from fnmatch import fnmatchcase
 
 import pandas as pd
@@ -26,11 +26,10 @@ from .core import CostModel, factorise, find_linear_layers, trace_costs
 from .errors import UserError
 from .figures import plot_spectra
 from .models import input_shape
-from .params import Params
 from .progress import progress
-from .stage import RESULTS, log, stage_dir, stage_main
+from .stage import StageContext, stage_main
 
-STAGE = "decompose"
+log = logging.getLogger(__name__)
 
 
 def spectra_table(spectra: dict[str, torch.Tensor]) -> pd.DataFrame:
@@ -65,10 +64,9 @@ def max_logit_error(dense: torch.nn.Module, factorised: torch.nn.Module, seed: i
     return (dense(x) - factorised(x)).abs().max().item()
 
 
-def run(params: Params) -> None:
-    out = stage_dir(STAGE)
-    started = time.perf_counter()
-    dense, spec = load_model(RESULTS / "pretrain" / "model")
+def run(context: StageContext) -> None:
+    params = context.params
+    dense, spec = load_model(context.input("model"))
     patterns = params.decompose.targets
     names = find_linear_layers(dense, patterns)
     if not names:
@@ -86,19 +84,19 @@ def run(params: Params) -> None:
 
     table = spectra_table(spectra)
     lowrank = {name: factorised.get_submodule(name).max_rank for name in names}
-    save_model(out / "model", factorised, spec.model_copy(update={"lowrank": lowrank}))
-    write_csv(out / "spectra.csv", table)
-    write_csv(out / "layers.csv", layers_table(costs, names))
-    save_figure(out / "spectra.png", plot_spectra(table, patterns))
+    save_model(context.output("model"), factorised, spec.model_copy(update={"lowrank": lowrank}))
+    write_csv(context.output("spectra"), table)
+    write_csv(context.output("layers"), layers_table(costs, names))
+    save_figure(context.output("plot"), plot_spectra(table, patterns))
     write_json(
-        out / "metrics.json",
+        context.output("metrics"),
         {"layers": len(names), "max_abs_logit_error": error, "macs": costs.dense_macs, "params": costs.dense_params}
-        | {"seconds": round(time.perf_counter() - started, 2)},
+        | {"seconds": context.seconds()},
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, __doc__.splitlines()[0], run, argv)
+    return stage_main("decompose", __doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

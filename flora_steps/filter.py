@@ -17,8 +17,8 @@ Writes `results/filter/`:
 
 from __future__ import annotations
 
+import logging
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -32,12 +32,11 @@ from .core.space import BlockSpace, SearchSpace, full_space
 from .data import build_splits, fixed_subset, make_loader
 from .figures import plot_sensitivity, single_layer_kl
 from .models import data_config, input_shape
-from .params import Params
 from .progress import progress
-from .stage import RESULTS, log, stage_dir, stage_main
-from .training import autocast, resolve_device, seed_everything
+from .stage import StageContext, stage_main
+from .training import autocast
 
-STAGE = "filter"
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -65,13 +64,10 @@ def score_block(
     return scores
 
 
-def run(params: Params) -> None:
-    out = stage_dir(STAGE)
-    started = time.perf_counter()
+def run(context: StageContext) -> None:
+    params, device = context.params, context.device
     cfg = params.filter
-    device = resolve_device(params.compute)
-    seed_everything(params.seed)
-    model, _ = load_model(RESULTS / "decompose" / "model")
+    model, _ = load_model(context.input("model"))
     shape = input_shape(model)
     costs = trace_costs(model, shape)
     layers = lowrank_layers(model)
@@ -112,23 +108,23 @@ def run(params: Params) -> None:
 
     filtered = SearchSpace(tuple(kept_blocks))
     table = pd.DataFrame(rows)
-    write_text(out / "space.json", filtered.to_json())
-    write_csv(out / "sensitivity.csv", table)
-    save_figure(out / "sensitivity.png", plot_sensitivity(single_layer_kl(table, space)))
+    write_text(context.output("space"), filtered.to_json())
+    write_csv(context.output("sensitivity"), table)
+    save_figure(context.output("plot"), plot_sensitivity(single_layer_kl(table, space)))
     write_json(
-        out / "metrics.json",
+        context.output("metrics"),
         {
             "scored": len(table),
             "kept": int(table["kept"].sum()),
             "space_size_log10": round(sum(math.log10(len(b.choices)) for b in filtered.blocks), 3),
             "full_space_size_log10": round(sum(math.log10(len(b.choices)) for b in space.blocks), 3),
-            "seconds": round(time.perf_counter() - started, 2),
+            "seconds": context.seconds(),
         },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, __doc__.splitlines()[0], run, argv)
+    return stage_main("filter", __doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .core import restructure
 from .errors import UserError
 
-__all__ = ["create_base_model", "data_config", "input_shape", "is_known_model", "vit_digits"]
+__all__ = ["build_model", "create_base_model", "data_config", "input_shape", "is_known_model", "vit_digits"]
 
 #: Pixel statistics of scikit-learn's digits after scaling to [0, 1].
 DIGITS_MEAN = (0.3051,)
@@ -62,6 +63,16 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 def input_shape(model: nn.Module) -> tuple[int, ...]:
     """One image's (C, H, W) as the model's timm config gives it."""
     return tuple(data_config(model)["input_size"])
+
+
+def build_model(
+    name: str,
+    kwargs: dict[str, Any],
+    lowrank: dict[str, int] | None = None,
+    factorised: dict[str, int] | None = None,
+) -> nn.Module:
+    """An uninitialised timm model ``name`` with the low-rank structure of a saved artifact (``core.restructure``)."""
+    return restructure(timm.create_model(name, pretrained=False, **kwargs), lowrank, factorised)
 
 
 def create_base_model(

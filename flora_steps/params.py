@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 
@@ -70,8 +70,8 @@ class DataParams(Section):
         return self
 
 
-class PretrainParams(Section):
-    """Training (or fine-tuning) of the base model; ``epochs: 0`` only imports and evaluates."""
+class TrainingParams(Section):
+    """What every training run sets (``flora_steps.training.fit``): AdamW, warmup + cosine, clipping."""
 
     epochs: NonNegativeInt
     batch_size: PositiveInt
@@ -79,8 +79,13 @@ class PretrainParams(Section):
     min_lr: NonNegativeFloat
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeInt
+    grad_clip: PositiveFloat | None  # max gradient norm; None: no clipping
+
+
+class PretrainParams(TrainingParams):
+    """Training (or fine-tuning) of the base model; ``epochs: 0`` only imports and evaluates."""
+
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
-    grad_clip: PositiveFloat | None
 
 
 class DecomposeParams(Section):
@@ -98,22 +103,26 @@ class FilterParams(Section):
     bins: PositiveInt  # equal-width MACs bins per block, each keeping its best keep_ratio share
 
 
-class SupernetParams(Section):
-    """Low-rank supernet training with knowledge distillation (see flora_steps/supernet.py)."""
+class SupernetParams(TrainingParams):
+    """Low-rank supernet training with knowledge distillation (see flora_steps/supernet.py).
+
+    ``batch_size`` is the global batch, split over torchrun processes.
+    """
 
     epochs: PositiveInt
-    batch_size: PositiveInt  # global batch, split over torchrun processes
-    lr: PositiveFloat
-    min_lr: NonNegativeFloat
-    weight_decay: NonNegativeFloat
-    warmup_epochs: NonNegativeInt
-    grad_clip: PositiveFloat | None
     sampling: Literal["lowrank", "uniform"]  # lowrank: p ∝ 1 / prod(rank / full rank), the paper's rule
     temperature: PositiveFloat  # distillation temperature
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation, as in the paper
 
 
-Budget = Annotated[float, Field(gt=0, le=1)]
+def _written_as_float(value: Any) -> Any:
+    """Budgets name results folders, and DVC spells a YAML ``1`` as ``1``, not ``1.0``: only floats are accepted."""
+    if isinstance(value, int):
+        raise ValueError(f"write {value!r} as {float(value)!r} (a budget is a fraction written with a decimal point)")
+    return value
+
+
+Budget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0, le=1)]
 
 
 class BudgetParams(Section):
@@ -152,20 +161,16 @@ class SearchParams(Section):
         return self
 
 
-class RetrainParams(Section):
-    """Fine-tuning of each searched subnet and of the uniform baseline, with distillation."""
+class RetrainParams(TrainingParams):
+    """Fine-tuning of each searched subnet and of the uniform baseline, with distillation.
 
-    epochs: NonNegativeInt  # 0: evaluate the inherited / truncated weights only
-    batch_size: PositiveInt
-    lr: PositiveFloat
-    min_lr: NonNegativeFloat
-    weight_decay: NonNegativeFloat
-    warmup_epochs: NonNegativeInt
-    grad_clip: PositiveFloat | None
+    ``epochs: 0`` evaluates the inherited / truncated weights only.
+    """
+
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
-    latency_batch: PositiveInt  # images per forward pass when timing inference
+    latency_batch: PositiveInt  # images per forward pass when timing inference (the latency stage)
     latency_repeats: PositiveInt  # timed forward passes (the median is reported)
 
 

@@ -19,7 +19,9 @@ Outputs are deterministic: the same results give byte-identical files.
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,12 +51,12 @@ from .figures import (
     plot_tradeoff,
     single_layer_kl,
 )
-from .models import input_shape
-from .params import Params
-from .stage import RESULTS, budget_name, log, stage_dir, stage_main
+from .models import build_model, input_shape
+from .layout import budget_name
+from .stage import StageContext, stage_main
 from .tables import costs_table, extra_reduction_table, latex, markdown, ranks_table, readable, results_table
 
-STAGE = "report"
+log = logging.getLogger(__name__)
 SAMPLED_SUBNETS = 4000
 
 
@@ -65,87 +67,91 @@ def read_csv(path) -> pd.DataFrame:
         raise UserError(f"{path}: not found (run the stage that writes it first)") from None
 
 
-def write_table(stem: str, table: pd.DataFrame, shown: pd.DataFrame) -> None:
-    """``<stem>.csv`` (raw numbers), ``<stem>.md`` and ``<stem>.tex`` (readable)."""
-    out = stage_dir(STAGE)
-    write_csv(out / f"{stem}.csv", table)
-    write_text(out / f"{stem}.md", markdown(shown))
-    write_text(out / f"{stem}.tex", latex(shown))
+def write_table(context: StageContext, name: str, table: pd.DataFrame, shown: pd.DataFrame) -> None:
+    """``<name>.csv`` (raw numbers), ``<name>.md`` and ``<name>.tex`` (readable)."""
+    write_csv(context.output(f"{name}_csv"), table)
+    write_text(context.output(f"{name}_md"), markdown(shown))
+    write_text(context.output(f"{name}_tex"), latex(shown))
 
 
-def sampled_macs(params: Params, space, rules=("lowrank", "uniform")) -> tuple[dict[str, np.ndarray], int]:
+def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> tuple[dict[str, np.ndarray], int]:
     """MACs of subnets drawn by each sampling rule from the filtered space (fixed seed), and the dense MACs."""
-    spec = ModelSpec.model_validate(read_json(RESULTS / "decompose" / "model.json", "model description"))
+    spec = ModelSpec.model_validate(read_json(context.input("spec"), "model description"))
     with torch.device("meta"):
-        skeleton = spec.build()
+        skeleton = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
     costs = trace_costs(skeleton, input_shape(skeleton))
     table = MacsTable.from_space(space, costs)
     samples = {}
     for rule in rules:
-        sampler, rng = SubnetSampler(space, rule), np.random.default_rng(params.seed)
+        sampler, rng = SubnetSampler(space, rule), np.random.default_rng(context.params.seed)
         samples[rule] = np.array([table.macs(sampler.sample_indices(rng)) for _ in range(SAMPLED_SUBNETS)], dtype=float)
     return samples, costs.dense_macs
 
 
-def run(params: Params) -> None:
-    out = stage_dir(STAGE)
-    budgets = params.budgets
-    dense = read_json(RESULTS / "pretrain" / "metrics.json", "base model metrics")
+def by_budget(context: StageContext, key: str, budgets: list[float]) -> dict[float, Path]:
+    """The paths of a per-budget input, by budget."""
+    return dict(zip(budgets, context.inputs(key), strict=True))
+
+
+def run(context: StageContext) -> None:
+    params, budgets = context.params, context.params.budgets
+    dense = read_json(context.input("base"), "base model metrics")
     if dense.get("top1") is None:
-        raise UserError("results/pretrain/metrics.json: the base model was not evaluated (data.root missing?)")
+        raise UserError(f"{context.input('base')}: the base model was not evaluated (data.root missing?)")
     methods = {
-        "uniform": {
-            b: read_json(RESULTS / "retrain" / "uniform" / budget_name(b) / "metrics.json", "metrics")
-            for b in budgets.uniform
-        },
-        "flora": {
-            b: read_json(RESULTS / "retrain" / "flora" / budget_name(b) / "metrics.json", "metrics")
-            for b in budgets.search
-        },
+        method: {b: read_json(path, "metrics") for b, path in by_budget(context, method, values).items()}
+        for method, values in (("uniform", budgets.uniform), ("flora", budgets.search))
     }
     results = results_table(dense, methods)
     extra = extra_reduction_table(results)
     divisor, unit = macs_unit(dense["macs"])
-    write_table("results", results, readable(results, divisor, unit))
-    write_table("extra_reduction", extra, readable(extra, divisor, unit))
+    write_table(context, "results", results, readable(results, divisor, unit))
+    write_table(context, "extra_reduction", extra, readable(extra, divisor, unit))
 
-    layers = read_csv(RESULTS / "decompose" / "layers.csv")
-    configs = {b: read_rank_config(RESULTS / "search" / budget_name(b) / "ranks.json").ranks for b in budgets.search}
+    layers = read_csv(context.input("layers"))
+    configs = {
+        b: read_rank_config(path).ranks for b, path in by_budget(context, "search_ranks", budgets.search).items()
+    }
     ranks = ranks_table(layers, configs)
-    write_table("ranks", ranks, ranks)
+    write_table(context, "ranks", ranks, ranks)
 
     seconds = [
-        (stage, read_json(RESULTS / stage / "metrics.json", "metrics")["seconds"])
-        for stage in ("pretrain", "decompose", "filter", "supernet")
+        (stage, read_json(context.input(key), "metrics")["seconds"])
+        for stage, key in (
+            ("pretrain", "base"),
+            ("decompose", "decompose"),
+            ("filter", "filter"),
+            ("supernet", "supernet"),
+        )
     ]
     seconds += [
-        (f"search {b}", read_json(RESULTS / "search" / budget_name(b) / "metrics.json", "metrics")["seconds"])
-        for b in budgets.search
+        (f"search {b}", read_json(path, "metrics")["seconds"])
+        for b, path in by_budget(context, "search", budgets.search).items()
     ]
     seconds += [
         (f"retrain {m} {b}", metrics["seconds"])
-        for m, by_budget in methods.items()
-        for b, metrics in sorted(by_budget.items())
+        for m, results_by_budget in methods.items()
+        for b, metrics in sorted(results_by_budget.items())
     ]
     costs = costs_table(seconds)
-    write_table("costs", costs, readable(costs, divisor, unit))
+    write_table(context, "costs", costs, readable(costs, divisor, unit))
 
-    space = read_space(RESULTS / "filter" / "space.json")
-    histories = {budget_name(b): read_csv(RESULTS / "search" / budget_name(b) / "history.csv") for b in budgets.search}
+    space = read_space(context.input("space"))
+    histories = {
+        budget_name(b): read_csv(path) for b, path in by_budget(context, "search_history", budgets.search).items()
+    }
     fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
         ranks.set_index("layer")["full_rank"], axis=0
     )
-    save_figure(out / "tradeoff.png", plot_tradeoff(results, extra))
+    save_figure(context.output("tradeoff"), plot_tradeoff(results, extra))
+    save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
     save_figure(
-        out / "spectra.png", plot_spectra(read_csv(RESULTS / "decompose" / "spectra.csv"), params.decompose.targets)
+        context.output("sensitivity"),
+        plot_sensitivity(single_layer_kl(read_csv(context.input("sensitivity")), space)),
     )
-    save_figure(
-        out / "sensitivity.png",
-        plot_sensitivity(single_layer_kl(read_csv(RESULTS / "filter" / "sensitivity.csv"), space)),
-    )
-    save_figure(out / "search.png", plot_search(histories))
-    save_figure(out / "ranks.png", plot_ranks(fractions))
-    save_figure(out / "sampling.png", plot_sampling(*sampled_macs(params, space)))
+    save_figure(context.output("search"), plot_search(histories))
+    save_figure(context.output("ranks_figure"), plot_ranks(fractions))
+    save_figure(context.output("sampling"), plot_sampling(*sampled_macs(context, space)))
 
     best = extra.dropna(subset=["extra_reduction"])
     summary = {
@@ -165,7 +171,7 @@ def run(params: Params) -> None:
         "max_extra_macs_reduction": float(best["extra_reduction"].max()) if len(best) else None,
         "pipeline_seconds": round(float(costs["seconds"].iloc[-1]), 2),
     }
-    write_json(out / "summary.json", summary)
+    write_json(context.output("summary"), summary)
     log.info(
         "FLORA vs uniform at equal top-1: up to %s extra MACs reduction",
         "n/a" if summary["max_extra_macs_reduction"] is None else f"{100 * summary['max_extra_macs_reduction']:.1f}%",
@@ -173,7 +179,7 @@ def run(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, __doc__.splitlines()[0], run, argv)
+    return stage_main("report", __doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ visited subnets) is `flora_steps.core.evolution`. Writes `results/search/<budget
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import total_ordering
@@ -31,12 +32,11 @@ from .core.evolution import EvolutionSettings, Genome, MacsTable, evolve, genome
 from .data import build_splits, fixed_subset, make_loader
 from .errors import UserError
 from .models import data_config, input_shape
-from .params import Params
 from .progress import progress
-from .stage import RESULTS, add_budget_argument, budget_name, check_budget, log, stage_dir, stage_main
-from .training import autocast, distillation_loss, resolve_device, seed_everything
+from .stage import StageContext, stage_main
+from .training import autocast, distillation_loss
 
-STAGE = "search"
+log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["generation", "evaluations", "best_top1", "best_loss", "top_k_mean_top1", "best_macs"]
 
 
@@ -75,17 +75,12 @@ class SubnetScorer:
         return Fitness(correct / count, loss / count)
 
 
-def run(params: Params, budget: float) -> None:
-    check_budget(budget, params.budgets.search, "budgets.search")
+def run(context: StageContext) -> None:
+    params, device, budget = context.params, context.device, context.budget
     cfg = params.search
-    out = stage_dir(f"{STAGE}/{budget_name(budget)}")
-    started = time.perf_counter()
-    device = resolve_device(params.compute)
-    seed_everything(params.seed)
-
-    supernet, spec = load_model(RESULTS / "supernet" / "model")
-    teacher, _ = load_model(RESULTS / "pretrain" / "model")
-    space = read_space(RESULTS / "filter" / "space.json")
+    supernet, spec = load_model(context.input("model"))
+    teacher, _ = load_model(context.input("teacher"))
+    space = read_space(context.input("space"))
     costs = trace_costs(supernet, input_shape(supernet))
     table = MacsTable.from_space(space, costs)
     dense = costs.dense_macs
@@ -107,7 +102,7 @@ def run(params: Params, budget: float) -> None:
     scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp)
     log.info(
         "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images",
-        budget_name(budget),
+        context.budget_name,
         low,
         high,
         dense,
@@ -124,7 +119,7 @@ def run(params: Params, budget: float) -> None:
         crossovers=cfg.crossovers,
         generations=cfg.generations,
     )
-    bar = progress(desc=f"search {budget_name(budget)}", total=cfg.generations)
+    bar = progress(desc=f"search {context.budget_name}", total=cfg.generations)
 
     def fitness(genome: Genome) -> Fitness:
         return scorer(space.ranks(genome_choices(space, genome)))
@@ -166,10 +161,10 @@ def run(params: Params, budget: float) -> None:
         ],
         columns=HISTORY_COLUMNS,
     )
-    write_rank_config(out / "ranks.json", RankConfig(model=spec.model, ranks=ranks))
-    write_csv(out / "history.csv", history)
+    write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
+    write_csv(context.output("history"), history)
     write_json(
-        out / "metrics.json",
+        context.output("metrics"),
         {
             "budget": budget,
             "top1": result.score.top1,  # val top-1 with the supernet's inherited weights
@@ -179,7 +174,7 @@ def run(params: Params, budget: float) -> None:
             "params": costs.params(ranks),
             "evaluations": result.evaluations,
             "evaluations_per_second": round(result.evaluations / search_seconds, 2),
-            "seconds": round(time.perf_counter() - started, 2),
+            "seconds": context.seconds(),
         },
     )
     log.info(
@@ -191,11 +186,8 @@ def run(params: Params, budget: float) -> None:
     )
 
 
-add_arguments = add_budget_argument
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, __doc__.splitlines()[0], run, argv, add_arguments)
+    return stage_main("search", __doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

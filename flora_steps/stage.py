@@ -1,4 +1,4 @@
-"""What every stage command shares: its results folder, its log file and its error handling."""
+"""What every stage command shares: its context (paths, device, seed, timer, identity), log and errors."""
 
 from __future__ import annotations
 
@@ -7,86 +7,175 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+import numpy as np
+import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import UserError
+from .layout import STAGES, Stage, budget_name, input_paths, param_value, stage_for
 from .params import Params, load_params
 
-RESULTS = Path("results")
-log = logging.getLogger("flora")
+log = logging.getLogger(__name__)
+PACKAGE_LOG = logging.getLogger(__package__)
 
 
-def stage_dir(stage: str) -> Path:
-    """``results/<stage>/`` (``stage`` may have sub-folders, e.g. ``search/0.5``), created if missing."""
-    path = RESULTS / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def fingerprint(*parts: BaseModel | int | str) -> str:
-    """A short hash of params sections, to tell whether a checkpoint belongs to this run."""
-    text = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _configure_logging(stage: str) -> logging.FileHandler | None:
-    """Log to stderr and ``results/<stage>/log.txt``; extra torchrun processes only warn, to stderr."""
-    log.handlers.clear()
-    log.propagate = False
+@dataclass
+class StageContext:
+    """One run of a stage: its params, budget, input and output paths, device, timer and identity."""
+
+    stage: Stage
+    params: Params
+    budget: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def method(self) -> str | None:
+        return self.stage.method
+
+    @property
+    def budget_name(self) -> str | None:
+        return None if self.budget is None else budget_name(self.budget)
+
+    @cached_property
+    def out(self) -> Path:
+        """The run's results folder (created on first use)."""
+        folder = self.stage.directory(self.budget_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def output(self, key: str) -> Path:
+        """Where the run writes its output ``key`` (a name of ``layout.STAGES[...].outputs``)."""
+        return self.out / self.stage.path(key, self.budget_name).name
+
+    def inputs(self, key: str) -> list[Path]:
+        """The paths of input ``key``: one, or one per budget when a per-budget stage makes it."""
+        return input_paths(self.stage.name, self.budget_name, self.params.budgets.model_dump())[key]
+
+    def input(self, key: str) -> Path:
+        """The path of input ``key``, made by a stage that runs once (or at this run's budget)."""
+        (path,) = self.inputs(key)
+        return path
+
+    @cached_property
+    def device(self) -> torch.device:
+        """The torch device ``compute.device`` asks for (CUDA under ``auto`` when present)."""
+        wanted = self.params.compute.device
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise UserError("compute.device: cuda requested but no CUDA device is available")
+        if wanted == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(wanted)
+
+    def seconds(self) -> float:
+        """Wall time since the run started, rounded to 10 ms."""
+        return round(time.perf_counter() - self.started, 2)
+
+    @cached_property
+    def _input_digests(self) -> dict[str, list[str]]:
+        digests = {key: [file_digest(path) for path in self.inputs(key)] for key in self.stage.inputs}
+        dumped = self.params.model_dump(mode="json")
+        for key in self.stage.file_params:
+            path = param_value(dumped, key)
+            digests[key] = [file_digest(Path(path))] if path is not None and Path(path).is_file() else []
+        return digests
+
+    def identity(self, **extra: Any) -> str:
+        """A hash of everything the run's results depend on: its tracked params' values,
+        its budget, the content of every input artifact and input file named by a
+        param (``Stage.file_params``), and ``extra`` (JSON values).
+
+        A training checkpoint is resumed only by a run with the same identity.
+        """
+        dumped = self.params.model_dump(mode="json")
+        description = {
+            "stage": self.stage.name,
+            "budget": self.budget_name,
+            "params": {key: param_value(dumped, key) for key in self.stage.params},
+            "inputs": self._input_digests,
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _configure_logging(folder: Path | None, label: str) -> logging.FileHandler | None:
+    """Log to stderr, and to ``folder/log.txt`` when given; extra torchrun processes only warn, to stderr."""
+    PACKAGE_LOG.handlers.clear()
+    PACKAGE_LOG.propagate = False
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(f"flora {stage}: %(message)s"))
-    log.addHandler(console)
+    console.setFormatter(logging.Formatter(f"flora {label}: %(message)s"))
+    PACKAGE_LOG.addHandler(console)
     if os.environ.get("RANK", "0") != "0":
-        log.setLevel(logging.WARNING)
+        PACKAGE_LOG.setLevel(logging.WARNING)
         return None
-    log.setLevel(logging.INFO)
-    file = logging.FileHandler(stage_dir(stage) / "log.txt", mode="w")
+    PACKAGE_LOG.setLevel(logging.INFO)
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(folder / "log.txt", mode="w")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(file)
+    PACKAGE_LOG.addHandler(file)
     return file
 
 
-def budget_name(budget: float) -> str:
-    """A budget as its results folder, Snakemake wildcard and DVC ``foreach`` item spell it: 0.5 -> ``0.5``."""
-    return repr(float(budget))
-
-
-def add_params_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-
-
-def add_budget_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
-    )
-
-
-def check_budget(budget: float, allowed: Sequence[float], key: str) -> None:
-    """Raise ``UserError`` unless ``budget`` is one of the params' ``key`` budgets."""
+def _check_budget(stage: Stage, budget: float | None, params: Params) -> None:
+    if stage.foreach is None:
+        return
+    allowed = getattr(params.budgets, stage.foreach.split(".")[1])
     if budget not in allowed:
-        raise UserError(f"--budget {budget}: not one of {key} {list(allowed)}")
+        raise UserError(f"--budget {budget}: not one of {stage.foreach} {list(allowed)}")
 
 
-def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> int:
-    """Load params, log to ``results/<stage>/log.txt``, run the stage; user errors become one line.
+def run_stage(
+    module: str, run: Callable[[StageContext], None], params_path: Path, method: str | None = None, budget=None
+) -> int:
+    """Load params, log to the run's ``log.txt``, run the stage; user errors become one line.
 
-    ``stage`` may name a sub-folder (``search/0.5``) for stages that run once per budget.
+    Nothing is written for a run rejected before it starts (bad params, a budget not listed).
     """
-    file_handler = _configure_logging(stage)
-    started = time.perf_counter()
+    stage = stage_for(module, method)
+    label = "/".join(part for part in (module, method, None if budget is None else budget_name(budget)) if part)
+    _configure_logging(None, label)
     try:
         params = load_params(params_path)
+        _check_budget(stage, budget, params)
+    except UserError as error:
+        log.error("error: %s", error)
+        return 2
+    context = StageContext(stage, params, budget)
+    file_handler = _configure_logging(context.out, label)
+    try:
         log.info("params from %s", params_path)
-        with logging_redirect_tqdm([log]):
-            run(params)
-        log.info("done in %.1f s", time.perf_counter() - started)
+        if params.compute.threads:
+            torch.set_num_threads(params.compute.threads)
+        seed_everything(params.seed)
+        with logging_redirect_tqdm([PACKAGE_LOG]):
+            run(context)
+        log.info("done in %.1f s", context.seconds())
         return 0
     except UserError as error:
         log.error("error: %s", error)
@@ -96,31 +185,34 @@ def run_stage(stage: str, run: Callable[[Params], None], params_path: Path) -> i
         return 130
     finally:
         if file_handler is not None:
-            log.removeHandler(file_handler)
+            PACKAGE_LOG.removeHandler(file_handler)
             file_handler.close()
 
 
-def run_from_args(stage: str, run: Callable[..., None], args: argparse.Namespace) -> int:
-    """Run a stage from its parsed arguments.
-
-    ``--method`` and ``--budget``, where the stage has them, are passed on to ``run``
-    and pick its results sub-folder: ``results/<stage>/[<method>/][<budget>/]``.
-    """
-    options = {key: getattr(args, key) for key in ("method", "budget") if getattr(args, key, None) is not None}
-    folder = "/".join([stage, *[budget_name(v) if k == "budget" else v for k, v in options.items()]])
-    return run_stage(folder, partial(run, **options), args.params)
+def add_params_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
 
 
-def stage_main(
-    stage: str,
-    description: str,
-    run: Callable[..., None],
-    argv: Sequence[str] | None = None,
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> int:
-    """Entry point for ``python -m flora_steps.<stage>``; ``add_arguments`` adds the stage's own options."""
-    parser = argparse.ArgumentParser(prog=f"python -m flora_steps.{stage}", description=description)
+def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    """``--params``, and ``--method``/``--budget`` where the module runs per method or budget."""
     add_params_argument(parser)
-    if add_arguments is not None:
-        add_arguments(parser)
-    return run_from_args(stage, run, parser.parse_args(argv))
+    stages = [stage for stage in STAGES.values() if stage.module == module]
+    methods = [stage.method for stage in stages if stage.method]
+    if methods:
+        parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
+    if any(stage.foreach for stage in stages):
+        parser.add_argument(
+            "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+        )
+
+
+def run_from_args(module: str, run: Callable[[StageContext], None], args: argparse.Namespace) -> int:
+    """Run a stage from its parsed arguments."""
+    return run_stage(module, run, args.params, getattr(args, "method", None), getattr(args, "budget", None))
+
+
+def stage_main(module: str, description: str, run: Callable[[StageContext], None], argv: Sequence[str] | None) -> int:
+    """Entry point for ``python -m flora_steps.<module>``."""
+    parser = argparse.ArgumentParser(prog=f"python -m flora_steps.{module}", description=description)
+    add_stage_arguments(parser, module)
+    return run_from_args(module, run, parser.parse_args(argv))

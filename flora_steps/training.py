@@ -1,10 +1,17 @@
-"""Pieces shared by the training stages: device, seeding, optimizer, schedule, evaluation."""
+"""The one training loop of the pipeline, and the pieces it and the stages share.
+
+``fit`` owns everything a training run has in common: the data loader and its
+per-epoch seeding, AdamW with warmup + cosine, bfloat16 autocast on CUDA, the
+non-finite-loss check, gradient clipping, DDP under ``torchrun``, a checkpoint
+after every epoch and resuming from it, the per-epoch history and the progress bar.
+A stage passes its own loss (``LossFn``) and its own evaluation (``EvaluateFn``).
+"""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable
-from pathlib import Path
+import logging
+import os
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import timm.optim
@@ -13,30 +20,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .artifacts import load_checkpoint
+from .artifacts import load_checkpoint, save_checkpoint
+from .data import make_loader
 from .errors import UserError
-from .params import ComputeParams
+from .params import TrainingParams
 from .progress import progress
-from .stage import log
+from .stage import StageContext
+
+log = logging.getLogger(__name__)
+
+#: (model, images, labels, rng) -> loss; ``rng`` is the epoch's generator for any sampling the loss does.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.random.Generator], torch.Tensor]
+#: model -> named numbers after an epoch (e.g. ``val_top1``); they become history columns.
+EvaluateFn = Callable[[nn.Module], dict[str, float]]
+
+CHECKPOINT = "checkpoint.pt"
 
 
-def resolve_device(compute: ComputeParams) -> torch.device:
-    """The torch device ``compute.device`` asks for; also applies ``compute.threads``."""
-    if compute.threads:
-        torch.set_num_threads(compute.threads)
-    if compute.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("compute.device: cuda requested but no CUDA device is available")
-    if compute.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(compute.device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process under ``torchrun``; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -64,37 +70,9 @@ def build_scheduler(
     )
 
 
-def resume(checkpoint: Path, run_id: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Restore ``model`` and ``optimizer`` from ``checkpoint`` if it belongs to ``run_id``.
-
-    Returns (epochs already done, per-epoch history so far); (0, []) to start fresh.
-    """
-    state = load_checkpoint(checkpoint)
-    if state is None:
-        return 0, []
-    if state.get("run_id") != run_id:
-        log.info("ignoring %s: it belongs to other params", checkpoint)
-        return 0, []
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
-    return state["epoch"], state["history"]
-
-
-def optimizer_step(
-    loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, lr_key: str
-) -> None:
-    """Backward pass, optional gradient-norm clipping and one optimizer step.
-
-    A non-finite loss stops training with a one-line error naming ``lr_key``.
-    """
-    if not torch.isfinite(loss):
-        raise UserError(f"{lr_key}: training diverged (loss {loss.item()}); lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch's randomness, so that a resumed run equals an uninterrupted one."""
+    return seed * 100_003 + epoch
 
 
 def distillation_loss(
@@ -108,19 +86,15 @@ def distillation_loss(
     return (1 - hard_weight) * soft + hard_weight * F.cross_entropy(student, labels)
 
 
-def weights_in_sync(model: nn.Module) -> bool:
-    """True when every process of the running process group holds exactly the same parameters."""
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, src=0)
-    same = torch.tensor([float(torch.equal(flat, reference))], device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
+def distillation(teacher: nn.Module, temperature: float, hard_weight: float) -> LossFn:
+    """The loss of a student distilled from ``teacher`` (frozen, in eval mode)."""
 
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            targets = teacher(images).float()
+        return distillation_loss(model(images).float(), targets, labels, temperature, hard_weight)
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of one epoch's randomness, so that a resumed run equals an uninterrupted one."""
-    return seed * 100_003 + epoch
+    return loss
 
 
 @torch.no_grad()
@@ -149,3 +123,130 @@ def evaluate(
     if count == 0:
         raise UserError("evaluation split is empty")
     return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count}
+
+
+def weights_in_sync(model: nn.Module) -> bool:
+    """True when every process of the running process group holds exactly the same parameters."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    same = torch.tensor([float(torch.equal(flat, reference))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
+def train_loader(dataset: Dataset, batch_size: int, context: StageContext, section: str) -> DataLoader:
+    """Shuffled batches of ``dataset``; under ``torchrun`` each process gets its share of the global batch."""
+    rank, world_size = world()
+    workers = context.params.compute.workers
+    if world_size == 1:
+        return make_loader(dataset, batch_size, shuffle=True, workers=workers)
+    if batch_size % world_size:
+        raise UserError(f"{section}.batch_size: {batch_size} does not split evenly over {world_size} processes")
+    sampler = DistributedSampler(dataset, shuffle=True, seed=context.params.seed, drop_last=True)
+    return DataLoader(dataset, batch_size // world_size, sampler=sampler, num_workers=workers, drop_last=True)
+
+
+def resume(
+    checkpoint: os.PathLike, identity: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict]]:
+    """Restore ``model`` and ``optimizer`` from ``checkpoint`` if it has this run's ``identity``.
+
+    Returns (epochs already done, history so far); (0, []) to start fresh, saying why in the log.
+    """
+    try:
+        state = load_checkpoint(checkpoint)
+    except ValueError as error:
+        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, error)
+        return 0, []
+    if state is None:
+        return 0, []
+    if state.get("identity") != identity:
+        log.info(
+            "not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", checkpoint
+        )
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
+    return state["epoch"], state["history"]
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    evaluate_fn: EvaluateFn,
+    cfg: TrainingParams,
+    context: StageContext,
+    section: str,
+) -> list[dict]:
+    """Train ``model`` on ``dataset`` for ``cfg.epochs`` and return the history, one row per epoch.
+
+    Each row is ``epoch``, ``train_loss``, ``lr`` and what ``evaluate_fn`` returns.
+    After every epoch the first process saves a checkpoint; a rerun with the same
+    identity (``context.identity``) resumes from it and ends with the same weights
+    as an uninterrupted run. ``section`` names the params section in error messages.
+    """
+    rank, world_size = world()
+    seed, device, amp = context.params.seed, context.device, context.params.compute.amp
+    loader = train_loader(dataset, cfg.batch_size, context, section)
+    steps_per_epoch = len(loader)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr
+    )
+    checkpoint = context.out / CHECKPOINT
+    identity = context.identity(processes=world_size)
+    start_epoch, history = resume(checkpoint, identity, model, optimizer)
+    network = DistributedDataParallel(model) if world_size > 1 else model
+
+    bar = progress(desc=section, total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(epoch_seed(seed, epoch) + rank)
+        if world_size > 1:
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(epoch_seed(seed, epoch))
+        rng = np.random.default_rng(epoch_seed(seed, epoch))  # the same on every process
+        model.train()
+        loss_sum = 0.0
+        for step, (images, labels) in enumerate(loader):
+            scheduler.step_update(epoch * steps_per_epoch + step)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, amp):
+                loss = loss_fn(network, images, labels, rng)
+            if not torch.isfinite(loss):
+                raise UserError(f"{section}.lr: training diverged (loss {loss.item()}); lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row | evaluate_fn(model))
+        log.info(
+            "epoch %d/%d  %s",
+            epoch + 1,
+            cfg.epochs,
+            "  ".join(f"{key} {value:.4f}" for key, value in history[-1].items() if key != "epoch"),
+        )
+        if rank == 0:
+            state = {"identity": identity, "epoch": epoch + 1, "history": history}
+            save_checkpoint(checkpoint, state | {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        if world_size > 1:
+            dist.barrier()
+    bar.close()
+    if world_size > 1:
+        if not weights_in_sync(model):
+            raise RuntimeError("DDP processes ended with different weights")
+        log.info("weights identical on all %d processes", world_size)
+    return history
+
+
+def finish(context: StageContext) -> None:
+    """Remove the run's checkpoint once its results are written."""
+    (context.out / CHECKPOINT).unlink(missing_ok=True)

@@ -56,6 +56,7 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
     commands += [["search", "--budget", str(b)] for b in params["budgets"]["search"]]
     commands += [["retrain", "--method", "flora", "--budget", str(b)] for b in params["budgets"]["search"]]
     commands += [["retrain", "--method", "uniform", "--budget", str(b)] for b in params["budgets"]["uniform"]]
+    commands += [["latency"]]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
         for command in commands:
@@ -63,12 +64,14 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
     return directory
 
 
-def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch, module) -> list[int]:
-    """Make ``module.save_checkpoint`` save and then raise ``KeyboardInterrupt`` after epoch 1, once.
+def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the training loop's ``save_checkpoint`` save and then raise ``KeyboardInterrupt`` after epoch 1, once.
 
     As if the job were killed right after its first checkpoint. Returns the epochs
     saved so far, a list that keeps growing over later runs.
     """
+    import flora_steps.training as module
+
     real_save = module.save_checkpoint
     saves: list[int] = []
 

@@ -78,7 +78,7 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
 def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched: Path, method: str) -> None:
     out = searched / "results/retrain" / method / "0.5"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"top1", "top5", "val_top1", "macs", "params", "latency_ms_cpu", "dense_latency_ms_cpu"} <= set(metrics)
+    assert {"top1", "top5", "val_top1", "macs", "params"} <= set(metrics)
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
     assert metrics["macs"] <= 0.5 * DENSE_MACS
     model, spec = load_model(out / "model")
@@ -91,6 +91,20 @@ def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched:
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
 
 
+def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) -> None:
+    table = pd.read_csv(searched / "results/latency/latency.csv")
+    assert list(zip(table["method"], table["budget"], strict=True)) == [
+        ("dense", 1.0),
+        ("flora", 0.5),
+        ("uniform", 0.5),
+        ("uniform", 0.8),
+    ]
+    assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()
+    assert table.set_index("method").loc["dense", "speedup"] == 1
+    metrics = json.loads((searched / "results/latency/metrics.json").read_text())
+    assert metrics["cpu"]["flora 0.5"] == table.set_index(["method", "budget"]).loc[("flora", 0.5), "latency_ms"]
+
+
 def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) -> None:
     flora = json.loads((searched / "results/retrain/flora/0.5/ranks.json").read_text())
     searched_ranks = json.loads((searched / "results/search/0.5/ranks.json").read_text())
@@ -99,21 +113,19 @@ def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) 
     assert 0 < uniform["rank_ratio"] < 1
 
 
-def test_compressed_model_loads_with_torch_and_timm_only(searched: Path) -> None:
-    """The few lines the README shows for loading a compressed model without flora."""
+def test_compressed_model_loads_with_torch_timm_and_the_core_library(searched: Path) -> None:
+    """The few lines the README shows for loading a compressed model in one's own code."""
     import timm
     from safetensors.torch import load_file
+
+    from flora_steps.core import factorised_pair
 
     stem = searched / "results/retrain/flora/0.5/model"
     spec = json.loads(stem.with_suffix(".json").read_text())
     model = timm.create_model(spec["model"], **spec["model_kwargs"])
     for name, rank in spec["factorised"].items():
         dense = model.get_submodule(name)
-        pair = torch.nn.Sequential(
-            torch.nn.Linear(dense.in_features, rank, bias=False),
-            torch.nn.Linear(rank, dense.out_features, bias=dense.bias is not None),
-        )
-        model.set_submodule(name, pair)
+        model.set_submodule(name, factorised_pair(dense.in_features, dense.out_features, rank, dense.bias is not None))
     model.load_state_dict(load_file(stem.with_suffix(".safetensors")))
 
     reference, _ = load_model(stem)
@@ -164,8 +176,6 @@ def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allow
 
 
 def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Path, tmp_path: Path, monkeypatch):
-    import flora_steps.retrain
-
     params = yaml.safe_load((searched / "params.yaml").read_text())
     params["retrain"]["epochs"] = 2
     (tmp_path / "results").mkdir()
@@ -179,7 +189,7 @@ def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Pat
     uninterrupted = (out / "model.safetensors").read_bytes()
     shutil.rmtree(out)
 
-    saves = kill_after_first_epoch(monkeypatch, flora_steps.retrain)
+    saves = kill_after_first_epoch(monkeypatch)
     assert main(command) == 130
     assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
     assert main(command) == 0

@@ -11,7 +11,6 @@ import timm
 import torch
 from conftest import kill_after_first_epoch, write_params
 
-import flora_steps.pretrain
 from flora_steps.artifacts import load_model
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
@@ -66,7 +65,7 @@ def test_a_killed_pretrain_resumes_and_matches_an_uninterrupted_run(
     uninterrupted = (workdir / "results/pretrain/model.safetensors").read_bytes()
     history = pd.read_csv(workdir / "results/pretrain/history.csv")
 
-    saves = kill_after_first_epoch(monkeypatch, flora_steps.pretrain)
+    saves = kill_after_first_epoch(monkeypatch)
     (workdir / "results").rename(workdir / "first")
     assert run_stage("pretrain", params) == 130
     assert (workdir / "results/pretrain/checkpoint.pt").exists()
@@ -81,9 +80,9 @@ def test_a_killed_pretrain_resumes_and_matches_an_uninterrupted_run(
 def test_a_checkpoint_of_other_params_is_not_resumed(workdir: Path, smoke_params: dict) -> None:
     params = write_params(workdir / "params.yaml", smoke_params)
     (workdir / "results/pretrain").mkdir(parents=True)
-    torch.save({"run_id": "someone-else", "epoch": 1}, workdir / "results/pretrain/checkpoint.pt")
+    torch.save({"identity": "someone-else", "epoch": 1}, workdir / "results/pretrain/checkpoint.pt")
     assert run_stage("pretrain", params) == 0
-    assert "ignoring" in (workdir / "results/pretrain/log.txt").read_text()
+    assert "not resuming from" in (workdir / "results/pretrain/log.txt").read_text()
 
 
 def test_pretrain_imports_a_checkpoint_without_training(workdir: Path, smoke_params: dict) -> None:

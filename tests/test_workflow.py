@@ -1,7 +1,8 @@
-"""Snakefile and dvc.yaml: the same stages and commands, the smoke profile end to end, dry runs."""
+"""Snakefile and dvc.yaml: the same commands, the smoke profile end to end, what reruns after an edit, dry runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_project
+
+from flora_steps.layout import PACKAGE, STAGES, budget_name, code_files
 
 PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -29,84 +32,6 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd)
-
-
-def snakefile_rules() -> dict[str, dict]:
-    """Each rule's shell command and output/log files, read from the Snakefile text."""
-    rules = {}
-    for block in re.split(r"^rule ", (ROOT / "Snakefile").read_text(), flags=re.M)[1:]:
-        name = block.split(":", 1)[0]
-        shell = re.search(r'shell:\s*\n\s*"([^"]+)"', block)
-        files = set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("params:")[0]))
-        inputs = (
-            set(re.findall(r'"((?:results|flora_steps)/[^"]+)"', block.split("output:")[0]))
-            if "output:" in block
-            else files
-        )
-        rules[name] = {"cmd": shell.group(1) if shell else None, "files": files - inputs, "inputs": inputs}
-    return rules
-
-
-def dvc_stages() -> dict[str, dict]:
-    """Each stage's command, outputs, inputs and params; ``foreach`` items written as Snakemake's ``{budget}``."""
-    text = (ROOT / "dvc.yaml").read_text().replace("${item}", "{budget}")
-    stages = {}
-    for name, stage in yaml.safe_load(text)["stages"].items():
-        if "foreach" in stage:
-            stage = stage["do"]
-        files = set()
-        for key in ("outs", "metrics", "plots"):
-            for entry in stage.get(key, []):
-                files.add(entry if isinstance(entry, str) else next(iter(entry)))
-        deps = {d for d in stage["deps"] if d.startswith(("results/", "flora_steps/"))}
-        stages[name] = {"cmd": stage["cmd"], "files": files, "inputs": deps, "params": stage["params"]}
-    return stages
-
-
-def same_inputs(snakemake_inputs: set[str], dvc_deps: set[str]) -> bool:
-    """Each Snakemake input is a DVC dep or lies in a DVC dep folder, and every DVC dep is used."""
-
-    def within(path: str, dep: str) -> bool:
-        return path == dep or path.startswith(dep + "/")
-
-    return all(any(within(p, d) for d in dvc_deps) for p in snakemake_inputs) and all(
-        any(within(p, d) for p in snakemake_inputs) for d in dvc_deps
-    )
-
-
-def test_snakefile_and_dvc_yaml_wire_the_same_stages() -> None:
-    rules, stages = snakefile_rules(), dvc_stages()
-    assert set(rules) - {"all"} == set(stages)
-    for name, stage in stages.items():
-        rule = rules[name]
-        command = rule["cmd"].replace("{PARAMS_FILE}", "params.yaml").replace("{wildcards.budget}", "{budget}")
-        assert command == stage["cmd"]
-        module, _, method = name.partition("_")
-        assert stage["cmd"].startswith(f"python -m flora_steps.{module} --params params.yaml")
-        if method:
-            assert f"--method {method} --budget {{budget}}" in stage["cmd"]
-        benchmark = {path for path in rule["files"] if path.endswith("benchmark.tsv")}
-        assert len(benchmark) == 1 and rule["files"] - benchmark == stage["files"], name
-        assert same_inputs(rule["inputs"], stage["inputs"]), name
-        folder = f"results/{module}/{method}/" if method else f"results/{module}/"
-        assert all(path.startswith(folder) for path in stage["files"]), name
-    snakefile = (ROOT / "Snakefile").read_text()
-    for name, stage in stages.items():
-        block = snakefile.split(f"rule {name}:")[1].split("\nrule ")[0]
-        tracked = re.search(r"tracked\(([^)]*)\)", block).group(1)
-        assert [s.strip().strip('"') for s in tracked.split(",")] == stage["params"]
-
-
-def test_pinned_environments_agree() -> None:
-    requirements = {
-        line.strip()
-        for line in (ROOT / "requirements.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    }
-    conda = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    assert set(pip) == requirements
-    assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +52,7 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "retrain/flora/0.5/model.safetensors",
         "retrain/uniform/0.5/metrics.json",
         "retrain/uniform/0.8/log.txt",
+        "latency/latency.csv",
     ):
         assert (project / "results" / path).is_file(), path
     dry = snakemake("-n", "--cores", "2", *config, cwd=project)
@@ -140,13 +66,104 @@ def test_snakemake_report_has_the_figures_and_tables(project: Path) -> None:
         assert name in html, name
 
 
-def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path) -> None:
+def planned_jobs(output: str) -> set[str]:
+    """The rules a Snakemake dry run would run, from its job-stats table (without ``all``)."""
+    table = output.split("Job stats:")[1].split("total")[0] if "Job stats:" in output else ""
+    rows = [line.split()[0] for line in table.splitlines() if line.strip() and not line.startswith(("job ", "-"))]
+    return set(rows) - {"all"}
+
+
+def downstream(stages: set[str]) -> set[str]:
+    """``stages`` and every stage that reads their outputs, directly or not."""
+    found = set(stages)
+    while True:
+        more = {s.name for s in STAGES.values() if any(r.stage in found for r in s.inputs.values())} - found
+        if not more:
+            return found
+        found |= more
+
+
+def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
     changed = yaml.safe_load((project / "configs/smoke.yaml").read_text())
-    changed["decompose"]["targets"] = ["*.attn.qkv"]
+    changed[section][key] = value
     (project / "configs/changed.yaml").write_text(yaml.safe_dump(changed))
-    dry = snakemake("-n", "--cores", "2", "--config", "params=configs/changed.yaml", cwd=project)
-    jobs = dry.stdout + dry.stderr
-    assert re.search(r"rule decompose:", jobs) and not re.search(r"rule pretrain:", jobs)
+    return ["--config", "params=configs/changed.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose"})),
+        ("retrain", "lr", 0.001, {"retrain_flora", "retrain_uniform", "latency", "report"}),
+        ("retrain", "uniform_rank_multiple", 2, {"retrain_uniform", "latency", "report"}),
+        ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
+        ("data", "eval_batch_size", 100, set()),
+        ("compute", "threads", 3, {"latency"}),
+    ],
+)
+def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
+    dry = snakemake("-n", "--cores", "2", *changed_profile(project, section, key, value), cwd=project)
+    assert planned_jobs(dry.stdout + dry.stderr) == expected
+
+
+def test_a_params_path_with_a_space_reaches_the_shell_quoted(project: Path) -> None:
+    shutil.copy(project / "configs/smoke.yaml", project / "configs/my smoke.yaml")
+    config = ["--config", "params=configs/my smoke.yaml"]
+    snakemake("--cores", "1", "--forcerun", "report", *config, cwd=project)
+    assert "params from configs/my smoke.yaml" in (project / "results/report/log.txt").read_text()
+
+
+def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) -> None:
+    printed = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
+    snakemake_commands = {
+        line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
+        for line in (printed.stdout + printed.stderr).splitlines()
+        if "Shell command:" in line
+    }
+    listed = dvc("stage", "list", "--all", cwd=dvc_project)
+    stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
+    dvc_commands = {stage["cmd"] for stage in stages.values()}
+    assert snakemake_commands == dvc_commands
+    assert "retrain_uniform@0.8" in listed.stdout
+
+
+def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]]]:
+    """Append a comment to each package module in turn, call ``check(module)``, then restore it exactly.
+
+    Returns the modules where ``check`` returned (found, expected) that differ.
+    """
+    wrong = {}
+    for path in sorted((project / "flora_steps").rglob("*.py")):
+        module = str(path.relative_to(project))
+        text, times = path.read_bytes(), os.stat(path)
+        path.write_bytes(text + b"\n# edited\n")
+        try:
+            found, expected = check(module)
+        finally:
+            path.write_bytes(text)
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        if found != expected:
+            wrong[module] = (found, expected)
+    return wrong
+
+
+def importers(module: str) -> set[str]:
+    """The stages whose code includes ``module``."""
+    return {stage.name for stage in STAGES.values() if Path(module) in code_files(stage.module)}
+
+
+def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(project: Path) -> None:
+    config = ["--config", "params=configs/smoke.yaml"]
+    (project / "flora_steps/core/__pycache__").mkdir(exist_ok=True)  # as a test run leaves behind
+    (project / "flora_steps/core/__pycache__/stale.pyc").write_bytes(b"")
+    assert planned_jobs(snakemake("-n", "--cores", "2", *config, cwd=project).stdout) == set()
+
+    def check(module: str):
+        dry = snakemake("-n", "--cores", "2", *config, cwd=project)
+        return planned_jobs(dry.stdout + dry.stderr), downstream(importers(module))
+
+    assert edit_each_module(project, check) == {}
+    assert len(list((project / "flora_steps").rglob("*.py"))) == len(list(PACKAGE.rglob("*.py")))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -175,16 +192,55 @@ def test_snakemake_with_bad_params_stops_with_one_line(project: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory) -> Path:
+    """A git + DVC project with the smoke profile as params.yaml, after one ``dvc repro``."""
     project = copy_project(tmp_path_factory.mktemp("dvc_project"))
     shutil.copy(project / "configs/smoke.yaml", project / "params.yaml")
     run(["git", "init", "-q"], project)
     dvc("init", "-q", cwd=project)
     dvc("config", "core.analytics", "false", cwd=project)
+    dvc("repro", cwd=project)
     return project
 
 
+def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
+    def check(module: str):
+        status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
+        return {name.split("@")[0] for name in status}, importers(module)
+
+    assert edit_each_module(dvc_project, check) == {}
+
+
+def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None:
+    original = (dvc_project / "params.yaml").read_text()
+    try:
+        for section, key, value, expected in (
+            ("data", "eval_batch_size", 100, set()),
+            ("retrain", "latency_repeats", 5, {"latency"}),
+            ("retrain", "uniform_rank_multiple", 2, {"retrain_uniform"}),
+        ):
+            params = yaml.safe_load(original)
+            params[section][key] = value
+            (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
+            assert {name.split("@")[0] for name in status} == expected, key
+    finally:
+        (dvc_project / "params.yaml").write_text(original)
+
+
+def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:
+    project = copy_project(tmp_path)
+    params = yaml.safe_load((project / "configs/smoke.yaml").read_text())
+    params["budgets"]["uniform"] = [0.5, 0.8, 1.0]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    run(["git", "init", "-q"], project)
+    listed = dvc("stage", "list", "--all", cwd=project).stdout
+    assert f"retrain_uniform@{budget_name(1.0)}" in listed and "results/retrain/uniform/1.0/" in listed
+    dry = snakemake("-n", "--forceall", "--cores", "1", cwd=project)
+    assert "results/retrain/uniform/1.0/metrics.json" in dry.stdout
+
+
 def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
-    dvc("repro", cwd=dvc_project)
     assert (dvc_project / "results/decompose/model.safetensors").is_file()
     assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
     assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()

@@ -10,9 +10,10 @@ from .factorise import (
     lowrank_layers,
     materialise,
     replace_module,
+    restructure,
     set_ranks,
 )
-from .lowrank import LowRankLinear, factorised_is_cheaper, full_rank, svd_factors, weight_cost
+from .lowrank import LowRankLinear, factorised_is_cheaper, factorised_pair, full_rank, svd_factors, weight_cost
 from .macs import CostModel, LinearCost, count_macs, trace_costs, unfused_attention
 from .rank_config import RankConfig
 
@@ -25,11 +26,13 @@ __all__ = [
     "count_macs",
     "factorise",
     "factorised_is_cheaper",
+    "factorised_pair",
     "find_linear_layers",
     "full_rank",
     "lowrank_layers",
     "materialise",
     "replace_module",
+    "restructure",
     "set_ranks",
     "svd_factors",
     "trace_costs",

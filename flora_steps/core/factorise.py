@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from .lowrank import LowRankLinear
+from .lowrank import LowRankLinear, factorised_pair
 
 #: The paper's default targets: every block's qkv projection and both MLP layers.
 DEFAULT_TARGETS = ("*.attn.qkv", "*.mlp.fc1", "*.mlp.fc2")
@@ -35,6 +35,28 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def restructure(
+    model: nn.Module, lowrank: Mapping[str, int] | None = None, factorised: Mapping[str, int] | None = None
+) -> nn.Module:
+    """Give ``model`` the structure of a saved low-rank model, in place, and return it.
+
+    Each ``nn.Linear`` named in ``lowrank`` becomes a ``LowRankLinear`` of that maximum
+    rank (a supernet), each one in ``factorised`` a ``factorised_pair`` of that rank (a
+    compressed model). The new layers are uninitialised until weights are loaded.
+    """
+    for name, max_rank in (lowrank or {}).items():
+        dense = model.get_submodule(name)
+        replace_module(
+            model, name, LowRankLinear(dense.in_features, dense.out_features, max_rank, bias=dense.bias is not None)
+        )
+    for name, rank in (factorised or {}).items():
+        dense = model.get_submodule(name)
+        replace_module(
+            model, name, factorised_pair(dense.in_features, dense.out_features, rank, dense.bias is not None)
+        )
+    return model
 
 
 def factorise(

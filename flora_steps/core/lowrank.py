@@ -34,6 +34,21 @@ def weight_cost(in_features: int, out_features: int, rank: int | None) -> int:
     return rank * (in_features + out_features)
 
 
+def factorised_pair(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    bias: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Sequential:
+    """A rank-``rank`` linear layer as plain layers: ``Sequential(Linear(in, rank, bias=False), Linear(rank, out))``."""
+    factory = {"device": device, "dtype": dtype}
+    return nn.Sequential(
+        nn.Linear(in_features, rank, bias=False, **factory), nn.Linear(rank, out_features, bias=bias, **factory)
+    )
+
+
 def svd_factors(weight: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Balanced thin-SVD factors of ``weight`` (out x in), truncated to ``rank``.
 
@@ -122,7 +137,7 @@ class LowRankLinear(nn.Module):
     def materialise(self, rank: int | None = None) -> nn.Module:
         """Plain layers computing the same function at ``rank`` (the active rank by default).
 
-        Returns ``nn.Sequential(nn.Linear(in, r, bias=False), nn.Linear(r, out))`` when that
+        Returns ``factorised_pair(in, out, r)`` with the leading ``r`` components when that
         is cheaper than the dense weight, else a single dense ``nn.Linear``.
         """
         r = self._rank if rank is None else rank
@@ -135,13 +150,12 @@ class LowRankLinear(nn.Module):
                 if has_bias:
                     dense.bias.copy_(self.bias)
                 return dense
-            first = nn.Linear(self.in_features, r, bias=False, **factory)
-            second = nn.Linear(r, self.out_features, bias=has_bias, **factory)
-            first.weight.copy_(self.first[:r])
-            second.weight.copy_(self.second[:, :r])
+            pair = factorised_pair(self.in_features, self.out_features, r, has_bias, **factory)
+            pair[0].weight.copy_(self.first[:r])
+            pair[1].weight.copy_(self.second[:, :r])
             if has_bias:
-                second.bias.copy_(self.bias)
-        return nn.Sequential(first, second)
+                pair[1].bias.copy_(self.bias)
+        return pair
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,459 @@
+"""The pipeline's shape, described once: every stage's artifacts, inputs, params and command.
+
+The stages take their paths from here (through ``StageContext``), the ``Snakefile``
+wires its rules from here (outputs, inputs as other rules' outputs, params, code),
+and ``dvc.yaml`` is generated from here (``flora dvc-yaml``). Nothing in this module
+imports torch, so the Snakefile reads it quickly.
+
+A stage that runs once per budget has ``{budget}`` in its folder; its runs are
+Snakemake jobs of one rule (a wildcard) and DVC ``foreach`` items, and a budget has
+one canonical name everywhere (``budget_name``).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+RESULTS = Path("results")
+PACKAGE = Path(__file__).resolve().parent
+
+OutputKind = Literal["out", "metrics", "plot"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One file a stage writes into its folder.
+
+    ``kind`` says how DVC keeps it: ``out`` (cached), ``metrics`` or ``plot`` (in git).
+    ``category``/``caption`` flag it for ``snakemake --report``; ``plot`` holds
+    ``dvc plots`` properties (x, y, title, template).
+    """
+
+    file: str
+    kind: OutputKind = "out"
+    category: str | None = None
+    caption: str | None = None
+    plot: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Input:
+    """An artifact another stage writes: ``stage``'s output ``output``.
+
+    From a per-budget stage into a per-budget stage: the same budget. From a
+    per-budget stage into a stage that runs once: every budget of ``foreach``.
+    """
+
+    stage: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of the pipeline and everything around it.
+
+    ``params`` are the params keys whose values change the stage's results: both
+    engines rerun the stage when one of them changes, and its training checkpoint
+    belongs to their values. A stage may also read keys of ``UNTRACKED``.
+    """
+
+    name: str
+    module: str
+    folder: str
+    outputs: Mapping[str, Output]
+    inputs: Mapping[str, Input]
+    params: tuple[str, ...]
+    file_params: tuple[str, ...] = ()  # params keys naming a file whose content is an input when set
+    method: str | None = None
+    foreach: str | None = None  # "budgets.search": one run per budget of that params list
+
+    @property
+    def wildcards(self) -> tuple[str, ...]:
+        return ("budget",) if self.foreach else ()
+
+    def path(self, output: str, budget: str | None = None) -> Path:
+        """Path of one output (``log`` and ``benchmark`` included) for a budget name."""
+        name = {"log": "log.txt", "benchmark": "benchmark.tsv"}.get(output) or self.outputs[output].file
+        return self.directory(budget) / name
+
+    def directory(self, budget: str | None = None) -> Path:
+        """The stage's results folder for a budget name (the pattern with ``{budget}`` when ``None``)."""
+        return RESULTS / (self.folder if budget is None else self.folder.format(budget=budget))
+
+    @property
+    def root(self) -> Path:
+        """The folder holding every run of the stage (the part of ``folder`` before any wildcard)."""
+        return RESULTS / self.folder.split("/{")[0]
+
+    def arguments(self, budget: str) -> list[str]:
+        """Command-line options after ``--params`` (``budget`` is substituted as given)."""
+        options = ["--method", self.method] if self.method else []
+        return options + (["--budget", budget] if self.foreach else [])
+
+
+def budget_name(budget: float) -> str:
+    """A budget's one name, in results folders, Snakemake wildcards and DVC ``foreach`` items: 0.5 -> ``0.5``.
+
+    It is Python's ``str`` of the float, which is also how DVC writes a YAML float
+    (a YAML integer such as ``1`` would become ``1``, so params reject integers here).
+    """
+    return repr(float(budget))
+
+
+DATA = (
+    "data.dataset",
+    "data.root",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.split_seed",
+    "data.shift",
+    "data.train_transform",
+)
+DEVICE = ("compute.device", "compute.amp")
+TRAINING = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip")
+BUDGETS = ("budgets.search", "budgets.uniform")
+
+#: Keys a stage may read without tracking them, because they do not change its results
+#: (a stage whose results they do change tracks them: the latency stage tracks threads,
+#: the training stages track workers, which seed the augmentation of loader processes).
+UNTRACKED = {
+    "compute.threads": "CPU threads: speed",
+    "compute.workers": "loader processes for evaluation: speed",
+    "data.eval_batch_size": "evaluation batching",
+    "budgets.search": "which budgets run; a per-budget stage only checks that its own is listed",
+    "budgets.uniform": "which budgets run; a per-budget stage only checks that its own is listed",
+}
+
+
+def _keys(section: str, names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"{section}.{name}" for name in names)
+
+
+def _model(model: str = "model", spec: str = "spec") -> dict[str, Output]:
+    return {model: Output("model.safetensors"), spec: Output("model.json")}
+
+
+_RETRAIN_OUTPUTS = {
+    **_model(),
+    "ranks": Output("ranks.json"),
+    "history": Output("history.csv"),
+    "metrics": Output("metrics.json", "metrics"),
+}
+_RETRAIN_PARAMS = ("seed", *DEVICE, "compute.workers", *DATA, *_keys("retrain", TRAINING))
+_RETRAIN_READS = ("retrain.temperature", "retrain.hard_label_weight")
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            name="pretrain",
+            module="pretrain",
+            folder="pretrain",
+            outputs={
+                **_model(),
+                "history": Output(
+                    "history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}
+                ),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={},
+            params=(
+                "seed",
+                *DEVICE,
+                "compute.workers",
+                *_keys("model", ("name", "checkpoint", "hub", "num_classes", "kwargs")),
+                *DATA,
+                *_keys("pretrain", (*TRAINING, "label_smoothing")),
+            ),
+            file_params=("model.checkpoint",),
+        ),
+        Stage(
+            name="decompose",
+            module="decompose",
+            folder="decompose",
+            outputs={
+                **_model(),
+                "spectra": Output("spectra.csv"),
+                "layers": Output("layers.csv"),
+                "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={"model": Input("pretrain", "model"), "spec": Input("pretrain", "spec")},
+            params=("seed", "decompose.targets"),
+        ),
+        Stage(
+            name="filter",
+            module="filter",
+            folder="filter",
+            outputs={
+                "space": Output("space.json"),
+                "sensitivity": Output("sensitivity.csv"),
+                "plot": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={"model": Input("decompose", "model"), "spec": Input("decompose", "spec")},
+            params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
+        ),
+        Stage(
+            name="supernet",
+            module="supernet",
+            folder="supernet",
+            outputs={
+                **_model(),
+                "history": Output("history.csv"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={
+                "model": Input("decompose", "model"),
+                "spec": Input("decompose", "spec"),
+                "teacher": Input("pretrain", "model"),
+                "teacher_spec": Input("pretrain", "spec"),
+                "space": Input("filter", "space"),
+            },
+            params=(
+                "seed",
+                *DEVICE,
+                "compute.workers",
+                *DATA,
+                *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
+            ),
+        ),
+        Stage(
+            name="search",
+            module="search",
+            folder="search/{budget}",
+            foreach="budgets.search",
+            outputs={
+                "ranks": Output("ranks.json"),
+                "history": Output(
+                    "history.csv",
+                    category="Search",
+                    plot={"x": "generation", "y": "best_top1", "title": "Search, best val top-1 per generation"},
+                ),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={
+                "model": Input("supernet", "model"),
+                "spec": Input("supernet", "spec"),
+                "teacher": Input("pretrain", "model"),
+                "teacher_spec": Input("pretrain", "spec"),
+                "space": Input("filter", "space"),
+            },
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                "supernet.temperature",
+                *_keys(
+                    "search",
+                    ("band", "population", "top_k", "mutations", "mutation_prob", "crossovers", "generations"),
+                ),
+                "search.val_images",
+            ),
+        ),
+        Stage(
+            name="retrain_flora",
+            module="retrain",
+            method="flora",
+            folder="retrain/flora/{budget}",
+            foreach="budgets.search",
+            outputs=_RETRAIN_OUTPUTS,
+            inputs={
+                "model": Input("supernet", "model"),
+                "spec": Input("supernet", "spec"),
+                "teacher": Input("pretrain", "model"),
+                "teacher_spec": Input("pretrain", "spec"),
+                "ranks": Input("search", "ranks"),
+            },
+            params=(*_RETRAIN_PARAMS, *_RETRAIN_READS),
+        ),
+        Stage(
+            name="retrain_uniform",
+            module="retrain",
+            method="uniform",
+            folder="retrain/uniform/{budget}",
+            foreach="budgets.uniform",
+            outputs=_RETRAIN_OUTPUTS,
+            inputs={
+                "model": Input("decompose", "model"),
+                "spec": Input("decompose", "spec"),
+                "teacher": Input("pretrain", "model"),
+                "teacher_spec": Input("pretrain", "spec"),
+            },
+            params=(*_RETRAIN_PARAMS, *_RETRAIN_READS, "retrain.uniform_rank_multiple"),
+        ),
+        Stage(
+            name="latency",
+            module="latency",
+            folder="latency",
+            outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
+            inputs={
+                "dense": Input("pretrain", "model"),
+                "dense_spec": Input("pretrain", "spec"),
+                "flora": Input("retrain_flora", "model"),
+                "flora_spec": Input("retrain_flora", "spec"),
+                "uniform": Input("retrain_uniform", "model"),
+                "uniform_spec": Input("retrain_uniform", "spec"),
+            },
+            params=(
+                "seed",
+                "compute.device",
+                "compute.threads",
+                *BUDGETS,
+                "retrain.latency_batch",
+                "retrain.latency_repeats",
+            ),
+        ),
+        Stage(
+            name="report",
+            module="report",
+            folder="report",
+            outputs={
+                **{
+                    f"{table}_{suffix}": Output(
+                        f"{table}.{suffix}",
+                        kind="plot" if plot and suffix == "csv" else "out",
+                        category="Tables" if suffix == "csv" else None,
+                        plot=plot if suffix == "csv" else {},
+                    )
+                    for table, plot in (
+                        (
+                            "results",
+                            {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs"},
+                        ),
+                        (
+                            "extra_reduction",
+                            {"x": "budget", "y": "extra_reduction", "title": "Extra MACs reduction of FLORA"},
+                        ),
+                        ("ranks", {}),
+                        ("costs", {}),
+                    )
+                    for suffix in ("csv", "md", "tex")
+                },
+                "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
+                "spectra": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
+                "sensitivity": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
+                "search": Output("search.png", "plot", category="Search", caption="report/search.rst"),
+                "ranks_figure": Output("ranks.png", "plot", category="Search", caption="report/ranks.rst"),
+                "sampling": Output("sampling.png", "plot", category="Supernet", caption="report/sampling.rst"),
+                "summary": Output("summary.json", "metrics"),
+            },
+            inputs={
+                "base": Input("pretrain", "metrics"),
+                "spectra": Input("decompose", "spectra"),
+                "layers": Input("decompose", "layers"),
+                "decompose": Input("decompose", "metrics"),
+                "spec": Input("decompose", "spec"),
+                "sensitivity": Input("filter", "sensitivity"),
+                "space": Input("filter", "space"),
+                "filter": Input("filter", "metrics"),
+                "supernet": Input("supernet", "metrics"),
+                "search": Input("search", "metrics"),
+                "search_history": Input("search", "history"),
+                "search_ranks": Input("search", "ranks"),
+                "flora": Input("retrain_flora", "metrics"),
+                "uniform": Input("retrain_uniform", "metrics"),
+            },
+            params=("seed", *BUDGETS, "decompose.targets"),
+        ),
+    )
+}
+
+#: DVC plots that combine columns of one file (declared at the top level of dvc.yaml).
+COMBINED_PLOTS = {
+    "supernet_val_top1": {
+        "title": "Supernet, val top-1 of the smallest and the largest subnet",
+        "x": "epoch",
+        "y": {"results/supernet/history.csv": ["val_top1_smallest", "val_top1_largest"]},
+    }
+}
+
+
+def stage_for(module: str, method: str | None = None) -> Stage:
+    """The stage a command runs: ``retrain --method flora`` is ``retrain_flora``."""
+    return STAGES[f"{module}_{method}" if method else module]
+
+
+def param_value(params: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a params mapping (``"retrain.lr"``)."""
+    value: Any = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def tracked_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's tracked keys and their values (what both engines compare to rerun it)."""
+    return {key: param_value(params, key) for key in STAGES[stage].params}
+
+
+def input_paths(stage: str, budget: str | None, budgets: Mapping[str, Iterable[float]]) -> dict[str, list[Path]]:
+    """Each input of one run of ``stage``: one path, or one per budget for a per-budget producer."""
+    consumer = STAGES[stage]
+    paths = {}
+    for key, reference in consumer.inputs.items():
+        producer = STAGES[reference.stage]
+        if producer.foreach is None:
+            paths[key] = [producer.path(reference.output)]
+        elif consumer.foreach is not None:
+            paths[key] = [producer.path(reference.output, budget)]
+        else:
+            names = [budget_name(b) for b in budgets[producer.foreach.split(".")[1]]]
+            paths[key] = [producer.path(reference.output, name) for name in names]
+    return paths
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a ``flora_steps`` module name, or ``None`` outside the package."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE.name:
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Package modules ``path`` imports (a package's ``__init__`` runs too), read from its source."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def code_files(module: str) -> list[Path]:
+    """Every package source file that ``python -m flora_steps.<module>`` runs, by its imports (transitively).
+
+    Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too, so those
+    count. Paths are relative to the repository root, sorted.
+    """
+    pending, seen = [f"{PACKAGE.name}.{module}"], set()
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            path = _module_file(".".join(parts[:depth]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                pending.extend(_imports(path))
+    return sorted(path.relative_to(PACKAGE.parent) for path in seen)

@@ -1,0 +1,138 @@
+"""The pipeline layout: dvc.yaml generated from it, code dependencies, tracked params, pinned environments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, SMOKE, write_params
+from pydantic import BaseModel
+
+from flora_steps import layout
+from flora_steps.dvc_yaml import render
+from flora_steps.layout import STAGES, UNTRACKED, code_files, param_value
+from flora_steps.params import load_params
+
+
+def test_committed_dvc_yaml_is_the_generated_one() -> None:
+    assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `flora dvc-yaml`"
+
+
+def test_every_output_of_every_stage_lies_in_its_own_folder() -> None:
+    folders = [stage.folder for stage in STAGES.values()]
+    assert len(set(folders)) == len(folders)
+    for stage in STAGES.values():
+        for key in (*stage.outputs, "log", "benchmark"):
+            assert stage.path(key, "0.5").parent == stage.directory("0.5")
+        for reference in stage.inputs.values():
+            assert reference.output in STAGES[reference.stage].outputs, (stage.name, reference)
+
+
+def test_tracked_params_are_keys_of_the_params_schema() -> None:
+    params = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    for stage in STAGES.values():
+        for key in (*stage.params, *stage.file_params):
+            param_value(params, key)  # raises KeyError for a key that is not in params.yaml
+    for key in UNTRACKED:
+        param_value(params, key)
+
+
+def imported_modules(module: str) -> set[str]:
+    """Package source files that importing ``flora_steps.<module>`` really runs, relative to the repository."""
+    code = (
+        f"import sys, flora_steps.{module}\n"
+        "for m in sys.modules.values():\n"
+        "    f = getattr(m, '__file__', None) or ''\n"
+        "    if '/flora_steps/' in f: print(f)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": "."}
+    )
+    assert result.returncode == 0, result.stderr
+    return {str(Path(line).resolve().relative_to(ROOT)) for line in result.stdout.split()}
+
+
+@pytest.mark.parametrize("module", sorted({stage.module for stage in STAGES.values()}))
+def test_code_dependencies_are_exactly_what_the_stage_imports(module: str) -> None:
+    assert {str(path) for path in code_files(module)} == imported_modules(module)
+
+
+class Recorder:
+    """A read-only view of params that records every key read through it (``"retrain.lr"``)."""
+
+    def __init__(self, model, seen: set[str], prefix: str = "") -> None:
+        self._model, self._seen, self._prefix = model, seen, prefix
+
+    def __getattr__(self, name: str):
+        value = getattr(self._model, name)
+        if name not in type(self._model).model_fields:
+            return value  # a method such as model_dump: not a key
+        key = self._prefix + name
+        if isinstance(value, BaseModel):  # a section: record the keys read inside it
+            return Recorder(value, self._seen, key + ".")
+        self._seen.add(key)
+        return value
+
+
+#: Keys a stage tracks but does not read on the digits smoke profile: they matter for real data only.
+REAL_DATA_ONLY = {"data.root", "data.train_transform"}
+
+
+def test_each_stage_reads_only_keys_it_tracks_or_that_do_not_change_results(
+    smoke_pipeline: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Every stage run once more with params that record what it reads."""
+    import shutil
+
+    import flora_steps.stage
+    from flora_steps.cli import main
+
+    shutil.copytree(smoke_pipeline / "results", tmp_path / "results", symlinks=False)
+    params_file = write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    monkeypatch.chdir(tmp_path)
+    real_load = flora_steps.stage.load_params
+    reads: dict[str, set[str]] = {}
+    for stage in STAGES.values():
+        seen = reads.setdefault(stage.name, set())
+        monkeypatch.setattr(flora_steps.stage, "load_params", lambda path, seen=seen: Recorder(real_load(path), seen))
+        options = (["--method", stage.method] if stage.method else []) + (["--budget", "0.5"] if stage.foreach else [])
+        assert main([stage.module, *options, "--params", str(params_file)]) == 0, stage.name
+    for name, seen in reads.items():
+        tracked = set(STAGES[name].params)
+        assert seen - tracked <= set(UNTRACKED), (name, sorted(seen - tracked - set(UNTRACKED)))
+        assert tracked - seen <= REAL_DATA_ONLY, (name, sorted(tracked - seen))
+
+
+def test_budgets_must_be_written_as_floats(tmp_path: Path) -> None:
+    params = yaml.safe_load(SMOKE.read_text())
+    params["budgets"]["uniform"] = [0.5, 0.8, 1]
+    with pytest.raises(Exception, match=r"budgets.uniform.2: write 1 as 1.0"):
+        load_params(write_params(tmp_path / "p.yaml", params))
+
+
+def test_pinned_environments_agree() -> None:
+    requirements = {
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    conda = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert set(pip) == requirements
+    assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
+
+
+def test_layout_module_does_not_import_torch() -> None:
+    """The Snakefile reads the layout; it must stay quick to import."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, flora_steps.layout; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.stdout.strip() == "False", result.stderr
+    assert layout.RESULTS == Path("results")
