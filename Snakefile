@@ -14,6 +14,7 @@
 # threads, resources, conda, report flags.
 
 import sys
+from pathlib import Path
 
 from flora_steps.errors import UserError
 from flora_steps.layout import STAGES, budget_name, code_files, param_value, tracked_params
@@ -54,9 +55,9 @@ def inputs(stage):
         if producer.foreach and not STAGES[stage].foreach:
             made = expand(made, budget=BUDGETS[producer.foreach.split(".")[1]])
         files[key] = made
-    for key in STAGES[stage].file_params:  # e.g. model.checkpoint: a local weights file
-        value = param_value(PARAMS, key)
-        if value is not None:
+    for key in STAGES[stage].file_params:  # e.g. model.checkpoint: a local weights file, once it is there
+        value = param_value(PARAMS, key)  # (a missing one is the stage's error, and must not stop dry runs)
+        if value is not None and Path(value).is_file():
             files[key.replace(".", "_")] = value
     return files
 

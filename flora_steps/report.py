@@ -51,8 +51,8 @@ from .figures import (
     plot_tradeoff,
     single_layer_kl,
 )
-from .models import build_model, input_shape
 from .layout import budget_name
+from .models import build_model, input_shape
 from .stage import StageContext, stage_main
 from .tables import costs_table, extra_reduction_table, latex, markdown, ranks_table, readable, results_table
 

@@ -137,7 +137,7 @@ def weights_in_sync(model: nn.Module) -> bool:
 
 def train_loader(dataset: Dataset, batch_size: int, context: StageContext, section: str) -> DataLoader:
     """Shuffled batches of ``dataset``; under ``torchrun`` each process gets its share of the global batch."""
-    rank, world_size = world()
+    world_size = world()[1]
     workers = context.params.compute.workers
     if world_size == 1:
         return make_loader(dataset, batch_size, shuffle=True, workers=workers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -118,7 +117,7 @@ def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) ->
     snakemake_commands = {
         line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
         for line in (printed.stdout + printed.stderr).splitlines()
-        if "Shell command:" in line
+        if "Shell command: python" in line
     }
     listed = dvc("stage", "list", "--all", cwd=dvc_project)
     stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
