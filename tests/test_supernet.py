@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,55 @@ def test_a_killed_supernet_resumes_and_matches_an_uninterrupted_run(
     assert main(["supernet", "--params", str(params)]) == 0
     assert "resuming from" in (workdir / "results/supernet/log.txt").read_text()
     assert (workdir / "results/supernet/model.safetensors").read_bytes() == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("change", "resumes"),
+    [
+        ("upstream artifact", False),  # the filter kept one tuple fewer
+        ("tracked param", False),  # supernet.lr
+        ("evaluation-only param", True),  # data.eval_batch_size
+    ],
+)
+def test_a_checkpoint_is_resumed_only_with_the_same_inputs(
+    workdir: Path, upstream: Path, smoke_params: dict, monkeypatch, change: str, resumes: bool
+) -> None:
+    (workdir / "results").mkdir()
+    for stage in ("pretrain", "decompose", "filter"):
+        shutil.copytree(upstream / stage, workdir / "results" / stage)
+    params = write_params(workdir / "params.yaml", smoke_params)
+    saves = kill_after_first_epoch(monkeypatch)
+    assert main(["supernet", "--params", str(params)]) == 130
+
+    if change == "upstream artifact":
+        space_file = workdir / "results/filter/space.json"
+        space = json.loads(space_file.read_text())
+        space["blocks"][0]["choices"].pop(1)
+        space_file.write_text(json.dumps(space))
+    else:
+        section, key, value = ("supernet", "lr", 0.002) if change == "tracked param" else ("data", "eval_batch_size", 7)
+        smoke_params[section][key] = value
+        write_params(params, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    log = (workdir / "results/supernet/log.txt").read_text()
+    if resumes:
+        assert saves == [1, 2] and "resuming from" in log
+    else:
+        assert saves == [1, 1, 2] and "params or upstream artifacts differ from this run's; starting fresh" in log
+    resumed = (workdir / "results/supernet/model.safetensors").read_bytes()
+    shutil.rmtree(workdir / "results/supernet")
+    assert main(["supernet", "--params", str(params)]) == 0
+    assert (workdir / "results/supernet/model.safetensors").read_bytes() == resumed  # as a clean run
+
+
+def test_an_unreadable_checkpoint_is_reported_and_training_starts_fresh(
+    workdir: Path, upstream: Path, smoke_params: dict
+) -> None:
+    params = prepare(workdir, upstream, smoke_params)
+    (workdir / "results/supernet").mkdir()
+    (workdir / "results/supernet/checkpoint.pt").write_bytes(b"cut short")
+    assert main(["supernet", "--params", str(params)]) == 0
+    assert "cannot resume from results/supernet/checkpoint.pt" in (workdir / "results/supernet/log.txt").read_text()
 
 
 def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, smoke_params: dict, capsys) -> None:
