@@ -126,6 +126,11 @@ def test_pinned_environments_agree() -> None:
     assert "torch==2.14.1" in requirements and "torchvision==0.29.1" in requirements
 
 
+def test_slurm_profile_sets_resources_and_threads_for_every_stage() -> None:
+    profile = yaml.safe_load((ROOT / "cluster/slurm/config.yaml").read_text())
+    assert set(profile["set-resources"]) == set(STAGES) == set(profile["set-threads"])
+
+
 def test_layout_module_does_not_import_torch() -> None:
     """The Snakefile reads the layout; it must stay quick to import."""
     result = subprocess.run(
