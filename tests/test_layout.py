@@ -41,24 +41,48 @@ def test_tracked_params_are_keys_of_the_params_schema() -> None:
         param_value(params, key)
 
 
-def imported_modules(module: str) -> set[str]:
+#: Run in one interpreter: import the heavy libraries once, then import each stage module in a
+#: forked child, which reports the package source files that the import ran.
+IMPORTS_PER_STAGE = """
+import os, sys
+import matplotlib.figure, pandas, pydantic, safetensors.torch, sklearn.datasets, timm, torch, torchvision, tqdm, yaml
+assert not any(name.startswith("flora_steps") for name in sys.modules)
+for module in sys.argv[1:]:
+    reader, writer = os.pipe()
+    if os.fork() == 0:
+        __import__(f"flora_steps.{module}")
+        files = [m.__file__ for m in list(sys.modules.values()) if "/flora_steps/" in (getattr(m, "__file__", None) or "")]
+        os.write(writer, " ".join(files).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        print(module, pipe.read())
+    os.wait()
+"""
+
+
+@pytest.fixture(scope="module")
+def stage_imports() -> dict[str, set[str]]:
     """Package source files that importing ``flora_steps.<module>`` really runs, relative to the repository."""
-    code = (
-        f"import sys, flora_steps.{module}\n"
-        "for m in sys.modules.values():\n"
-        "    f = getattr(m, '__file__', None) or ''\n"
-        "    if '/flora_steps/' in f: print(f)"
-    )
+    modules = sorted({stage.module for stage in STAGES.values()})
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": "."}
+        [sys.executable, "-c", IMPORTS_PER_STAGE, *modules],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "."},
     )
     assert result.returncode == 0, result.stderr
-    return {str(Path(line).resolve().relative_to(ROOT)) for line in result.stdout.split()}
+    found = {}
+    for line in result.stdout.splitlines():
+        module, *files = line.split()
+        found[module] = {str(Path(file).resolve().relative_to(ROOT)) for file in files}
+    return found
 
 
 @pytest.mark.parametrize("module", sorted({stage.module for stage in STAGES.values()}))
-def test_code_dependencies_are_exactly_what_the_stage_imports(module: str) -> None:
-    assert {str(path) for path in code_files(module)} == imported_modules(module)
+def test_code_dependencies_are_exactly_what_the_stage_imports(module: str, stage_imports) -> None:
+    assert {str(path) for path in code_files(module)} == stage_imports[module]
 
 
 class Recorder:
