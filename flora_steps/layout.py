@@ -71,10 +71,6 @@ class Stage:
     method: str | None = None
     foreach: str | None = None  # "budgets.search": one run per budget of that params list
 
-    @property
-    def wildcards(self) -> tuple[str, ...]:
-        return ("budget",) if self.foreach else ()
-
     def path(self, output: str, budget: str | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name."""
         name = {"log": "log.txt", "benchmark": "benchmark.tsv"}.get(output) or self.outputs[output].file
@@ -133,18 +129,32 @@ def _keys(section: str, names: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{section}.{name}" for name in names)
 
 
-def _model(model: str = "model", spec: str = "spec") -> dict[str, Output]:
-    return {model: Output("model.safetensors"), spec: Output("model.json")}
+#: A model artifact: weights beside the JSON that says what to build before loading them.
+_MODEL = {"model": Output("model.safetensors"), "spec": Output("model.json")}
+
+
+def _table(name: str, plot: Mapping[str, str] | None = None) -> dict[str, Output]:
+    """A report table as CSV (raw numbers; a DVC plot when ``plot`` is given), Markdown and LaTeX."""
+    return {
+        f"{name}_csv": Output(f"{name}.csv", "plot" if plot else "out", category="Tables", plot=plot or {}),
+        f"{name}_md": Output(f"{name}.md"),
+        f"{name}_tex": Output(f"{name}.tex"),
+    }
 
 
 _RETRAIN_OUTPUTS = {
-    **_model(),
+    **_MODEL,
     "ranks": Output("ranks.json"),
     "history": Output("history.csv"),
     "metrics": Output("metrics.json", "metrics"),
 }
-_RETRAIN_PARAMS = ("seed", *DEVICE, "compute.workers", *DATA, *_keys("retrain", TRAINING))
-_RETRAIN_READS = ("retrain.temperature", "retrain.hard_label_weight")
+_RETRAIN_PARAMS = (
+    "seed",
+    *DEVICE,
+    "compute.workers",
+    *DATA,
+    *_keys("retrain", (*TRAINING, "temperature", "hard_label_weight")),
+)
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -154,7 +164,7 @@ STAGES: dict[str, Stage] = {
             module="pretrain",
             folder="pretrain",
             outputs={
-                **_model(),
+                **_MODEL,
                 "history": Output(
                     "history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}
                 ),
@@ -176,7 +186,7 @@ STAGES: dict[str, Stage] = {
             module="decompose",
             folder="decompose",
             outputs={
-                **_model(),
+                **_MODEL,
                 "spectra": Output("spectra.csv"),
                 "layers": Output("layers.csv"),
                 "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
@@ -203,7 +213,7 @@ STAGES: dict[str, Stage] = {
             module="supernet",
             folder="supernet",
             outputs={
-                **_model(),
+                **_MODEL,
                 "history": Output("history.csv"),
                 "metrics": Output("metrics.json", "metrics"),
             },
@@ -269,7 +279,7 @@ STAGES: dict[str, Stage] = {
                 "teacher_spec": Input("pretrain", "spec"),
                 "ranks": Input("search", "ranks"),
             },
-            params=(*_RETRAIN_PARAMS, *_RETRAIN_READS),
+            params=_RETRAIN_PARAMS,
         ),
         Stage(
             name="retrain_uniform",
@@ -284,7 +294,7 @@ STAGES: dict[str, Stage] = {
                 "teacher": Input("pretrain", "model"),
                 "teacher_spec": Input("pretrain", "spec"),
             },
-            params=(*_RETRAIN_PARAMS, *_RETRAIN_READS, "retrain.uniform_rank_multiple"),
+            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple"),
         ),
         Stage(
             name="latency",
@@ -313,27 +323,25 @@ STAGES: dict[str, Stage] = {
             module="report",
             folder="report",
             outputs={
-                **{
-                    f"{table}_{suffix}": Output(
-                        f"{table}.{suffix}",
-                        kind="plot" if plot and suffix == "csv" else "out",
-                        category="Tables" if suffix == "csv" else None,
-                        plot=plot if suffix == "csv" else {},
-                    )
-                    for table, plot in (
-                        (
-                            "results",
-                            {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs"},
-                        ),
-                        (
-                            "extra_reduction",
-                            {"x": "budget", "y": "extra_reduction", "title": "Extra MACs reduction of FLORA"},
-                        ),
-                        ("ranks", {}),
-                        ("costs", {}),
-                    )
-                    for suffix in ("csv", "md", "tex")
-                },
+                **_table(
+                    "results",
+                    {
+                        "x": "macs",
+                        "y": "top1",
+                        "template": "scatter",
+                        "title": "Test top-1 vs MACs (dense, uniform, FLORA)",
+                    },
+                ),
+                **_table(
+                    "extra_reduction",
+                    {
+                        "x": "budget",
+                        "y": "extra_reduction",
+                        "title": "Extra MACs reduction of FLORA over uniform at equal top-1",
+                    },
+                ),
+                **_table("ranks"),
+                **_table("costs"),
                 "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
                 "spectra": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
                 "sensitivity": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),

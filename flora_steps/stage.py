@@ -21,7 +21,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import UserError
-from .layout import STAGES, Stage, budget_name, input_paths, param_value, stage_for
+from .layout import STAGES, Stage, budget_name, input_paths, param_value, stage_for, tracked_params
 from .params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,10 @@ class StageContext:
 
         A training checkpoint is resumed only by a run with the same identity.
         """
-        dumped = self.params.model_dump(mode="json")
         description = {
             "stage": self.stage.name,
             "budget": self.budget_name,
-            "params": {key: param_value(dumped, key) for key in self.stage.params},
+            "params": tracked_params(self.stage.name, self.params.model_dump(mode="json")),
             "inputs": self._input_digests,
             **extra,
         }
