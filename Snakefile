@@ -23,8 +23,8 @@ from flora_steps.params import load_params
 PARAMS_FILE = config.get("params", "params.yaml")
 try:
     PARAMS = load_params(PARAMS_FILE).model_dump(mode="json")
-except UserError as error:
-    sys.exit(f"error: {error}")
+except UserError as error:  # every problem of the params file, one line each
+    sys.exit("\n".join(f"error: {line}" for line in getattr(error, "problems", [str(error)])))
 
 
 BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items()}

@@ -49,6 +49,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.remove(temporary)
 
 
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what ``atomic_path`` leaves behind when a process is killed mid-write; returns what it removed."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)

@@ -12,6 +12,7 @@ from types import ModuleType
 from . import __version__
 from .errors import UserError
 from .layout import STAGES
+from .models import check_model
 from .params import load_params
 from .stage import add_params_argument, add_stage_arguments, run_from_args
 
@@ -45,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("flops", "export"):
         module = stage_module(name)
         module.add_arguments(_add_command(commands, name, module))
-    add_params_argument(commands.add_parser("check", help="validate a params file and exit"))
+    add_params_argument(
+        commands.add_parser(
+            "check", help="validate a params file (every problem, one line each) and the model it names"
+        )
+    )
     dvc_parser = commands.add_parser("dvc-yaml", help="write dvc.yaml from the pipeline layout (flora_steps/layout.py)")
     dvc_parser.add_argument("--output", type=Path, default=Path("dvc.yaml"), help="file to write (default: dvc.yaml)")
     return parser
@@ -64,11 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             write(args.output)
             print(f"wrote {args.output}")
             return 0
-        load_params(args.params)
+        params = load_params(args.params)
+        try:
+            check_model(params.model.name, params.model.num_classes, params.model.kwargs)
+        except UserError as error:
+            raise UserError(f"{args.params}: {error}") from None
         print(f"{args.params}: ok")
         return 0
     except UserError as error:
-        print(f"flora {args.command}: error: {error}", file=sys.stderr)
+        for line in getattr(error, "problems", [str(error)]):
+            print(f"flora {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

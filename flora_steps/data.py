@@ -44,10 +44,30 @@ class DataSplits:
     train_plain: Dataset  # the train images with the eval transform (for scoring, not training)
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed."""
-    indices = np.arange(len(labels))
-    kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+def stratified_split(
+    labels: Sequence[int], fraction: float, seed: int, key: str = "data.val_fraction"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed.
+
+    Both parts must hold every class; otherwise a ``UserError`` names ``key``, the params key of ``fraction``.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    try:
+        kept, held_out = train_test_split(
+            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:
+        raise UserError(
+            f"{key}: {fraction} cannot split {len(labels)} images of {len(classes)} classes ({error})"
+        ) from None
+    for part, name in ((held_out, "held-out"), (kept, "remaining")):
+        missing = np.setdiff1d(classes, labels[part])
+        if missing.size:
+            raise UserError(
+                f"{key}: {fraction} leaves the {name} part without any image of class {missing[0]}; "
+                "every split needs each class"
+            )
     return np.sort(kept), np.sort(held_out)
 
 
@@ -109,7 +129,7 @@ def digits_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
     mean, std = data_config["mean"][0], data_config["std"][0]
     images = (torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1) - mean) / std
     labels = torch.tensor(digits.target)
-    rest, test = stratified_split(digits.target, params.test_fraction, params.split_seed)
+    rest, test = stratified_split(digits.target, params.test_fraction, params.split_seed, "data.test_fraction")
     train, val = (rest[i] for i in stratified_split(digits.target[rest], params.val_fraction, params.split_seed))
     background = -mean / std
     return DataSplits(
@@ -183,12 +203,25 @@ def _image_folder(path: Path) -> datasets.ImageFolder:
         raise UserError(f"data.root: {path} is not an ImageFolder tree ({error})") from None
 
 
-def build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
-    """The data set of ``params`` as train / val / test, transformed for ``data_config``.
+def build_splits(params: DataParams, data_config: dict[str, Any], num_classes: int) -> DataSplits:
+    """The data set of ``params`` as train / val / test, for a model with ``num_classes`` outputs.
 
     ``data_config`` is timm's resolved input config of the model (input_size, mean,
-    std, interpolation, crop_pct). Val images get the eval transform.
+    std, interpolation, crop_pct); val images get the eval transform. Every split uses
+    the training split's class-to-index mapping, and the data's class count must
+    equal ``num_classes``.
     """
+    splits = _build_splits(params, data_config)
+    if splits.num_classes != num_classes:
+        where = "" if params.root is None else f" at {params.root}"
+        raise UserError(
+            f"model.num_classes: the model has {num_classes} classes, the {params.dataset} data{where} "
+            f"{splits.num_classes}"
+        )
+    return splits
+
+
+def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
     if params.dataset == "digits":
         return digits_splits(params, data_config)
     root = params.root
@@ -198,6 +231,13 @@ def build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
     eval_transform = timm.data.create_transform(**data_config, is_training=False)
     if params.dataset == "imagenet":
         full_train, test = _image_folder(root / "train"), _image_folder(root / "val")
+        if test.classes != full_train.classes:  # ImageFolder maps sorted class names to indices
+            extra = sorted(set(test.classes) - set(full_train.classes))
+            missing = sorted(set(full_train.classes) - set(test.classes))
+            raise UserError(
+                f"data.root: {root / 'val'} and {root / 'train'} must hold the same classes "
+                f"(only in val/: {extra[:5]}; missing from val/: {missing[:5]})"
+            )
         num_classes = len(full_train.classes)
     else:
         full_train, test = Cifar10Batches(root, train=True), Cifar10Batches(root, train=False)

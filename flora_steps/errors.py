@@ -1,5 +1,15 @@
-"""The one exception type for mistakes a user can fix (bad params, missing files)."""
+"""The exception types for mistakes a user can fix (bad params, missing files)."""
 
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a stack trace."""
+
+
+class ParamsError(UserError):
+    """Every problem of a params file, one line each; as a message, the first one and how many more."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = [f"{source}: {problem}" for problem in problems]
+        more = len(problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''}: flora check --params {source})" if more else ""
+        super().__init__(self.problems[0] + suffix)

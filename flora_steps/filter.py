@@ -74,7 +74,7 @@ def run(context: StageContext) -> None:
     space = full_space({name: (m.in_features, m.out_features) for name, m in layers.items()}, cfg.ratios)
     model.to(device).eval()
 
-    splits = build_splits(params.data, data_config(model))
+    splits = build_splits(params.data, data_config(model), model.num_classes)
     subset = fixed_subset(splits.train_plain, cfg.images, params.seed)
     loader = make_loader(subset, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
     batches = [(images.to(device), labels.to(device)) for images, labels in loader]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
@@ -18,7 +19,15 @@ from torch import nn
 from .core import restructure
 from .errors import UserError
 
-__all__ = ["build_model", "create_base_model", "data_config", "input_shape", "is_known_model", "vit_digits"]
+__all__ = [
+    "build_model",
+    "check_model",
+    "create_base_model",
+    "data_config",
+    "input_shape",
+    "is_known_model",
+    "vit_digits",
+]
 
 #: Pixel statistics of scikit-learn's digits after scaling to [0, 1].
 DIGITS_MEAN = (0.3051,)
@@ -90,15 +99,12 @@ def create_base_model(
     """
     if not is_known_model(name):
         raise UserError(f"model.name: unknown timm model '{name}'")
-    kwargs = dict(kwargs or {}, num_classes=num_classes)
+    kwargs = kwargs or {}
     if checkpoint is None:
-        try:
-            return timm.create_model(name, pretrained=hub, **kwargs)
-        except TypeError as error:
-            raise UserError(f"model.kwargs: not accepted by {name} ({error})") from None
+        return _create(name, hub, kwargs, num_classes)
     if not checkpoint.is_file():
         raise UserError(f"model.checkpoint: file not found: {checkpoint}")
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _create(name, False, kwargs, num_classes)
     cfg = dict(model.pretrained_cfg, file=str(checkpoint), num_classes=num_classes)
     try:
         timm.models.load_pretrained(model, cfg, num_classes=num_classes, in_chans=input_shape(model)[0], strict=True)
@@ -110,6 +116,23 @@ def create_base_model(
             f"model.checkpoint: {checkpoint} is not a readable weights file: {_shorten(lines[0])}"
         ) from None
     return model
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any], num_classes: int) -> nn.Module:
+    """``timm.create_model``; keyword arguments the model rejects are one ``UserError`` naming ``model.kwargs``."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs, num_classes=num_classes)
+    except (TypeError, ValueError, AssertionError) as error:  # what model constructors raise for bad arguments
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model.kwargs: {kwargs} not accepted by {name} ({_shorten(reason)})") from None
+
+
+def check_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> None:
+    """Build the model on PyTorch's meta device (no memory, no weights): a bad name or kwargs is a ``UserError``."""
+    if not is_known_model(name):
+        raise UserError(f"model.name: unknown timm model '{name}'")
+    with torch.device("meta"):
+        _create(name, False, kwargs, num_classes)
 
 
 def _shorten(text: str, limit: int = 200) -> str:

@@ -1,7 +1,9 @@
 """The typed schema of ``params.yaml``, shared by every stage and by the Snakefile.
 
 Every key is required (``params.yaml`` is the one place defaults live), unknown
-keys are rejected, and a problem is reported as one line naming the key.
+keys are rejected (with a "did you mean" hint), a boolean is never taken for a
+number, cross-field rules are checked, and every problem is reported as one line
+naming the key (``ParamsError.problems``).
 """
 
 from __future__ import annotations
@@ -11,19 +13,39 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from .errors import UserError
+from .errors import ParamsError, UserError
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what NumPy, torch and scikit-learn all accept
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true`` is not 1: only fields declared ``bool`` take booleans."""
+        if cls.model_fields[info.field_name].annotation is bool:
+            return value
+        if any(isinstance(item, bool) for item in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"a boolean is not accepted here, got {value!r}")
+        return value
 
 
 class ComputeParams(Section):
@@ -58,7 +80,7 @@ class DataParams(Section):
     root: Path | None  # data directory (imagenet: ImageFolder with train/ and val/; cifar10: python batches)
     val_fraction: Fraction  # share of the training images held out for validation
     test_fraction: Fraction  # digits only: share of all images held out for test
-    split_seed: int
+    split_seed: Seed
     eval_batch_size: PositiveInt
     shift: NonNegativeInt  # digits only: random-shift augmentation, in pixels
     train_transform: dict[str, Any]  # real data only: extra arguments for timm.data.create_transform
@@ -177,7 +199,7 @@ class RetrainParams(TrainingParams):
 class Params(Section):
     """All of ``params.yaml``."""
 
-    seed: int
+    seed: Seed
     compute: ComputeParams
     model: ModelParams
     data: DataParams
@@ -189,21 +211,54 @@ class Params(Section):
     search: SearchParams
     retrain: RetrainParams
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Params:
+        """Rules across sections; each message starts with the key to change."""
+        problems = []
+        if self.search.band >= min(self.budgets.search):
+            problems.append(
+                f"search.band: {self.search.band} must be below every search budget "
+                f"(smallest {min(self.budgets.search)}), or the legal MACs band starts at or below 0"
+            )
+        known_classes = {"digits": 10, "cifar10": 10}.get(self.data.dataset)
+        if known_classes is not None and self.model.num_classes != known_classes:
+            problems.append(
+                f"model.num_classes: {self.model.num_classes}, but data.dataset {self.data.dataset} "
+                f"has {known_classes} classes"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
-def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> str:
+
+def _describe(error: dict[str, Any], known: dict[tuple, list[str]]) -> list[str]:
+    """One line per problem of a pydantic error, starting with the dotted key."""
     location = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
         parent, key = tuple(error["loc"][:-1]), str(error["loc"][-1])
         close = difflib.get_close_matches(key, known.get(parent, []), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{location}: unknown key{hint}"
+        return [f"{location}: unknown key{hint}"]
     if kind == "missing":
-        return f"{location}: missing key"
+        return [f"{location}: missing key"]
     if kind == "value_error":
-        return f"{location}: {error['msg'].removeprefix('Value error, ')}"
+        lines = error["msg"].removeprefix("Value error, ").splitlines()
+        return [f"{location}: {line}" if location else line for line in lines]
     message = error["msg"][0].lower() + error["msg"][1:]
-    return f"{location}: {message}, got {error['input']!r}"
+    return [f"{location}: {message}, got {error['input']!r}"]
+
+
+def _misspelt(errors: list[dict[str, Any]], known: dict[tuple, list[str]]) -> list[dict[str, Any]]:
+    """Drop a "missing key" error when an unknown key beside it is its misspelling (reported with the hint)."""
+    unknown = {tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"}
+
+    def explained(error: dict[str, Any]) -> bool:
+        *parent, key = error["loc"]
+        siblings = [loc[-1] for loc in unknown if list(loc[:-1]) == parent]
+        return any(difflib.get_close_matches(str(s), known.get(tuple(parent), []), n=1) == [key] for s in siblings)
+
+    return [e for e in errors if not (e["type"] == "missing" and explained(e))]
 
 
 def _known_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
@@ -215,24 +270,30 @@ def _known_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[
 
 
 def validate_params(data: Any, source: str = "params") -> Params:
-    """Validate a params mapping; raise ``UserError`` with one line naming the first bad key."""
+    """Validate a params mapping; raise ``ParamsError`` listing every problem, one line each."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        raise ParamsError(source, [f"expected a mapping of sections, got {type(data).__name__}"])
     try:
         return Params.model_validate(data)
     except ValidationError as error:
-        problems = error.errors(include_url=False)
-        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-        raise UserError(f"{source}: {_describe(problems[0], _known_keys(Params))}{more}") from None
+        known = _known_keys(Params)
+        errors = _misspelt(error.errors(include_url=False), known)
+        raise ParamsError(source, [line for e in errors for line in _describe(e, known)]) from None
 
 
 def load_params(path: str | Path) -> Params:
-    """Read and validate a params YAML file."""
+    """Read and validate a params YAML file; any unreadable file is one ``UserError`` line."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a params YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, expected a params YAML file") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the params file ({error.strerror})") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     return validate_params(data, str(path))

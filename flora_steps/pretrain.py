@@ -45,7 +45,7 @@ def run(context: StageContext) -> None:
     history: list[dict] = []
     metrics: dict = {"top1": None, "top5": None, "val_top1": None}
     if params.pretrain.epochs > 0 or has_data:
-        splits = build_splits(params.data, data_config(model))
+        splits = build_splits(params.data, data_config(model), model.num_classes)
         log.info(
             "data %s: %d train, %d val, %d test images",
             params.data.dataset,

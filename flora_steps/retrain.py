@@ -103,7 +103,7 @@ def run(context: StageContext) -> None:
         sum(p.numel() for p in model.parameters()),
     )
 
-    splits = build_splits(params.data, data_config(teacher))
+    splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
     model.to(device)
     teacher.to(device).eval().requires_grad_(False)
     workers, batch, amp = params.compute.workers, params.data.eval_batch_size, params.compute.amp

@@ -91,7 +91,7 @@ def run(context: StageContext) -> None:
             f"({table.smallest / dense:.3f} of dense MACs); add smaller filter.ratios or raise the budget"
         )
 
-    splits = build_splits(params.data, data_config(supernet))
+    splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
     val = splits.val if cfg.val_images is None else fixed_subset(splits.val, cfg.val_images, params.seed)
     loader = make_loader(val, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
     supernet.to(device)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .artifacts import remove_temporaries
 from .errors import UserError
 from .layout import STAGES, Stage, budget_name, input_paths, param_value, stage_for, tracked_params
 from .params import Params, load_params
@@ -169,6 +170,8 @@ def run_stage(
     file_handler = _configure_logging(context.out, label)
     try:
         log.info("params from %s", params_path)
+        for path in remove_temporaries(context.out):
+            log.info("removed %s, left by a killed run", path)
         if params.compute.threads:
             torch.set_num_threads(params.compute.threads)
         seed_everything(params.seed)

@@ -86,7 +86,7 @@ def run(context: StageContext) -> None:
     student.to(device)
     teacher.to(device).eval().requires_grad_(False)
 
-    splits = build_splits(params.data, data_config(student))
+    splits = build_splits(params.data, data_config(student), student.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
     truncation = evaluate_subnets(student, space, subnets, val_loader, params)
     log.info(

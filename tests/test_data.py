@@ -45,11 +45,11 @@ def labels_of(dataset) -> list[int]:
 
 
 def test_digits_splits_are_fixed_stratified_and_disjoint() -> None:
-    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1293, 144, 360)
-    again = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    again = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
     assert torch.equal(splits.test.images, again.test.images)
-    other = build_splits(data_params(shift=0, split_seed=1), DIGITS_CONFIG)
+    other = build_splits(data_params(shift=0, split_seed=1), DIGITS_CONFIG, 10)
     assert not torch.equal(splits.test.images, other.test.images)
     for split in (splits.train, splits.val, splits.test):
         counts = Counter(labels_of(split))
@@ -59,7 +59,7 @@ def test_digits_splits_are_fixed_stratified_and_disjoint() -> None:
 
 
 def test_digits_are_normalised_with_the_model_statistics() -> None:
-    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
     pixels = splits.train.images * 0.4 + 0.3
     assert pixels.min().item() == pytest.approx(0.0, abs=1e-6) and pixels.max().item() == pytest.approx(1.0, abs=1e-6)
 
@@ -84,7 +84,7 @@ def test_random_shift_moves_each_image_within_the_padding() -> None:
 
 
 def test_loader_order_depends_only_on_the_seed() -> None:
-    splits = build_splits(data_params(shift=0), DIGITS_CONFIG)
+    splits = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
     first = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
     second = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
     assert first == second
@@ -103,7 +103,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> None
 
 def test_imagenet_folder_through_the_real_loader(tmp_path: Path) -> None:
     make_image_folder(tmp_path)
-    splits = build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG)
+    splits = build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG, 3)
     assert splits.num_classes == 3
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)
     assert Counter(labels_of(splits.val)) == {0: 2, 1: 2, 2: 2}
@@ -111,6 +111,28 @@ def test_imagenet_folder_through_the_real_loader(tmp_path: Path) -> None:
     assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
     test_image, _ = splits.test[0]
     assert test_image.shape == (3, 32, 32)
+
+
+def test_imagenet_folder_whose_splits_disagree_on_classes_is_refused(tmp_path: Path) -> None:
+    make_image_folder(tmp_path)
+    (tmp_path / "val" / "n00000002").rename(tmp_path / "val" / "n00000009")
+    with pytest.raises(
+        UserError,
+        match=r"must hold the same classes \(only in val/: \['n00000009'\]; missing from val/: \['n00000002'\]\)",
+    ):
+        build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG, 3)
+
+
+def test_class_count_must_match_the_model(tmp_path: Path) -> None:
+    make_image_folder(tmp_path)
+    with pytest.raises(UserError, match="model.num_classes: the model has 2 classes, the imagenet data at .* 3"):
+        build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG, 2)
+
+
+@pytest.mark.parametrize(("key", "fraction"), [("val_fraction", 0.001), ("test_fraction", 0.003)])
+def test_a_fraction_that_leaves_a_class_out_of_a_split_is_refused(key: str, fraction: float) -> None:
+    with pytest.raises(UserError, match=f"data.{key}: {fraction} "):
+        build_splits(data_params(**{key: fraction}), DIGITS_CONFIG, 10)
 
 
 def write_cifar(folder: Path, per_batch: int = 20) -> None:
@@ -129,7 +151,7 @@ def write_cifar(folder: Path, per_batch: int = 20) -> None:
 
 def test_cifar10_python_batches_through_the_real_loader(tmp_path: Path) -> None:
     write_cifar(tmp_path / "cifar-10-batches-py")
-    splits = build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG)
+    splits = build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG, 10)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (90, 10, 20)
     assert sorted(labels_of(splits.val)) == list(range(10))
     image, label = splits.test[3]
@@ -146,10 +168,10 @@ def test_cifar_batch_with_pickled_code_is_refused(tmp_path: Path) -> None:
     with (tmp_path / "data_batch_3").open("wb") as file:
         pickle.dump({b"data": _Exploit(), b"labels": []}, file)
     with pytest.raises(UserError, match=r"data_batch_3 is not a CIFAR-10 python batch \(refusing to load posix.system"):
-        build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG)
+        build_splits(data_params(dataset="cifar10", root=tmp_path), DATA_CONFIG, 10)
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "cifar10"])
 def test_missing_data_directory_is_a_clear_error(tmp_path: Path, dataset: str) -> None:
     with pytest.raises(UserError, match="data.root: .*not found"):
-        build_splits(data_params(dataset=dataset, root=tmp_path / "nowhere"), DATA_CONFIG)
+        build_splits(data_params(dataset=dataset, root=tmp_path / "nowhere"), DATA_CONFIG, 10)

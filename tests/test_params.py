@@ -74,6 +74,17 @@ def drop_key(params: dict, dotted: str) -> dict:
             "budgets: uniform must include every search budget (missing [0.5])",
         ),
         (lambda p: set_key(p, "search.top_k", 20), "search: top_k (20) must not exceed population (10)"),
+        (lambda p: set_key(p, "pretrain.epochs", True), "pretrain.epochs: a boolean is not accepted here, got True"),
+        (lambda p: set_key(p, "filter.ratios", [0.5, True]), "filter.ratios: a boolean is not accepted here"),
+        (lambda p: set_key(p, "seed", -1), "seed: input should be greater than or equal to 0, got -1"),
+        (lambda p: set_key(p, "seed", 2**40), "seed: input should be less than 4294967296"),
+        (lambda p: set_key(p, "data.split_seed", -1), "data.split_seed: input should be greater than or equal to 0"),
+        (lambda p: set_key(p, "search.band", 0.5), "search.band: 0.5 must be below every search budget (smallest 0.5)"),
+        (lambda p: set_key(p, "model.num_classes", 5), "model.num_classes: 5, but data.dataset digits has 10 classes"),
+        (
+            lambda p: set_key(p, "pretrain", {**{k: v for k, v in p["pretrain"].items() if k != "lr"}, "lrr": 0.1}),
+            "pretrain.lrr: unknown key (did you mean 'lr'?)",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, smoke_params: dict, change, message: str) -> None:
@@ -94,6 +105,55 @@ def test_unreadable_params_files(tmp_path: Path) -> None:
     broken.write_text("- a list\n")
     with pytest.raises(UserError, match="expected a mapping of sections"):
         load_params(broken)
+    with pytest.raises(UserError, match="is a directory, expected a params YAML file"):
+        load_params(tmp_path)
+    broken.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserError, match="not UTF-8 text, expected a params YAML file"):
+        load_params(broken)
+
+
+def test_a_misspelt_key_is_reported_once_with_its_hint(tmp_path: Path, smoke_params: dict) -> None:
+    smoke_params["pretrain"]["lrr"] = smoke_params["pretrain"].pop("lr")
+    with pytest.raises(UserError) as error:
+        load_params(write_params(tmp_path / "params.yaml", smoke_params))
+    assert error.value.problems == [f"{tmp_path / 'params.yaml'}: pretrain.lrr: unknown key (did you mean 'lr'?)"]
+
+
+def test_check_lists_every_problem_one_line_each_and_never_traces_back(tmp_path: Path, smoke_params: dict) -> None:
+    smoke_params["pretrain"]["lrr"] = smoke_params["pretrain"].pop("lr")
+    smoke_params["seed"] = -1
+    smoke_params["retrain"]["epochs"] = True
+    path = write_params(tmp_path / "params.yaml", smoke_params)
+    result = run_cli("check", "--params", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert sorted(result.stderr.splitlines()) == [
+        f"flora check: error: {path}: pretrain.lrr: unknown key (did you mean 'lr'?)",
+        f"flora check: error: {path}: retrain.epochs: a boolean is not accepted here, got True",
+        f"flora check: error: {path}: seed: input should be greater than or equal to 0, got -1",
+    ]
+    for bad in (tmp_path, tmp_path / "binary.yaml"):
+        if bad.name == "binary.yaml":
+            bad.write_bytes(bytes(range(256)))
+        result = run_cli("check", "--params", str(bad), cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embed_dim": 63}, "dim should be divisible by num_heads"),
+        ({"no_such_argument": 1}, "unexpected keyword argument 'no_such_argument'"),
+    ],
+)
+def test_check_builds_the_model_to_try_its_kwargs(tmp_path: Path, smoke_params: dict, kwargs, message) -> None:
+    path = write_params(tmp_path / "params.yaml", set_key(smoke_params, "model.kwargs", kwargs))
+    result = run_cli("check", "--params", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert (
+        line.startswith(f"flora check: error: {path}: model.kwargs: {kwargs} not accepted by vit_digits")
+        and message in line
+    )
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

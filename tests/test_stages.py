@@ -130,3 +130,20 @@ def test_import_without_data_keeps_the_weights_and_skips_evaluation(workdir: Pat
     metrics = json.loads((workdir / "results/pretrain/metrics.json").read_text())
     assert metrics["top1"] is None and metrics["macs"] == 3_495_040
     assert "imported the weights without evaluating them" in (workdir / "results/pretrain/log.txt").read_text()
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next_run(
+    smoke_results: Path, workdir: Path, smoke_params: dict
+) -> None:
+    (workdir / "results").mkdir()
+    (workdir / "results/pretrain").symlink_to(smoke_results / "pretrain")
+    stale = workdir / "results/decompose/.model.safetensors.k1ll3d.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half written")
+    assert run_stage("decompose", write_params(workdir / "params.yaml", smoke_params)) == 0
+    assert not stale.exists()
+    assert (
+        f"removed {stale.relative_to(workdir)}, left by a killed run"
+        in (workdir / "results/decompose/log.txt").read_text()
+    )
+    assert not list((workdir / "results/decompose").glob(".*"))
