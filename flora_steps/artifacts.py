@@ -106,13 +106,16 @@ def write_rank_config(path: str | Path, config: RankConfig) -> None:
     write_text(path, config.to_json())
 
 
-def read_space(path: str | Path) -> SearchSpace:
-    """The filtered search space ``filter`` wrote."""
+def read_space(path: str | Path, full_ranks: dict[str, int] | None = None) -> SearchSpace:
+    """The filtered search space ``filter`` wrote, checked for consistency and, when given,
+    against the model's low-rank layers and their full ranks."""
     data = read_json(path, "search space")
     try:
-        return SearchSpace.from_dict(data)
-    except (KeyError, TypeError) as error:
+        space = SearchSpace.from_dict(data)
+        space.check(full_ranks)
+    except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: corrupt search space ({error})") from None
+    return space
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -167,7 +170,11 @@ def load_model(stem: str | Path) -> tuple[nn.Module, ModelSpec]:
         raise UserError(f"{meta_path}: unsupported model format {spec.format!r}, expected {MODEL_FORMAT!r}")
     if not weights_path.is_file():
         raise UserError(f"{weights_path}: model weights not found (run the stage that writes it first)")
-    model = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
+    try:
+        model = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
+    except Exception as error:  # noqa: BLE001 - unknown names, bad kwargs, layers that are not there
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{meta_path}: cannot build model {spec.model!r} from it ({reason})") from None
     try:
         safetensors.torch.load_model(model, str(weights_path), strict=True)
     except Exception as error:  # noqa: BLE001 - header, size and key errors all mean a corrupt artifact

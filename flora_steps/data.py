@@ -3,7 +3,8 @@
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images), split
   into test, val and train by stratified sampling with ``split_seed``.
 - ``imagenet``: an ImageFolder tree ``root/train/<class>/*`` and ``root/val/<class>/*``;
-  test is ``val/``, and val is a stratified hold-out of ``train/``.
+  test is ``val/``, and val is a stratified hold-out of ``train/``. Both must hold the
+  same classes (one class-to-index mapping), and every image is checked before use.
 - ``cifar10``: the standard python batches (``data_batch_1..5``, ``test_batch``) in
   ``root`` or ``root/cifar-10-batches-py``; val is a stratified hold-out of train.
   The batches are read with an unpickler that only admits plain containers and
@@ -14,6 +15,7 @@ Real data uses timm's train and eval transforms for the model's input config.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from .errors import UserError
+from .image_check import unreadable_images
 from .params import DataParams
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,20 +193,43 @@ def _read_batch(path: Path) -> dict[bytes, Any]:
     try:
         with path.open("rb") as file:
             batch = _ArraysOnlyUnpickler(file, encoding="bytes").load()
-        if not {b"data", b"labels"} <= set(batch):
+        if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
             raise ValueError("missing data or labels")
+        data = np.asarray(batch[b"data"])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[b"labels"]):
+            raise ValueError(f"data of shape {data.shape} for {len(batch[b'labels'])} labels, expected (labels, 3072)")
+        if any(not 0 <= int(label) < 10 for label in batch[b"labels"]):
+            raise ValueError("labels outside 0..9")
     except Exception as error:  # noqa: BLE001 - any failure means the file is not a CIFAR batch
         raise UserError(f"data.root: {path} is not a CIFAR-10 python batch ({error})") from None
     return batch
 
 
-def _image_folder(path: Path) -> datasets.ImageFolder:
+def _image_folder(path: Path, skip_unreadable: bool) -> datasets.ImageFolder:
+    """An ImageFolder tree whose every image was checked (``image_check``) before use.
+
+    Unreadable files stop the stage with one line naming the first, or with
+    ``skip_unreadable`` are left out and counted in the log.
+    """
     if not path.is_dir():
         raise UserError(f"data.root: directory not found: {path}")
     try:
-        return datasets.ImageFolder(str(path))
+        folder = datasets.ImageFolder(str(path))
     except FileNotFoundError as error:
         raise UserError(f"data.root: {path} is not an ImageFolder tree ({error})") from None
+    bad = unreadable_images([file for file, _ in folder.samples])
+    if bad and not skip_unreadable:
+        first = min(bad)
+        raise UserError(
+            f"data.root: {first}: {bad[first]} ({len(bad)} unreadable image{'s' if len(bad) > 1 else ''} "
+            f"in {path}; data.skip_unreadable: true leaves them out)"
+        )
+    if bad:
+        log.warning("data.skip_unreadable: left out %d unreadable images of %s, e.g. %s", len(bad), path, min(bad))
+        folder.samples = [sample for sample in folder.samples if sample[0] not in bad]
+        folder.imgs = folder.samples
+        folder.targets = [target for _, target in folder.samples]
+    return folder
 
 
 def build_splits(params: DataParams, data_config: dict[str, Any], num_classes: int) -> DataSplits:
@@ -230,7 +259,8 @@ def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
     train_transform = timm.data.create_transform(**data_config, is_training=True, **params.train_transform)
     eval_transform = timm.data.create_transform(**data_config, is_training=False)
     if params.dataset == "imagenet":
-        full_train, test = _image_folder(root / "train"), _image_folder(root / "val")
+        full_train = _image_folder(root / "train", params.skip_unreadable)
+        test = _image_folder(root / "val", params.skip_unreadable)
         if test.classes != full_train.classes:  # ImageFolder maps sorted class names to indices
             extra = sorted(set(test.classes) - set(full_train.classes))
             missing = sorted(set(full_train.classes) - set(test.classes))

@@ -109,6 +109,7 @@ DATA = (
     "data.split_seed",
     "data.shift",
     "data.train_transform",
+    "data.skip_unreadable",
 )
 DEVICE = ("compute.device", "compute.amp")
 TRAINING = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip")

@@ -84,6 +84,7 @@ class DataParams(Section):
     eval_batch_size: PositiveInt
     shift: NonNegativeInt  # digits only: random-shift augmentation, in pixels
     train_transform: dict[str, Any]  # real data only: extra arguments for timm.data.create_transform
+    skip_unreadable: bool  # imagenet: leave out unreadable images (counted in the log) instead of stopping
 
     @model_validator(mode="after")
     def _root_for_real_data(self) -> DataParams:

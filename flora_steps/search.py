@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .artifacts import load_model, read_space, write_csv, write_json, write_rank_config
-from .core import RankConfig, set_ranks, trace_costs
+from .core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from .core.evolution import EvolutionSettings, Genome, MacsTable, evolve, genome_choices
 from .data import build_splits, fixed_subset, make_loader
 from .errors import UserError
@@ -80,7 +80,7 @@ def run(context: StageContext) -> None:
     cfg = params.search
     supernet, spec = load_model(context.input("model"))
     teacher, _ = load_model(context.input("teacher"))
-    space = read_space(context.input("space"))
+    space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(supernet).items()})
     costs = trace_costs(supernet, input_shape(supernet))
     table = MacsTable.from_space(space, costs)
     dense = costs.dense_macs

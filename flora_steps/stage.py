@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -150,12 +151,19 @@ def _check_budget(stage: Stage, budget: float | None, params: Params) -> None:
         raise UserError(f"--budget {budget}: not one of {stage.foreach} {list(allowed)}")
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder on the way to ``folder`` (itself included) that does not exist yet."""
+    return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
+
+
 def run_stage(
     module: str, run: Callable[[StageContext], None], params_path: Path, method: str | None = None, budget=None
 ) -> int:
     """Load params, log to the run's ``log.txt``, run the stage; user errors become one line.
 
-    Nothing is written for a run rejected before it starts (bad params, a budget not listed).
+    A run rejected by a user error leaves no files behind: nothing is written before
+    params and budget are valid, and a results folder the run created is removed
+    again (a folder that was already there keeps its files; its ``log.txt`` tells the error).
     """
     stage = stage_for(module, method)
     label = "/".join(part for part in (module, method, None if budget is None else budget_name(budget)) if part)
@@ -167,7 +175,9 @@ def run_stage(
         log.error("error: %s", error)
         return 2
     context = StageContext(stage, params, budget)
+    created = _first_missing(stage.directory(context.budget_name))
     file_handler = _configure_logging(context.out, label)
+    failed = False
     try:
         log.info("params from %s", params_path)
         for path in remove_temporaries(context.out):
@@ -181,6 +191,7 @@ def run_stage(
         return 0
     except UserError as error:
         log.error("error: %s", error)
+        failed = True
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; a rerun resumes from the last checkpoint where the stage keeps one")
@@ -189,6 +200,8 @@ def run_stage(
         if file_handler is not None:
             PACKAGE_LOG.removeHandler(file_handler)
             file_handler.close()
+        if failed and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def add_params_argument(parser: argparse.ArgumentParser) -> None:

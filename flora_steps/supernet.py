@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .artifacts import load_model, read_space, save_model, write_csv, write_json
-from .core import CostModel, set_ranks, trace_costs
+from .core import CostModel, lowrank_layers, set_ranks, trace_costs
 from .core.space import Choice, SearchSpace, SubnetSampler
 from .data import build_splits, make_loader
 from .models import data_config, input_shape
@@ -79,7 +79,7 @@ def run(context: StageContext) -> None:
 
     student, spec = load_model(context.input("model"))
     teacher, _ = load_model(context.input("teacher"))
-    space = read_space(context.input("space"))
+    space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(student).items()})
     costs = trace_costs(student, input_shape(student))
     subnets = extreme_subnets(space, costs)
     sampler = SubnetSampler(space, cfg.sampling)

@@ -166,10 +166,19 @@ def resume(
             "not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", checkpoint
         )
         return 0, []
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
-    return state["epoch"], state["history"]
+    try:  # check everything before changing anything, so that a failed resume really starts fresh
+        saved, current = state["model"], model.state_dict()
+        if set(saved) != set(current) or any(saved[k].shape != v.shape for k, v in current.items()):
+            raise ValueError("its weights do not fit the model")
+        epoch, history = int(state["epoch"]), list(state["history"])
+        optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(saved)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, reason)
+        return 0, []
+    log.info("resuming from %s after epoch %d", checkpoint, epoch)
+    return epoch, history
 
 
 def fit(

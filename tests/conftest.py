@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,12 @@ import flora_steps.models  # noqa: F401  (registers vit_digits with timm)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory) -> None:
+    """Caches (the image check's) go to a scratch folder, not the user's home."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

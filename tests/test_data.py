@@ -36,6 +36,7 @@ def data_params(**changes) -> DataParams:
         eval_batch_size=64,
         shift=1,
         train_transform={},
+        skip_unreadable=False,
     )
     return DataParams(**{**values, **changes})
 
@@ -133,6 +134,20 @@ def test_class_count_must_match_the_model(tmp_path: Path) -> None:
 def test_a_fraction_that_leaves_a_class_out_of_a_split_is_refused(key: str, fraction: float) -> None:
     with pytest.raises(UserError, match=f"data.{key}: {fraction} "):
         build_splits(data_params(**{key: fraction}), DIGITS_CONFIG, 10)
+
+
+def test_unreadable_images_stop_the_stage_or_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    make_image_folder(tmp_path)
+    truncated = tmp_path / "train/n00000001/3.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-50])  # a download cut short: header intact, end marker lost
+    (tmp_path / "train/n00000002/notes.jpg").write_text("not an image")
+    params = data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2)
+    with pytest.raises(UserError, match=r"data.root: .*n00000001/3.jpg: JPEG file cut short .*2 unreadable images"):
+        build_splits(params, DATA_CONFIG, 3)
+    splits = build_splits(data_params(**{**params.model_dump(), "skip_unreadable": True}), DATA_CONFIG, 3)
+    assert len(splits.train) + len(splits.val) == 30  # the two bad files left out
+    assert "left out 2 unreadable images" in caplog.text
 
 
 def write_cifar(folder: Path, per_batch: int = 20) -> None:

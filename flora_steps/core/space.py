@@ -89,6 +89,30 @@ class SearchSpace:
         """Number of distinct subnets."""
         return int(np.prod([len(block.choices) for block in self.blocks], dtype=object))
 
+    def check(self, full_ranks: Mapping[str, int] | None = None) -> None:
+        """Raise ``ValueError`` naming the first inconsistency: tuple lengths, ranks outside
+        [1, full rank], a block without its dense tuple, or (given the model's layers and
+        full ranks) a layer the model does not have or whose full rank differs."""
+        for block in self.blocks:
+            if len(block.full_ranks) != len(block.layers):
+                raise ValueError(
+                    f"block {block.name}: {len(block.layers)} layers but {len(block.full_ranks)} full ranks"
+                )
+            for choice in block.choices:
+                if len(choice) != len(block.layers) or not all(
+                    isinstance(rank, int) and 1 <= rank <= limit for rank, limit in zip(choice, block.full_ranks)
+                ):
+                    raise ValueError(
+                        f"block {block.name}: rank tuple {list(choice)} does not fit full ranks "
+                        f"{list(block.full_ranks)}"
+                    )
+            if block.dense not in block.choices:
+                raise ValueError(f"block {block.name}: the dense tuple {list(block.dense)} is missing")
+            for layer, limit in zip(block.layers, block.full_ranks, strict=True):
+                if full_ranks is not None and full_ranks.get(layer) != limit:
+                    found = "not a low-rank layer of the model" if layer not in full_ranks else f"{full_ranks[layer]}"
+                    raise ValueError(f"layer {layer}: full rank {limit} in the space, model: {found}")
+
     def to_dict(self) -> dict:
         return {
             "blocks": [
