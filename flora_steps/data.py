@@ -35,7 +35,6 @@ from .errors import UserError
 from .image_check import unreadable_images
 from .params import DataParams
 
-
 log = logging.getLogger(__name__)
 
 
