@@ -12,7 +12,8 @@ from types import ModuleType
 from . import __version__
 from .errors import UserError
 from .layout import STAGES
-from .models import check_model
+from .data import build_splits
+from .models import check_model, data_config
 from .params import load_params
 from .stage import add_params_argument, add_stage_arguments, run_from_args
 
@@ -71,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         params = load_params(args.params)
         try:
-            check_model(params.model.name, params.model.num_classes, params.model.kwargs)
+            model = check_model(params.model.name, params.model.num_classes, params.model.kwargs)
+            data = params.data
+            if data.dataset == "digits" or (data.root is not None and data.root.is_dir()):
+                build_splits(data, data_config(model), params.model.num_classes)
+            else:
+                print(f"{args.params}: data.root {data.root} not found here: the data is checked where it is")
         except UserError as error:
             raise UserError(f"{args.params}: {error}") from None
         print(f"{args.params}: ok")

@@ -6,6 +6,7 @@ Importing this module registers ``vit_digits`` with timm, so
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -122,17 +123,18 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], num_classes: in
     """``timm.create_model``; keyword arguments the model rejects are one ``UserError`` naming ``model.kwargs``."""
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs, num_classes=num_classes)
-    except (TypeError, ValueError, AssertionError) as error:  # what model constructors raise for bad arguments
+    except (TypeError, ValueError, AssertionError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+        # what model constructors raise for bad arguments (and timm's checkpoint_path loading for a bad file)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"model.kwargs: {kwargs} not accepted by {name} ({_shorten(reason)})") from None
 
 
-def check_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> None:
-    """Build the model on PyTorch's meta device (no memory, no weights): a bad name or kwargs is a ``UserError``."""
+def check_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The model built on PyTorch's meta device (no memory, no weights); a bad name or kwargs is a ``UserError``."""
     if not is_known_model(name):
         raise UserError(f"model.name: unknown timm model '{name}'")
     with torch.device("meta"):
-        _create(name, False, kwargs, num_classes)
+        return _create(name, False, kwargs, num_classes)
 
 
 def _shorten(text: str, limit: int = 200) -> str:

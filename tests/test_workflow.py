@@ -171,22 +171,33 @@ def test_every_profile_dry_runs_with_snakemake(project: Path, profile: str) -> N
     assert "rule pretrain:" in result.stdout + result.stderr
 
 
-def test_snakemake_with_bad_params_stops_with_one_line(project: Path) -> None:
-    (project / "configs/bad.yaml").write_text(
-        (project / "configs/smoke.yaml").read_text().replace("seed: 0", "seed: zero")
-    )
+def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path) -> None:
+    bad = (project / "configs/smoke.yaml").read_text().replace("seed: 0", "seed: zero")
+    (project / "configs/bad.yaml").write_text(bad.replace("  lr: ", "  lrr: ", 1))
+    (project / "configs/binary.yaml").write_bytes(bytes(range(256)))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "params=configs/bad.yaml"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert "error: configs/bad.yaml: seed: input should be a valid integer" in result.stderr
-    assert "Traceback" not in result.stderr
+    for params, expected in (
+        (
+            "configs/bad.yaml",
+            [
+                "error: configs/bad.yaml: seed: input should be a valid integer, unable to parse string as an "
+                "integer, got 'zero'",
+                "error: configs/bad.yaml: pretrain.lrr: unknown key (did you mean 'lr'?)",
+            ],
+        ),
+        ("configs", ["error: configs: is a directory, expected a params YAML file"]),
+        ("configs/binary.yaml", ["error: configs/binary.yaml: not UTF-8 text, expected a params YAML file"]),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", f"params={params}"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == expected
 
 
 @pytest.fixture(scope="module")
