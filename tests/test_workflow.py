@@ -182,6 +182,8 @@ def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path
             [
                 "error: configs/bad.yaml: seed: input should be a valid integer, unable to parse string as an "
                 "integer, got 'zero'",
+                "error: configs/bad.yaml: data.split_seed: input should be a valid integer, unable to parse string "
+                "as an integer, got 'zero'",
                 "error: configs/bad.yaml: pretrain.lrr: unknown key (did you mean 'lr'?)",
             ],
         ),
