@@ -6,7 +6,7 @@ writes `results/pretrain/`:
 
 - `model.safetensors` + `model.json`: the base model artifact
 - `metrics.json`: val and test top-1/top-5, MACs and parameters
-- `history.csv`: per-epoch train loss, learning rate and val top-1
+- `history.csv`: per epoch, train loss, lr, val top-1 and loss
 - `log.txt`
 
 Training keeps `checkpoint.pt` after every epoch and resumes from it after a kill;

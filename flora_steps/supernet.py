@@ -11,7 +11,7 @@ on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
 `results/supernet/`:
 
 - `model.safetensors` + `model.json`: the trained supernet
-- `history.csv`: per epoch, loss, lr, val top-1 of the smallest and the largest subnet
+- `history.csv`: per epoch, train loss, lr, val top-1 of the smallest and the largest subnet
 - `metrics.json`: val top-1 of the smallest and largest subnet, by plain SVD
   truncation (before training) and with the trained supernet's weights
 """
