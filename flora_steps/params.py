@@ -221,6 +221,13 @@ class Params(Section):
                 f"search.band: {self.search.band} must be below every search budget "
                 f"(smallest {min(self.budgets.search)}), or the legal MACs band starts at or below 0"
             )
+        lowest_legal = min(self.budgets.search) - self.search.band
+        if min(self.budgets.uniform) > lowest_legal + 1e-9:
+            problems.append(
+                f"budgets.uniform: the lowest uniform budget ({min(self.budgets.uniform)}) must lie at or below the "
+                f"lowest search budget minus search.band ({lowest_legal:.4g}), so that every FLORA point lies within "
+                "the uniform curve it is compared with"
+            )
         known_classes = {"digits": 10, "cifar10": 10}.get(self.data.dataset)
         if known_classes is not None and self.model.num_classes != known_classes:
             problems.append(

@@ -84,11 +84,14 @@ def costs_table(seconds: Sequence[tuple[str, float]]) -> pd.DataFrame:
 def readable(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
     """A copy for Markdown/LaTeX: MACs in ``macs_unit``, fractions as percentages, params in millions."""
     shown = table.copy()
+    missing = {"uniform_macs": "out of range", "extra_reduction": "out of range"}  # never extrapolated
     for column in [c for c in shown.columns if c in ("macs", "uniform_macs")]:
-        shown[column] = (shown[column] / macs_divisor).map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
+        blank = missing.get(column, "—")
+        shown[column] = (shown[column] / macs_divisor).map(lambda v, b=blank: b if pd.isna(v) else f"{v:.3f}")
         shown = shown.rename(columns={column: f"{column} ({macs_unit})"})
     for column in [c for c in shown.columns if c in ("top1", "top5", "macs_reduction", "extra_reduction")]:
-        shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{100 * v:.2f}%")
+        blank = missing.get(column, "—")
+        shown[column] = shown[column].map(lambda v, b=blank: b if pd.isna(v) else f"{100 * v:.2f}%")
     if "delta_top1" in shown:
         shown["delta_top1"] = shown["delta_top1"].map(lambda v: f"{100 * v:+.2f}")
     if "params" in shown:

@@ -85,6 +85,7 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     ("budgets.uniform", [0.5, 0.8, 1], "budgets.uniform.2: write 1 as 1.0"),
     ("budgets.uniform", [0.8], "budgets: uniform must include every search budget (missing [0.5])"),
     ("search.band", 0.5, "search.band: 0.5 must be below every search budget (smallest 0.5)"),
+    ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest uniform budget (0.49) must lie at or below"),
     ("search.top_k", 20, "search: top_k (20) must not exceed population"),
     ("retrain.latency_repeats", 0, "retrain.latency_repeats: input should be greater than or equal to 1"),
     ("compute.device", "tpu", "compute.device: input should be 'auto', 'cpu' or 'cuda'"),

@@ -21,8 +21,9 @@ def test_macs_for_accuracy_interpolates_on_the_envelope() -> None:
     macs, top1 = [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]
     assert macs_for_accuracy(macs, top1, 0.85) == pytest.approx(40)
     assert macs_for_accuracy(macs, top1, 0.91) == pytest.approx(60)
-    assert macs_for_accuracy(macs, top1, 0.70) == 30  # the cheapest point already reaches it
-    assert macs_for_accuracy(macs, top1, 0.96) is None
+    assert macs_for_accuracy(macs, top1, 0.80) == 30  # exactly the cheapest point
+    assert macs_for_accuracy(macs, top1, 0.70) is None  # below the curve: never extrapolated
+    assert macs_for_accuracy(macs, top1, 0.96) is None  # above dense
     # A dip does not count: the envelope is the best top-1 with at most that many MACs.
     assert macs_for_accuracy([30, 50, 70, 100], [0.80, 0.90, 0.85, 0.95], 0.90) == pytest.approx(50)
     assert macs_for_accuracy([100, 30], [0.95, 0.80], 0.875) == pytest.approx(65)  # order does not matter
@@ -33,6 +34,22 @@ def test_extra_reduction_on_a_hand_made_curve() -> None:
     assert extra_reduction(40, 0.91, [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]) == pytest.approx(1 / 3)
     assert extra_reduction(80, 0.85, [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]) == pytest.approx(-1.0)
     assert extra_reduction(40, 0.99, [30, 100], [0.8, 0.95]) is None
+
+
+@pytest.mark.parametrize(
+    ("curve", "point", "expected"),
+    [
+        (([30, 60, 100], [0.9, 0.9, 0.9]), (40, 0.9), 1 - 40 / 30),  # flat curve: its cheapest point reaches it
+        (([30, 60, 100], [0.9, 0.9, 0.9]), (40, 0.905), None),  # flat curve, point above it: out of range
+        (([30, 60, 100], [0.8, 0.9, 0.95]), (20, 0.7), None),  # point below the cheapest uniform model
+        (([30, 60, 100], [0.8, 0.9, 0.95]), (50, 0.96), None),  # point above dense
+        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.9), 1 - 50 / 55),  # non-monotone: the envelope
+        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.93), 1 - 50 / (80 + 20 / 3)),  # from the best so far
+    ],
+)
+def test_extra_reduction_edge_cases(curve, point, expected) -> None:
+    result = extra_reduction(*point, *curve)
+    assert result == (None if expected is None else pytest.approx(expected))
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +74,8 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = pd.read_csv(out / "results.csv")
     assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
-    assert list(results["method"]) == ["dense", "uniform", "uniform", "flora"]
-    assert list(results["budget"]) == [1.0, 0.5, 0.8, 0.5]
+    assert list(results["method"]) == ["dense", "uniform", "uniform", "uniform", "flora"]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.5]
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert "| method" in (out / "results.md").read_text()
     ranks = pd.read_csv(out / "ranks.csv")
@@ -92,4 +109,4 @@ def test_report_without_retrain_results_is_one_clear_line(smoke_pipeline: Path, 
     shutil.copy(smoke_pipeline / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 2
-    assert "results/retrain/uniform/0.5/metrics.json: metrics not found" in capsys.readouterr().err
+    assert "results/retrain/uniform/0.4/metrics.json: metrics not found" in capsys.readouterr().err

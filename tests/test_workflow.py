@@ -242,7 +242,7 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
 def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:
     project = copy_project(tmp_path)
     params = yaml.safe_load((project / "configs/smoke.yaml").read_text())
-    params["budgets"]["uniform"] = [0.5, 0.8, 1.0]
+    params["budgets"]["uniform"] = [0.4, 0.5, 0.8, 1.0]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
