@@ -92,6 +92,16 @@ def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return saves
 
 
+def set_key(params: dict, dotted: str, value) -> dict:
+    """Set the value at a dotted key (``"retrain.lr"``) of a params dict; returns the dict."""
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return params
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_params
+from conftest import set_key, write_params
 from PIL import Image
 
 from flora_steps.cli import main
@@ -34,15 +34,6 @@ def run_rejected(command: list[str], folder: Path, capsys, expected: str) -> Non
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and expected in errors[0], errors
     assert files_under(folder) == before
-
-
-def set_key(params: dict, dotted: str, value) -> dict:
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    node[last] = value
-    return params
 
 
 class Exploit:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, write_params
+from conftest import ROOT, set_key, write_params
 
 from flora_steps.cli import main
 from flora_steps.errors import UserError
@@ -20,15 +20,6 @@ def test_every_profile_validates() -> None:
     assert len(profiles) >= 5
     for path in profiles:
         load_params(path)
-
-
-def set_key(params: dict, dotted: str, value) -> dict:
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    node[last] = value
-    return params
 
 
 def drop_key(params: dict, dotted: str) -> dict:
