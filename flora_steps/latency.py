@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import pandas as pd
 import torch
@@ -45,13 +45,13 @@ def _forward_seconds(model: nn.Module, images: torch.Tensor) -> float:
 
 @torch.no_grad()
 def interleaved_latency(
-    models: Mapping[str, nn.Module],
+    models: Mapping[Hashable, nn.Module],
     input_shape: tuple[int, ...],
     batch: int,
     device: torch.device,
     repeats: int,
     warmup: int = 3,
-) -> dict[str, float]:
+) -> dict[Hashable, float]:
     """Median milliseconds per forward pass of each model, timed in interleaved rounds on ``device``.
 
     The models must already live on ``device``; they are put in eval mode.
@@ -59,7 +59,7 @@ def interleaved_latency(
     for model in models.values():
         model.eval()
     images = torch.randn((batch, *input_shape), device=device)
-    timings: dict[str, list[float]] = {name: [] for name in models}
+    timings: dict[Hashable, list[float]] = {name: [] for name in models}
     for round_index in progress(range(warmup + repeats), desc=f"latency {device.type}", inner=True):
         for name, model in models.items():
             seconds = _forward_seconds(model, images)
@@ -70,11 +70,11 @@ def interleaved_latency(
 
 def run(context: StageContext) -> None:
     params = context.params
-    models = {"dense": load_model(context.input("dense"))[0]}
+    models = {("dense", 1.0): load_model(context.input("dense"))[0]}  # keyed by (method, budget)
     for method, budgets in (("flora", params.budgets.search), ("uniform", params.budgets.uniform)):
         for budget, path in zip(budgets, context.inputs(method), strict=True):
-            models[f"{method} {budget}"] = load_model(path)[0]
-    shape = input_shape(models["dense"])
+            models[method, budget] = load_model(path)[0]
+    shape = input_shape(models["dense", 1.0])
     batch, repeats = params.retrain.latency_batch, params.retrain.latency_repeats
     devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
     rows = []
@@ -82,19 +82,13 @@ def run(context: StageContext) -> None:
         for model in models.values():
             model.to(device)
         milliseconds = interleaved_latency(models, shape, batch, device, repeats)
-        for name, value in milliseconds.items():
-            method, _, budget = name.partition(" ")
-            rows.append(
-                {
-                    "method": method,
-                    "budget": float(budget) if budget else 1.0,
-                    "device": device.type,
-                    "batch": batch,
-                    "latency_ms": round(value, 3),
-                    "speedup": round(milliseconds["dense"] / value, 4),
-                }
-            )
-        log.info("%s: dense %.2f ms per batch of %d", device.type, milliseconds["dense"], batch)
+        dense = milliseconds["dense", 1.0]
+        rows += [
+            {"method": method, "budget": budget, "device": device.type, "batch": batch}
+            | {"latency_ms": round(value, 3), "speedup": round(dense / value, 4)}
+            for (method, budget), value in milliseconds.items()
+        ]
+        log.info("%s: dense %.2f ms per batch of %d", device.type, dense, batch)
     table = pd.DataFrame(rows)
     write_csv(context.output("latency"), table)
     write_json(

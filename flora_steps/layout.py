@@ -135,6 +135,14 @@ def _keys(section: str, names: Iterable[str]) -> tuple[str, ...]:
 _MODEL = {"model": Output("model.safetensors"), "spec": Output("model.json")}
 
 
+def _model_of(stage: str, name: str = "model") -> dict[str, Input]:
+    """The model artifact of ``stage`` as two inputs: ``name`` (weights) and ``<name>_spec`` (or ``spec``)."""
+    return {name: Input(stage, "model"), "spec" if name == "model" else f"{name}_spec": Input(stage, "spec")}
+
+
+_TEACHER = _model_of("pretrain", "teacher")
+
+
 def _table(name: str, plot: Mapping[str, str] | None = None) -> dict[str, Output]:
     """A report table as CSV (raw numbers; a DVC plot when ``plot`` is given), Markdown and LaTeX."""
     return {
@@ -194,7 +202,7 @@ STAGES: dict[str, Stage] = {
                 "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
                 "metrics": Output("metrics.json", "metrics"),
             },
-            inputs={"model": Input("pretrain", "model"), "spec": Input("pretrain", "spec")},
+            inputs=_model_of("pretrain"),
             params=("seed", "decompose.targets"),
         ),
         Stage(
@@ -207,7 +215,7 @@ STAGES: dict[str, Stage] = {
                 "plot": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
                 "metrics": Output("metrics.json", "metrics"),
             },
-            inputs={"model": Input("decompose", "model"), "spec": Input("decompose", "spec")},
+            inputs=_model_of("decompose"),
             params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
         ),
         Stage(
@@ -220,10 +228,8 @@ STAGES: dict[str, Stage] = {
                 "metrics": Output("metrics.json", "metrics"),
             },
             inputs={
-                "model": Input("decompose", "model"),
-                "spec": Input("decompose", "spec"),
-                "teacher": Input("pretrain", "model"),
-                "teacher_spec": Input("pretrain", "spec"),
+                **_model_of("decompose"),
+                **_TEACHER,
                 "space": Input("filter", "space"),
             },
             params=(
@@ -249,10 +255,8 @@ STAGES: dict[str, Stage] = {
                 "metrics": Output("metrics.json", "metrics"),
             },
             inputs={
-                "model": Input("supernet", "model"),
-                "spec": Input("supernet", "spec"),
-                "teacher": Input("pretrain", "model"),
-                "teacher_spec": Input("pretrain", "spec"),
+                **_model_of("supernet"),
+                **_TEACHER,
                 "space": Input("filter", "space"),
             },
             params=(
@@ -275,10 +279,8 @@ STAGES: dict[str, Stage] = {
             foreach="budgets.search",
             outputs=_RETRAIN_OUTPUTS,
             inputs={
-                "model": Input("supernet", "model"),
-                "spec": Input("supernet", "spec"),
-                "teacher": Input("pretrain", "model"),
-                "teacher_spec": Input("pretrain", "spec"),
+                **_model_of("supernet"),
+                **_TEACHER,
                 "ranks": Input("search", "ranks"),
             },
             params=_RETRAIN_PARAMS,
@@ -291,10 +293,8 @@ STAGES: dict[str, Stage] = {
             foreach="budgets.uniform",
             outputs=_RETRAIN_OUTPUTS,
             inputs={
-                "model": Input("decompose", "model"),
-                "spec": Input("decompose", "spec"),
-                "teacher": Input("pretrain", "model"),
-                "teacher_spec": Input("pretrain", "spec"),
+                **_model_of("decompose"),
+                **_TEACHER,
             },
             params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple"),
         ),
@@ -304,12 +304,9 @@ STAGES: dict[str, Stage] = {
             folder="latency",
             outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
             inputs={
-                "dense": Input("pretrain", "model"),
-                "dense_spec": Input("pretrain", "spec"),
-                "flora": Input("retrain_flora", "model"),
-                "flora_spec": Input("retrain_flora", "spec"),
-                "uniform": Input("retrain_uniform", "model"),
-                "uniform_spec": Input("retrain_uniform", "spec"),
+                **_model_of("pretrain", "dense"),
+                **_model_of("retrain_flora", "flora"),
+                **_model_of("retrain_uniform", "uniform"),
             },
             params=(
                 "seed",
