@@ -89,6 +89,25 @@ def test_search_gets_close_to_the_known_optimum_and_stays_legal(band: tuple[int,
     assert all(a["best"] <= b["best"] for a, b in itertools.pairwise(result.history))
 
 
+def test_every_generation_evaluates_a_full_population_of_distinct_new_genomes() -> None:
+    """Mutations, crossovers and random fill of one generation never repeat each other (8^8 genomes, wide band)."""
+    table, values = synthetic_table(seed=1, blocks=8, choices=8)
+    low, high = 0.3 * table.largest, 0.8 * table.largest
+    evaluated_per_generation: list[set] = [set()]
+
+    def fitness(genome: tuple[int, ...]) -> float:
+        evaluated_per_generation[-1].add(genome)
+        return float(sum(v[i] for v, i in zip(values, genome, strict=True)))
+
+    def next_generation(_: dict) -> None:
+        evaluated_per_generation.append(set())
+
+    settings = EvolutionSettings(population=50, mutations=25, crossovers=25, generations=20, mutation_prob=0.05)
+    result = evolve(table, fitness, low, high, settings, np.random.default_rng(0), next_generation)
+    assert [len(g) for g in evaluated_per_generation[:-1]] == [50] * 20
+    assert result.evaluations == 1000
+
+
 def test_search_is_deterministic_per_seed() -> None:
     table, values = synthetic_table(seed=3)
 

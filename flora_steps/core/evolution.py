@@ -164,15 +164,14 @@ def evolve(
     def legal(genome: Genome) -> bool:
         return low <= table.macs(genome) <= high
 
-    def new_genomes(count: int, make: Callable[[], Genome]) -> list[Genome]:
-        made: list[Genome] = []
+    def add_new(candidates: list[Genome], count: int, make: Callable[[], Genome]) -> None:
+        """Append up to ``count`` legal genomes from ``make``, each new to the cache and to ``candidates``."""
         for _ in range(count):
             for _ in range(settings.tries):
                 genome = make()
-                if genome not in cache and genome not in made and legal(genome):
-                    made.append(genome)
+                if genome not in cache and genome not in candidates and legal(genome):
+                    candidates.append(genome)
                     break
-        return made
 
     candidates = stratified_population(rng, table, low, high, settings.population, settings.tries)
     if not candidates:
@@ -192,19 +191,18 @@ def evolve(
             on_generation(history[-1])
         if generation == settings.generations:
             break
-        mutated = new_genomes(
-            settings.mutations, lambda: mutate(rng, top[rng.integers(len(top))], choices, settings.mutation_prob)
+        candidates = []  # one generation's new genomes: distinct from each other and from every earlier one
+        add_new(
+            candidates,
+            settings.mutations,
+            lambda: mutate(rng, top[rng.integers(len(top))], choices, settings.mutation_prob),
         )
-        crossed = (
-            new_genomes(
+        if len(top) > 1:
+            add_new(
+                candidates,
                 settings.crossovers,
                 lambda: crossover(rng, *(top[i] for i in rng.choice(len(top), 2, replace=False))),
             )
-            if len(top) > 1
-            else []
-        )
-        candidates = mutated + crossed
-        fill = settings.population - len(candidates)
-        candidates += new_genomes(fill, lambda: random_legal(rng, table, low, high) or top[0])
+        add_new(candidates, settings.population - len(candidates), lambda: random_legal(rng, table, low, high) or top[0])
     best = top[0]
     return SearchResult(best, cache[best], table.macs(best), len(cache), history)
