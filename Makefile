@@ -21,7 +21,7 @@ dvc: $(STAMP)  ## run the default pipeline with DVC instead
 
 docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/
 	snakemake --cores $(CORES)
-	cp results/report/tradeoff.png results/report/results.md results/report/extra_reduction.md results/report/summary.json docs/
+	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/summary.json docs/
 
 env: $(STAMP)  ## only create the environment
 

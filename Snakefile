@@ -28,6 +28,8 @@ except UserError as error:  # every problem of the params file, one line each
 
 
 BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items()}
+# a stage job takes the CPU threads it uses: compute.threads, or every core it is given (0: PyTorch's default)
+THREADS = PARAMS["compute"]["threads"] or 8
 
 
 wildcard_constraints:
@@ -93,7 +95,7 @@ rule pretrain:
         benchmark_file("pretrain")
     params:
         tracked=tracked_params("pretrain", PARAMS),
-    threads: 8
+    threads: THREADS
     resources:
         mem_mb=4000,
         runtime=60,
@@ -114,7 +116,7 @@ rule decompose:
         benchmark_file("decompose")
     params:
         tracked=tracked_params("decompose", PARAMS),
-    threads: 8
+    threads: THREADS
     resources:
         mem_mb=4000,
         runtime=30,
@@ -135,7 +137,8 @@ rule filter:
         benchmark_file("filter")
     params:
         tracked=tracked_params("filter", PARAMS),
-    threads: 8
+    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=120,
@@ -156,7 +159,8 @@ rule supernet:
         benchmark_file("supernet")
     params:
         tracked=tracked_params("supernet", PARAMS),
-    threads: 8
+    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=720,
@@ -177,7 +181,8 @@ rule search:
         benchmark_file("search")
     params:
         tracked=tracked_params("search", PARAMS),
-    threads: 8
+    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=240,
@@ -198,7 +203,8 @@ rule retrain_flora:
         benchmark_file("retrain_flora")
     params:
         tracked=tracked_params("retrain_flora", PARAMS),
-    threads: 8
+    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=720,
@@ -206,6 +212,27 @@ rule retrain_flora:
         "environment.yml"
     shell:
         command("retrain_flora")
+
+
+rule retrain_control:
+    input:
+        **inputs("retrain_control"),
+    output:
+        **outputs("retrain_control"),
+    log:
+        log_file("retrain_control"),
+    benchmark:
+        benchmark_file("retrain_control")
+    params:
+        tracked=tracked_params("retrain_control", PARAMS),
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        command("retrain_control")
 
 
 rule retrain_uniform:
@@ -219,7 +246,7 @@ rule retrain_uniform:
         benchmark_file("retrain_uniform")
     params:
         tracked=tracked_params("retrain_uniform", PARAMS),
-    threads: 8
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=720,
@@ -240,7 +267,7 @@ rule latency:
         benchmark_file("latency")
     params:
         tracked=tracked_params("latency", PARAMS),
-    threads: 8
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=60,

@@ -17,8 +17,15 @@ from .core.space import SearchSpace
 
 METHOD_STYLE = {
     "dense": {"color": "black", "marker": "D"},
-    "uniform": {"color": "tab:blue", "marker": "o"},
-    "flora": {"color": "tab:red", "marker": "*", "markersize": 12},
+    "uniform": {"color": "tab:blue", "marker": "o", "markersize": 4},
+    "control": {"color": "tab:green", "marker": "s", "markersize": 4},
+    "flora": {"color": "tab:red", "marker": "*", "markersize": 10},
+}
+TRADEOFF_LABELS = {
+    "dense": "dense",
+    "uniform": "uniform rank, from SVD",
+    "control": "uniform rank, from the supernet (control)",
+    "flora": "FLORA: searched ranks, from the supernet",
 }
 
 
@@ -82,53 +89,54 @@ def macs_unit(macs: float) -> tuple[float, str]:
     return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
 
 
-def plot_tradeoff(results: pd.DataFrame, extra: pd.DataFrame) -> Figure:
-    """Top-1 against MACs: the uniform-rank curve, the FLORA points, the dense model.
+def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
+    """Test top-1 against MACs with 95% error bars: both uniform curves, the FLORA points, the dense model.
 
-    ``results`` has columns method, macs, top1; ``extra`` has, per FLORA point, its
-    macs and top1 and the uniform MACs at equal accuracy (``uniform_macs``, may be NaN)
-    and ``extra_reduction``; each is drawn as an arrow from the uniform curve to FLORA.
+    ``results`` has columns method, macs, top1, top1_low, top1_high; ``comparison``
+    has, per FLORA budget and baseline, ``delta_top1`` and its interval and verdict:
+    each FLORA point is labelled with its difference to the control at equal MACs,
+    or "within noise" when the interval includes zero.
     """
     divisor, unit = macs_unit(results["macs"].max())
-    figure = Figure(figsize=(6, 4.2), layout="tight")
+    figure = Figure(figsize=(6.4, 4.4), layout="tight")
     axis = figure.subplots()
-    for method in ("uniform", "flora", "dense"):
+    for method in ("uniform", "control", "flora", "dense"):
         rows = results[results["method"] == method].sort_values("macs")
-        style = METHOD_STYLE[method]
-        axis.plot(
+        top1 = 100 * rows["top1"]
+        axis.errorbar(
             rows["macs"] / divisor,
-            100 * rows["top1"],
-            linestyle="-" if method != "dense" else "none",
-            label={"flora": "FLORA (searched ranks)", "uniform": "uniform rank", "dense": "dense"}[method],
-            **style,
+            top1,
+            yerr=[top1 - 100 * rows["top1_low"], 100 * rows["top1_high"] - top1],
+            linestyle="-" if method in ("uniform", "control") else "none",
+            capsize=2,
+            label=TRADEOFF_LABELS[method],
+            **METHOD_STYLE[method],
         )
     dense = results[results["method"] == "dense"]
     if len(dense):
         axis.axhline(100 * dense["top1"].iloc[0], color="black", linewidth=0.8, linestyle=":")
-    for _, row in extra.dropna(subset=["uniform_macs"]).iterrows():
-        if row["uniform_macs"] > row["macs"]:
-            point = (row["macs"] / divisor, 100 * row["top1"])
-            axis.annotate(
-                "",
-                xy=point,
-                xytext=(row["uniform_macs"] / divisor, 100 * row["top1"]),
-                arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 0.8},
-            )
-            axis.annotate(
-                f"−{100 * row['extra_reduction']:.0f}% MACs",
-                xy=point,
-                xytext=(0, -14),
-                textcoords="offset points",
-                fontsize=7,
-                color="tab:red",
-                ha="center",
-                va="top",
-            )
+    for _, row in comparison[comparison["baseline"] == "control"].iterrows():
+        if row["delta_verdict"] == "out of range":
+            text = "vs control: out of range"
+        elif row["delta_verdict"] == "within noise":
+            text = f"{100 * row['delta_top1']:+.1f} vs control\n(within noise)"
+        else:
+            text = f"{100 * row['delta_top1']:+.1f} vs control\n[{100 * row['delta_low']:+.1f}, {100 * row['delta_high']:+.1f}]"
+        axis.annotate(
+            text,
+            xy=(row["macs"] / divisor, 100 * row["top1"]),
+            xytext=(0, 10),
+            textcoords="offset points",
+            fontsize=6.5,
+            color=METHOD_STYLE["flora"]["color"],
+            ha="center",
+            va="bottom",
+        )
     axis.set_xlabel(unit)
-    axis.set_ylabel("test top-1 (%)")
-    axis.set_title("Accuracy vs MACs: FLORA vs uniform low rank")
+    axis.set_ylabel("test top-1 (%), mean over seeds, 95% interval")
+    axis.set_title("Accuracy vs MACs: FLORA, uniform-rank control, SVD uniform")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=7, loc="lower right")
     return figure
 
 

@@ -2,8 +2,9 @@
 
     python -m flora_steps.latency --params params.yaml
 
-Every model of `retrain` (each FLORA and uniform budget) and the dense base model
-run forward passes of `retrain.latency_batch` random images, interleaved round by
+Every FLORA and SVD uniform model of `retrain` (the first seed's; the control at a
+budget has the uniform model's architecture, so its latency is the same) and the
+dense base model run forward passes of `retrain.latency_batch` random images, interleaved round by
 round so that machine noise hits all of them alike; the median over
 `retrain.latency_repeats` rounds is reported, on the CPU and also on CUDA when
 present. Training stages do not time anything, so changing these settings reruns

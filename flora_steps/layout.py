@@ -156,6 +156,7 @@ _RETRAIN_OUTPUTS = {
     **_MODEL,
     "ranks": Output("ranks.json"),
     "history": Output("history.csv"),
+    "predictions": Output("predictions.csv"),
     "metrics": Output("metrics.json", "metrics"),
 }
 _RETRAIN_PARAMS = (
@@ -163,7 +164,7 @@ _RETRAIN_PARAMS = (
     *DEVICE,
     "compute.workers",
     *DATA,
-    *_keys("retrain", (*TRAINING, "temperature", "hard_label_weight")),
+    *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
 )
 
 STAGES: dict[str, Stage] = {
@@ -178,6 +179,7 @@ STAGES: dict[str, Stage] = {
                 "history": Output(
                     "history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}
                 ),
+                "predictions": Output("predictions.csv"),
                 "metrics": Output("metrics.json", "metrics"),
             },
             inputs={},
@@ -281,9 +283,24 @@ STAGES: dict[str, Stage] = {
             inputs={
                 **_model_of("supernet"),
                 **_TEACHER,
+                "supernet": Input("supernet", "metrics"),
                 "ranks": Input("search", "ranks"),
             },
             params=_RETRAIN_PARAMS,
+        ),
+        Stage(
+            name="retrain_control",
+            module="retrain",
+            method="control",
+            folder="retrain/control/{budget}",
+            foreach="budgets.uniform",
+            outputs=_RETRAIN_OUTPUTS,
+            inputs={
+                **_model_of("supernet"),
+                **_TEACHER,
+                "supernet": Input("supernet", "metrics"),
+            },
+            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple"),
         ),
         Stage(
             name="retrain_uniform",
@@ -296,7 +313,7 @@ STAGES: dict[str, Stage] = {
                 **_model_of("decompose"),
                 **_TEACHER,
             },
-            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple"),
+            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple", "retrain.uniform_epochs", "supernet.epochs"),
         ),
         Stage(
             name="latency",
@@ -328,17 +345,10 @@ STAGES: dict[str, Stage] = {
                         "x": "macs",
                         "y": "top1",
                         "template": "scatter",
-                        "title": "Test top-1 vs MACs (dense, uniform, FLORA)",
+                        "title": "Test top-1 vs MACs (dense, SVD uniform, control, FLORA)",
                     },
                 ),
-                **_table(
-                    "extra_reduction",
-                    {
-                        "x": "budget",
-                        "y": "extra_reduction",
-                        "title": "Extra MACs reduction of FLORA over uniform at equal top-1",
-                    },
-                ),
+                **_table("comparison"),
                 **_table("ranks"),
                 **_table("costs"),
                 "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
@@ -362,8 +372,13 @@ STAGES: dict[str, Stage] = {
                 "search": Input("search", "metrics"),
                 "search_history": Input("search", "history"),
                 "search_ranks": Input("search", "ranks"),
+                "dense_predictions": Input("pretrain", "predictions"),
                 "flora": Input("retrain_flora", "metrics"),
+                "flora_predictions": Input("retrain_flora", "predictions"),
+                "control": Input("retrain_control", "metrics"),
+                "control_predictions": Input("retrain_control", "predictions"),
                 "uniform": Input("retrain_uniform", "metrics"),
+                "uniform_predictions": Input("retrain_uniform", "predictions"),
             },
             params=("seed", *BUDGETS, "decompose.targets"),
         ),

@@ -185,16 +185,27 @@ class SearchParams(Section):
 
 
 class RetrainParams(TrainingParams):
-    """Fine-tuning of each searched subnet and of the uniform baseline, with distillation.
+    """Fine-tuning of each FLORA subnet, uniform-rank control and SVD uniform baseline, with distillation.
 
-    ``epochs: 0`` evaluates the inherited / truncated weights only.
+    ``epochs`` is the fine-tuning of the models taken from the supernet (FLORA and the
+    control); ``epochs: 0`` evaluates the inherited / truncated weights only. Every
+    model is fine-tuned once per seed of ``seeds``.
     """
 
+    seeds: Annotated[list[Seed], Field(min_length=1)]  # one fine-tuning per seed; tables give mean, std, interval
+    uniform_epochs: NonNegativeInt | None  # SVD uniform; null: supernet.epochs + epochs (equal training)
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
     latency_batch: PositiveInt  # images per forward pass when timing inference (the latency stage)
     latency_repeats: PositiveInt  # timed forward passes (the median is reported)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"lists a seed twice: {seeds}")
+        return seeds
 
 
 class Params(Section):

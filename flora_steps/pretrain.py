@@ -6,7 +6,9 @@ writes `results/pretrain/`:
 
 - `model.safetensors` + `model.json`: the base model artifact
 - `metrics.json`: val and test top-1/top-5, MACs and parameters
-- `history.csv`: per epoch, train loss, lr, val top-1 and loss
+- `predictions.csv`: every test image's label and predicted class (empty without data),
+  which the report pairs with the compressed models' predictions
+- `history.csv`: per epoch, train loss, lr, optimizer steps and images so far, val top-1 and loss
 - `log.txt`
 
 Training keeps `checkpoint.pt` after every epoch and resumes from it after a kill;
@@ -25,10 +27,10 @@ from .core import trace_costs
 from .data import build_splits, make_loader
 from .models import create_base_model, data_config, input_shape
 from .stage import StageContext, stage_main
-from .training import evaluate, finish, fit
+from .training import HISTORY_COLUMNS, PREDICTION_COLUMNS, evaluate, finish, fit, prediction_table
 
 log = logging.getLogger(__name__)
-HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "val_top1", "val_loss"]
+HISTORY = [*HISTORY_COLUMNS, "val_top1", "val_loss"]
 
 
 def run(context: StageContext) -> None:
@@ -44,6 +46,7 @@ def run(context: StageContext) -> None:
     has_data = params.data.dataset == "digits" or (params.data.root is not None and params.data.root.is_dir())
     history: list[dict] = []
     metrics: dict = {"top1": None, "top5": None, "val_top1": None}
+    predictions = pd.DataFrame(columns=PREDICTION_COLUMNS)
     if params.pretrain.epochs > 0 or has_data:
         splits = build_splits(params.data, data_config(model), model.num_classes)
         log.info(
@@ -65,8 +68,9 @@ def run(context: StageContext) -> None:
 
             history = fit(model, splits.train, loss, validate, params.pretrain, context, "pretrain")
         val = evaluate(model, val_loader, device, amp, "val")
-        test = evaluate(model, make_loader(splits.test, batch, False, workers), device, amp, "test")
+        test = evaluate(model, make_loader(splits.test, batch, False, workers), device, amp, "test", True)
         metrics = {"top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"]}
+        predictions = prediction_table(test)
         log.info("test top-1 %.2f%%, val top-1 %.2f%%", 100 * test["top1"], 100 * val["top1"])
     else:
         log.warning("data.root %s not found: imported the weights without evaluating them", params.data.root)
@@ -76,8 +80,9 @@ def run(context: StageContext) -> None:
         model=params.model.name, model_kwargs={**params.model.kwargs, "num_classes": params.model.num_classes}
     )
     save_model(context.output("model"), model.cpu(), spec)
-    write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY_COLUMNS))
+    write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY))
     write_json(context.output("metrics"), metrics)
+    write_csv(context.output("predictions"), predictions)
     finish(context)
 
 

@@ -1,20 +1,25 @@
-"""Paper-style tables and figures from the finished pipeline, and a summary of the headline numbers.
+"""Paper-style tables and figures from the finished pipeline, with intervals, and a summary of the results.
 
 Reads the other stages' results (nothing is recomputed but a few thousand sampled
-subnet sizes) and writes `results/report/`:
+subnet sizes and the bootstrap) and writes `results/report/`:
 
-- `results.{csv,md,tex}`: dense vs uniform vs FLORA per budget: MACs, parameters,
-  MACs reduction, test top-1/top-5 and the delta to dense
-- `extra_reduction.{csv,md,tex}`: per FLORA budget, the MACs the uniform baseline
-  needs for the same top-1 (interpolated on its curve, closed by the dense model)
-  and the extra MACs reduction of FLORA
+- `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control
+  and FLORA per budget): MACs, parameters, MACs reduction, test top-1 as mean ± std
+  over seeds with its 95% interval, top-5, the delta to dense, and the training it
+  had (optimizer steps and images, the supernet's share included)
+- `comparison.{csv,md,tex}`: per FLORA budget, against the control and against SVD
+  uniform: the top-1 difference at equal MACs (the baseline's curve interpolated at
+  FLORA's MACs) and the extra MACs reduction at equal top-1, each with its 95%
+  interval and a verdict (better / worse / within noise / out of range)
 - `ranks.{csv,md,tex}`: every target layer's rank in every searched subnet
 - `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
-- `tradeoff.png` (the headline figure: top-1 vs MACs), `spectra.png`,
+- `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
   `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
-- `summary.json`: the headline numbers
+- `summary.json`: every budget's comparison and the means over budgets, with intervals
 
-Outputs are deterministic: the same results give byte-identical files.
+Intervals: a paired bootstrap over seeds and test images (`flora_steps.stats`), the
+same replicates for every number. Outputs are deterministic: the same results give
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -54,10 +59,23 @@ from .figures import (
 from .layout import budget_name
 from .models import build_model, input_shape
 from .stage import StageContext, stage_main
-from .tables import costs_table, extra_reduction_table, latex, markdown, ranks_table, readable, results_table
+from .stats import CONFIDENCE, PairedBootstrap
+from .tables import (
+    Evaluated,
+    comparison_table,
+    costs_table,
+    latex,
+    markdown,
+    ranks_table,
+    readable,
+    readable_comparison,
+    readable_results,
+    results_table,
+)
 
 log = logging.getLogger(__name__)
 SAMPLED_SUBNETS = 4000
+REPLICATES = 2000  # bootstrap replicates of every interval
 
 
 def read_csv(path) -> pd.DataFrame:
@@ -93,20 +111,112 @@ def by_budget(context: StageContext, key: str, budgets: list[float]) -> dict[flo
     return dict(zip(budgets, context.inputs(key), strict=True))
 
 
+def correct_matrix(path: Path, labels: np.ndarray | None) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """``correct[seed, image]`` from a predictions file, its seeds (none for the dense model) and the labels.
+
+    ``labels`` (the dense model's) must match: every model is evaluated on the same test images.
+    """
+    table = read_csv(path)
+    if "seed" not in table:
+        table = table.assign(seed=-1)
+    seeds = list(dict.fromkeys(table["seed"]))
+    rows = [table[table["seed"] == seed].sort_values("image") for seed in seeds]
+    own_labels = rows[0]["label"].to_numpy() if rows else np.array([], dtype=int)
+    if labels is not None and (
+        any(len(r) != len(labels) or not np.array_equal(r["label"].to_numpy(), labels) for r in rows)
+    ):
+        raise UserError(f"{path}: predictions on other test images than the base model's (rerun the pipeline)")
+    correct = np.stack([(r["prediction"] == r["label"]).to_numpy(dtype=float) for r in rows])
+    return correct, [int(s) for s in seeds if s >= 0], own_labels
+
+
+def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]:
+    """Dense and every compressed model with its per-seed, per-image results; the seeds they share."""
+    budgets = context.params.budgets
+    dense_metrics = read_json(context.input("base"), "base model metrics")
+    if dense_metrics.get("top1") is None:
+        raise UserError(f"{context.input('base')}: the base model was not evaluated (data.root missing?)")
+    dense_correct, _, labels = correct_matrix(context.input("dense_predictions"), None)
+    models = [Evaluated("dense", 1.0, dense_metrics, dense_correct)]
+    shared: list[int] | None = None
+    for method, values in (("uniform", budgets.uniform), ("control", budgets.uniform), ("flora", budgets.search)):
+        predictions = by_budget(context, f"{method}_predictions", values)
+        for budget, path in by_budget(context, method, values).items():
+            correct, seeds, _ = correct_matrix(predictions[budget], labels)
+            if shared is None:
+                shared = seeds
+            elif seeds != shared:
+                raise UserError(f"{predictions[budget]}: seeds {seeds}, but other models have {shared} (rerun)")
+            models.append(Evaluated(method, budget, read_json(path, "metrics"), correct))
+    return models, shared or []
+
+
+def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
+    """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals."""
+    dense = models[0]
+
+    def interval(low: float, high: float) -> list[float | None]:
+        return [None if not math.isfinite(v) else float(v) for v in (low, high)]
+
+    def clean(value: float) -> float | None:
+        return None if pd.isna(value) else float(value)
+
+    budgets = []
+    for budget, rows in comparison.groupby("budget", sort=True):
+        flora = results[(results["method"] == "flora") & (results["budget"] == budget)].iloc[0]
+        entry = {
+            "budget": float(budget),
+            "flora": {
+                "macs": int(flora["macs"]),
+                "top1": float(flora["top1"]),
+                "top1_std": clean(flora["top1_std"]),
+                "top1_interval": interval(flora["top1_low"], flora["top1_high"]),
+            },
+        }
+        for _, row in rows.iterrows():
+            entry[f"vs_{row['baseline']}"] = {
+                "top1_at_equal_macs": clean(row["baseline_top1"]),
+                "delta_top1": clean(row["delta_top1"]),
+                "delta_top1_interval": interval(row["delta_low"], row["delta_high"]),
+                "delta_top1_verdict": row["delta_verdict"],
+                "extra_macs_reduction": clean(row["extra_reduction"]),
+                "extra_macs_reduction_interval": interval(row["extra_low"], row["extra_high"]),
+                "extra_macs_reduction_verdict": row["extra_verdict"],
+            }
+        budgets.append(entry)
+    training = {
+        method: {k: rows.iloc[0][k] for k in ("train_steps", "train_images", "supernet_steps")}
+        for method, rows in results[results["method"] != "dense"].groupby("method", sort=True)
+    }
+    return {
+        "dense": {"top1": dense.metrics["top1"], "macs": dense.metrics["macs"], "params": dense.metrics["params"]},
+        "protocol": {
+            "seeds": seeds,
+            "test_images": int(dense.correct.shape[1]),
+            "interval": f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over seeds and test "
+            f"images ({REPLICATES} replicates)",
+        },
+        "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
+        "budgets": budgets,
+        "mean_over_budgets": {
+            f"vs_{baseline}": {name: value.as_dict() for name, value in numbers.items()}
+            for baseline, numbers in means.items()
+        },
+    }
+
+
 def run(context: StageContext) -> None:
     params, budgets = context.params, context.params.budgets
-    dense = read_json(context.input("base"), "base model metrics")
-    if dense.get("top1") is None:
-        raise UserError(f"{context.input('base')}: the base model was not evaluated (data.root missing?)")
-    methods = {
-        method: {b: read_json(path, "metrics") for b, path in by_budget(context, method, values).items()}
-        for method, values in (("uniform", budgets.uniform), ("flora", budgets.search))
-    }
-    results = results_table(dense, methods)
-    extra = extra_reduction_table(results)
-    divisor, unit = macs_unit(dense["macs"])
-    write_table(context, "results", results, readable(results, divisor, unit))
-    write_table(context, "extra_reduction", extra, readable(extra, divisor, unit))
+    models, seeds = evaluated_models(context)
+    dense = models[0]
+    bootstrap = PairedBootstrap(
+        max(len(seeds), 1), dense.correct.shape[1], REPLICATES, np.random.default_rng(params.seed)
+    )
+    results = results_table(models, bootstrap)
+    comparison, means = comparison_table(models, bootstrap)
+    divisor, unit = macs_unit(dense.macs)
+    write_table(context, "results", results, readable_results(results, divisor, unit))
+    write_table(context, "comparison", comparison, readable_comparison(comparison, divisor, unit))
 
     layers = read_csv(context.input("layers"))
     configs = {
@@ -128,13 +238,9 @@ def run(context: StageContext) -> None:
         (f"search {b}", read_json(path, "metrics")["seconds"])
         for b, path in by_budget(context, "search", budgets.search).items()
     ]
-    seconds += [
-        (f"retrain {m} {b}", metrics["seconds"])
-        for m, results_by_budget in methods.items()
-        for b, metrics in sorted(results_by_budget.items())
-    ]
+    seconds += [(f"retrain {m.method} {m.budget}", m.metrics["seconds"]) for m in models[1:]]
     costs = costs_table(seconds)
-    write_table(context, "costs", costs, readable(costs, divisor, unit))
+    write_table(context, "costs", costs, readable(costs))
 
     space = read_space(context.input("space"))
     histories = {
@@ -143,7 +249,7 @@ def run(context: StageContext) -> None:
     fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
         ranks.set_index("layer")["full_rank"], axis=0
     )
-    save_figure(context.output("tradeoff"), plot_tradeoff(results, extra))
+    save_figure(context.output("tradeoff"), plot_tradeoff(results, comparison))
     save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
     save_figure(
         context.output("sensitivity"),
@@ -153,29 +259,20 @@ def run(context: StageContext) -> None:
     save_figure(context.output("ranks_figure"), plot_ranks(fractions))
     save_figure(context.output("sampling"), plot_sampling(*sampled_macs(context, space)))
 
-    best = extra.dropna(subset=["extra_reduction"])
-    summary = {
-        "dense": {"top1": dense["top1"], "macs": dense["macs"], "params": dense["params"]},
-        "budgets": [
-            {
-                "budget": float(row["budget"]),
-                "flora": {"top1": row["top1"], "macs": int(row["macs"])},
-                "uniform": {
-                    "top1": methods["uniform"][row["budget"]]["top1"],
-                    "macs": methods["uniform"][row["budget"]]["macs"],
-                },
-                "extra_macs_reduction": None if math.isnan(row["extra_reduction"]) else row["extra_reduction"],
-            }
-            for _, row in extra.iterrows()
-        ],
-        "max_extra_macs_reduction": float(best["extra_reduction"].max()) if len(best) else None,
-        "pipeline_seconds": round(float(costs["seconds"].iloc[-1]), 2),
-    }
-    write_json(context.output("summary"), summary)
-    log.info(
-        "FLORA vs uniform at equal top-1: up to %s extra MACs reduction",
-        "n/a" if summary["max_extra_macs_reduction"] is None else f"{100 * summary['max_extra_macs_reduction']:.1f}%",
-    )
+    numbers = summary(models, results, comparison, means, seeds)
+    numbers["pipeline_seconds"] = round(float(costs["seconds"].iloc[-1]), 2)
+    write_json(context.output("summary"), numbers)
+    for baseline, values in means.items():
+        delta = values.get("delta_top1")
+        if delta is not None:
+            log.info(
+                "FLORA vs %s at equal MACs, mean over budgets: %+.2f points of top-1 [%+.2f, %+.2f], %s",
+                baseline,
+                100 * delta.value,
+                100 * delta.low,
+                100 * delta.high,
+                delta.verdict,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,30 +1,46 @@
-"""Fine-tune a compressed model with distillation and evaluate it: a FLORA subnet or the uniform baseline.
+"""Fine-tune a compressed model with distillation, once per seed, and evaluate it: FLORA, the control or uniform.
 
     python -m flora_steps.retrain --params params.yaml --method flora --budget 0.5
+    python -m flora_steps.retrain --params params.yaml --method control --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method uniform --budget 0.5
 
-`flora`: the subnet `search` found for the budget, materialised from the supernet's
-weights. `uniform`: one rank ratio on every target layer, the largest whose MACs
-fit the budget, materialised from the SVD of the base model (`decompose`). Either
-way a factorised layer becomes two `nn.Linear` (in -> r, r -> out) and a layer at
-full rank or at/above break-even one dense `nn.Linear`. Both are fine-tuned
-identically (`retrain` params: distillation from the dense base model, AdamW,
-warmup + cosine; a checkpoint every epoch, resumed after a kill). Writes
-`results/retrain/<method>/<budget>/`:
+Three kinds of compressed model, so that a comparison isolates one thing:
 
-- `model.safetensors` + `model.json`: the compressed model (plain timm model plus
-  factorised pairs; see the README for loading it with torch and timm only)
-- `ranks.json`: its rank config
-- `history.csv`: per epoch, train loss, lr, val top-1 and loss
-- `metrics.json`: test top-1/top-5 and loss (and top-1 before fine-tuning), val
-  top-1, MACs (checked against `torch.utils.flop_counter`), parameters
+- `flora`: the subnet `search` found for the budget, with the supernet's weights,
+  fine-tuned for `retrain.epochs`.
+- `control`: one rank ratio on every target layer (the largest whose MACs fit the
+  budget), with the supernet's weights, fine-tuned exactly like FLORA. FLORA vs the
+  control is what rank allocation buys: same supernet, same fine-tuning.
+- `uniform`: the same uniform ranks as the control, from the SVD of the base model
+  (`decompose`), fine-tuned for `retrain.uniform_epochs` (null: `supernet.epochs +
+  retrain.epochs`, as many training images as FLORA's supernet plus its fine-tuning).
+
+A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
+or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
+model (AdamW, warmup + cosine) once per seed of `retrain.seeds`, from the same start;
+each seed keeps a checkpoint every epoch, and a killed run resumes (finished seeds are
+not trained again). Writes `results/retrain/<method>/<budget>/`:
+
+- `model.safetensors` + `model.json`: the model of the first seed (plain timm model
+  plus factorised pairs; see the README for loading it with torch and timm only)
+- `ranks.json`: its rank config (the same for every seed)
+- `history.csv`: per seed and epoch, train loss, lr, optimizer steps and images so far,
+  val top-1 and loss
+- `predictions.csv`: per seed, every test image's label and predicted class (the
+  report's paired statistics compare methods on the same images)
+- `metrics.json`: test top-1 (mean and std over seeds) and top-5, each seed's test and
+  val numbers, top-1 before fine-tuning, MACs (checked against
+  `torch.utils.flop_counter`), parameters, and the training each seed had: its own
+  optimizer steps and images, and those inherited from the supernet
 
 Inference latency is measured by the `latency` stage, for every model side by side.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import statistics
 
 import pandas as pd
 from torch import nn
@@ -32,6 +48,7 @@ from torch import nn
 from .artifacts import (
     ModelSpec,
     load_model,
+    read_json,
     read_rank_config,
     save_model,
     write_csv,
@@ -44,10 +61,15 @@ from .data import build_splits, make_loader
 from .errors import UserError
 from .models import data_config, input_shape
 from .stage import StageContext, stage_main
-from .training import distillation, evaluate, finish, fit
+from .training import HISTORY_COLUMNS, PREDICTION_COLUMNS, distillation, evaluate, finish, fit, prediction_table
 
 log = logging.getLogger(__name__)
-HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "val_top1", "val_loss"]
+HISTORY = ["seed", *HISTORY_COLUMNS, "val_top1", "val_loss"]
+SOURCES = {
+    "flora": "supernet weights, searched ranks",
+    "control": "supernet weights, uniform rank ratio",
+    "uniform": "SVD of the base model, uniform rank ratio",
+}
 
 
 def factorised_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]:
@@ -55,32 +77,54 @@ def factorised_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]
     return {name: rank for name, rank in ranks.items() if isinstance(model.get_submodule(name), nn.Sequential)}
 
 
-def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
-    """The materialised model, its rank config, its spec and how its ranks were chosen.
+def chosen_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel) -> tuple[dict, dict]:
+    """The run's rank config and how it was chosen: searched (FLORA) or one uniform ratio (control, uniform).
 
     ``costs`` is the base model's cost model (the uniform chooser prices ranks with it).
     """
-    params, budget = context.params, context.budget
-    source, spec = load_model(context.input("model"))
     if context.method == "flora":
         config = read_rank_config(context.input("ranks"))
         if config.model != spec.model:
             raise UserError(f"{context.input('ranks')}: for model {config.model}, not {spec.model}")
-        ranks, origin = config.ranks, {"source": "supernet weights, searched ranks"}
-    else:
-        try:
-            ratio, ranks = fit_uniform_ratio(
-                costs, list(lowrank_layers(source)), budget * costs.dense_macs, params.retrain.uniform_rank_multiple
-            )
-        except ValueError as error:
-            raise UserError(f"budgets.uniform: {budget}: {error}") from None
-        origin = {"source": "SVD of the base model, uniform rank ratio", "rank_ratio": round(ratio, 6)}
+        return config.ranks, {}
+    budget, multiple = context.budget, context.params.retrain.uniform_rank_multiple
+    try:
+        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), budget * costs.dense_macs, multiple)
+    except ValueError as error:
+        raise UserError(f"budgets.uniform: {budget}: {error}") from None
+    return ranks, {"rank_ratio": round(ratio, 6)}
+
+
+def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
+    """The materialised model before fine-tuning, its rank config, its spec and how it was made."""
+    source, spec = load_model(context.input("model"))
+    ranks, choice = chosen_ranks(context, source, spec, costs)
     try:
         model = materialise(source, ranks)
     except (KeyError, ValueError) as error:
-        raise UserError(f"rank config for budget {budget}: {error}") from None
+        raise UserError(f"rank config for budget {context.budget}: {error}") from None
     plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorised=factorised_layers(model, ranks))
-    return model, ranks, plain, origin
+    return model, ranks, plain, {"source": SOURCES[context.method], **choice}
+
+
+def fine_tuning_epochs(context: StageContext) -> int:
+    """Epochs of each seed's fine-tuning: ``retrain.epochs``; the SVD uniform baseline its own number.
+
+    ``retrain.uniform_epochs: null`` gives the baseline ``supernet.epochs + retrain.epochs``:
+    as many training images as FLORA's supernet plus its fine-tuning.
+    """
+    cfg = context.params.retrain
+    if context.method != "uniform":
+        return cfg.epochs
+    return context.params.supernet.epochs + cfg.epochs if cfg.uniform_epochs is None else cfg.uniform_epochs
+
+
+def inherited_training(context: StageContext) -> dict[str, int]:
+    """Optimizer steps and images of the training a model inherits (the supernet's, for FLORA and the control)."""
+    if "supernet" not in context.stage.inputs:
+        return {"steps": 0, "images": 0}
+    supernet = read_json(context.input("supernet"), "supernet metrics")
+    return {"steps": int(supernet["train_steps"]), "images": int(supernet["train_images"])}
 
 
 def run(context: StageContext) -> None:
@@ -88,62 +132,97 @@ def run(context: StageContext) -> None:
     teacher, _ = load_model(context.input("teacher"))
     shape = input_shape(teacher)
     costs = trace_costs(teacher, shape)
-    model, ranks, spec, origin = compressed_model(context, costs)
+    start, ranks, spec, origin = compressed_model(context, costs)
     macs = costs.macs(ranks)
-    counted = count_macs(model, shape)
+    counted = count_macs(start, shape)
     if counted != macs:
         raise RuntimeError(f"MACs mismatch: the cost model says {macs}, flop_counter counts {counted}")
+    cfg, epochs = params.retrain, fine_tuning_epochs(context)
     log.info(
-        "%s at budget %s: %d factorised layers, %.3f of dense MACs (%d), %d parameters",
+        "%s at budget %s: %d factorised layers, %.3f of dense MACs (%d), %d parameters; %d epochs for each of seeds %s",
         method,
         context.budget_name,
         len(spec.factorised),
         macs / costs.dense_macs,
         macs,
-        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in start.parameters()),
+        epochs,
+        params.retrain.seeds,
     )
 
     splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
-    model.to(device)
+    start.to(device)
     teacher.to(device).eval().requires_grad_(False)
     workers, batch, amp = params.compute.workers, params.data.eval_batch_size, params.compute.amp
     test_loader = make_loader(splits.test, batch, False, workers)
     val_loader = make_loader(splits.val, batch, False, workers)
-    before = evaluate(model, test_loader, device, amp, "test")
+    before = evaluate(start, test_loader, device, amp, "test")
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
     def validate(network) -> dict[str, float]:
         val = evaluate(network, val_loader, device, amp, "val")
         return {"val_top1": val["top1"], "val_loss": val["loss"]}
 
-    cfg = params.retrain
     loss = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
-    history = fit(model, splits.train, loss, validate, cfg, context, "retrain")
+    runs, histories, predictions = [], [], []
+    for seed in params.retrain.seeds:
+        model = copy.deepcopy(start)
+        history = fit(model, splits.train, loss, validate, cfg, context, "retrain", seed=seed, epochs=epochs)
+        test = evaluate(model, test_loader, device, amp, "test", keep_predictions=True)
+        val_top1 = history[-1]["val_top1"] if history else validate(model)["val_top1"]
+        log.info("seed %d: test top-1 %.2f%%, val top-1 %.2f%%", seed, 100 * test["top1"], 100 * val_top1)
+        runs.append(
+            {
+                "seed": seed,
+                "top1": test["top1"],
+                "top5": test["top5"],
+                "test_loss": test["loss"],
+                "val_top1": val_top1,
+                "steps": history[-1]["steps"] if history else 0,
+                "images": history[-1]["images"] if history else 0,
+            }
+        )
+        histories.append(pd.DataFrame(history, columns=HISTORY[1:]).assign(seed=seed)[HISTORY])
+        predictions.append(prediction_table(test).assign(seed=seed))
+        if seed == params.retrain.seeds[0]:
+            save_model(context.output("model"), model.cpu(), spec)
 
-    test = evaluate(model, test_loader, device, amp, "test")
-    # the last epoch already evaluated the final weights on the val split
-    val_top1 = history[-1]["val_top1"] if history else validate(model)["val_top1"]
-    model.cpu()
+    top1 = [r["top1"] for r in runs]
+    inherited = inherited_training(context)
     metrics = {
         "method": method,
         "budget": context.budget,
-        "top1": test["top1"],
-        "top5": test["top5"],
-        "test_loss": test["loss"],
+        "top1": statistics.fmean(top1),
+        "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+        "top5": statistics.fmean(r["top5"] for r in runs),
         "top1_before_finetune": before["top1"],
-        "val_top1": val_top1,
+        "seeds": runs,
         "macs": macs,
         "macs_fraction": round(macs / costs.dense_macs, 6),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in start.parameters()),
         **origin,
+        "training": {
+            "epochs": epochs,
+            "steps": runs[0]["steps"],
+            "images": runs[0]["images"],
+            "inherited_steps": inherited["steps"],
+            "inherited_images": inherited["images"],
+            "total_steps": runs[0]["steps"] + inherited["steps"],
+            "total_images": runs[0]["images"] + inherited["images"],
+        },
         "seconds": context.seconds(),
     }
-    save_model(context.output("model"), model, spec)
     write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
-    write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY_COLUMNS))
+    write_csv(context.output("history"), pd.concat(histories, ignore_index=True))
+    write_csv(context.output("predictions"), pd.concat(predictions, ignore_index=True)[["seed", *PREDICTION_COLUMNS]])
     write_json(context.output("metrics"), metrics)
     finish(context)
-    log.info("test top-1 %.2f%%, val top-1 %.2f%%", 100 * test["top1"], 100 * val_top1)
+    log.info(
+        "test top-1 %.2f%% ± %.2f (mean ± std over %d seeds)",
+        100 * metrics["top1"],
+        100 * (metrics["top1_std"] or 0.0),
+        len(runs),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

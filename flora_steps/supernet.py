@@ -11,9 +11,11 @@ on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
 `results/supernet/`:
 
 - `model.safetensors` + `model.json`: the trained supernet
-- `history.csv`: per epoch, train loss, lr, val top-1 of the smallest and the largest subnet
+- `history.csv`: per epoch, train loss, lr, optimizer steps and images so far, val
+  top-1 of the smallest and the largest subnet
 - `metrics.json`: val top-1 of the smallest and largest subnet, by plain SVD
-  truncation (before training) and with the trained supernet's weights
+  truncation (before training) and with the trained supernet's weights; optimizer
+  steps and training images (the share every model taken from the supernet inherits)
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from .data import build_splits, make_loader
 from .models import data_config, input_shape
 from .params import Params
 from .stage import StageContext, stage_main
-from .training import distillation, evaluate, finish, fit, world
+from .training import HISTORY_COLUMNS, distillation, evaluate, finish, fit, world
 
 log = logging.getLogger(__name__)
-HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "val_top1_smallest", "val_top1_largest"]
+HISTORY = [*HISTORY_COLUMNS, "val_top1_smallest", "val_top1_largest"]
 
 
 def extreme_subnets(space: SearchSpace, costs: CostModel) -> dict[str, list[Choice]]:
@@ -111,7 +113,7 @@ def run(context: StageContext) -> None:
 
     if rank == 0:
         save_model(context.output("model"), student.cpu(), spec)
-        write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY_COLUMNS))
+        write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY))
         write_json(
             context.output("metrics"),
             {
@@ -122,7 +124,12 @@ def run(context: StageContext) -> None:
                 }
                 for name in subnets
             }
-            | {"processes": world_size, "seconds": context.seconds()},
+            | {
+                "train_steps": history[-1]["steps"],
+                "train_images": history[-1]["images"],
+                "processes": world_size,
+                "seconds": context.seconds(),
+            },
         )
         finish(context)
     if world_size > 1:

@@ -1,68 +1,192 @@
-"""The report's tables as pandas DataFrames, built from the stages' metrics; and their text forms.
+"""The report's tables as pandas DataFrames, built from the stages' results; and their text forms.
 
 Every table is written three ways (`write_table`): CSV with raw numbers, and
-Markdown and LaTeX with readable ones (MACs in G/M units, top-1 in percent).
+Markdown and LaTeX with readable ones (MACs in G/M units, top-1 in percent,
+intervals in brackets). Intervals come from one ``PairedBootstrap`` shared by
+every table, so that the numbers of one report agree with each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .tradeoff import macs_for_accuracy
+from .stats import Estimate, PairedBootstrap, estimate, seed_std
+from .tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights
 
-RESULT_COLUMNS = ["method", "budget", "macs", "params", "top1", "top5", "macs_reduction", "delta_top1"]
+#: What each method's rows are, in the order the tables list them.
+METHODS = {
+    "dense": "the base model",
+    "uniform": "uniform ranks, from SVD",
+    "control": "uniform ranks, from the supernet",
+    "flora": "searched ranks, from the supernet",
+}
+BASELINES = ("control", "uniform")
+RESULT_COLUMNS = [
+    "method",
+    "budget",
+    "macs",
+    "params",
+    "top1",
+    "top1_std",
+    "top1_low",
+    "top1_high",
+    "top5",
+    "macs_reduction",
+    "delta_top1",
+    "seeds",
+    "train_steps",
+    "train_images",
+    "supernet_steps",
+]
+COMPARISON_COLUMNS = [
+    "budget",
+    "baseline",
+    "macs",
+    "top1",
+    "baseline_top1",
+    "delta_top1",
+    "delta_low",
+    "delta_high",
+    "delta_verdict",
+    "baseline_macs",
+    "extra_reduction",
+    "extra_low",
+    "extra_high",
+    "extra_verdict",
+]
 
 
-def results_table(dense: Mapping, methods: Mapping[str, Mapping[float, Mapping]]) -> pd.DataFrame:
-    """Dense, then each method's models by budget: MACs, params, top-1/top-5, MACs reduction, top-1 delta."""
-    rows = [
-        {
-            "method": "dense",
-            "budget": 1.0,
-            "macs": dense["macs"],
-            "params": dense["params"],
-            "top1": dense["top1"],
-            "top5": dense["top5"],
-        }
-    ]
-    for method, by_budget in methods.items():
-        for budget in sorted(by_budget):
-            metrics = by_budget[budget]
-            rows.append(
-                {
-                    "method": method,
-                    "budget": budget,
-                    "macs": metrics["macs"],
-                    "params": metrics["params"],
-                    "top1": metrics["top1"],
-                    "top5": metrics["top5"],
-                }
-            )
+@dataclass(frozen=True)
+class Evaluated:
+    """One model of the report: its method and budget, its metrics, and ``correct[seed, test image]`` (0/1)."""
+
+    method: str
+    budget: float
+    metrics: Mapping
+    correct: np.ndarray
+
+    @property
+    def macs(self) -> float:
+        return float(self.metrics["macs"])
+
+
+def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd.DataFrame:
+    """Every model, dense first, then each method by budget: size, top-1 with its spread and interval, training."""
+    dense = next(m for m in models if m.method == "dense")
+    order = {method: index for index, method in enumerate(METHODS)}
+    rows = []
+    for model in sorted(models, key=lambda m: (order[m.method], m.budget)):
+        top1 = bootstrap.estimate(model.correct)
+        seeds = model.metrics.get("seeds", [])
+        training = model.metrics.get("training", {})
+        rows.append(
+            {
+                "method": model.method,
+                "budget": model.budget,
+                "macs": int(model.metrics["macs"]),
+                "params": int(model.metrics["params"]),
+                "top1": top1.value,
+                "top1_std": seed_std([s["top1"] for s in seeds]),
+                "top1_low": top1.low,
+                "top1_high": top1.high,
+                "top5": model.metrics["top5"],
+                "seeds": len(seeds) or None,  # none for the dense model: it is not fine-tuned
+                "train_steps": training.get("total_steps"),
+                "train_images": training.get("total_images"),
+                "supernet_steps": training.get("inherited_steps"),
+            }
+        )
     table = pd.DataFrame(rows)
-    table["macs_reduction"] = 1 - table["macs"] / dense["macs"]
-    table["delta_top1"] = table["top1"] - dense["top1"]
+    table["macs_reduction"] = 1 - table["macs"] / dense.macs
+    table["delta_top1"] = table["top1"] - float(dense.correct.mean())
     return table[RESULT_COLUMNS]
 
 
-def extra_reduction_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per FLORA budget: the MACs uniform needs for FLORA's top-1 (on its curve closed by dense) and the saving."""
-    curve = results[results["method"].isin(["uniform", "dense"])]
-    rows = []
-    for _, row in results[results["method"] == "flora"].iterrows():
-        uniform_macs = macs_for_accuracy(curve["macs"], curve["top1"], row["top1"])
-        rows.append(
-            {
-                "budget": row["budget"],
-                "macs": row["macs"],
-                "top1": row["top1"],
-                "uniform_macs": np.nan if uniform_macs is None else uniform_macs,
-                "extra_reduction": np.nan if uniform_macs is None else 1 - row["macs"] / uniform_macs,
-            }
+def _curve(baseline: Sequence[Evaluated], dense: Evaluated) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A baseline's curve closed by the dense model: MACs and ``correct`` matrices, by point."""
+    points = sorted([*baseline, dense], key=lambda m: m.macs)
+    return np.array([m.macs for m in points]), [m.correct for m in points]
+
+
+def _mixed(correct: list[np.ndarray], weights: Mapping[int, float]) -> np.ndarray:
+    """The curve's per-seed, per-image results at interpolated MACs: the weighted mix of two points."""
+    return sum(weight * correct[i] for i, weight in weights.items())
+
+
+def _compare(
+    flora: Evaluated, curve_macs: np.ndarray, curve_correct: list[np.ndarray], bootstrap: PairedBootstrap
+) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """One FLORA point against one baseline curve: the table row and the replicates of delta and extra reduction."""
+    row: dict = {"macs": int(flora.metrics["macs"]), "top1": float(flora.correct.mean())}
+    weights = interpolation_weights(curve_macs, flora.macs)
+    delta_samples = None
+    if weights is None:
+        row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
+        row["delta_verdict"] = "out of range"
+    else:
+        baseline = _mixed(curve_correct, weights)
+        seeds = max(flora.correct.shape[0], baseline.shape[0])
+        difference = np.broadcast_to(flora.correct, (seeds, flora.correct.shape[1])) - np.broadcast_to(
+            baseline, (seeds, baseline.shape[1])
         )
-    return pd.DataFrame(rows, columns=["budget", "macs", "top1", "uniform_macs", "extra_reduction"])
+        delta_samples = bootstrap.top1(difference)
+        delta = estimate(float(difference.mean()), delta_samples)
+        row |= {"baseline_top1": float(baseline.mean()), "delta_top1": delta.value}
+        row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
+
+    point_top1 = [float(c.mean()) for c in curve_correct]
+    value = extra_reduction(flora.macs, row["top1"], curve_macs, point_top1)
+    curve_samples = np.stack([bootstrap.top1(c) for c in curve_correct], axis=1)
+    flora_samples = bootstrap.top1(flora.correct)
+    extra_samples = np.array(
+        [extra_reduction_or_bound(flora.macs, f, curve_macs, c) for f, c in zip(flora_samples, curve_samples)]
+    )
+    if value is None:
+        row |= {"baseline_macs": np.nan, "extra_reduction": np.nan, "extra_low": np.nan, "extra_high": np.nan}
+        row["extra_verdict"] = "out of range"
+    else:
+        extra = estimate(value, extra_samples)
+        row |= {"baseline_macs": flora.macs / (1 - value), "extra_reduction": value}
+        row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
+    return row, delta_samples, extra_samples
+
+
+def comparison_table(
+    models: Sequence[Evaluated], bootstrap: PairedBootstrap
+) -> tuple[pd.DataFrame, dict[str, dict[str, Estimate]]]:
+    """Per FLORA budget and baseline: top-1 difference at equal MACs, extra MACs reduction at equal top-1.
+
+    Returns the table and, per baseline, the means over budgets of both numbers with
+    their intervals (from the same replicates; a budget out of a curve's range leaves
+    that mean out). Every number is paired on the same seeds and test images.
+    """
+    dense = next(m for m in models if m.method == "dense")
+    flora = sorted((m for m in models if m.method == "flora"), key=lambda m: m.budget)
+    rows, means = [], {}
+    for name in BASELINES:
+        curve_macs, curve_correct = _curve([m for m in models if m.method == name], dense)
+        deltas, extras, delta_values, extra_values = [], [], [], []
+        for point in flora:
+            row, delta_samples, extra_samples = _compare(point, curve_macs, curve_correct, bootstrap)
+            rows.append({"budget": point.budget, "baseline": name, **row})
+            if delta_samples is not None:
+                deltas.append(delta_samples)
+                delta_values.append(row["delta_top1"])
+            if not np.isnan(row["extra_reduction"]):
+                extras.append(extra_samples)
+                extra_values.append(row["extra_reduction"])
+        means[name] = {}
+        if len(deltas) == len(flora):
+            means[name]["delta_top1"] = estimate(float(np.mean(delta_values)), np.mean(deltas, axis=0))
+        if len(extras) == len(flora):
+            with np.errstate(invalid="ignore"):  # +inf and -inf replicates of two budgets: unbounded both ways
+                samples = np.nan_to_num(np.mean(extras, axis=0), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+            means[name]["extra_reduction"] = estimate(float(np.mean(extra_values)), samples)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), means
 
 
 def ranks_table(layers: pd.DataFrame, configs: Mapping[float, Mapping[str, int]]) -> pd.DataFrame:
@@ -81,21 +205,78 @@ def costs_table(seconds: Sequence[tuple[str, float]]) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([{"stage": "total", "seconds": table["seconds"].sum()}])], ignore_index=True)
 
 
-def readable(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
-    """A copy for Markdown/LaTeX: MACs in ``macs_unit``, fractions as percentages, params in millions."""
+def _percent(value: float, signed: bool = False) -> str:
+    if pd.isna(value):
+        return "—"
+    if np.isinf(value):
+        return "−∞" if value < 0 else "+∞"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _bracket(low: float, high: float, signed: bool) -> str:
+    return f"[{_percent(low, signed)}, {_percent(high, signed)}]"
+
+
+def _count(value: float | None) -> str:
+    return "—" if value is None or pd.isna(value) else f"{int(value):,}"
+
+
+def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
+    """The results table for Markdown/LaTeX: top-1 as mean ± std over seeds with its 95% interval, in percent."""
+    return pd.DataFrame(
+        {
+            "method": table["method"],
+            "budget": table["budget"].map(lambda b: f"{b:g}"),
+            f"macs ({macs_unit})": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+            "params": (table["params"] / 1e6).map(lambda v: f"{v:.3f} M"),
+            "MACs reduction": table["macs_reduction"].map(lambda v: f"{_percent(v)}%"),
+            "top-1 % (mean ± std)": [
+                _percent(top1) + ("" if pd.isna(std) else f" ± {_percent(std)}")
+                for top1, std in zip(table["top1"], table["top1_std"], strict=True)
+            ],
+            "95% interval": [
+                _bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
+            ],
+            "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
+            "seeds": table["seeds"].map(_count),
+            "training steps (supernet share)": [
+                "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
+                for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)
+            ],
+            "training images": table["train_images"].map(_count),
+        }
+    )
+
+
+def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
+    """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent."""
+    return pd.DataFrame(
+        {
+            "budget": table["budget"].map(lambda b: f"{b:g}"),
+            "baseline": table["baseline"],
+            f"FLORA {macs_unit}": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+            "FLORA top-1 %": table["top1"].map(_percent),
+            "baseline top-1 % at equal MACs": table["baseline_top1"].map(_percent),
+            "Δ top-1 [95% interval]": [
+                "out of range" if pd.isna(d) else f"{_percent(d, True)} {_bracket(lo, hi, True)}"
+                for d, lo, hi in zip(table["delta_top1"], table["delta_low"], table["delta_high"], strict=True)
+            ],
+            "Δ verdict": table["delta_verdict"],
+            f"baseline {macs_unit} at equal top-1": (table["baseline_macs"] / macs_divisor).map(
+                lambda v: "out of range" if pd.isna(v) else f"{v:.3f}"
+            ),
+            "extra MACs reduction % [95% interval]": [
+                "out of range" if pd.isna(e) else f"{_percent(e)} {_bracket(lo, hi, False)}"
+                for e, lo, hi in zip(table["extra_reduction"], table["extra_low"], table["extra_high"], strict=True)
+            ],
+            "reduction verdict": table["extra_verdict"],
+        }
+    )
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a plain table (ranks, costs) for Markdown/LaTeX: seconds with one decimal."""
     shown = table.copy()
-    missing = {"uniform_macs": "out of range", "extra_reduction": "out of range"}  # never extrapolated
-    for column in [c for c in shown.columns if c in ("macs", "uniform_macs")]:
-        blank = missing.get(column, "—")
-        shown[column] = (shown[column] / macs_divisor).map(lambda v, b=blank: b if pd.isna(v) else f"{v:.3f}")
-        shown = shown.rename(columns={column: f"{column} ({macs_unit})"})
-    for column in [c for c in shown.columns if c in ("top1", "top5", "macs_reduction", "extra_reduction")]:
-        blank = missing.get(column, "—")
-        shown[column] = shown[column].map(lambda v, b=blank: b if pd.isna(v) else f"{100 * v:.2f}%")
-    if "delta_top1" in shown:
-        shown["delta_top1"] = shown["delta_top1"].map(lambda v: f"{100 * v:+.2f}")
-    if "params" in shown:
-        shown["params"] = (shown["params"] / 1e6).map(lambda v: f"{v:.3f} M")
     if "seconds" in shown:
         shown["seconds"] = shown["seconds"].map(lambda v: f"{v:.1f}")
     return shown

@@ -1,12 +1,16 @@
-"""Accuracy-vs-MACs curves: the MACs a method needs for a given accuracy, and FLORA's extra reduction.
+"""Accuracy-vs-MACs curves: a baseline's top-1 at given MACs, the MACs it needs for a given top-1.
 
-The uniform-rank baseline is a set of (MACs, top-1) points, closed at the top by
-the dense model. Its *envelope* is the best top-1 reachable with at most a given
-MACs (a running maximum), linearly interpolated between points. FLORA's extra MACs
-reduction at one of its points is ``1 - flora_macs / uniform_macs``, where
-``uniform_macs`` is the least MACs at which the envelope reaches FLORA's top-1.
-Interpolation never extrapolates: a top-1 below the cheapest uniform point or above
-the best one is out of the curve's range and gets no number.
+A baseline (the uniform-rank control, the SVD uniform model) is a set of (MACs,
+top-1) points, closed at the top by the dense model. Two comparisons with a FLORA
+point, both by linear interpolation between a curve's own points, never beyond them:
+
+- *equal MACs*: the baseline's top-1 at FLORA's MACs (``interpolation_weights``
+  mixes the two neighbouring points, so per-image results mix the same way);
+- *equal top-1*: FLORA's extra MACs reduction ``1 - flora_macs / baseline_macs``,
+  where ``baseline_macs`` is the least MACs at which the curve's *envelope* (the best
+  top-1 reachable with at most given MACs, a running maximum) reaches FLORA's top-1.
+
+A FLORA point outside a curve's range gets no number (``None``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def interpolation_weights(macs: Sequence[float], at: float) -> dict[int, float] | None:
+    """Weights of the curve points (by index) whose mix is the curve at ``at`` MACs; ``None`` out of range."""
+    xs = np.asarray(macs, dtype=float)
+    if len(xs) == 0 or at < xs.min() or at > xs.max():
+        return None
+    order = np.argsort(xs, kind="stable")
+    upper = int(np.searchsorted(xs[order], at, side="left"))
+    if xs[order[upper]] == at:
+        return {int(order[upper]): 1.0}
+    below, above = int(order[upper - 1]), int(order[upper])
+    fraction = (at - xs[below]) / (xs[above] - xs[below])
+    return {below: float(1.0 - fraction), above: float(fraction)}
 
 
 def macs_for_accuracy(macs: Sequence[float], top1: Sequence[float], target: float) -> float | None:
@@ -35,6 +53,19 @@ def macs_for_accuracy(macs: Sequence[float], top1: Sequence[float], target: floa
 
 
 def extra_reduction(flora_macs: float, flora_top1: float, macs: Sequence[float], top1: Sequence[float]) -> float | None:
-    """``1 - flora_macs / uniform_macs`` at FLORA's top-1 (negative when uniform is cheaper); ``None`` out of range."""
-    uniform_macs = macs_for_accuracy(macs, top1, flora_top1)
-    return None if uniform_macs is None else 1.0 - flora_macs / uniform_macs
+    """``1 - flora_macs / baseline_macs`` at FLORA's top-1 (negative when the baseline is cheaper); ``None`` out of range."""
+    baseline_macs = macs_for_accuracy(macs, top1, flora_top1)
+    return None if baseline_macs is None else 1.0 - flora_macs / baseline_macs
+
+
+def extra_reduction_or_bound(
+    flora_macs: float, flora_top1: float, macs: Sequence[float], top1: Sequence[float]
+) -> float:
+    """``extra_reduction``, with out of range as ``-inf`` (FLORA below the cheapest point) or ``+inf`` (above all).
+
+    For bootstrap replicates, whose percentiles then say when an interval is unbounded.
+    """
+    value = extra_reduction(flora_macs, flora_top1, macs, top1)
+    if value is not None:
+        return value
+    return -np.inf if flora_top1 < float(np.max(top1)) else np.inf

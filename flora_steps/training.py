@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import timm.optim
 import timm.scheduler
 import torch
@@ -38,6 +40,15 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.random.Generator], 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
 CHECKPOINT = "checkpoint.pt"
+#: The history columns every training run has; a stage's evaluation adds its own after them.
+HISTORY_COLUMNS = ["epoch", "train_loss", "lr", "steps", "images"]
+#: One row per test image: its position in the test split, its label and the predicted class.
+PREDICTION_COLUMNS = ["image", "label", "prediction"]
+
+
+def checkpoint_name(seed: int | None) -> str:
+    """The checkpoint file of a run (of one seed's run, when a stage trains once per seed)."""
+    return CHECKPOINT if seed is None else f"checkpoint-seed{seed}.pt"
 
 
 def world() -> tuple[int, int]:
@@ -104,11 +115,18 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     desc: str = "eval",
-) -> dict[str, float]:
-    """Top-1, top-5 (as fractions) and mean cross-entropy of ``model`` over ``batches``."""
+    keep_predictions: bool = False,
+) -> dict[str, Any]:
+    """Top-1, top-5 (as fractions) and mean cross-entropy of ``model`` over ``batches``.
+
+    With ``keep_predictions``, also ``labels`` and ``predictions``: every image's label and
+    predicted class, in the loader's order.
+    """
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
+    labels_seen: list[int] = []
+    predictions: list[int] = []
     for images, labels in progress(batches, desc=desc, inner=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -119,10 +137,20 @@ def evaluate(
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         count += len(labels)
+        if keep_predictions:
+            labels_seen += labels.tolist()
+            predictions += top[:, 0].tolist()
     model.train(was_training)
     if count == 0:
         raise UserError("evaluation split is empty")
-    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count}
+    result: dict[str, Any] = {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count}
+    return result | ({"labels": labels_seen, "predictions": predictions} if keep_predictions else {})
+
+
+def prediction_table(result: dict[str, Any]) -> pd.DataFrame:
+    """The ``labels`` and ``predictions`` of ``evaluate(..., keep_predictions=True)`` as one row per image."""
+    labels = result["labels"]
+    return pd.DataFrame({"image": range(len(labels)), "label": labels, "prediction": result["predictions"]})
 
 
 def weights_in_sync(model: nn.Module) -> bool:
@@ -135,7 +163,7 @@ def weights_in_sync(model: nn.Module) -> bool:
     return bool(same.item())
 
 
-def train_loader(dataset: Dataset, batch_size: int, context: StageContext, section: str) -> DataLoader:
+def train_loader(dataset: Dataset, batch_size: int, context: StageContext, section: str, seed: int) -> DataLoader:
     """Shuffled batches of ``dataset``; under ``torchrun`` each process gets its share of the global batch."""
     world_size = world()[1]
     workers = context.params.compute.workers
@@ -143,7 +171,7 @@ def train_loader(dataset: Dataset, batch_size: int, context: StageContext, secti
         return make_loader(dataset, batch_size, shuffle=True, workers=workers)
     if batch_size % world_size:
         raise UserError(f"{section}.batch_size: {batch_size} does not split evenly over {world_size} processes")
-    sampler = DistributedSampler(dataset, shuffle=True, seed=context.params.seed, drop_last=True)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size // world_size, sampler=sampler, num_workers=workers, drop_last=True)
 
 
@@ -189,35 +217,41 @@ def fit(
     cfg: TrainingParams,
     context: StageContext,
     section: str,
+    seed: int | None = None,
+    epochs: int | None = None,
 ) -> list[dict]:
-    """Train ``model`` on ``dataset`` for ``cfg.epochs`` and return the history, one row per epoch.
+    """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
-    Each row is ``epoch``, ``train_loss``, ``lr`` and what ``evaluate_fn`` returns.
+    Each row is ``HISTORY_COLUMNS`` (``steps`` and ``images``: optimizer steps and
+    training images so far, over all processes) and what ``evaluate_fn`` returns.
     After every epoch the first process saves a checkpoint; a rerun with the same
     identity (``context.identity``) resumes from it and ends with the same weights
     as an uninterrupted run. ``section`` names the params section in error messages.
+    ``seed`` (default: the params' ``seed``) seeds shuffling and the loss's sampling;
+    a stage that trains once per seed passes each, and each keeps its own checkpoint.
     """
     rank, world_size = world()
-    seed, device, amp = context.params.seed, context.device, context.params.compute.amp
-    loader = train_loader(dataset, cfg.batch_size, context, section)
+    device, amp = context.device, context.params.compute.amp
+    run_seed = context.params.seed if seed is None else seed
+    epochs = cfg.epochs if epochs is None else epochs
+    loader = train_loader(dataset, cfg.batch_size, context, section, run_seed)
     steps_per_epoch = len(loader)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(
-        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr
-    )
-    checkpoint = context.out / CHECKPOINT
-    identity = context.identity(processes=world_size)
+    scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
+    checkpoint = context.out / checkpoint_name(seed)
+    identity = context.identity(processes=world_size, seed=seed, epochs=epochs)
     start_epoch, history = resume(checkpoint, identity, model, optimizer)
     network = DistributedDataParallel(model) if world_size > 1 else model
 
-    bar = progress(desc=section, total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(seed, epoch) + rank)
+    steps, images_seen = (history[-1]["steps"], history[-1]["images"]) if history else (0, 0)
+    bar = progress(desc=section, total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
+    for epoch in range(start_epoch, epochs):
+        torch.manual_seed(epoch_seed(run_seed, epoch) + rank)
         if world_size > 1:
             loader.sampler.set_epoch(epoch)
         else:
-            loader.generator.manual_seed(epoch_seed(seed, epoch))
-        rng = np.random.default_rng(epoch_seed(seed, epoch))  # the same on every process
+            loader.generator.manual_seed(epoch_seed(run_seed, epoch))
+        rng = np.random.default_rng(epoch_seed(run_seed, epoch))  # the same on every process
         model.train()
         loss_sum = 0.0
         for step, (images, labels) in enumerate(loader):
@@ -233,15 +267,21 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             loss_sum += loss.item()
+            steps, images_seen = steps + 1, images_seen + len(labels) * world_size
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row |= {"steps": steps, "images": images_seen}
         history.append(row | evaluate_fn(model))
         log.info(
             "epoch %d/%d  %s",
             epoch + 1,
-            cfg.epochs,
-            "  ".join(f"{key} {value:.4f}" for key, value in history[-1].items() if key != "epoch"),
+            epochs,
+            "  ".join(
+                f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in history[-1].items()
+                if key not in ("epoch", "images")
+            ),
         )
         if rank == 0:
             state = {"identity": identity, "epoch": epoch + 1, "history": history}
@@ -257,5 +297,6 @@ def fit(
 
 
 def finish(context: StageContext) -> None:
-    """Remove the run's checkpoint once its results are written."""
-    (context.out / CHECKPOINT).unlink(missing_ok=True)
+    """Remove the run's checkpoints (one per seed where it trains per seed) once its results are written."""
+    for path in context.out.glob("checkpoint*.pt"):
+        path.unlink()

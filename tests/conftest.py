@@ -62,7 +62,11 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
     commands = [["supernet"]]
     commands += [["search", "--budget", str(b)] for b in params["budgets"]["search"]]
     commands += [["retrain", "--method", "flora", "--budget", str(b)] for b in params["budgets"]["search"]]
-    commands += [["retrain", "--method", "uniform", "--budget", str(b)] for b in params["budgets"]["uniform"]]
+    commands += [
+        ["retrain", "--method", method, "--budget", str(b)]
+        for method in ("control", "uniform")
+        for b in params["budgets"]["uniform"]
+    ]
     commands += [["latency"]]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
@@ -71,11 +75,12 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
     return directory
 
 
-def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make the training loop's ``save_checkpoint`` save and then raise ``KeyboardInterrupt`` after epoch 1, once.
+def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch, at: int = 1) -> list[int]:
+    """Make the training loop's ``save_checkpoint`` save and then raise ``KeyboardInterrupt`` at save ``at``, once.
 
-    As if the job were killed right after its first checkpoint. Returns the epochs
-    saved so far, a list that keeps growing over later runs.
+    As if the job were killed right after its first checkpoint (or its ``at``-th, when
+    a stage trains several seeds in turn). Returns the epochs saved so far, a list
+    that keeps growing over later runs.
     """
     import flora_steps.training as module
 
@@ -85,7 +90,8 @@ def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     def save_then_die(path, state):
         real_save(path, state)
         saves.append(state["epoch"])
-        if saves == [1]:
+        if len(saves) == at and not hasattr(save_then_die, "killed"):
+            save_then_die.killed = True
             raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save_checkpoint", save_then_die)

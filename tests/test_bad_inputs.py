@@ -79,6 +79,10 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest uniform budget (0.49) must lie at or below"),
     ("search.top_k", 20, "search: top_k (20) must not exceed population"),
     ("retrain.latency_repeats", 0, "retrain.latency_repeats: input should be greater than or equal to 1"),
+    ("retrain.seeds", [], "retrain.seeds: list should have at least 1 item after validation"),
+    ("retrain.seeds", [0, 1, 0], "retrain.seeds: lists a seed twice: [0, 1, 0]"),
+    ("retrain.seeds", [0, -1], "retrain.seeds.1: input should be greater than or equal to 0"),
+    ("retrain.uniform_epochs", -1, "retrain.uniform_epochs: input should be greater than or equal to 0"),
     ("compute.device", "tpu", "compute.device: input should be 'auto', 'cpu' or 'cuda'"),
     ("extra_section", {}, "extra_section: unknown key"),
 ]

@@ -7,13 +7,14 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from flora_steps.cli import main
-from flora_steps.tradeoff import extra_reduction, macs_for_accuracy
+from flora_steps.tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights, macs_for_accuracy
 
-TABLES = ["results", "extra_reduction", "ranks", "costs"]
+TABLES = ["results", "comparison", "ranks", "costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 
 
@@ -52,6 +53,22 @@ def test_extra_reduction_edge_cases(curve, point, expected) -> None:
     assert result == (None if expected is None else pytest.approx(expected))
 
 
+def test_interpolation_weights_mix_the_neighbouring_points_and_never_extrapolate() -> None:
+    assert interpolation_weights([20, 40, 100], 25) == pytest.approx({0: 0.75, 1: 0.25})
+    assert interpolation_weights([100, 20, 40], 40) == {2: 1.0}  # a measured point: itself, whatever the order
+    assert interpolation_weights([20, 40, 100], 100) == {2: 1.0}
+    assert interpolation_weights([20, 40, 100], 19.9) is None  # below the cheapest point
+    assert interpolation_weights([20, 40, 100], 101) is None
+    assert interpolation_weights([], 50) is None
+
+
+def test_out_of_range_replicates_become_unbounded_ends() -> None:
+    curve = ([30, 60, 100], [0.8, 0.9, 0.95])
+    assert extra_reduction_or_bound(20, 0.7, *curve) == -np.inf  # below the cheapest point: no lower bound
+    assert extra_reduction_or_bound(50, 0.96, *curve) == np.inf  # above dense: no upper bound
+    assert extra_reduction_or_bound(45, 0.9, *curve) == pytest.approx(0.25)
+
+
 @pytest.fixture(scope="module")
 def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
@@ -74,10 +91,20 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = pd.read_csv(out / "results.csv")
     assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
-    assert list(results["method"]) == ["dense", "uniform", "uniform", "uniform", "flora"]
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.5]
+    assert list(results["method"]) == ["dense"] + ["uniform"] * 3 + ["control"] * 3 + ["flora"]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5]
+    assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 7
+    flora = results[results["method"] == "flora"].iloc[0]
+    control = results[results["method"] == "control"].iloc[0]
+    uniform = results[results["method"] == "uniform"].iloc[0]
+    assert flora["train_steps"] == control["train_steps"] > flora["supernet_steps"] > 0  # supernet + retrain
+    assert uniform["train_images"] == flora["train_images"] and uniform["supernet_steps"] == 0  # equal training
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
-    assert "| method" in (out / "results.md").read_text()
+    assert "| method" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison["baseline"]) == ["control", "uniform"] and list(comparison["budget"]) == [0.5, 0.5]
+    assert comparison["delta_verdict"].isin(["better", "worse", "within noise", "out of range"]).all()
     ranks = pd.read_csv(out / "ranks.csv")
     assert len(ranks) == 12 and list(ranks.columns) == ["layer", "full_rank", "0.5"]
     costs = pd.read_csv(out / "costs.csv")
@@ -89,8 +116,13 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     os.umask(umask)
     assert (out / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file
     assert [entry["budget"] for entry in summary["budgets"]] == [0.5]
-    flora = results[results["method"] == "flora"].iloc[0]
-    assert summary["budgets"][0]["flora"] == {"top1": flora["top1"], "macs": flora["macs"]}
+    entry = summary["budgets"][0]
+    assert entry["flora"]["top1"] == pytest.approx(flora["top1"], abs=1e-6) and entry["flora"]["macs"] == flora["macs"]
+    assert set(entry) == {"budget", "flora", "vs_control", "vs_uniform"}
+    assert entry["vs_control"]["delta_top1_verdict"] == comparison["delta_verdict"].iloc[0]
+    assert summary["protocol"]["seeds"] == [0, 1] and summary["protocol"]["test_images"] == 360
+    assert "max_extra_macs_reduction" not in summary  # never a maximum over budgets
+    assert set(summary["mean_over_budgets"]) == {"vs_control", "vs_uniform"}
 
 
 def test_report_is_byte_identical_when_run_again(reported: Path, monkeypatch) -> None:
@@ -109,4 +141,4 @@ def test_report_without_retrain_results_is_one_clear_line(smoke_pipeline: Path, 
     shutil.copy(smoke_pipeline / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 2
-    assert "results/retrain/uniform/0.4/metrics.json: metrics not found" in capsys.readouterr().err
+    assert "results/retrain/uniform/0.4/predictions.csv: not found" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
     assert "budgets.search: 0.1 is below the smallest subnet of the filtered space" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["flora", "uniform"])
+@pytest.mark.parametrize("method", ["flora", "control", "uniform"])
 def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched: Path, method: str) -> None:
     out = searched / "results/retrain" / method / "0.5"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -88,7 +88,14 @@ def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched:
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     ranks = json.loads((out / "ranks.json").read_text())["ranks"]
     assert {name: rank for name, rank in ranks.items()} == spec.factorised
-    assert list(pd.read_csv(out / "history.csv")["epoch"]) == [1]
+    epochs = [1, 2, 3] if method == "uniform" else [1]  # uniform: supernet.epochs + retrain.epochs
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["seed"]) == [0] * len(epochs) + [1] * len(epochs) and list(history["epoch"]) == epochs * 2
+    supernet = json.loads((searched / "results/supernet/metrics.json").read_text())
+    training = metrics["training"]
+    assert (training["steps"], training["images"]) == (history["steps"].iloc[-1], history["images"].iloc[-1])
+    assert training["total_images"] == training["images"] + training["inherited_images"]
+    assert training["inherited_steps"] == (0 if method == "uniform" else supernet["train_steps"])
 
 
 def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) -> None:
@@ -112,6 +119,11 @@ def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) 
     assert flora == searched_ranks
     uniform = json.loads((searched / "results/retrain/uniform/0.5/metrics.json").read_text())
     assert 0 < uniform["rank_ratio"] < 1
+    control = searched / "results/retrain/control/0.5"
+    assert json.loads((control / "ranks.json").read_text()) == json.loads(
+        (searched / "results/retrain/uniform/0.5/ranks.json").read_text()
+    )  # the control has the uniform baseline's ranks, and the supernet's weights
+    assert json.loads((control / "metrics.json").read_text())["source"] == "supernet weights, uniform rank ratio"
 
 
 def test_compressed_model_loads_with_torch_timm_and_the_core_library(searched: Path) -> None:
@@ -176,9 +188,11 @@ def test_uniform_chooser_hits_the_budget_from_below_as_closely_as_the_grid_allow
             assert costs.macs(uniform_ranks(costs, names, larger[0], multiple=8)) > budget * costs.dense_macs
 
 
-def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Path, tmp_path: Path, monkeypatch):
+def test_a_killed_retrain_resumes_seed_by_seed_and_matches_an_uninterrupted_run(
+    searched: Path, tmp_path: Path, monkeypatch
+):
     params = yaml.safe_load((searched / "params.yaml").read_text())
-    params["retrain"]["epochs"] = 2
+    params["retrain"] |= {"epochs": 2, "uniform_epochs": 2, "seeds": [0, 1]}
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "decompose"):
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
@@ -187,14 +201,32 @@ def test_a_killed_retrain_resumes_and_matches_an_uninterrupted_run(searched: Pat
     command = ["retrain", "--method", "uniform", "--budget", "0.8", "--params", params_file]
     assert main(command) == 0
     out = tmp_path / "results/retrain/uniform/0.8"
-    uninterrupted = (out / "model.safetensors").read_bytes()
+    uninterrupted = {name: (out / name).read_bytes() for name in ("model.safetensors", "predictions.csv")}
+    metrics = json.loads((out / "metrics.json").read_text())
     shutil.rmtree(out)
 
-    saves = kill_after_first_epoch(monkeypatch)
+    saves = kill_after_first_epoch(monkeypatch, at=3)  # seed 0 done, killed after seed 1's first epoch
     assert main(command) == 130
-    assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
+    assert not (out / "metrics.json").exists()
+    assert (out / "checkpoint-seed0.pt").is_file() and (out / "checkpoint-seed1.pt").is_file()
     assert main(command) == 0
-    assert saves == [1, 2]  # the rerun started at epoch 2
-    assert "resuming from" in (out / "log.txt").read_text()
-    assert (out / "model.safetensors").read_bytes() == uninterrupted
-    assert not (out / "checkpoint.pt").exists()
+    assert saves == [1, 2, 1, 2]  # the rerun trained only seed 1's second epoch
+    log = (out / "log.txt").read_text()
+    assert "checkpoint-seed0.pt after epoch 2" in log and "checkpoint-seed1.pt after epoch 1" in log
+    assert {name: (out / name).read_bytes() for name in uninterrupted} == uninterrupted
+    rerun = json.loads((out / "metrics.json").read_text())
+    assert rerun["seeds"] == metrics["seeds"] and rerun["top1"] == metrics["top1"]
+    assert not list(out.glob("checkpoint*"))
+
+
+def test_each_seed_is_its_own_fine_tuning_from_the_same_start(searched: Path) -> None:
+    out = searched / "results/retrain/uniform/0.8"
+    history = pd.read_csv(out / "history.csv")
+    predictions = pd.read_csv(out / "predictions.csv")
+    first, second = (history[history["seed"] == seed] for seed in (0, 1))
+    assert list(first["epoch"]) == list(second["epoch"])
+    assert not np.allclose(first["train_loss"], second["train_loss"])  # other shuffling and augmentation
+    metrics = json.loads((out / "metrics.json").read_text())
+    correct = predictions.assign(right=predictions["label"] == predictions["prediction"]).groupby("seed")["right"]
+    assert [s["top1"] for s in metrics["seeds"]] == pytest.approx(list(correct.mean()))
+    assert metrics["top1"] == pytest.approx(np.mean([s["top1"] for s in metrics["seeds"]]))

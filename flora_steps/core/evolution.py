@@ -195,14 +195,18 @@ def evolve(
         add_new(
             candidates,
             settings.mutations,
-            lambda: mutate(rng, top[rng.integers(len(top))], choices, settings.mutation_prob),
+            lambda parents=top: mutate(rng, parents[rng.integers(len(parents))], choices, settings.mutation_prob),
         )
         if len(top) > 1:
             add_new(
                 candidates,
                 settings.crossovers,
-                lambda: crossover(rng, *(top[i] for i in rng.choice(len(top), 2, replace=False))),
+                lambda parents=top: crossover(rng, *(parents[i] for i in rng.choice(len(parents), 2, replace=False))),
             )
-        add_new(candidates, settings.population - len(candidates), lambda: random_legal(rng, table, low, high) or top[0])
+        add_new(
+            candidates,
+            settings.population - len(candidates),
+            lambda best=top[0]: random_legal(rng, table, low, high) or best,
+        )
     best = top[0]
     return SearchResult(best, cache[best], table.macs(best), len(cache), history)
