@@ -93,47 +93,53 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
     """Test top-1 against MACs with 95% error bars: both uniform curves, the FLORA points, the dense model.
 
     ``results`` has columns method, macs, top1, top1_low, top1_high; ``comparison``
-    has, per FLORA budget and baseline, ``delta_top1`` and its interval and verdict:
-    each FLORA point is labelled with its difference to the control at equal MACs,
-    or "within noise" when the interval includes zero.
+    has, per FLORA budget and baseline, ``delta_top1`` and its interval and verdict.
+    The dense model is the dotted line (its interval shaded), so that the axis spans
+    the compressed models; a box lists each FLORA point's difference to the control
+    at equal MACs with its interval, or "within noise" when it includes zero.
     """
     divisor, unit = macs_unit(results["macs"].max())
     figure = Figure(figsize=(6.4, 4.4), layout="tight")
     axis = figure.subplots()
-    for method in ("uniform", "control", "flora", "dense"):
+    dense = results[results["method"] == "dense"]
+    if len(dense):
+        row = dense.iloc[0]
+        axis.axhline(100 * row["top1"], color="black", linewidth=0.8, linestyle=":")
+        axis.axhspan(100 * row["top1_low"], 100 * row["top1_high"], color="black", alpha=0.06, linewidth=0)
+        axis.plot([], [], color="black", linestyle=":", label=f"dense ({row['macs'] / divisor:.3g} {unit})")
+    for method in ("uniform", "control", "flora"):
         rows = results[results["method"] == method].sort_values("macs")
         top1 = 100 * rows["top1"]
         axis.errorbar(
             rows["macs"] / divisor,
             top1,
             yerr=[top1 - 100 * rows["top1_low"], 100 * rows["top1_high"] - top1],
-            linestyle="-" if method in ("uniform", "control") else "none",
+            linestyle="-" if method != "flora" else "none",
             capsize=2,
             label=TRADEOFF_LABELS[method],
             **METHOD_STYLE[method],
         )
-    dense = results[results["method"] == "dense"]
-    if len(dense):
-        axis.axhline(100 * dense["top1"].iloc[0], color="black", linewidth=0.8, linestyle=":")
+    lines = []
     for _, row in comparison[comparison["baseline"] == "control"].iterrows():
         if row["delta_verdict"] == "out of range":
-            text = "vs control: out of range"
-        elif row["delta_verdict"] == "within noise":
-            text = f"{100 * row['delta_top1']:+.1f} vs control\n(within noise)"
+            verdict = "out of the control's range"
         else:
-            text = f"{100 * row['delta_top1']:+.1f} vs control\n[{100 * row['delta_low']:+.1f}, {100 * row['delta_high']:+.1f}]"
-        axis.annotate(
-            text,
-            xy=(row["macs"] / divisor, 100 * row["top1"]),
-            xytext=(0, 10),
-            textcoords="offset points",
-            fontsize=6.5,
-            color=METHOD_STYLE["flora"]["color"],
-            ha="center",
+            interval = f"[{100 * row['delta_low']:+.1f}, {100 * row['delta_high']:+.1f}]"
+            verdict = f"{100 * row['delta_top1']:+.1f} {interval}, {row['delta_verdict']}"
+        lines.append(f"budget {row['budget']:g}: {verdict}")
+    if lines:
+        axis.text(
+            0.98,
+            0.3,
+            "FLORA − control at equal MACs (points)\n" + "\n".join(lines),
+            transform=axis.transAxes,
+            fontsize=7,
+            ha="right",
             va="bottom",
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"},
         )
     axis.set_xlabel(unit)
-    axis.set_ylabel("test top-1 (%), mean over seeds, 95% interval")
+    axis.set_ylabel("test top-1 (%): mean over seeds, 95% interval")
     axis.set_title("Accuracy vs MACs: FLORA, uniform-rank control, SVD uniform")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")

@@ -28,8 +28,8 @@ not trained again). Writes `results/retrain/<method>/<budget>/`:
   val top-1 and loss
 - `predictions.csv`: per seed, every test image's label and predicted class (the
   report's paired statistics compare methods on the same images)
-- `metrics.json`: test top-1 (mean and std over seeds) and top-5, each seed's test and
-  val numbers, top-1 before fine-tuning, MACs (checked against
+- `metrics.json`: test top-1 (mean and std over seeds), top-5 and val top-1 (means),
+  each seed's test and val numbers, top-1 before fine-tuning, MACs (checked against
   `torch.utils.flop_counter`), parameters, and the training each seed had: its own
   optimizer steps and images, and those inherited from the supernet
 
@@ -195,6 +195,7 @@ def run(context: StageContext) -> None:
         "top1": statistics.fmean(top1),
         "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
         "top5": statistics.fmean(r["top5"] for r in runs),
+        "val_top1": statistics.fmean(r["val_top1"] for r in runs),
         "top1_before_finetune": before["top1"],
         "seeds": runs,
         "macs": macs,

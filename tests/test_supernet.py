@@ -54,8 +54,20 @@ def test_supernet_stage_trains_and_reports_extreme_subnets(workdir: Path, upstre
     for name in ("smallest", "largest"):
         assert 0 <= metrics[name]["val_top1_truncation"] <= 1 and 0 <= metrics[name]["val_top1"] <= 1
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == ["epoch", "train_loss", "lr", "val_top1_smallest", "val_top1_largest"]
+    assert list(history.columns) == [
+        "epoch",
+        "train_loss",
+        "lr",
+        "steps",
+        "images",
+        "val_top1_smallest",
+        "val_top1_largest",
+    ]
     assert list(history["epoch"]) == [1, 2] and (history["train_loss"] > 0).all()
+    steps_per_epoch = history["steps"].iloc[0]
+    assert list(history["steps"]) == [steps_per_epoch, 2 * steps_per_epoch]
+    assert (history["images"] == history["steps"] * smoke_params["supernet"]["batch_size"]).all()  # full batches
+    assert (metrics["train_steps"], metrics["train_images"]) == (2 * steps_per_epoch, history["images"].iloc[-1])
     model, spec = load_model(out / "model")
     assert spec.lowrank["blocks.0.attn.qkv"] == 64
     decomposed, _ = load_model(upstream / "decompose/model")

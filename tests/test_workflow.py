@@ -51,7 +51,9 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "retrain/flora/0.5/model.safetensors",
         "retrain/uniform/0.5/metrics.json",
         "retrain/uniform/0.8/log.txt",
+        "retrain/control/0.4/predictions.csv",
         "latency/latency.csv",
+        "report/comparison.md",
     ):
         assert (project / "results" / path).is_file(), path
     dry = snakemake("-n", "--cores", "2", *config, cwd=project)
@@ -93,8 +95,10 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
     ("section", "key", "value", "expected"),
     [
         ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose"})),
-        ("retrain", "lr", 0.001, {"retrain_flora", "retrain_uniform", "latency", "report"}),
-        ("retrain", "uniform_rank_multiple", 2, {"retrain_uniform", "latency", "report"}),
+        ("retrain", "lr", 0.001, {"retrain_flora", "retrain_control", "retrain_uniform", "latency", "report"}),
+        ("retrain", "seeds", [0, 2], {"retrain_flora", "retrain_control", "retrain_uniform", "latency", "report"}),
+        ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
+        ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),
@@ -123,7 +127,7 @@ def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) ->
     stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
     dvc_commands = {stage["cmd"] for stage in stages.values()}
     assert snakemake_commands == dvc_commands
-    assert "retrain_uniform@0.8" in listed.stdout
+    assert "retrain_uniform@0.8" in listed.stdout and "retrain_control@0.8" in listed.stdout
 
 
 def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]]]:
@@ -228,7 +232,8 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
         for section, key, value, expected in (
             ("data", "eval_batch_size", 100, set()),
             ("retrain", "latency_repeats", 5, {"latency"}),
-            ("retrain", "uniform_rank_multiple", 2, {"retrain_uniform"}),
+            ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform"}),
+            ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
         ):
             params = yaml.safe_load(original)
             params[section][key] = value
