@@ -103,6 +103,8 @@ def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd
     table = pd.DataFrame(rows)
     table["macs_reduction"] = 1 - table["macs"] / dense.macs
     table["delta_top1"] = table["top1"] - float(dense.correct.mean())
+    counts = ["seeds", "train_steps", "train_images", "supernet_steps"]
+    table[counts] = table[counts].astype("Int64")  # whole numbers, blank for the dense model
     return table[RESULT_COLUMNS]
 
 
