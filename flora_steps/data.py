@@ -34,6 +34,7 @@ from torchvision import datasets
 from .errors import UserError
 from .image_check import unreadable_images
 from .params import DataParams
+from .transforms import training_transform
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
     root = params.root
     if root is None or not root.is_dir():
         raise UserError(f"data.root: directory not found: {root}")
-    train_transform = timm.data.create_transform(**data_config, is_training=True, **params.train_transform)
+    train_transform = training_transform(data_config, params.train_transform)
     eval_transform = timm.data.create_transform(**data_config, is_training=False)
     if params.dataset == "imagenet":
         full_train = _image_folder(root / "train", params.skip_unreadable)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
 
 from flora_steps.data import build_splits, make_loader, random_shift
 from flora_steps.errors import UserError
 from flora_steps.params import DataParams
+from flora_steps.transforms import posterize, training_transform
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),
@@ -190,3 +193,37 @@ def test_cifar_batch_with_pickled_code_is_refused(tmp_path: Path) -> None:
 def test_missing_data_directory_is_a_clear_error(tmp_path: Path, dataset: str) -> None:
     with pytest.raises(UserError, match="data.root: .*not found"):
         build_splits(data_params(dataset=dataset, root=tmp_path / "nowhere"), DATA_CONFIG, 10)
+
+
+PAPER_AUGMENTATION = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}
+
+
+def run_transform(transform, images: int) -> int:
+    """Apply ``transform`` to ``images`` random 96-px images (seeded); the number of errors."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    errors = 0
+    for _ in range(images):
+        try:
+            out = transform(Image.fromarray(pixels))
+        except ValueError:
+            errors += 1
+        else:
+            assert out.shape == (3, 224, 224) and torch.isfinite(out).all()
+    return errors
+
+
+def test_the_papers_train_transform_runs_on_thousands_of_images() -> None:
+    """RandAugment m9-mstd0.5-inc1 asks posterize for 0 bits now and then, which the pinned Pillow rejects."""
+    config = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert run_transform(timm.data.create_transform(**config, is_training=True, **PAPER_AUGMENTATION), 3000) > 0
+    assert run_transform(training_transform(config, PAPER_AUGMENTATION), 3000) == 0
+
+
+def test_posterize_to_zero_bits_is_a_black_image_as_before_pillow_13() -> None:
+    image = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize(image, 1)), np.full((4, 4, 3), 128))
+    assert posterize(image, 8) is image
