@@ -30,6 +30,8 @@ except UserError as error:  # every problem of the params file, one line each
 BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items()}
 # a stage job takes the CPU threads it uses: compute.threads, or every core it is given (0: PyTorch's default)
 THREADS = PARAMS["compute"]["threads"] or 8
+# a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
+GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
 
 
 wildcard_constraints:
@@ -97,6 +99,7 @@ rule pretrain:
         tracked=tracked_params("pretrain", PARAMS),
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=4000,
         runtime=60,
     conda:
@@ -140,6 +143,7 @@ rule filter:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=120,
     conda:
@@ -162,6 +166,7 @@ rule supernet:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=720,
     conda:
@@ -184,6 +189,7 @@ rule search:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=240,
     conda:
@@ -206,6 +212,7 @@ rule retrain_flora:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=720,
     conda:
@@ -227,6 +234,7 @@ rule retrain_control:
         tracked=tracked_params("retrain_control", PARAMS),
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=720,
     conda:
@@ -248,6 +256,7 @@ rule retrain_uniform:
         tracked=tracked_params("retrain_uniform", PARAMS),
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=720,
     conda:
@@ -269,6 +278,7 @@ rule latency:
         tracked=tracked_params("latency", PARAMS),
     threads: THREADS
     resources:
+        gpu=GPU,
         mem_mb=8000,
         runtime=60,
     conda:

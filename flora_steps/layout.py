@@ -71,6 +71,7 @@ class Stage:
     file_params: tuple[str, ...] = ()  # params keys naming a file whose content is an input when set
     method: str | None = None
     foreach: str | None = None  # "budgets.search": one run per budget of that params list
+    distributed: bool = False  # runs as several processes under torchrun (DDP); the others refuse to
 
     def path(self, output: str, budget: str | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name."""
@@ -241,6 +242,7 @@ STAGES: dict[str, Stage] = {
                 *DATA,
                 *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
             ),
+            distributed=True,
         ),
         Stage(
             name="search",

@@ -37,6 +37,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def why_no_cuda() -> str:
+    """Why PyTorch has no usable CUDA device here, in words."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    return (
+        f"PyTorch (built for CUDA {torch.version.cuda}) finds no usable GPU: none is visible, "
+        "or the driver is too old for this build"
+    )
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's content."""
     digest = hashlib.sha256()
@@ -85,13 +95,21 @@ class StageContext:
 
     @cached_property
     def device(self) -> torch.device:
-        """The torch device ``compute.device`` asks for (CUDA under ``auto`` when present)."""
+        """The torch device ``compute.device`` asks for (CUDA under ``auto`` when usable); logged with its name."""
         wanted = self.params.compute.device
         if wanted == "cuda" and not torch.cuda.is_available():
-            raise UserError("compute.device: cuda requested but no CUDA device is available")
+            raise UserError(f"compute.device: cuda requested, but {why_no_cuda()}")
         if wanted == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(wanted)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(wanted)
+        if device.type == "cuda":
+            log.info("device: %s (%s)", device, torch.cuda.get_device_name(device))
+        else:
+            reason = f" (compute.device auto: {why_no_cuda()})" if wanted == "auto" else ""
+            threads = torch.get_num_threads()
+            log.info("device: cpu (%d thread%s)%s", threads, "" if threads == 1 else "s", reason)
+        return device
 
     def seconds(self) -> float:
         """Wall time since the run started, rounded to 10 ms."""
@@ -151,6 +169,17 @@ def _check_budget(stage: Stage, budget: float | None, params: Params) -> None:
         raise UserError(f"--budget {budget}: not one of {stage.foreach} {list(allowed)}")
 
 
+def _check_processes(stage: Stage) -> None:
+    """Only a distributed stage runs under ``torchrun`` with more than one process."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not stage.distributed:
+        distributed = ", ".join(s.name for s in STAGES.values() if s.distributed)
+        raise UserError(
+            f"{stage.name} runs as one process, but torchrun started {processes} (WORLD_SIZE={processes}); "
+            f"only {distributed} runs under torchrun"
+        )
+
+
 def _first_missing(folder: Path) -> Path | None:
     """The outermost folder on the way to ``folder`` (itself included) that does not exist yet."""
     return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
@@ -169,6 +198,7 @@ def run_stage(
     label = "/".join(part for part in (module, method, None if budget is None else budget_name(budget)) if part)
     _configure_logging(None, label)
     try:
+        _check_processes(stage)
         params = load_params(params_path)
         _check_budget(stage, budget, params)
     except UserError as error:

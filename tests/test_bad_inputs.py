@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import set_key, write_params
 from PIL import Image
 
@@ -97,6 +98,21 @@ def test_bad_params(workdir: Path, smoke_params: dict, capsys, key: str, value, 
     (workdir / "evil.pth").write_bytes(pickle.dumps(Exploit()))  # refused, never run
     path = write_params(workdir / "params.yaml", set_key(smoke_params, key, value))
     run_rejected(["pretrain", "--params", str(path)], workdir, capsys, message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_a_gpu_profile_without_a_gpu_is_one_clear_line(workdir: Path, smoke_params: dict, capsys) -> None:
+    path = write_params(workdir / "params.yaml", set_key(smoke_params, "compute.device", "cuda"))
+    run_rejected(["pretrain", "--params", str(path)], workdir, capsys, "compute.device: cuda requested, but PyTorch")
+
+
+def test_a_stage_that_is_not_distributed_refuses_several_processes(
+    workdir: Path, smoke_params: dict, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = write_params(workdir / "params.yaml", smoke_params)
+    message = "filter runs as one process, but torchrun started 2 (WORLD_SIZE=2); only supernet runs under torchrun"
+    run_rejected(["filter", "--params", str(path)], workdir, capsys, message)
 
 
 def test_bad_params_files(workdir: Path, capsys) -> None:

@@ -31,7 +31,9 @@ def test_pretrain_writes_its_artifacts(smoke_results: Path) -> None:
     assert 0.1 < metrics["top1"] <= 1 and 0 < metrics["val_top1"] <= 1 and metrics["top5"] >= metrics["top1"]
     history = pd.read_csv(out / "history.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert "epoch 2/2" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "epoch 2/2" in log
+    assert "INFO device: cuda" in log if torch.cuda.is_available() else "INFO device: cpu" in log
     model, spec = load_model(out / "model")
     assert spec.model == "vit_digits" and spec.lowrank == {}
 

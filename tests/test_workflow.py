@@ -109,6 +109,28 @@ def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, secti
     assert planned_jobs(dry.stdout + dry.stderr) == expected
 
 
+def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> None:
+    config = ["--config", "params=configs/deit_b_imagenet.yaml"]
+    dry = snakemake("-n", "--forceall", "--cores", "16", "--resources", "gpu=1", *config, cwd=project)
+    rule, gpu_rules, other_rules = None, set(), set()
+    for line in dry.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:"):
+            (gpu_rules if "gpu=1" in line else other_rules).add(rule)
+    assert gpu_rules == {
+        "pretrain",
+        "filter",
+        "supernet",
+        "search",
+        "retrain_flora",
+        "retrain_control",
+        "retrain_uniform",
+        "latency",
+    }
+    assert other_rules == {"decompose", "report", "all"}
+
+
 def test_a_params_path_with_a_space_reaches_the_shell_quoted(project: Path) -> None:
     shutil.copy(project / "configs/smoke.yaml", project / "configs/my smoke.yaml")
     config = ["--config", "params=configs/my smoke.yaml"]
