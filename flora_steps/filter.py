@@ -13,6 +13,10 @@ Writes `results/filter/`:
 - `sensitivity.csv`: every scored tuple (ranks, MACs, top-1, KL, score, kept)
 - `sensitivity.png`: KL of each layer alone at each rank ratio (heatmap)
 - `metrics.json`: tuples scored and kept, search-space size
+
+Scoring keeps `checkpoint.pt` after every block (the scores so far); a killed run
+resumes after the last scored block, and the file is removed once the stage has
+finished. At real scale (Swin-B: hours of scoring) a time limit then costs one block.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .artifacts import load_model, save_figure, write_csv, write_json, write_text
+from .artifacts import load_checkpoint, load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
 from .core import lowrank_layers, set_ranks, trace_costs
 from .core.filtering import efficiency, keep_efficient
 from .core.space import BlockSpace, SearchSpace, full_space
@@ -34,7 +38,7 @@ from .figures import plot_sensitivity, single_layer_kl
 from .models import data_config, input_shape
 from .progress import progress
 from .stage import StageContext, stage_main
-from .training import autocast
+from .training import CHECKPOINT, autocast, finish
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,24 @@ def score_block(
     return scores
 
 
+def scored_so_far(context: StageContext, identity: str) -> dict[str, list[tuple[float, float]]]:
+    """The block scores a killed run of this identity saved (``{}`` to start fresh, saying why in the log)."""
+    path = context.out / CHECKPOINT
+    try:
+        state = load_checkpoint(path)
+    except ValueError as error:
+        log.warning("cannot resume from %s (%s): starting fresh", path, error)
+        return {}
+    if state is None:
+        return {}
+    if state.get("identity") != identity:
+        log.info("not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", path)
+        return {}
+    scores = {name: [(float(top1), float(kl)) for top1, kl in block] for name, block in state["scores"].items()}
+    log.info("resuming from %s: %d blocks already scored", path, len(scores))
+    return scores
+
+
 def run(context: StageContext) -> None:
     params, device = context.params, context.device
     cfg = params.filter
@@ -87,9 +109,14 @@ def run(context: StageContext) -> None:
         len(subset),
     )
 
+    identity = context.identity()
+    done = scored_so_far(context, identity)
     rows, kept_blocks = [], []
     for block in progress(space.blocks, desc="filter"):
-        scores = score_block(model, block, batches, dense_logits, params.compute.amp)
+        scores = done.get(block.name) or score_block(model, block, batches, dense_logits, params.compute.amp)
+        if block.name not in done:
+            done[block.name] = scores
+            save_checkpoint(context.out / CHECKPOINT, {"identity": identity, "scores": done})
         macs = np.array([costs.macs(block.ranks(c)) for c in block.choices])
         saved = costs.dense_macs - macs
         damage = np.array([kl for _, kl in scores])
@@ -121,6 +148,7 @@ def run(context: StageContext) -> None:
             "seconds": context.seconds(),
         },
     )
+    finish(context)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from conftest import SMOKE, write_params
 
+from flora_steps.cli import main
 from flora_steps.core.filtering import efficiency, keep_efficient, macs_bins
 from flora_steps.core.space import SearchSpace, rank_grid
 
@@ -62,3 +65,31 @@ def test_filter_stage_writes_a_space_inside_the_grid(filtered: Path) -> None:
     metrics = json.loads((filtered / "metrics.json").read_text())
     assert metrics["scored"] == 108 and metrics["kept"] == int(table["kept"].sum())
     assert (filtered / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_killed_filter_resumes_after_its_last_scored_block(smoke_results: Path, tmp_path: Path, monkeypatch):
+    import flora_steps.filter as stage
+
+    (tmp_path / "results").mkdir()
+    for name in ("pretrain", "decompose"):
+        (tmp_path / "results" / name).symlink_to(smoke_results / name)
+    params = write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    monkeypatch.chdir(tmp_path)
+    real_save, saves = stage.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(len(state["scores"]))
+        if saves == [1, 2]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "save_checkpoint", save_then_die)
+    assert main(["filter", "--params", str(params)]) == 130  # killed after two of four blocks
+    assert (tmp_path / "results/filter/checkpoint.pt").is_file()
+    assert main(["filter", "--params", str(params)]) == 0
+    assert saves == [1, 2, 3, 4]  # the rerun scored only the last two blocks
+    out = tmp_path / "results/filter"
+    assert "resuming from results/filter/checkpoint.pt: 2 blocks already scored" in (out / "log.txt").read_text()
+    for name in ("space.json", "sensitivity.csv"):
+        assert (out / name).read_bytes() == (smoke_results / "filter" / name).read_bytes(), name
+    assert not (out / "checkpoint.pt").exists()

@@ -131,6 +131,22 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
     assert other_rules == {"decompose", "report", "all"}
 
 
+def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> None:
+    """Needs the optional Slurm executor plugin (requirements-slurm.txt); skipped without it."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    config = ["--config", "params=configs/deit_b_imagenet.yaml"]
+    dry = snakemake("-n", "--profile", str(ROOT / "cluster/slurm"), *config, cwd=project)
+    resources = {}
+    for line in dry.stdout.splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:"):
+            resources[rule] = line
+    assert "mem_mb=64000" in resources["supernet"] and "gpu=1" in resources["supernet"]
+    assert "mem_mb=32000" in resources["filter"] and "runtime=240" in resources["filter"]
+    assert "gpu=1" not in resources["decompose"]
+
+
 def test_a_params_path_with_a_space_reaches_the_shell_quoted(project: Path) -> None:
     shutil.copy(project / "configs/smoke.yaml", project / "configs/my smoke.yaml")
     config = ["--config", "params=configs/my smoke.yaml"]
