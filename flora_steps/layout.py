@@ -123,6 +123,9 @@ UNTRACKED = {
     "compute.threads": "CPU threads: speed",
     "compute.workers": "loader processes for evaluation: speed",
     "data.eval_batch_size": "evaluation batching",
+    "pretrain.micro_batch": "memory: gradients accumulate to the same global batch",
+    "supernet.micro_batch": "memory: gradients accumulate to the same global batch",
+    "retrain.micro_batch": "memory: gradients accumulate to the same global batch",
     "budgets.search": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.uniform": "which budgets run; a per-budget stage only checks that its own is listed",
 }

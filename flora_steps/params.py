@@ -103,6 +103,7 @@ class TrainingParams(Section):
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeInt
     grad_clip: PositiveFloat | None  # max gradient norm; None: no clipping
+    micro_batch: PositiveInt | None  # images per process per forward/backward; null: batch_size / processes
 
 
 class PretrainParams(TrainingParams):

@@ -2,8 +2,9 @@
 
 ``fit`` owns everything a training run has in common: the data loader and its
 per-epoch seeding, AdamW with warmup + cosine, bfloat16 autocast on CUDA, the
-non-finite-loss check, gradient clipping, DDP under ``torchrun``, a checkpoint
-after every epoch and resuming from it, the per-epoch history and the progress bar.
+non-finite-loss check, gradient accumulation over micro-batches up to the global
+batch, gradient clipping, DDP under ``torchrun``, a checkpoint after every epoch and
+resuming from it (with any number of processes), the per-epoch history and the progress bar.
 A stage passes its own loss (``LossFn``) and its own evaluation (``EvaluateFn``).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -163,16 +165,25 @@ def weights_in_sync(model: nn.Module) -> bool:
     return bool(same.item())
 
 
-def train_loader(dataset: Dataset, batch_size: int, context: StageContext, section: str, seed: int) -> DataLoader:
-    """Shuffled batches of ``dataset``; under ``torchrun`` each process gets its share of the global batch."""
+def accumulation(batch_size: int, micro_batch: int | None, processes: int, section: str) -> tuple[int, int]:
+    """(micro-batch per process, micro-batches per optimizer step) that make up a global ``batch_size``."""
+    micro = micro_batch or batch_size // processes
+    if batch_size % (processes * micro):
+        raise UserError(
+            f"{section}.batch_size: {batch_size} does not split into {processes} processes x micro-batches of "
+            f"{micro} ({section}.micro_batch); choose values whose product divides it"
+        )
+    return micro, batch_size // (processes * micro)
+
+
+def train_loader(dataset: Dataset, micro_batch: int, context: StageContext, seed: int) -> DataLoader:
+    """Shuffled micro-batches of ``dataset``; under ``torchrun`` each process draws from its share of it."""
     world_size = world()[1]
     workers = context.params.compute.workers
     if world_size == 1:
-        return make_loader(dataset, batch_size, shuffle=True, workers=workers)
-    if batch_size % world_size:
-        raise UserError(f"{section}.batch_size: {batch_size} does not split evenly over {world_size} processes")
+        return make_loader(dataset, micro_batch, shuffle=True, workers=workers)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(dataset, batch_size // world_size, sampler=sampler, num_workers=workers, drop_last=True)
+    return DataLoader(dataset, micro_batch, sampler=sampler, num_workers=workers, drop_last=True)
 
 
 def resume(
@@ -234,12 +245,15 @@ def fit(
     device, amp = context.device, context.params.compute.amp
     run_seed = context.params.seed if seed is None else seed
     epochs = cfg.epochs if epochs is None else epochs
-    loader = train_loader(dataset, cfg.batch_size, context, section, run_seed)
-    steps_per_epoch = len(loader)
+    micro, accumulate = accumulation(cfg.batch_size, cfg.micro_batch, world_size, section)
+    loader = train_loader(dataset, micro, context, run_seed)
+    steps_per_epoch = len(loader) // accumulate
+    if steps_per_epoch == 0:
+        raise UserError(f"{section}.batch_size: {cfg.batch_size} is more than the {len(dataset)} training images hold")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     checkpoint = context.out / checkpoint_name(seed)
-    identity = context.identity(processes=world_size, seed=seed, epochs=epochs)
+    identity = context.identity(seed=seed, epochs=epochs)  # not the process count: a resume may use other GPUs
     start_epoch, history = resume(checkpoint, identity, model, optimizer)
     network = DistributedDataParallel(model) if world_size > 1 else model
 
@@ -254,22 +268,33 @@ def fit(
         rng = np.random.default_rng(epoch_seed(run_seed, epoch))  # the same on every process
         model.train()
         loss_sum = 0.0
-        for step, (images, labels) in enumerate(loader):
+        micro_batches = iter(loader)
+        for step in range(steps_per_epoch):
             scheduler.step_update(epoch * steps_per_epoch + step)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, amp):
-                loss = loss_fn(network, images, labels, rng)
-            if not torch.isfinite(loss):
-                raise UserError(f"{section}.lr: training diverged (loss {loss.item()}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_state = rng.bit_generator.state  # every micro-batch of a step samples alike (one subnet)
+            step_loss = 0.0
+            for index in range(accumulate):
+                images, labels = next(micro_batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                rng.bit_generator.state = step_state
+                last = index == accumulate - 1
+                with autocast(device, amp), nullcontext() if last or world_size == 1 else network.no_sync():
+                    loss = loss_fn(network, images, labels, rng)
+                    if not torch.isfinite(loss):
+                        raise UserError(
+                            f"{section}.lr: training diverged (loss {loss.item()}); lower the learning rate"
+                        )
+                    (loss / accumulate).backward()
+                step_loss += loss.item() / accumulate
+                images_seen += len(labels) * world_size
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_sum += loss.item()
-            steps, images_seen = steps + 1, images_seen + len(labels) * world_size
+            loss_sum += step_loss
+            steps += 1
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}", refresh=False)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"]}
         row |= {"steps": steps, "images": images_seen}
         history.append(row | evaluate_fn(model))

@@ -175,3 +175,65 @@ def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstrea
     assert metrics["processes"] == 2
     history = pd.read_csv(workdir / "results/supernet/history.csv")
     assert list(history["epoch"]) == [1]
+
+
+def test_micro_batches_accumulate_to_the_same_training_as_whole_batches(
+    workdir: Path, upstream: Path, smoke_params: dict
+) -> None:
+    """Global batch 64 as 4 micro-batches of 16: the same subnet per step, the same weights up to float rounding.
+
+    (Without augmentation: the digits shift draws its offsets per fetched batch, so other batch sizes draw others.)
+    """
+    smoke_params["supernet"]["epochs"] = 1
+    smoke_params["data"]["shift"] = 0
+    params = prepare(workdir, upstream, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    whole, _ = load_model(workdir / "results/supernet/model")
+    whole_history = pd.read_csv(workdir / "results/supernet/history.csv")
+    shutil.rmtree(workdir / "results/supernet")
+    smoke_params["supernet"]["micro_batch"] = 16
+    params = write_params(workdir / "params.yaml", smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    micro, _ = load_model(workdir / "results/supernet/model")
+    history = pd.read_csv(workdir / "results/supernet/history.csv")
+    assert list(history["steps"]) == list(whole_history["steps"]) and list(history["images"]) == list(
+        whole_history["images"]
+    )
+    assert history["train_loss"].iloc[0] == pytest.approx(whole_history["train_loss"].iloc[0], rel=1e-4)
+    for name, weight in whole.state_dict().items():
+        torch.testing.assert_close(micro.state_dict()[name], weight, rtol=0, atol=2e-4)  # Adam amplifies rounding
+
+
+def test_micro_batches_that_do_not_make_up_the_batch_are_one_clear_line(
+    workdir: Path, upstream: Path, smoke_params: dict, capsys
+) -> None:
+    smoke_params["supernet"]["micro_batch"] = 24
+    params = prepare(workdir, upstream, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 2
+    assert "supernet.batch_size: 64 does not split into 1 processes x micro-batches of 24" in capsys.readouterr().err
+
+
+def test_a_one_process_run_resumes_under_torchrun_with_two(
+    workdir: Path, upstream: Path, smoke_params: dict, monkeypatch
+) -> None:
+    """The global batch and schedule do not depend on the process count, so a checkpoint carries over."""
+    smoke_params["supernet"] |= {"epochs": 2, "micro_batch": 32}
+    smoke_params["compute"]["device"] = "cpu"
+    params = prepare(workdir, upstream, smoke_params)
+    kill_after_first_epoch(monkeypatch)
+    assert main(["supernet", "--params", str(params)]) == 130  # one process, 2 micro-batches per step
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, "-m", "flora_steps.supernet", "--params", str(params)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (workdir / "results/supernet/log.txt").read_text()
+    assert "resuming from results/supernet/checkpoint.pt after epoch 1" in log
+    assert "weights identical on all 2 processes" in log
+    history = pd.read_csv(workdir / "results/supernet/history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["images"].iloc[1] == 2 * history["images"].iloc[0]
