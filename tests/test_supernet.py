@@ -155,10 +155,8 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
     )
 
 
-def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:
-    smoke_params["supernet"]["epochs"] = 1
-    smoke_params["compute"]["device"] = "cpu"
-    params = prepare(workdir, upstream, smoke_params)
+def run_supernet_on_two_processes(workdir: Path, params: Path) -> None:
+    """The supernet stage under ``torchrun`` with two gloo processes (CPU), as a user would start it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [*command, "-m", "flora_steps.supernet", "--params", str(params)],
@@ -169,6 +167,13 @@ def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstrea
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:
+    smoke_params["supernet"]["epochs"] = 1
+    smoke_params["compute"]["device"] = "cpu"
+    params = prepare(workdir, upstream, smoke_params)
+    run_supernet_on_two_processes(workdir, params)
     log = (workdir / "results/supernet/log.txt").read_text()
     assert "weights identical on all 2 processes" in log
     metrics = json.loads((workdir / "results/supernet/metrics.json").read_text())
@@ -222,16 +227,7 @@ def test_a_one_process_run_resumes_under_torchrun_with_two(
     params = prepare(workdir, upstream, smoke_params)
     kill_after_first_epoch(monkeypatch)
     assert main(["supernet", "--params", str(params)]) == 130  # one process, 2 micro-batches per step
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "-m", "flora_steps.supernet", "--params", str(params)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_supernet_on_two_processes(workdir, params)
     log = (workdir / "results/supernet/log.txt").read_text()
     assert "resuming from results/supernet/checkpoint.pt after epoch 1" in log
     assert "weights identical on all 2 processes" in log
