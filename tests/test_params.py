@@ -208,3 +208,20 @@ def test_readme_documents_every_param() -> None:
     readme = (ROOT / "README.md").read_text()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert [key for key in leaves(params) if f"`{key}`" not in readme] == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "epochs", "grid"), [("deit_b", 150, [96, 192, 288, 384, 480]), ("deit_s", 300, [64, 128, 192, 256])]
+)
+def test_imagenet_profiles_follow_the_papers_supernet_settings(profile: str, epochs: int, grid: list[int]) -> None:
+    """SPEC §1: lr 2.5e-5 x global batch / 512, 5 warm-up epochs, cosine to 5e-7, clip 5.0, RandAugment, erasing 0.25."""
+    from flora_steps.core.space import rank_grid
+
+    params = load_params(ROOT / "configs" / f"{profile}_imagenet.yaml")
+    supernet = params.supernet
+    assert supernet.lr == pytest.approx(2.5e-5 * supernet.batch_size / 512)
+    assert (supernet.epochs, supernet.warmup_epochs, supernet.min_lr, supernet.grad_clip) == (epochs, 5, 5e-7, 5.0)
+    assert params.data.train_transform == {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
+    assert params.compute.device == "cuda" and supernet.hard_label_weight == 0.0
+    width = {"deit_b": 768, "deit_s": 384}[profile]
+    assert rank_grid(width, 3 * width, params.filter.ratios)[:-1] == grid  # below break-even, then dense
