@@ -32,6 +32,8 @@ BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["bu
 THREADS = PARAMS["compute"]["threads"] or 8
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
+# the supernet starts compute.processes processes under torchrun itself, one per GPU
+PROCESSES = PARAMS["compute"]["processes"]
 
 
 wildcard_constraints:
@@ -166,7 +168,7 @@ rule supernet:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
         mem_mb=8000,
         runtime=720,
     conda:

@@ -122,6 +122,7 @@ BUDGETS = ("budgets.search", "budgets.uniform")
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
     "compute.workers": "loader processes for evaluation: speed",
+    "compute.processes": "torchrun processes of the supernet: the global batch and schedule stay the same",
     "data.eval_batch_size": "evaluation batching",
     "pretrain.micro_batch": "memory: gradients accumulate to the same global batch",
     "supernet.micro_batch": "memory: gradients accumulate to the same global batch",

@@ -54,6 +54,7 @@ class ComputeParams(Section):
     device: Literal["auto", "cpu", "cuda"]
     threads: NonNegativeInt  # torch CPU threads; 0 leaves PyTorch's default
     workers: NonNegativeInt  # DataLoader worker processes; 0 loads in the main process
+    processes: PositiveInt  # processes a distributed stage (supernet) starts under torchrun, one per GPU
     amp: bool  # bfloat16 autocast on CUDA (ignored on CPU)
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -180,6 +181,14 @@ def _check_processes(stage: Stage) -> None:
         )
 
 
+def _under_torchrun(stage: Stage, params_path: Path, budget: float | None, processes: int) -> int:
+    """Run the stage again as ``processes`` processes under ``torchrun`` (one per GPU); their exit status."""
+    log.info("starting %d processes under torchrun (compute.processes)", processes)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    options = stage.arguments("" if budget is None else budget_name(budget))
+    return subprocess.call([*launcher, "-m", f"{__package__}.{stage.module}", "--params", str(params_path), *options])
+
+
 def _first_missing(folder: Path) -> Path | None:
     """The outermost folder on the way to ``folder`` (itself included) that does not exist yet."""
     return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
@@ -204,6 +213,8 @@ def run_stage(
     except UserError as error:
         log.error("error: %s", error)
         return 2
+    if stage.distributed and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _under_torchrun(stage, params_path, budget, params.compute.processes)
     context = StageContext(stage, params, budget)
     created = _first_missing(stage.directory(context.budget_name))
     file_handler = _configure_logging(context.out, label)

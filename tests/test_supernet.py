@@ -233,3 +233,13 @@ def test_a_one_process_run_resumes_under_torchrun_with_two(
     assert "weights identical on all 2 processes" in log
     history = pd.read_csv(workdir / "results/supernet/history.csv")
     assert list(history["epoch"]) == [1, 2] and history["images"].iloc[1] == 2 * history["images"].iloc[0]
+
+
+def test_the_supernet_starts_its_own_torchrun_processes(workdir: Path, upstream: Path, smoke_params: dict) -> None:
+    """compute.processes: 2 runs the stage's own command as two gloo processes: the rules need no torchrun."""
+    smoke_params["supernet"]["epochs"] = 1
+    smoke_params["compute"] |= {"device": "cpu", "processes": 2}
+    params = prepare(workdir, upstream, smoke_params)
+    assert main(["supernet", "--params", str(params)]) == 0
+    assert "weights identical on all 2 processes" in (workdir / "results/supernet/log.txt").read_text()
+    assert json.loads((workdir / "results/supernet/metrics.json").read_text())["processes"] == 2
