@@ -172,6 +172,26 @@ _RETRAIN_PARAMS = (
     *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
 )
 
+#: A model taken from the supernet inherits its training, which its metrics count.
+_SUPERNET_SHARE = {"supernet": Input("supernet", "metrics")}
+
+
+def _retrain(
+    method: str, foreach: str, source: str, extra: Mapping[str, Input] | None = None, params: tuple[str, ...] = ()
+) -> Stage:
+    """A retrain stage: ``method``'s compressed model from ``source``'s model, fine-tuned per budget of ``foreach``."""
+    return Stage(
+        name=f"retrain_{method}",
+        module="retrain",
+        method=method,
+        folder=f"retrain/{method}/{{budget}}",
+        foreach=foreach,
+        outputs=_RETRAIN_OUTPUTS,
+        inputs={**_model_of(source), **_TEACHER, **(extra or {})},
+        params=(*_RETRAIN_PARAMS, *params),
+    )
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -279,47 +299,13 @@ STAGES: dict[str, Stage] = {
                 "search.val_images",
             ),
         ),
-        Stage(
-            name="retrain_flora",
-            module="retrain",
-            method="flora",
-            folder="retrain/flora/{budget}",
-            foreach="budgets.search",
-            outputs=_RETRAIN_OUTPUTS,
-            inputs={
-                **_model_of("supernet"),
-                **_TEACHER,
-                "supernet": Input("supernet", "metrics"),
-                "ranks": Input("search", "ranks"),
-            },
-            params=_RETRAIN_PARAMS,
-        ),
-        Stage(
-            name="retrain_control",
-            module="retrain",
-            method="control",
-            folder="retrain/control/{budget}",
-            foreach="budgets.uniform",
-            outputs=_RETRAIN_OUTPUTS,
-            inputs={
-                **_model_of("supernet"),
-                **_TEACHER,
-                "supernet": Input("supernet", "metrics"),
-            },
-            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple"),
-        ),
-        Stage(
-            name="retrain_uniform",
-            module="retrain",
-            method="uniform",
-            folder="retrain/uniform/{budget}",
-            foreach="budgets.uniform",
-            outputs=_RETRAIN_OUTPUTS,
-            inputs={
-                **_model_of("decompose"),
-                **_TEACHER,
-            },
-            params=(*_RETRAIN_PARAMS, "retrain.uniform_rank_multiple", "retrain.uniform_epochs", "supernet.epochs"),
+        _retrain("flora", "budgets.search", "supernet", {**_SUPERNET_SHARE, "ranks": Input("search", "ranks")}),
+        _retrain("control", "budgets.uniform", "supernet", _SUPERNET_SHARE, ("retrain.uniform_rank_multiple",)),
+        _retrain(
+            "uniform",
+            "budgets.uniform",
+            "decompose",
+            params=("retrain.uniform_rank_multiple", "retrain.uniform_epochs", "supernet.epochs"),
         ),
         Stage(
             name="latency",

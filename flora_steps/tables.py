@@ -108,44 +108,44 @@ def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd
     return table[RESULT_COLUMNS]
 
 
-def _curve(baseline: Sequence[Evaluated], dense: Evaluated) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A baseline's curve closed by the dense model: MACs and ``correct`` matrices, by point."""
-    points = sorted([*baseline, dense], key=lambda m: m.macs)
-    return np.array([m.macs for m in points]), [m.correct for m in points]
+@dataclass(frozen=True)
+class Curve:
+    """A baseline's points, closed by the dense model, in MACs order: ``correct`` matrices and bootstrap top-1s."""
 
+    macs: np.ndarray
+    correct: list[np.ndarray]
+    top1: list[float]
+    samples: np.ndarray  # (replicates, points)
 
-def _mixed(correct: list[np.ndarray], weights: Mapping[int, float]) -> np.ndarray:
-    """The curve's per-seed, per-image results at interpolated MACs: the weighted mix of two points."""
-    return sum(weight * correct[i] for i, weight in weights.items())
+    @classmethod
+    def of(cls, baseline: Sequence[Evaluated], dense: Evaluated, bootstrap: PairedBootstrap) -> Curve:
+        points = sorted([*baseline, dense], key=lambda m: m.macs)
+        correct = [m.correct for m in points]
+        samples = np.stack([bootstrap.top1(c) for c in correct], axis=1)
+        return cls(np.array([m.macs for m in points]), correct, [float(c.mean()) for c in correct], samples)
 
 
 def _compare(
-    flora: Evaluated, curve_macs: np.ndarray, curve_correct: list[np.ndarray], bootstrap: PairedBootstrap
+    flora: Evaluated, flora_samples: np.ndarray, curve: Curve, bootstrap: PairedBootstrap
 ) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One FLORA point against one baseline curve: the table row and the replicates of delta and extra reduction."""
     row: dict = {"macs": int(flora.metrics["macs"]), "top1": float(flora.correct.mean())}
-    weights = interpolation_weights(curve_macs, flora.macs)
+    weights = interpolation_weights(curve.macs, flora.macs)
     delta_samples = None
     if weights is None:
         row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
         row["delta_verdict"] = "out of range"
-    else:
-        baseline = _mixed(curve_correct, weights)
-        seeds = max(flora.correct.shape[0], baseline.shape[0])
-        difference = np.broadcast_to(flora.correct, (seeds, flora.correct.shape[1])) - np.broadcast_to(
-            baseline, (seeds, baseline.shape[1])
-        )
+    else:  # the curve at FLORA's MACs, per seed and image: the weighted mix of its two neighbouring points
+        baseline = sum(weight * curve.correct[i] for i, weight in weights.items())
+        difference = flora.correct - baseline
         delta_samples = bootstrap.top1(difference)
         delta = estimate(float(difference.mean()), delta_samples)
         row |= {"baseline_top1": float(baseline.mean()), "delta_top1": delta.value}
         row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
 
-    point_top1 = [float(c.mean()) for c in curve_correct]
-    value = extra_reduction(flora.macs, row["top1"], curve_macs, point_top1)
-    curve_samples = np.stack([bootstrap.top1(c) for c in curve_correct], axis=1)
-    flora_samples = bootstrap.top1(flora.correct)
+    value = extra_reduction(flora.macs, row["top1"], curve.macs, curve.top1)
     extra_samples = np.array(
-        [extra_reduction_or_bound(flora.macs, f, curve_macs, c) for f, c in zip(flora_samples, curve_samples)]
+        [extra_reduction_or_bound(flora.macs, f, curve.macs, c) for f, c in zip(flora_samples, curve.samples)]
     )
     if value is None:
         row |= {"baseline_macs": np.nan, "extra_reduction": np.nan, "extra_low": np.nan, "extra_high": np.nan}
@@ -168,12 +168,13 @@ def comparison_table(
     """
     dense = next(m for m in models if m.method == "dense")
     flora = sorted((m for m in models if m.method == "flora"), key=lambda m: m.budget)
+    flora_samples = [bootstrap.top1(point.correct) for point in flora]
     rows, means = [], {}
     for name in BASELINES:
-        curve_macs, curve_correct = _curve([m for m in models if m.method == name], dense)
+        curve = Curve.of([m for m in models if m.method == name], dense, bootstrap)
         deltas, extras, delta_values, extra_values = [], [], [], []
-        for point in flora:
-            row, delta_samples, extra_samples = _compare(point, curve_macs, curve_correct, bootstrap)
+        for point, samples in zip(flora, flora_samples, strict=True):
+            row, delta_samples, extra_samples = _compare(point, samples, curve, bootstrap)
             rows.append({"budget": point.budget, "baseline": name, **row})
             if delta_samples is not None:
                 deltas.append(delta_samples)
