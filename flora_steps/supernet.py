@@ -5,7 +5,8 @@ pair per layer, nested rank slicing). Each step draws one rank tuple per block f
 the filtered space of `filter` — with probability proportional to
 1 / prod(rank / full rank) (`supernet.sampling: lowrank`, the paper's rule) or
 uniformly — and trains that subnet against the dense base model's soft targets.
-AdamW (no decay on biases, norms, tokens), warmup + cosine, gradient clipping,
+AdamW (no decay on biases, norms, tokens, nor on the low-rank factors, whose
+components a step mostly does not use), warmup + cosine, gradient clipping,
 bfloat16 autocast on CUDA. Runs on several processes with `torchrun` (DDP; gloo
 on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
 `results/supernet/`:
@@ -63,6 +64,16 @@ def evaluate_subnets(
     return scores
 
 
+def factor_names(model: nn.Module) -> list[str]:
+    """The parameter names of every low-rank factor, which the supernet never weight-decays.
+
+    A step trains only the leading ``r`` components of each factor pair, but AdamW's
+    decay would shrink every component at every step: a component that small ranks
+    never use would fade from its SVD value before any subnet used it.
+    """
+    return [f"{name}.{factor}" for name in lowrank_layers(model) for factor in ("first", "second")]
+
+
 def distributed_device(device: torch.device) -> torch.device:
     """Join the ``torchrun`` process group (NCCL on GPUs, gloo on CPU); this process's device."""
     if device.type == "cuda":
@@ -108,7 +119,7 @@ def run(context: StageContext) -> None:
         scores = evaluate_subnets(student, space, subnets, val_loader, params)
         return {f"val_top1_{name}": score for name, score in scores.items()}
 
-    history = fit(student, splits.train, loss, validate, cfg, context, "supernet")
+    history = fit(student, splits.train, loss, validate, cfg, context, "supernet", no_decay=factor_names(student))
     set_ranks(student, {})
 
     if rank == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -63,9 +63,16 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases, norms and the model's ``no_weight_decay`` tokens."""
-    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, no_decay: Collection[str] = ()
+) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases, norms, the model's ``no_weight_decay`` tokens and ``no_decay``.
+
+    ``no_decay`` holds parameter names (or ``fnmatch`` patterns) to leave undecayed too.
+    """
+    skip = set(getattr(model, "no_weight_decay", set)()) | set(no_decay)
+    groups = timm.optim.param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    return timm.optim.create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(
@@ -230,6 +237,7 @@ def fit(
     section: str,
     seed: int | None = None,
     epochs: int | None = None,
+    no_decay: Collection[str] = (),
 ) -> list[dict]:
     """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
@@ -240,6 +248,7 @@ def fit(
     as an uninterrupted run. ``section`` names the params section in error messages.
     ``seed`` (default: the params' ``seed``) seeds shuffling and the loss's sampling;
     a stage that trains once per seed passes each, and each keeps its own checkpoint.
+    ``no_decay`` names parameters AdamW must not weight-decay (``build_optimizer``).
     """
     rank, world_size = world()
     device, amp = context.device, context.params.compute.amp
@@ -250,7 +259,7 @@ def fit(
     steps_per_epoch = len(loader) // accumulate
     if steps_per_epoch == 0:
         raise UserError(f"{section}.batch_size: {cfg.batch_size} is more than the {len(dataset)} training images hold")
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     checkpoint = context.out / checkpoint_name(seed)
     identity = context.identity(seed=seed, epochs=epochs)  # not the process count: a resume may use other GPUs

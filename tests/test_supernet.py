@@ -17,7 +17,9 @@ from conftest import ROOT, kill_after_first_epoch, write_params
 
 from flora_steps.artifacts import load_model
 from flora_steps.cli import main
-from flora_steps.training import distillation_loss
+from flora_steps.core import LowRankLinear
+from flora_steps.supernet import factor_names
+from flora_steps.training import build_optimizer, distillation_loss
 
 
 def test_distillation_loss_is_soft_target_cross_entropy() -> None:
@@ -243,3 +245,24 @@ def test_the_supernet_starts_its_own_torchrun_processes(workdir: Path, upstream:
     assert main(["supernet", "--params", str(params)]) == 0
     assert "weights identical on all 2 processes" in (workdir / "results/supernet/log.txt").read_text()
     assert json.loads((workdir / "results/supernet/metrics.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("decay_factors", [False, True])
+def test_a_component_no_step_uses_keeps_its_svd_value(decay_factors: bool) -> None:
+    """Rank 3 of 6 trained for 30 AdamW steps with strong decay: components 4-6 stay exactly as the SVD made them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear.from_linear(torch.nn.Linear(8, 6)))
+    layer = model[0]
+    first, second = layer.first.detach().clone(), layer.second.detach().clone()
+    layer.rank = 3
+    no_decay = [] if decay_factors else factor_names(model)
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.5, no_decay=no_decay)
+    for _ in range(30):
+        loss = model(torch.randn(16, 8)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unused_kept = torch.equal(layer.first[3:], first[3:]) and torch.equal(layer.second[:, 3:], second[:, 3:])
+    assert unused_kept is not decay_factors  # with decay on the factors, unused components shrink
+    assert not torch.equal(layer.first[:3], first[:3])  # the used components did train
+    assert factor_names(model) == ["0.first", "0.second"]
