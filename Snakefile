@@ -32,8 +32,12 @@ BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["bu
 THREADS = PARAMS["compute"]["threads"] or 8
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
-# the supernet starts compute.processes processes under torchrun itself, one per GPU
+# a distributed stage (filter, supernet, search, retrain) starts compute.processes processes under
+# torchrun itself, one per GPU
 PROCESSES = PARAMS["compute"]["processes"]
+# on a cluster, a GPU job gets this many CPUs per GPU for its loader workers (Slurm's cpus_per_task);
+# compute.workers: null turns them into workers. Change with --config cpus_per_gpu=16
+CPUS_PER_GPU = int(config.get("cpus_per_gpu", 8))
 
 
 wildcard_constraints:
@@ -102,6 +106,7 @@ rule pretrain:
     threads: THREADS
     resources:
         gpu=GPU,
+        cpus_per_task=CPUS_PER_GPU * max(GPU, 1),
         mem_mb=4000,
         runtime=60,
     conda:
@@ -145,7 +150,8 @@ rule filter:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=120,
     conda:
@@ -169,6 +175,7 @@ rule supernet:
     threads: THREADS
     resources:
         gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=720,
     conda:
@@ -191,7 +198,8 @@ rule search:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=240,
     conda:
@@ -214,7 +222,8 @@ rule retrain_flora:
     priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=720,
     conda:
@@ -236,7 +245,8 @@ rule retrain_control:
         tracked=tracked_params("retrain_control", PARAMS),
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=720,
     conda:
@@ -258,7 +268,8 @@ rule retrain_uniform:
         tracked=tracked_params("retrain_uniform", PARAMS),
     threads: THREADS
     resources:
-        gpu=GPU,
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
         mem_mb=8000,
         runtime=720,
     conda:
@@ -281,6 +292,7 @@ rule latency:
     threads: THREADS
     resources:
         gpu=GPU,
+        cpus_per_task=CPUS_PER_GPU * max(GPU, 1),
         mem_mb=8000,
         runtime=60,
     conda:

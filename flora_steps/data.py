@@ -10,15 +10,26 @@
   The batches are read with an unpickler that only admits plain containers and
   NumPy arrays, so a tampered file cannot run code.
 
-Real data uses timm's train and eval transforms for the model's input config.
+Real data uses timm's train and eval transforms for the model's input config, made
+to end in uint8 tensors: a loader moves uint8 batches (a quarter of float32's bytes)
+and normalises them on the device, where it also does the training split's random
+erasing (timm's ``PrefetchLoader``). Workers stay alive across epochs.
+
+Training loaders draw ``(index, augmentation seed)`` pairs (``SeededSampler``): each
+image's augmentation is a function of the run's seed, the epoch and the image, not
+of which worker loads it, how many workers or processes there are, or whether the
+run was resumed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +39,30 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset
+from timm.data.loader import PrefetchLoader
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 
+from .distributed import shard, world
 from .errors import UserError
 from .image_check import unreadable_images
 from .params import DataParams
 from .transforms import training_transform
 
 log = logging.getLogger(__name__)
+
+
+#: A dataset key: an image's index, or (index, augmentation seed) from ``SeededSampler``.
+Key = int | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """The last steps of loading done on the device: uint8 to normalised float, and the training split's erasing."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    erasing: dict[str, Any] = field(default_factory=dict)  # PrefetchLoader's re_prob, re_mode, re_count
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class DataSplits:
     test: Dataset
     num_classes: int
     train_plain: Dataset  # the train images with the eval transform (for scoring, not training)
+    on_device: OnDevice | None = None  # None: the splits already give normalised float tensors
 
 
 def stratified_split(
@@ -77,8 +104,53 @@ def stratified_split(
     return np.sort(kept), np.sort(held_out)
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators (what timm's and torchvision's transforms draw from:
+    RandAugment picks its ops with NumPy) seeded inside.
+
+    All three are restored afterwards, so loading in the main process leaves the
+    training loop's own random streams alone.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """One process's shuffled ``(index, augmentation seed)`` pairs for an epoch, full global batches only.
+
+    The order and every image's seed depend only on ``seed`` and the epoch
+    (``set_epoch``); process ``rank`` of ``world_size`` takes every ``world_size``-th
+    pair, like ``DistributedSampler``.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size, self.epoch = size, seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size)[: len(self) * self.world_size]
+        seeds = rng.integers(0, 2**62, size=self.size)
+        mine = order[self.rank :: self.world_size]
+        return iter(zip(mine.tolist(), seeds[mine].tolist(), strict=True))
+
+
 class Transformed(Dataset):
-    """A view of ``dataset`` with ``transform`` applied to each image."""
+    """A view of ``dataset`` with ``transform`` applied to each image (seeded by the key's seed, if any)."""
 
     def __init__(self, dataset: Dataset, transform: Callable) -> None:
         self.dataset, self.transform = dataset, transform
@@ -86,13 +158,17 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, key: Key) -> tuple[Any, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.dataset[index]
-        return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label
+        with seeded(seed):
+            return self.transform(image), label
 
 
-def _split(dataset: Dataset, indices: np.ndarray, transform: Callable) -> Subset:
-    return Subset(Transformed(dataset, transform), indices.tolist())
+def _split(dataset: Dataset, indices: np.ndarray, transform: Callable) -> Transformed:
+    return Transformed(Subset(dataset, indices.tolist()), transform)
 
 
 class ShiftedImages(Dataset):
@@ -100,7 +176,8 @@ class ShiftedImages(Dataset):
 
     The shift pads with ``fill`` and crops back, like ``RandomCrop(size, padding)``,
     but a whole batch at a time (DataLoader's ``__getitems__``): per-image transforms
-    would cost more than the tiny model's training step.
+    would cost more than the tiny model's training step. Each image's offset comes
+    from its key's augmentation seed (``SeededSampler``); keys without one are not shifted.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0) -> None:
@@ -109,21 +186,25 @@ class ShiftedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, keys: list[Key]) -> list[tuple[torch.Tensor, int]]:
+        seeded_keys = bool(keys) and isinstance(keys[0], tuple)
+        indices = [key[0] for key in keys] if seeded_keys else keys
         images = self.images[indices]
-        if self.shift:
-            images = random_shift(images, self.shift, self.fill)
+        if self.shift and seeded_keys:
+            span = 2 * self.shift + 1  # a seed is uniform over [0, 2**62): its digits in base span are the offset
+            seeds = torch.tensor([key[1] for key in keys])
+            images = random_shift(images, self.shift, self.fill, torch.stack([seeds % span, seeds // span % span]))
         return list(zip(images.unbind(0), self.labels[indices].tolist(), strict=True))
 
 
-def random_shift(images: torch.Tensor, shift: int, fill: float) -> torch.Tensor:
-    """Shift each image of a batch by its own random offset in [-shift, shift]² pixels."""
+def random_shift(images: torch.Tensor, shift: int, fill: float, offsets: torch.Tensor) -> torch.Tensor:
+    """Shift each image of a batch by its offset; ``offsets`` (2, batch) holds (top, left) in [0, 2·shift]."""
     batch, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (shift,) * 4, value=fill)
-    top, left = torch.randint(0, 2 * shift + 1, (2, batch, 1))
+    top, left = offsets[:, :, None]
     rows = (top + torch.arange(height))[:, :, None]
     cols = (left + torch.arange(width))[:, None, :]
     return padded[torch.arange(batch)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
@@ -256,8 +337,12 @@ def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
     root = params.root
     if root is None or not root.is_dir():
         raise UserError(f"data.root: directory not found: {root}")
-    train_transform = training_transform(data_config, params.train_transform)
-    eval_transform = timm.data.create_transform(**data_config, is_training=False)
+    if params.crop_pct is not None:
+        data_config = data_config | {"crop_pct": params.crop_pct}
+    options = dict(params.train_transform)
+    erasing = {key: options.pop(key) for key in ("re_prob", "re_mode", "re_count") if key in options}
+    train_transform = training_transform(data_config, options | {"use_prefetcher": True})
+    eval_transform = timm.data.create_transform(**data_config, is_training=False, use_prefetcher=True)
     if params.dataset == "imagenet":
         full_train = _image_folder(root / "train", params.skip_unreadable)
         test = _image_folder(root / "val", params.skip_unreadable)
@@ -279,6 +364,7 @@ def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
         test=Transformed(test, eval_transform),
         num_classes=num_classes,
         train_plain=_split(full_train, train, eval_transform),
+        on_device=OnDevice(tuple(data_config["mean"]), tuple(data_config["std"]), erasing),
     )
 
 
@@ -290,16 +376,50 @@ def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return Subset(dataset, indices.tolist())
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
+def default_workers() -> int:
+    """Loader workers per process when ``compute.workers`` is null: the CPUs this job was given, shared
+    by the processes ``torchrun`` started on this node, less one each for the training loop."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(len(os.sched_getaffinity(0)) // processes - 1, 0)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    on_device: OnDevice | None = None,
+    sampler: SeededSampler | None = None,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``dataset`` on ``device``: for training, in ``sampler``'s order and full micro-batches only;
+    otherwise in order, and under ``torchrun`` only this process's share (``distributed.shard``).
+
+    Workers (``workers``, 0: the main process) live as long as the loader; host
+    memory is pinned for a CUDA device. With ``on_device`` (real data), batches
+    travel as uint8 and become normalised floats on ``device`` (plus random erasing
+    when training), as timm's training script does.
+    """
+    training = sampler is not None
+    loader = DataLoader(
+        dataset if training else shard(dataset),
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > batch_size,
+        sampler=sampler,
+        drop_last=training,
         num_workers=workers,
-        persistent_workers=False,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
     )
+    if on_device is None:
+        return loader
+    erasing = on_device.erasing if training else {}
+    return PrefetchLoader(loader, on_device.mean, on_device.std, len(on_device.mean), device, **erasing)
+
+
+def train_loader(
+    dataset: Dataset, micro_batch: int, seed: int, device: torch.device, workers: int, on_device: OnDevice | None
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled micro-batches of ``dataset`` with per-image augmentation seeds; under ``torchrun`` each
+    process draws its share of every epoch. Call ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    rank, world_size = world()
+    sampler = SeededSampler(len(dataset), seed, rank, world_size)
+    return make_loader(dataset, micro_batch, device, workers, on_device, sampler)

@@ -17,6 +17,8 @@ Writes `results/filter/`:
 Scoring keeps `checkpoint.pt` after every block (the scores so far); a killed run
 resumes after the last scored block, and the file is removed once the stage has
 finished. At real scale (Swin-B: hours of scoring) a time limit then costs one block.
+Under `torchrun` (`compute.processes`) every process scores each tuple on its share
+of the images.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .core import lowrank_layers, set_ranks, trace_costs
 from .core.filtering import efficiency, keep_efficient
 from .core.space import BlockSpace, SearchSpace, full_space
 from .data import build_splits, fixed_subset, make_loader
+from .distributed import is_first, sum_over_processes
 from .figures import plot_sensitivity, single_layer_kl
 from .models import data_config, input_shape
 from .progress import progress
@@ -50,9 +53,12 @@ def score_block(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     dense_logits: list[torch.Tensor],
     amp: bool,
+    device: torch.device,
 ) -> list[tuple[float, float]]:
-    """(top-1, KL from dense) of every choice of ``block``, all other blocks dense."""
-    device = dense_logits[0].device
+    """(top-1, KL from dense) of every choice of ``block``, all other blocks dense.
+
+    Under ``torchrun`` each process holds its share of the images; the scores combine all shares.
+    """
     scores = []
     for choice in progress(block.choices, desc=block.name, inner=True):
         set_ranks(model, block.ranks(choice))
@@ -63,6 +69,7 @@ def score_block(
             correct += (logits.argmax(1) == labels).sum().item()
             kl += F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="sum").item()
             count += len(labels)
+        correct, kl, count = sum_over_processes([correct, kl, count], device)
         scores.append((correct / count, kl / count))
     set_ranks(model, {})
     return scores
@@ -98,7 +105,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(model), model.num_classes)
     subset = fixed_subset(splits.train_plain, cfg.images, params.seed)
-    loader = make_loader(subset, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
+    loader = make_loader(subset, params.data.eval_batch_size, device, context.workers, splits.on_device)
     batches = [(images.to(device), labels.to(device)) for images, labels in loader]
     with torch.no_grad(), autocast(device, params.compute.amp):
         dense_logits = [model(images).float() for images, _ in batches]
@@ -113,10 +120,11 @@ def run(context: StageContext) -> None:
     done = scored_so_far(context, identity)
     rows, kept_blocks = [], []
     for block in progress(space.blocks, desc="filter"):
-        scores = done.get(block.name) or score_block(model, block, batches, dense_logits, params.compute.amp)
+        scores = done.get(block.name) or score_block(model, block, batches, dense_logits, params.compute.amp, device)
         if block.name not in done:
             done[block.name] = scores
-            save_checkpoint(context.out / CHECKPOINT, {"identity": identity, "scores": done})
+            if is_first():
+                save_checkpoint(context.out / CHECKPOINT, {"identity": identity, "scores": done})
         macs = np.array([costs.macs(block.ranks(c)) for c in block.choices])
         saved = costs.dense_macs - macs
         damage = np.array([kl for _, kl in scores])
@@ -133,6 +141,8 @@ def run(context: StageContext) -> None:
             )
         log.info("%s: kept %d of %d tuples", block.name, kept.sum(), len(block.choices))
 
+    if not is_first():
+        return
     filtered = SearchSpace(tuple(kept_blocks))
     table = pd.DataFrame(rows)
     write_text(context.output("space"), filtered.to_json())

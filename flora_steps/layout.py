@@ -71,7 +71,7 @@ class Stage:
     file_params: tuple[str, ...] = ()  # params keys naming a file whose content is an input when set
     method: str | None = None
     foreach: str | None = None  # "budgets.search": one run per budget of that params list
-    distributed: bool = False  # runs as several processes under torchrun (DDP); the others refuse to
+    distributed: bool = False  # runs as compute.processes processes under torchrun; the others refuse to
 
     def path(self, output: str, budget: str | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name."""
@@ -110,6 +110,7 @@ DATA = (
     "data.split_seed",
     "data.shift",
     "data.train_transform",
+    "data.crop_pct",
     "data.skip_unreadable",
 )
 DEVICE = ("compute.device", "compute.amp")
@@ -117,12 +118,11 @@ TRAINING = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epoc
 BUDGETS = ("budgets.search", "budgets.uniform")
 
 #: Keys a stage may read without tracking them, because they do not change its results
-#: (a stage whose results they do change tracks them: the latency stage tracks threads,
-#: the training stages track workers, which seed the augmentation of loader processes).
+#: (a stage whose results they do change tracks them: the latency stage tracks threads).
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
-    "compute.workers": "loader processes for evaluation: speed",
-    "compute.processes": "torchrun processes of the supernet: the global batch and schedule stay the same",
+    "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
+    "compute.processes": "torchrun processes: the global batch and schedule stay the same",
     "data.eval_batch_size": "evaluation batching",
     "pretrain.micro_batch": "memory: gradients accumulate to the same global batch",
     "supernet.micro_batch": "memory: gradients accumulate to the same global batch",
@@ -167,7 +167,6 @@ _RETRAIN_OUTPUTS = {
 _RETRAIN_PARAMS = (
     "seed",
     *DEVICE,
-    "compute.workers",
     *DATA,
     *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
 )
@@ -189,6 +188,7 @@ def _retrain(
         outputs=_RETRAIN_OUTPUTS,
         inputs={**_model_of(source), **_TEACHER, **(extra or {})},
         params=(*_RETRAIN_PARAMS, *params),
+        distributed=True,
     )
 
 
@@ -211,7 +211,6 @@ STAGES: dict[str, Stage] = {
             params=(
                 "seed",
                 *DEVICE,
-                "compute.workers",
                 *_keys("model", ("name", "checkpoint", "hub", "num_classes", "kwargs")),
                 *DATA,
                 *_keys("pretrain", (*TRAINING, "label_smoothing")),
@@ -244,6 +243,7 @@ STAGES: dict[str, Stage] = {
             },
             inputs=_model_of("decompose"),
             params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
+            distributed=True,
         ),
         Stage(
             name="supernet",
@@ -262,7 +262,6 @@ STAGES: dict[str, Stage] = {
             params=(
                 "seed",
                 *DEVICE,
-                "compute.workers",
                 *DATA,
                 *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
             ),
@@ -298,6 +297,7 @@ STAGES: dict[str, Stage] = {
                 ),
                 "search.val_images",
             ),
+            distributed=True,
         ),
         _retrain("flora", "budgets.search", "supernet", {**_SUPERNET_SHARE, "ranks": Input("search", "ranks")}),
         _retrain("control", "budgets.uniform", "supernet", _SUPERNET_SHARE, ("retrain.uniform_rank_multiple",)),

@@ -53,8 +53,8 @@ class ComputeParams(Section):
 
     device: Literal["auto", "cpu", "cuda"]
     threads: NonNegativeInt  # torch CPU threads; 0 leaves PyTorch's default
-    workers: NonNegativeInt  # DataLoader worker processes; 0 loads in the main process
-    processes: PositiveInt  # processes a distributed stage (supernet) starts under torchrun, one per GPU
+    workers: NonNegativeInt | None  # DataLoader workers per process; 0: the main process; None: CPUs given - 1
+    processes: PositiveInt  # processes a distributed stage starts under torchrun, one per GPU
     amp: bool  # bfloat16 autocast on CUDA (ignored on CPU)
 
 
@@ -83,6 +83,7 @@ class DataParams(Section):
     test_fraction: Fraction  # digits only: share of all images held out for test
     split_seed: Seed
     eval_batch_size: PositiveInt
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None  # real data: eval centre crop / resize; None: the model's
     shift: NonNegativeInt  # digits only: random-shift augmentation, in pixels
     train_transform: dict[str, Any]  # real data only: extra arguments for timm.data.create_transform
     skip_unreadable: bool  # imagenet: leave out unreadable images (counted in the log) instead of stopping

@@ -54,8 +54,8 @@ def run(context: StageContext) -> None:
             params.data.dataset,
             *map(len, (splits.train, splits.val, splits.test)),
         )
-        workers, batch, amp = params.compute.workers, params.data.eval_batch_size, params.compute.amp
-        val_loader = make_loader(splits.val, batch, False, workers)
+        batch, amp, workers = params.data.eval_batch_size, params.compute.amp, context.workers
+        val_loader = make_loader(splits.val, batch, device, workers, splits.on_device)
         if params.pretrain.epochs > 0:
             criterion = nn.CrossEntropyLoss(label_smoothing=params.pretrain.label_smoothing)
 
@@ -66,9 +66,12 @@ def run(context: StageContext) -> None:
                 val = evaluate(network, val_loader, device, amp, "val")
                 return {"val_top1": val["top1"], "val_loss": val["loss"]}
 
-            history = fit(model, splits.train, loss, validate, params.pretrain, context, "pretrain")
+            history = fit(
+                model, splits.train, loss, validate, params.pretrain, context, "pretrain", on_device=splits.on_device
+            )
         val = evaluate(model, val_loader, device, amp, "val")
-        test = evaluate(model, make_loader(splits.test, batch, False, workers), device, amp, "test", True)
+        test_loader = make_loader(splits.test, batch, device, workers, splits.on_device)
+        test = evaluate(model, test_loader, device, amp, "test", True)
         metrics = {"top1": test["top1"], "top5": test["top5"], "val_top1": val["top1"]}
         predictions = prediction_table(test)
         log.info("test top-1 %.2f%%, val top-1 %.2f%%", 100 * test["top1"], 100 * val["top1"])

@@ -19,7 +19,8 @@ A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full 
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
 model (AdamW, warmup + cosine) once per seed of `retrain.seeds`, from the same start;
 each seed keeps a checkpoint every epoch, and a killed run resumes (finished seeds are
-not trained again). Writes `results/retrain/<method>/<budget>/`:
+not trained again). Runs on several processes with `torchrun` (DDP, `compute.processes`),
+each evaluating its share of the val and test images. Writes `results/retrain/<method>/<budget>/`:
 
 - `model.safetensors` + `model.json`: the model of the first seed (plain timm model
   plus factorised pairs; see the README for loading it with torch and timm only)
@@ -58,6 +59,7 @@ from .artifacts import (
 from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
 from .core.uniform import fit_uniform_ratio
 from .data import build_splits, make_loader
+from .distributed import is_first
 from .errors import UserError
 from .models import data_config, input_shape
 from .stage import StageContext, stage_main
@@ -153,9 +155,9 @@ def run(context: StageContext) -> None:
     splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
     start.to(device)
     teacher.to(device).eval().requires_grad_(False)
-    workers, batch, amp = params.compute.workers, params.data.eval_batch_size, params.compute.amp
-    test_loader = make_loader(splits.test, batch, False, workers)
-    val_loader = make_loader(splits.val, batch, False, workers)
+    batch, amp = params.data.eval_batch_size, params.compute.amp
+    test_loader = make_loader(splits.test, batch, device, context.workers, splits.on_device)
+    val_loader = make_loader(splits.val, batch, device, context.workers, splits.on_device)
     before = evaluate(start, test_loader, device, amp, "test")
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
@@ -167,7 +169,18 @@ def run(context: StageContext) -> None:
     runs, histories, predictions = [], [], []
     for seed in params.retrain.seeds:
         model = copy.deepcopy(start)
-        history = fit(model, splits.train, loss, validate, cfg, context, "retrain", seed=seed, epochs=epochs)
+        history = fit(
+            model,
+            splits.train,
+            loss,
+            validate,
+            cfg,
+            context,
+            "retrain",
+            seed=seed,
+            epochs=epochs,
+            on_device=splits.on_device,
+        )
         test = evaluate(model, test_loader, device, amp, "test", keep_predictions=True)
         val_top1 = history[-1]["val_top1"] if history else validate(model)["val_top1"]
         log.info("seed %d: test top-1 %.2f%%, val top-1 %.2f%%", seed, 100 * test["top1"], 100 * val_top1)
@@ -184,7 +197,7 @@ def run(context: StageContext) -> None:
         )
         histories.append(pd.DataFrame(history, columns=HISTORY[1:]).assign(seed=seed)[HISTORY])
         predictions.append(prediction_table(test).assign(seed=seed))
-        if seed == params.retrain.seeds[0]:
+        if seed == params.retrain.seeds[0] and is_first():
             save_model(context.output("model"), model.cpu(), spec)
 
     top1 = [r["top1"] for r in runs]
@@ -213,6 +226,8 @@ def run(context: StageContext) -> None:
         },
         "seconds": context.seconds(),
     }
+    if not is_first():
+        return
     write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
     write_csv(context.output("history"), pd.concat(histories, ignore_index=True))
     write_csv(context.output("predictions"), pd.concat(predictions, ignore_index=True)[["seed", *PREDICTION_COLUMNS]])

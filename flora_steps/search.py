@@ -8,7 +8,8 @@ model's MACs). Fitness is val top-1 of the trained supernet (`supernet`) at the
 subnet's ranks, ties broken by the distillation loss to the dense base model, on
 the val split or a fixed `search.val_images` subset of it. The search itself
 (stratified initial population, mutation, crossover, random fill, a cache of
-visited subnets) is `flora_steps.core.evolution`. Writes `results/search/<budget>/`:
+visited subnets) is `flora_steps.core.evolution`. Under `torchrun` (`compute.processes`)
+every process scores each subnet on its share of the images. Writes `results/search/<budget>/`:
 
 - `ranks.json`: the best subnet as a rank config
 - `history.csv`: per generation, evaluations so far, best and top-k mean fitness, best MACs
@@ -30,6 +31,7 @@ from .artifacts import load_model, read_space, write_csv, write_json, write_rank
 from .core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from .core.evolution import EvolutionSettings, Genome, MacsTable, evolve, genome_choices
 from .data import build_splits, fixed_subset, make_loader
+from .distributed import is_first, sum_over_processes
 from .errors import UserError
 from .models import data_config, input_shape
 from .progress import progress
@@ -53,14 +55,27 @@ class Fitness:
 
 
 class SubnetScorer:
-    """Scores subnets of a supernet on fixed batches against the dense model's logits."""
+    """Scores subnets of a supernet on fixed batches against the dense model's logits.
 
-    def __init__(self, supernet: torch.nn.Module, batches: list, teacher_logits: list, temperature: float, amp: bool):
+    Under ``torchrun`` each process holds its share of the images and every score
+    combines all shares, so every process runs the same evolution.
+    """
+
+    def __init__(
+        self,
+        supernet: torch.nn.Module,
+        batches: list,
+        teacher_logits: list,
+        temperature: float,
+        amp: bool,
+        device: torch.device,
+    ):
         self.supernet = supernet.eval()
         self.batches = batches
         self.teacher_logits = teacher_logits
         self.temperature = temperature
         self.amp = amp
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, ranks: dict[str, int]) -> Fitness:
@@ -72,6 +87,7 @@ class SubnetScorer:
             correct += (logits.argmax(1) == labels).sum().item()
             loss += distillation_loss(logits, targets, labels, self.temperature, 0.0).item() * len(labels)
             count += len(labels)
+        correct, loss, count = sum_over_processes([correct, loss, count], self.device)
         return Fitness(correct / count, loss / count)
 
 
@@ -93,13 +109,13 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
     val = splits.val if cfg.val_images is None else fixed_subset(splits.val, cfg.val_images, params.seed)
-    loader = make_loader(val, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
+    loader = make_loader(val, params.data.eval_batch_size, device, context.workers, splits.on_device)
     supernet.to(device)
     teacher.to(device).eval()
     batches = [(images.to(device), labels.to(device)) for images, labels in loader]
     with torch.no_grad(), autocast(device, params.compute.amp):
         teacher_logits = [teacher(images).float() for images, _ in batches]
-    scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp)
+    scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp, device)
     log.info(
         "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images",
         context.budget_name,
@@ -161,6 +177,8 @@ def run(context: StageContext) -> None:
         ],
         columns=HISTORY_COLUMNS,
     )
+    if not is_first():
+        return
     write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
     write_csv(context.output("history"), history)
     write_json(

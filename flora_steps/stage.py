@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import distributed
 from .artifacts import remove_temporaries
+from .data import default_workers
 from .errors import UserError
 from .layout import STAGES, Stage, budget_name, input_paths, param_value, stage_for, tracked_params
 from .params import Params, load_params
@@ -112,6 +114,12 @@ class StageContext:
             log.info("device: cpu (%d thread%s)%s", threads, "" if threads == 1 else "s", reason)
         return device
 
+    @cached_property
+    def workers(self) -> int:
+        """Loader worker processes: ``compute.workers``, or when null the CPUs given, less one, per process."""
+        workers = self.params.compute.workers
+        return default_workers() if workers is None else workers
+
     def seconds(self) -> float:
         """Wall time since the run started, rounded to 10 ms."""
         return round(time.perf_counter() - self.started, 2)
@@ -174,10 +182,10 @@ def _check_processes(stage: Stage) -> None:
     """Only a distributed stage runs under ``torchrun`` with more than one process."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and not stage.distributed:
-        distributed = ", ".join(s.name for s in STAGES.values() if s.distributed)
+        names = ", ".join(dict.fromkeys(s.module for s in STAGES.values() if s.distributed))
         raise UserError(
             f"{stage.name} runs as one process, but torchrun started {processes} (WORLD_SIZE={processes}); "
-            f"only {distributed} runs under torchrun"
+            f"only {names} run under torchrun"
         )
 
 
@@ -226,6 +234,8 @@ def run_stage(
         if params.compute.threads:
             torch.set_num_threads(params.compute.threads)
         seed_everything(params.seed)
+        if stage.distributed and "WORLD_SIZE" in os.environ:
+            context.device = distributed.join(context.device)
         with logging_redirect_tqdm([PACKAGE_LOG]):
             run(context)
         log.info("done in %.1f s", context.seconds())
@@ -238,6 +248,7 @@ def run_stage(
         log.error("interrupted; a rerun resumes from the last checkpoint where the stage keeps one")
         return 130
     finally:
+        distributed.leave()
         if file_handler is not None:
             PACKAGE_LOG.removeHandler(file_handler)
             file_handler.close()

@@ -7,8 +7,8 @@ the filtered space of `filter` — with probability proportional to
 uniformly — and trains that subnet against the dense base model's soft targets.
 AdamW (no decay on biases, norms, tokens, nor on the low-rank factors, whose
 components a step mostly does not use), warmup + cosine, gradient clipping,
-bfloat16 autocast on CUDA. Runs on several processes with `torchrun` (DDP; gloo
-on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
+bfloat16 autocast on CUDA (the teacher too). Runs on several processes with `torchrun` (DDP; gloo
+on CPU, NCCL on GPU), each evaluating its share of the val images. Checkpoints every epoch and resumes after a kill. Writes
 `results/supernet/`:
 
 - `model.safetensors` + `model.json`: the trained supernet
@@ -22,22 +22,20 @@ on CPU, NCCL on GPU). Checkpoints every epoch and resumes after a kill. Writes
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Iterable
 
 import pandas as pd
-import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .artifacts import load_model, read_space, save_model, write_csv, write_json
 from .core import CostModel, lowrank_layers, set_ranks, trace_costs
 from .core.space import Choice, SearchSpace, SubnetSampler
 from .data import build_splits, make_loader
+from .distributed import is_first, world
 from .models import data_config, input_shape
 from .params import Params
 from .stage import StageContext, stage_main
-from .training import HISTORY_COLUMNS, distillation, evaluate, finish, fit, world
+from .training import HISTORY_COLUMNS, distillation, evaluate, finish, fit
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1_smallest", "val_top1_largest"]
@@ -50,11 +48,9 @@ def extreme_subnets(space: SearchSpace, costs: CostModel) -> dict[str, list[Choi
 
 
 def evaluate_subnets(
-    model: nn.Module, space: SearchSpace, subnets: dict[str, list[Choice]], loader: DataLoader, params: Params
+    model: nn.Module, space: SearchSpace, subnets: dict[str, list[Choice]], loader: Iterable, params: Params
 ) -> dict[str, float]:
-    """Val top-1 of each named subnet; only the first process evaluates (the others get NaN)."""
-    if world()[0] != 0:
-        return {name: float("nan") for name in subnets}
+    """Val top-1 of each named subnet (under ``torchrun``, each process scores its share of ``loader``)."""
     device = next(model.parameters()).device
     scores = {}
     for name, subnet in subnets.items():
@@ -74,21 +70,8 @@ def factor_names(model: nn.Module) -> list[str]:
     return [f"{name}.{factor}" for name in lowrank_layers(model) for factor in ("first", "second")]
 
 
-def distributed_device(device: torch.device) -> torch.device:
-    """Join the ``torchrun`` process group (NCCL on GPUs, gloo on CPU); this process's device."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def run(context: StageContext) -> None:
-    params, cfg = context.params, context.params.supernet
-    rank, world_size = world()
-    if world_size > 1:
-        context.device = distributed_device(context.device)
-    device = context.device
+    params, cfg, device = context.params, context.params.supernet, context.device
 
     student, spec = load_model(context.input("model"))
     teacher, _ = load_model(context.input("teacher"))
@@ -100,7 +83,7 @@ def run(context: StageContext) -> None:
     teacher.to(device).eval().requires_grad_(False)
 
     splits = build_splits(params.data, data_config(student), student.num_classes)
-    val_loader = make_loader(splits.val, params.data.eval_batch_size, shuffle=False, workers=params.compute.workers)
+    val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
     truncation = evaluate_subnets(student, space, subnets, val_loader, params)
     log.info(
         "plain SVD truncation, val top-1: smallest %.2f%%, largest %.2f%%",
@@ -119,10 +102,20 @@ def run(context: StageContext) -> None:
         scores = evaluate_subnets(student, space, subnets, val_loader, params)
         return {f"val_top1_{name}": score for name, score in scores.items()}
 
-    history = fit(student, splits.train, loss, validate, cfg, context, "supernet", no_decay=factor_names(student))
+    history = fit(
+        student,
+        splits.train,
+        loss,
+        validate,
+        cfg,
+        context,
+        "supernet",
+        no_decay=factor_names(student),
+        on_device=splits.on_device,
+    )
     set_ranks(student, {})
 
-    if rank == 0:
+    if is_first():
         save_model(context.output("model"), student.cpu(), spec)
         write_csv(context.output("history"), pd.DataFrame(history, columns=HISTORY))
         write_json(
@@ -138,13 +131,11 @@ def run(context: StageContext) -> None:
             | {
                 "train_steps": history[-1]["steps"],
                 "train_images": history[-1]["images"],
-                "processes": world_size,
+                "processes": world()[1],
                 "seconds": context.seconds(),
             },
         )
         finish(context)
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

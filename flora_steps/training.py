@@ -1,7 +1,7 @@
 """The one training loop of the pipeline, and the pieces it and the stages share.
 
 ``fit`` owns everything a training run has in common: the data loader and its
-per-epoch seeding, AdamW with warmup + cosine, bfloat16 autocast on CUDA, the
+per-epoch seeding (each image's augmentation seeded by run seed, epoch and image), AdamW with warmup + cosine, bfloat16 autocast on CUDA, the
 non-finite-loss check, gradient accumulation over micro-batches up to the global
 batch, gradient clipping, DDP under ``torchrun``, a checkpoint after every epoch and
 resuming from it (with any number of processes), the per-epoch history and the progress bar.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable, Collection, Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -21,14 +22,14 @@ import pandas as pd
 import timm.optim
 import timm.scheduler
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from .artifacts import load_checkpoint, save_checkpoint
-from .data import make_loader
+from .data import OnDevice, train_loader
+from .distributed import barrier, gather_lists, is_first, sum_over_processes, weights_in_sync, world
 from .errors import UserError
 from .params import TrainingParams
 from .progress import progress
@@ -51,11 +52,6 @@ PREDICTION_COLUMNS = ["image", "label", "prediction"]
 def checkpoint_name(seed: int | None) -> str:
     """The checkpoint file of a run (of one seed's run, when a stage trains once per seed)."""
     return CHECKPOINT if seed is None else f"checkpoint-seed{seed}.pt"
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process under ``torchrun``; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -129,7 +125,8 @@ def evaluate(
     """Top-1, top-5 (as fractions) and mean cross-entropy of ``model`` over ``batches``.
 
     With ``keep_predictions``, also ``labels`` and ``predictions``: every image's label and
-    predicted class, in the loader's order.
+    predicted class, in the loader's order. Under ``torchrun`` every process calls it with
+    its share of the images (``make_loader`` shards them) and all get the numbers of the whole split.
     """
     was_training = model.training
     model.eval()
@@ -150,26 +147,19 @@ def evaluate(
             labels_seen += labels.tolist()
             predictions += top[:, 0].tolist()
     model.train(was_training)
+    correct1, correct5, loss_sum, count = sum_over_processes([correct1, correct5, loss_sum, count], device)
     if count == 0:
         raise UserError("evaluation split is empty")
     result: dict[str, Any] = {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count}
-    return result | ({"labels": labels_seen, "predictions": predictions} if keep_predictions else {})
+    if keep_predictions:
+        result |= {"labels": gather_lists(labels_seen), "predictions": gather_lists(predictions)}
+    return result
 
 
 def prediction_table(result: dict[str, Any]) -> pd.DataFrame:
     """The ``labels`` and ``predictions`` of ``evaluate(..., keep_predictions=True)`` as one row per image."""
     labels = result["labels"]
     return pd.DataFrame({"image": range(len(labels)), "label": labels, "prediction": result["predictions"]})
-
-
-def weights_in_sync(model: nn.Module) -> bool:
-    """True when every process of the running process group holds exactly the same parameters."""
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, src=0)
-    same = torch.tensor([float(torch.equal(flat, reference))], device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
 
 
 def accumulation(batch_size: int, micro_batch: int | None, processes: int, section: str) -> tuple[int, int]:
@@ -181,16 +171,6 @@ def accumulation(batch_size: int, micro_batch: int | None, processes: int, secti
             f"{micro} ({section}.micro_batch); choose values whose product divides it"
         )
     return micro, batch_size // (processes * micro)
-
-
-def train_loader(dataset: Dataset, micro_batch: int, context: StageContext, seed: int) -> DataLoader:
-    """Shuffled micro-batches of ``dataset``; under ``torchrun`` each process draws from its share of it."""
-    world_size = world()[1]
-    workers = context.params.compute.workers
-    if world_size == 1:
-        return make_loader(dataset, micro_batch, shuffle=True, workers=workers)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(dataset, micro_batch, sampler=sampler, num_workers=workers, drop_last=True)
 
 
 def resume(
@@ -238,6 +218,7 @@ def fit(
     seed: int | None = None,
     epochs: int | None = None,
     no_decay: Collection[str] = (),
+    on_device: OnDevice | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
@@ -248,14 +229,15 @@ def fit(
     as an uninterrupted run. ``section`` names the params section in error messages.
     ``seed`` (default: the params' ``seed``) seeds shuffling and the loss's sampling;
     a stage that trains once per seed passes each, and each keeps its own checkpoint.
-    ``no_decay`` names parameters AdamW must not weight-decay (``build_optimizer``).
+    ``no_decay`` names parameters AdamW must not weight-decay (``build_optimizer``);
+    ``on_device`` is the data's device-side loading (``DataSplits.on_device``).
     """
     rank, world_size = world()
     device, amp = context.device, context.params.compute.amp
     run_seed = context.params.seed if seed is None else seed
     epochs = cfg.epochs if epochs is None else epochs
     micro, accumulate = accumulation(cfg.batch_size, cfg.micro_batch, world_size, section)
-    loader = train_loader(dataset, micro, context, run_seed)
+    loader = train_loader(dataset, micro, run_seed, device, context.workers, on_device)
     steps_per_epoch = len(loader) // accumulate
     if steps_per_epoch == 0:
         raise UserError(f"{section}.batch_size: {cfg.batch_size} is more than the {len(dataset)} training images hold")
@@ -269,11 +251,9 @@ def fit(
     steps, images_seen = (history[-1]["steps"], history[-1]["images"]) if history else (0, 0)
     bar = progress(desc=section, total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, epochs):
-        torch.manual_seed(epoch_seed(run_seed, epoch) + rank)
-        if world_size > 1:
-            loader.sampler.set_epoch(epoch)
-        else:
-            loader.generator.manual_seed(epoch_seed(run_seed, epoch))
+        torch.manual_seed(epoch_seed(run_seed, epoch) + rank)  # dropout, erasing on the device
+        random.seed(epoch_seed(run_seed, epoch) + rank)  # timm's random erasing draws its boxes here
+        loader.sampler.set_epoch(epoch)
         rng = np.random.default_rng(epoch_seed(run_seed, epoch))  # the same on every process
         model.train()
         loss_sum = 0.0
@@ -317,11 +297,10 @@ def fit(
                 if key not in ("epoch", "images")
             ),
         )
-        if rank == 0:
+        if is_first():
             state = {"identity": identity, "epoch": epoch + 1, "history": history}
             save_checkpoint(checkpoint, state | {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-        if world_size > 1:
-            dist.barrier()
+        barrier()
     bar.close()
     if world_size > 1:
         if not weights_in_sync(model):
@@ -331,6 +310,11 @@ def fit(
 
 
 def finish(context: StageContext) -> None:
-    """Remove the run's checkpoints (one per seed where it trains per seed) once its results are written."""
+    """Remove the run's checkpoints (one per seed where it trains per seed) once its results are written.
+
+    Only the first process does (the one that wrote them).
+    """
+    if not is_first():
+        return
     for path in context.out.glob("checkpoint*.pt"):
         path.unlink()

@@ -43,5 +43,6 @@ def guard_posterize(transform: Any) -> Any:
 
 
 def training_transform(data_config: dict[str, Any], options: dict[str, Any]) -> Any:
-    """timm's training transform for ``data_config`` with extra ``create_transform`` options, posterize guarded."""
-    return guard_posterize(create_transform(**data_config, is_training=True, **options))
+    """timm's training transform for ``data_config`` with extra ``create_transform`` options (which win over
+    the config's values, e.g. ``interpolation``), posterize guarded."""
+    return guard_posterize(create_transform(**(data_config | options), is_training=True))

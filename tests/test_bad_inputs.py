@@ -111,8 +111,11 @@ def test_a_stage_that_is_not_distributed_refuses_several_processes(
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     path = write_params(workdir / "params.yaml", smoke_params)
-    message = "filter runs as one process, but torchrun started 2 (WORLD_SIZE=2); only supernet runs under torchrun"
-    run_rejected(["filter", "--params", str(path)], workdir, capsys, message)
+    message = (
+        "decompose runs as one process, but torchrun started 2 (WORLD_SIZE=2); "
+        "only filter, supernet, search, retrain run under torchrun"
+    )
+    run_rejected(["decompose", "--params", str(path)], workdir, capsys, message)
 
 
 def test_bad_params_files(workdir: Path, capsys) -> None:

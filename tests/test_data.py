@@ -14,7 +14,8 @@ import timm.data
 import torch
 from PIL import Image
 
-from flora_steps.data import build_splits, make_loader, random_shift
+from flora_steps.data import SeededSampler, build_splits, make_loader, random_shift, train_loader
+from flora_steps.distributed import shard
 from flora_steps.errors import UserError
 from flora_steps.params import DataParams
 from flora_steps.transforms import posterize, training_transform
@@ -37,6 +38,7 @@ def data_params(**changes) -> DataParams:
         test_fraction=0.2,
         split_seed=0,
         eval_batch_size=64,
+        crop_pct=None,
         shift=1,
         train_transform={},
         skip_unreadable=False,
@@ -71,7 +73,7 @@ def test_digits_are_normalised_with_the_model_statistics() -> None:
 def test_random_shift_moves_each_image_within_the_padding() -> None:
     torch.manual_seed(0)
     images = torch.rand(64, 1, 8, 8)
-    shifted = random_shift(images, 1, fill=-9.0)
+    shifted = random_shift(images, 1, -9.0, torch.randint(0, 3, (2, 64)))
     assert shifted.shape == images.shape
     for original, moved in zip(images, shifted, strict=True):
         matches = [
@@ -87,11 +89,49 @@ def test_random_shift_moves_each_image_within_the_padding() -> None:
     assert (shifted == -9.0).any()
 
 
-def test_loader_order_depends_only_on_the_seed() -> None:
-    splits = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
-    first = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
-    second = [labels.tolist() for _, labels in make_loader(splits.train, 100, True, 0, seed=3)]
-    assert first == second
+CPU = torch.device("cpu")
+
+
+def epoch_images(loader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label one epoch of a training loader gives, concatenated."""
+    loader.sampler.set_epoch(epoch)
+    images, labels = zip(*loader, strict=True)
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_training_order_and_augmentation_depend_only_on_seed_and_epoch() -> None:
+    """Each image's shift comes from its own seed: the batch size, the workers and a resume change nothing."""
+    splits = build_splits(data_params(), DIGITS_CONFIG, 10)
+    reference = epoch_images(train_loader(splits.train, 100, 3, CPU, 0, None), 1)
+    for micro_batch, workers in ((20, 0), (100, 2)):
+        loader = train_loader(splits.train, micro_batch, 3, CPU, workers, None)
+        epoch_images(loader, 0)  # persistent workers carry no state from one epoch into the next
+        images, labels = epoch_images(loader, 1)
+        n = len(reference[1])  # full micro-batches only: 20-image batches keep a few more of the last images
+        assert torch.equal(labels[:n], reference[1]) and torch.equal(images[:n], reference[0])
+    other_epoch, other_seed = (
+        epoch_images(train_loader(splits.train, 100, s, CPU, 0, None), e) for s, e in ((3, 2), (4, 1))
+    )
+    assert not torch.equal(other_epoch[1], reference[1]) and not torch.equal(other_seed[1], reference[1])
+    plain = build_splits(data_params(shift=0), DIGITS_CONFIG, 10)
+    assert not torch.equal(epoch_images(train_loader(plain.train, 100, 3, CPU, 0, None), 1)[0], reference[0])
+
+
+def test_seeded_sampler_splits_each_epoch_over_processes() -> None:
+    whole = list(SeededSampler(10, seed=1))
+    shares = [list(SeededSampler(10, seed=1, rank=rank, world_size=3)) for rank in range(3)]
+    assert all(len(share) == 3 for share in shares)
+    assert sorted(pair for share in shares for pair in share) == sorted(whole[:9])
+
+
+def test_evaluation_shards_are_contiguous_and_cover_the_split_in_order(monkeypatch) -> None:
+    dataset = list(range(10))
+    parts = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        parts.append(list(shard(dataset)))
+    assert [len(part) for part in parts] == [3, 3, 4] and sum(parts, []) == dataset
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
@@ -111,10 +151,40 @@ def test_imagenet_folder_through_the_real_loader(tmp_path: Path) -> None:
     assert splits.num_classes == 3
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, 6)
     assert Counter(labels_of(splits.val)) == {0: 2, 1: 2, 2: 2}
-    images, labels = next(iter(make_loader(splits.train, 8, True, 0)))
-    assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
+    images, labels = next(iter(train_loader(splits.train, 8, 0, CPU, 0, splits.on_device)))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     test_image, _ = splits.test[0]
-    assert test_image.shape == (3, 32, 32)
+    assert test_image.shape == (3, 32, 32) and test_image.dtype == torch.uint8  # what crosses to the device
+
+
+def test_real_images_travel_as_uint8_and_are_normalised_on_the_device(tmp_path: Path) -> None:
+    """The loader's batches equal timm's float transform (normalisation on the host) image for image."""
+    make_image_folder(tmp_path)
+    splits = build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2), DATA_CONFIG, 3)
+    on_host = timm.data.create_transform(**DATA_CONFIG, is_training=False)
+    images, _ = next(iter(make_loader(splits.test, 6, CPU, 0, splits.on_device)))
+    expected = torch.stack([on_host(splits.test.dataset[i][0]) for i in range(6)])
+    assert torch.allclose(images, expected, atol=1e-5)
+
+
+def test_real_training_augmentation_is_reproducible_across_workers_and_resumes(tmp_path: Path) -> None:
+    make_image_folder(tmp_path)
+    params = data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2, train_transform=PAPER_AUGMENTATION)
+    splits = build_splits(params, DATA_CONFIG, 3)
+    assert splits.on_device.erasing == {"re_prob": 0.25}  # done on the device, after normalisation
+    reference = epoch_images(train_loader(splits.train, 8, 5, CPU, 0, None), 1)[0]
+    loader = train_loader(splits.train, 4, 5, CPU, 2, None)
+    epoch_images(loader, 0)
+    assert torch.equal(epoch_images(loader, 1)[0], reference)
+
+
+def test_eval_crop_follows_data_crop_pct(tmp_path: Path) -> None:
+    """The paper evaluates at resize 248, centre crop 224: crop_pct 0.9."""
+    make_image_folder(tmp_path)
+    config = DATA_CONFIG | {"input_size": (3, 224, 224)}
+    splits = build_splits(data_params(dataset="imagenet", root=tmp_path, val_fraction=0.2, crop_pct=0.9), config, 3)
+    resize = splits.test.transform.transforms[0]
+    assert resize.size in (248, [248], (248, 248)) and splits.test[0][0].shape == (3, 224, 224)
 
 
 def test_imagenet_folder_whose_splits_disagree_on_classes_is_refused(tmp_path: Path) -> None:
