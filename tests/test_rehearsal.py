@@ -1,0 +1,54 @@
+"""The real-scale path rehearsed on the CPU (``configs/rehearsal.yaml``), every stage as a user runs it.
+
+A real timm model (DeiT-Tiny, random weights from a local file), ImageFolder images
+at 224 px with the paper's transforms, micro-batches with gradient accumulation, and
+filter, supernet, search and retrain as two gloo processes that each stage's own
+command starts under ``torchrun``. Accuracy means nothing here; the path running
+end to end, the bookkeeping and the processes agreeing do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
+
+from flora_steps.layout import STAGES, budget_name
+from flora_steps.params import load_params
+
+
+def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path) -> None:
+    write_rehearsal_inputs(tmp_path / "rehearsal")
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "configs" / "rehearsal.yaml", params_file)
+    params = load_params(params_file)
+    budgets = params.budgets.model_dump()
+    for stage in STAGES.values():
+        for budget in budgets[stage.foreach.split(".")[1]] if stage.foreach else [None]:
+            options = stage.arguments(budget_name(budget)) if budget is not None else []
+            command = [sys.executable, "-m", f"flora_steps.{stage.module}", "--params", str(params_file), *options]
+            done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+            assert done.returncode == 0, (stage.name, budget, done.stderr[-3000:])
+            log = (tmp_path / stage.path("log", None if budget is None else budget_name(budget))).read_text()
+            if stage.distributed:
+                assert "starting 2 processes under torchrun" in done.stderr, stage.name
+            if stage.module in ("supernet", "retrain"):
+                assert "weights identical on all 2 processes" in log, stage.name
+
+    results = tmp_path / "results"
+    train_images = 4 * TRAIN_PER_CLASS - 8  # 8 held out as the val split
+    steps = train_images // params.supernet.batch_size  # global batches of 2 processes x 2 micro-batches of 2
+    assert json.loads((results / "supernet/metrics.json").read_text())["train_steps"] == steps
+    for method, budget in (("flora", "0.8"), ("control", "0.7"), ("uniform", "0.7")):
+        metrics = json.loads((results / "retrain" / method / budget / "metrics.json").read_text())
+        assert metrics["training"]["steps"] == steps and metrics["training"]["images"] == steps * 8
+        predictions = (results / "retrain" / method / budget / "predictions.csv").read_text().splitlines()
+        assert len(predictions) == 1 + 8  # every test image once: the two shards gathered, nothing twice
+    search = json.loads((results / "search/0.8/metrics.json").read_text())
+    assert 0.7 <= search["macs_fraction"] <= 0.8
+    assert (results / "report/summary.json").is_file() and (results / "report/tradeoff.png").is_file()
