@@ -79,7 +79,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             continue
         memory = "" if peak is None else f"  peak {peak:6.1f} GiB"
-        print(f"  micro-batch {micro_batch:4d}: {seconds * 1000:8.1f} ms/step  {micro_batch / seconds:8.1f} img/s{memory}")
+        print(
+            f"  micro-batch {micro_batch:4d}: {seconds * 1000:8.1f} ms/step  {micro_batch / seconds:8.1f} img/s{memory}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ import numpy as np
 import timm.data
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
@@ -84,6 +82,8 @@ def stratified_split(
 
     Both parts must hold every class; otherwise a ``UserError`` names ``key``, the params key of ``fraction``.
     """
+    from sklearn.model_selection import train_test_split  # on first use: importing scikit-learn takes ~1 s
+
     labels = np.asarray(labels)
     classes = np.unique(labels)
     try:
@@ -212,6 +212,8 @@ def random_shift(images: torch.Tensor, shift: int, fill: float, offsets: torch.T
 
 def digits_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
     """Digits scaled to [0, 1] and normalised with the model's mean/std; random shift on train."""
+    from sklearn.datasets import load_digits  # on first use: importing scikit-learn takes ~1 s
+
     digits = load_digits()
     mean, std = data_config["mean"][0], data_config["std"][0]
     images = (torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1) - mean) / std

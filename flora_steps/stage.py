@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -191,10 +192,11 @@ def _check_processes(stage: Stage) -> None:
 
 def _under_torchrun(stage: Stage, params_path: Path, budget: float | None, processes: int) -> int:
     """Run the stage again as ``processes`` processes under ``torchrun`` (one per GPU); their exit status."""
-    log.info("starting %d processes under torchrun (compute.processes)", processes)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     options = stage.arguments("" if budget is None else budget_name(budget))
-    return subprocess.call([*launcher, "-m", f"{__package__}.{stage.module}", "--params", str(params_path), *options])
+    command = [*launcher, "-m", f"{__package__}.{stage.module}", "--params", str(params_path), *options]
+    log.info("starting %d processes under torchrun (compute.processes): %s", processes, shlex.join(command))
+    return subprocess.call(command)
 
 
 def _first_missing(folder: Path) -> Path | None:
@@ -236,6 +238,7 @@ def run_stage(
         seed_everything(params.seed)
         if stage.distributed and "WORLD_SIZE" in os.environ:
             context.device = distributed.join(context.device)
+            log.info("one of %d processes under torchrun, each on %s", distributed.world()[1], context.device.type)
         with logging_redirect_tqdm([PACKAGE_LOG]):
             run(context)
         log.info("done in %.1f s", context.seconds())

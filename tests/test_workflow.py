@@ -143,6 +143,7 @@ def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> No
         elif line.strip().startswith("resources:"):
             resources[rule] = line
     assert "mem_mb=64000" in resources["supernet"] and "gpu=1" in resources["supernet"]
+    assert "cpus_per_task=8" in resources["supernet"] and "gpu=1" in resources["retrain_flora"]
     assert "mem_mb=32000" in resources["filter"] and "runtime=240" in resources["filter"]
     assert "gpu=1" not in resources["decompose"]
 
