@@ -1,0 +1,128 @@
+"""ViT-Slim's library: masks, the sparsity term, thresholds for a MACs budget, and physical slicing."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import flora_steps.models  # noqa: F401  (registers vit_digits)
+from flora_steps.core import count_macs, trace_costs
+from flora_steps.core.slim import (
+    ATTENTION,
+    MLP,
+    SlimBlock,
+    SlimCosts,
+    attach_masks,
+    detach_masks,
+    restructure_slim,
+    slice_model,
+    slimmable_blocks,
+    sparsity_loss,
+    structure_for_budget,
+    structure_for_keep,
+    zero_pruned,
+)
+
+
+def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    shape = model.pretrained_cfg["input_size"] if name != "vit_digits" else (1, 8, 8)
+    return model, torch.randn(4, *shape)
+
+
+def heads_of(model: torch.nn.Module) -> dict[str, int]:
+    return {name: block.attn.num_heads for name, block in slimmable_blocks(model).items()}
+
+
+@torch.no_grad()
+def masked_output(model: torch.nn.Module, masks: dict, values: dict, images: torch.Tensor) -> torch.Tensor:
+    for key, mask in masks.items():
+        mask.copy_(values[key])
+    return model(images)
+
+
+def test_sliced_model_equals_the_masked_model_with_hard_masks() -> None:
+    model, images = model_and_input()
+    masks = attach_masks(model)
+    structure = {name: SlimBlock(head_dim=5 + i, mlp_hidden=40 + 30 * i) for i, name in enumerate(heads_of(model))}
+    generator = torch.Generator().manual_seed(1)
+    hard = {}
+    for (name, kind), mask in masks.items():
+        if kind == ATTENTION:
+            heads = model.get_submodule(name).attn.num_heads
+            ones = torch.rand(heads, mask.numel() // heads, generator=generator).argsort(1)[:, : structure[name].head_dim]
+            hard[name, kind] = torch.zeros(heads, mask.numel() // heads).scatter_(1, ones, 1.0).flatten()
+        else:
+            ones = torch.randperm(mask.numel(), generator=generator)[: structure[name].mlp_hidden]
+            hard[name, kind] = torch.zeros(mask.numel()).index_fill_(0, ones, 1.0)
+    expected = masked_output(model, masks, hard, images)
+    detach_masks(model)
+    sliced = slice_model(model, hard, structure)
+    with torch.no_grad():
+        assert torch.allclose(sliced(images), expected, atol=1e-5)
+    assert sliced.blocks[1].attn.qkv.out_features == 3 * 2 * 6 and sliced.blocks[1].mlp.fc1.out_features == 70
+
+
+def test_sliced_model_folds_soft_mask_values_and_the_attention_temperature() -> None:
+    model, images = model_and_input()
+    masks = attach_masks(model)
+    with torch.no_grad():
+        for mask in masks.values():
+            mask.uniform_(0.05, 1.0)
+    values = {key: mask.detach().clone() for key, mask in masks.items()}
+    structure = structure_for_keep(values, heads_of(model), 0.4)
+    expected = masked_output(model, masks, zero_pruned(values, structure, heads_of(model)), images)
+    assert detach_masks(model).keys() == values.keys()
+    sliced = slice_model(model, values, structure)
+    with torch.no_grad():
+        assert torch.allclose(sliced(images), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "deit_tiny_patch16_224"])
+def test_slim_costs_equal_flop_counter_on_the_sliced_model(name: str) -> None:
+    model, _ = model_and_input(name)
+    shape = (1, 8, 8) if name == "vit_digits" else (3, 224, 224)
+    costs = SlimCosts.of(model, trace_costs(model, shape))
+    assert costs.macs(costs.dense) == count_macs(model, shape)
+    masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
+    detach_masks(model)
+    structure = structure_for_keep(masks, heads_of(model), 0.3)
+    assert count_macs(slice_model(model, masks, structure), shape) == costs.macs(structure)
+
+
+def test_thresholds_meet_the_macs_budget() -> None:
+    model, _ = model_and_input()
+    costs = SlimCosts.of(model, trace_costs(model, (1, 8, 8)))
+    masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
+    dense = costs.macs(costs.dense)
+    for budget in (0.4, 0.6, 0.8):
+        keep, structure = structure_for_budget(masks, heads_of(model), costs, budget * dense)
+        assert budget - 0.03 <= costs.macs(structure) / dense <= budget, budget
+        assert costs.macs(structure_for_keep(masks, heads_of(model), keep + 0.01)) > budget * dense
+    with pytest.raises(ValueError, match="even the smallest slim model"):
+        structure_for_budget(masks, heads_of(model), costs, 0.01 * dense)
+
+
+def test_a_sliced_model_loads_into_a_restructured_plain_timm_model() -> None:
+    model, images = model_and_input()
+    masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
+    detach_masks(model)
+    structure = structure_for_keep(masks, heads_of(model), 0.5)
+    sliced = slice_model(model, masks, structure)
+    fresh = restructure_slim(timm.create_model("vit_digits", num_classes=10).eval(), structure)
+    fresh.load_state_dict(sliced.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(images), sliced(images))
+
+
+def test_sparsity_loss_weighs_each_dimension_type() -> None:
+    model, _ = model_and_input()
+    masks = attach_masks(model)
+    attention = sum(m.numel() for (_, kind), m in masks.items() if kind == ATTENTION)
+    hidden = sum(m.numel() for (_, kind), m in masks.items() if kind == MLP)
+    loss = sparsity_loss(masks, {ATTENTION: 2e-4, MLP: 5e-5})
+    assert loss.item() == pytest.approx(2e-4 * attention + 5e-5 * hidden)
+    loss.backward()
+    assert all(mask.grad is not None for mask in masks.values())
