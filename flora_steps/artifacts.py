@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from .core import RankConfig
+from .core.slim import SlimBlock
 from .core.space import SearchSpace
 from .errors import UserError
 from .models import build_model
@@ -146,8 +147,13 @@ class ModelSpec(BaseModel):
     format: str = MODEL_FORMAT
     model: str
     model_kwargs: dict[str, Any]
+    slim: dict[str, SlimBlock] = {}  # block -> its sizes after ViT-Slim's slicing (``core.slim.restructure_slim``)
     lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear (supernets)
     factorised: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
+
+    def build(self) -> nn.Module:
+        """The uninitialised model this spec describes: timm's model, slimmed, then low-rank (in that order)."""
+        return build_model(self.model, self.model_kwargs, self.lowrank, self.factorised, self.slim)
 
 
 def save_model(stem: str | Path, model: nn.Module, spec: ModelSpec) -> None:
@@ -171,7 +177,7 @@ def load_model(stem: str | Path) -> tuple[nn.Module, ModelSpec]:
     if not weights_path.is_file():
         raise UserError(f"{weights_path}: model weights not found (run the stage that writes it first)")
     try:
-        model = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
+        model = spec.build()
     except Exception as error:  # noqa: BLE001 - unknown names, bad kwargs, layers that are not there
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{meta_path}: cannot build model {spec.model!r} from it ({reason})") from None

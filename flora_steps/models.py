@@ -7,6 +7,7 @@ Importing this module registers ``vit_digits`` with timm, so
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .core import restructure
+from .core.slim import SlimBlock, restructure_slim
 from .errors import UserError
 
 __all__ = [
@@ -80,9 +82,13 @@ def build_model(
     kwargs: dict[str, Any],
     lowrank: dict[str, int] | None = None,
     factorised: dict[str, int] | None = None,
+    slim: Mapping[str, SlimBlock] | None = None,
 ) -> nn.Module:
-    """An uninitialised timm model ``name`` with the low-rank structure of a saved artifact (``core.restructure``)."""
-    return restructure(timm.create_model(name, pretrained=False, **kwargs), lowrank, factorised)
+    """An uninitialised timm model ``name`` with the structure of a saved artifact: its blocks sliced to
+    ``slim`` (``core.slim.restructure_slim``), then its low-rank layers (``core.restructure``)."""
+    return restructure(
+        restructure_slim(timm.create_model(name, pretrained=False, **kwargs), slim or {}), lowrank, factorised
+    )
 
 
 def create_base_model(

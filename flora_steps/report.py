@@ -57,7 +57,7 @@ from .figures import (
     single_layer_kl,
 )
 from .layout import budget_name
-from .models import build_model, input_shape
+from .models import input_shape
 from .stage import StageContext, stage_main
 from .stats import CONFIDENCE, PairedBootstrap
 from .tables import (
@@ -96,7 +96,7 @@ def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> 
     """MACs of subnets drawn by each sampling rule from the filtered space (fixed seed), and the dense MACs."""
     spec = ModelSpec.model_validate(read_json(context.input("spec"), "model description"))
     with torch.device("meta"):
-        skeleton = build_model(spec.model, spec.model_kwargs, spec.lowrank, spec.factorised)
+        skeleton = spec.build()
     costs = trace_costs(skeleton, input_shape(skeleton))
     table = MacsTable.from_space(space, costs)
     samples = {}

@@ -105,7 +105,9 @@ def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module
         model = materialise(source, ranks)
     except (KeyError, ValueError) as error:
         raise UserError(f"rank config for budget {context.budget}: {error}") from None
-    plain = ModelSpec(model=spec.model, model_kwargs=spec.model_kwargs, factorised=factorised_layers(model, ranks))
+    plain = ModelSpec(
+        model=spec.model, model_kwargs=spec.model_kwargs, slim=spec.slim, factorised=factorised_layers(model, ranks)
+    )
     return model, ranks, plain, {"source": SOURCES[context.method], **choice}
 
 

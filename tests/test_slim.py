@@ -126,3 +126,28 @@ def test_sparsity_loss_weighs_each_dimension_type() -> None:
     assert loss.item() == pytest.approx(2e-4 * attention + 5e-5 * hidden)
     loss.backward()
     assert all(mask.grad is not None for mask in masks.values())
+
+
+def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_load(tmp_path) -> None:
+    """The sliced model saves and loads by its spec; factorising it (FLORA on a slim base) keeps the slim sizes."""
+    from flora_steps.artifacts import ModelSpec, load_model, save_model
+    from flora_steps.core import factorise, find_linear_layers, lowrank_layers
+
+    model, images = model_and_input()
+    masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
+    detach_masks(model)
+    structure = structure_for_keep(masks, heads_of(model), 0.5)
+    sliced = slice_model(model, masks, structure)
+    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, slim=structure)
+    save_model(tmp_path / "slim", sliced, spec)
+    loaded, loaded_spec = load_model(tmp_path / "slim")
+    assert loaded_spec.slim == structure
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), sliced(images))
+    factorise(sliced, find_linear_layers(sliced, ["*.mlp.fc1"]))
+    lowrank = {name: layer.max_rank for name, layer in lowrank_layers(sliced).items()}
+    save_model(tmp_path / "slim_lowrank", sliced, spec.model_copy(update={"lowrank": lowrank}))
+    again, _ = load_model(tmp_path / "slim_lowrank")
+    assert again.blocks[0].mlp.fc1.out_features == structure["blocks.0"].mlp_hidden
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(images), sliced(images), atol=1e-5)
