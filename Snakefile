@@ -32,7 +32,7 @@ BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["bu
 THREADS = PARAMS["compute"]["threads"] or 8
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
-# a distributed stage (filter, supernet, search, retrain) starts compute.processes processes under
+# a distributed stage (filter, supernet, slim, search, retrain) starts compute.processes processes under
 # torchrun itself, one per GPU
 PROCESSES = PARAMS["compute"]["processes"]
 # on a cluster, a GPU job gets this many CPUs per GPU for its loader workers (Slurm's cpus_per_task);
@@ -184,6 +184,29 @@ rule supernet:
         command("supernet")
 
 
+rule slim:
+    input:
+        **inputs("slim"),
+    output:
+        **outputs("slim"),
+    log:
+        log_file("slim"),
+    benchmark:
+        benchmark_file("slim")
+    params:
+        tracked=tracked_params("slim", PARAMS),
+    threads: THREADS
+    resources:
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        command("slim")
+
+
 rule search:
     input:
         **inputs("search"),
@@ -253,6 +276,29 @@ rule retrain_control:
         "environment.yml"
     shell:
         command("retrain_control")
+
+
+rule retrain_slim:
+    input:
+        **inputs("retrain_slim"),
+    output:
+        **outputs("retrain_slim"),
+    log:
+        log_file("retrain_slim"),
+    benchmark:
+        benchmark_file("retrain_slim")
+    params:
+        tracked=tracked_params("retrain_slim", PARAMS),
+    threads: THREADS
+    resources:
+        gpu=GPU * PROCESSES,
+        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
+        mem_mb=8000,
+        runtime=720,
+    conda:
+        "environment.yml"
+    shell:
+        command("retrain_slim")
 
 
 rule retrain_uniform:

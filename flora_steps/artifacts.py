@@ -187,3 +187,22 @@ def load_model(stem: str | Path) -> tuple[nn.Module, ModelSpec]:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{weights_path}: corrupt or mismatched model weights ({first_line})") from None
     return model, spec
+
+
+def save_masks(path: str | Path, masks: dict[tuple[str, str], torch.Tensor]) -> None:
+    """ViT-Slim's mask values as safetensors, one tensor per ``<block>/<type>`` (e.g. ``blocks.0/mlp``)."""
+    tensors = {f"{block}/{kind}": mask.detach().cpu().contiguous() for (block, kind), mask in masks.items()}
+    with atomic_path(path) as temporary:
+        safetensors.torch.save_file(tensors, str(temporary))
+
+
+def read_masks(path: str | Path) -> dict[tuple[str, str], torch.Tensor]:
+    """The masks ``save_masks`` wrote, by (block, type)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: masks not found (run the stage that writes them first)")
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+        return {tuple(key.split("/")): value for key, value in tensors.items()}
+    except Exception as error:  # noqa: BLE001 - header and format errors all mean a corrupt file
+        raise UserError(f"{path}: corrupt mask file ({str(error).strip().splitlines()[0]})") from None

@@ -17,7 +17,7 @@ from .models import check_model, data_config
 from .params import load_params
 from .stage import add_params_argument, add_stage_arguments, run_from_args
 
-#: Stage commands in pipeline order (``retrain`` runs the three retrain stages, by ``--method``).
+#: Stage commands in pipeline order (``retrain`` runs every retrain stage, by ``--method``).
 COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
 
 

@@ -127,8 +127,10 @@ UNTRACKED = {
     "pretrain.micro_batch": "memory: gradients accumulate to the same global batch",
     "supernet.micro_batch": "memory: gradients accumulate to the same global batch",
     "retrain.micro_batch": "memory: gradients accumulate to the same global batch",
+    "slim.micro_batch": "memory: gradients accumulate to the same global batch",
     "budgets.search": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.uniform": "which budgets run; a per-budget stage only checks that its own is listed",
+    "budgets.slim": "which budgets run; a per-budget stage only checks that its own is listed",
 }
 
 
@@ -171,8 +173,10 @@ _RETRAIN_PARAMS = (
     *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
 )
 
-#: A model taken from the supernet inherits its training, which its metrics count.
-_SUPERNET_SHARE = {"supernet": Input("supernet", "metrics")}
+#: A model taken from a trained model (the supernet, ViT-Slim's search) inherits its training,
+#: which that stage's metrics count.
+_SUPERNET_SHARE = {"inherited": Input("supernet", "metrics")}
+_SLIM_SHARE = {"inherited": Input("slim", "metrics")}
 
 
 def _retrain(
@@ -268,6 +272,25 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            name="slim",
+            module="slim",
+            folder="slim",
+            outputs={
+                **_MODEL,
+                "masks": Output("masks.safetensors"),
+                "history": Output("history.csv"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={**_model_of("pretrain"), **_TEACHER},
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                *_keys("slim", (*TRAINING, "attention_weight", "mlp_weight", "temperature", "hard_label_weight")),
+            ),
+            distributed=True,
+        ),
+        Stage(
             name="search",
             module="search",
             folder="search/{budget}",
@@ -301,6 +324,7 @@ STAGES: dict[str, Stage] = {
         ),
         _retrain("flora", "budgets.search", "supernet", {**_SUPERNET_SHARE, "ranks": Input("search", "ranks")}),
         _retrain("control", "budgets.uniform", "supernet", _SUPERNET_SHARE, ("retrain.uniform_rank_multiple",)),
+        _retrain("slim", "budgets.slim", "slim", {**_SLIM_SHARE, "masks": Input("slim", "masks")}),
         _retrain(
             "uniform",
             "budgets.uniform",

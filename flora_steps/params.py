@@ -156,16 +156,30 @@ class BudgetParams(Section):
 
     search: Annotated[list[Budget], Field(min_length=1)]  # FLORA: one search and one retrain per budget
     uniform: Annotated[list[Budget], Field(min_length=1)]  # uniform-rank baseline; includes every search budget
+    slim: Annotated[list[Budget], Field(min_length=1)]  # ViT-Slim baseline: one sliced and retrained model per budget
 
     @model_validator(mode="after")
     def _uniform_covers_search(self) -> BudgetParams:
         missing = sorted(set(self.search) - set(self.uniform))
         if missing:
             raise ValueError(f"uniform must include every search budget (missing {missing})")
-        for name, values in (("search", self.search), ("uniform", self.uniform)):
+        for name, values in (("search", self.search), ("uniform", self.uniform), ("slim", self.slim)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
         return self
+
+
+class SlimParams(TrainingParams):
+    """ViT-Slim's mask search on the base model (see flora_steps/slim.py): masks and weights train together.
+
+    The released code uses a constant learning rate: ``min_lr`` equal to ``lr`` and no warm-up.
+    """
+
+    epochs: PositiveInt
+    attention_weight: NonNegativeFloat  # L1 weight on the attention head-channel masks (released: 2e-4)
+    mlp_weight: NonNegativeFloat  # L1 weight on the MLP hidden-unit masks (released: 5e-5)
+    temperature: PositiveFloat  # distillation temperature
+    hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation from the base model
 
 
 class SearchParams(Section):
@@ -222,6 +236,7 @@ class Params(Section):
     decompose: DecomposeParams
     filter: FilterParams
     supernet: SupernetParams
+    slim: SlimParams
     budgets: BudgetParams
     search: SearchParams
     retrain: RetrainParams

@@ -1,10 +1,11 @@
-"""Fine-tune a compressed model with distillation, once per seed, and evaluate it: FLORA, the control or uniform.
+"""Fine-tune a compressed model with distillation, once per seed, and evaluate it: FLORA, a baseline or ViT-Slim.
 
     python -m flora_steps.retrain --params params.yaml --method flora --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method control --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method uniform --budget 0.5
+    python -m flora_steps.retrain --params params.yaml --method slim --budget 0.5
 
-Three kinds of compressed model, so that a comparison isolates one thing:
+Four kinds of compressed model, so that a comparison isolates one thing:
 
 - `flora`: the subnet `search` found for the budget, with the supernet's weights,
   fine-tuned for `retrain.epochs`.
@@ -14,6 +15,10 @@ Three kinds of compressed model, so that a comparison isolates one thing:
 - `uniform`: the same uniform ranks as the control, from the SVD of the base model
   (`decompose`), fine-tuned for `retrain.uniform_epochs` (null: `supernet.epochs +
   retrain.epochs`, as many training images as FLORA's supernet plus its fine-tuning).
+- `slim`: ViT-Slim's model (`slim` stage: masks and weights searched together),
+  physically sliced at the largest keep share whose MACs fit the budget
+  (`flora_steps.core.slim`), fine-tuned for `retrain.epochs` like FLORA; it inherits
+  the search's training as FLORA inherits the supernet's.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
@@ -50,6 +55,7 @@ from .artifacts import (
     ModelSpec,
     load_model,
     read_json,
+    read_masks,
     read_rank_config,
     save_model,
     write_csv,
@@ -57,6 +63,7 @@ from .artifacts import (
     write_rank_config,
 )
 from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
+from .core.slim import SlimCosts, slice_model, slimmable_blocks, structure_for_budget
 from .core.uniform import fit_uniform_ratio
 from .data import build_splits, make_loader
 from .distributed import is_first
@@ -71,6 +78,7 @@ SOURCES = {
     "flora": "supernet weights, searched ranks",
     "control": "supernet weights, uniform rank ratio",
     "uniform": "SVD of the base model, uniform rank ratio",
+    "slim": "ViT-Slim's searched model, sliced to the budget",
 }
 
 
@@ -97,9 +105,14 @@ def chosen_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, cost
     return ranks, {"rank_ratio": round(ratio, 6)}
 
 
-def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict]:
-    """The materialised model before fine-tuning, its rank config, its spec and how it was made."""
+def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict, int]:
+    """The materialised model before fine-tuning, its rank config, its spec, how it was made and its MACs.
+
+    ``costs`` is the base model's cost model (the uniform chooser and ViT-Slim's slicing price with it).
+    """
     source, spec = load_model(context.input("model"))
+    if context.method == "slim":
+        return sliced_model(context, source, spec, costs)
     ranks, choice = chosen_ranks(context, source, spec, costs)
     try:
         model = materialise(source, ranks)
@@ -108,7 +121,23 @@ def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module
     plain = ModelSpec(
         model=spec.model, model_kwargs=spec.model_kwargs, slim=spec.slim, factorised=factorised_layers(model, ranks)
     )
-    return model, ranks, plain, {"source": SOURCES[context.method], **choice}
+    return model, ranks, plain, {"source": SOURCES[context.method], **choice}, costs.macs(ranks)
+
+
+def sliced_model(
+    context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel
+) -> tuple[nn.Module, dict[str, int], ModelSpec, dict, int]:
+    """ViT-Slim's model for the budget: the searched model sliced at the largest keep share whose MACs fit."""
+    masks = read_masks(context.input("masks"))
+    slim_costs = SlimCosts.of(source, costs)
+    heads = {name: block.attn.num_heads for name, block in slimmable_blocks(source).items()}
+    try:
+        keep, structure = structure_for_budget(masks, heads, slim_costs, context.budget * costs.dense_macs)
+    except ValueError as error:
+        raise UserError(f"budgets.slim: {context.budget}: {error}") from None
+    model = slice_model(source, masks, structure)
+    origin = {"source": SOURCES["slim"], "keep": round(keep, 6)}
+    return model, {}, spec.model_copy(update={"slim": structure}), origin, slim_costs.macs(structure)
 
 
 def fine_tuning_epochs(context: StageContext) -> int:
@@ -124,11 +153,12 @@ def fine_tuning_epochs(context: StageContext) -> int:
 
 
 def inherited_training(context: StageContext) -> dict[str, int]:
-    """Optimizer steps and images of the training a model inherits (the supernet's, for FLORA and the control)."""
-    if "supernet" not in context.stage.inputs:
+    """Optimizer steps and images of the training a model inherits: the supernet's (FLORA, the control)
+    or ViT-Slim's search (slim)."""
+    if "inherited" not in context.stage.inputs:
         return {"steps": 0, "images": 0}
-    supernet = read_json(context.input("supernet"), "supernet metrics")
-    return {"steps": int(supernet["train_steps"]), "images": int(supernet["train_images"])}
+    trained = read_json(context.input("inherited"), "metrics of the training the model inherits")
+    return {"steps": int(trained["train_steps"]), "images": int(trained["train_images"])}
 
 
 def run(context: StageContext) -> None:
@@ -136,8 +166,7 @@ def run(context: StageContext) -> None:
     teacher, _ = load_model(context.input("teacher"))
     shape = input_shape(teacher)
     costs = trace_costs(teacher, shape)
-    start, ranks, spec, origin = compressed_model(context, costs)
-    macs = costs.macs(ranks)
+    start, ranks, spec, origin, macs = compressed_model(context, costs)
     counted = count_macs(start, shape)
     if counted != macs:
         raise RuntimeError(f"MACs mismatch: the cost model says {macs}, flop_counter counts {counted}")

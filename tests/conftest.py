@@ -59,7 +59,7 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
         (directory / "results" / stage).symlink_to(smoke_results / stage)
     params = yaml.safe_load(SMOKE.read_text())
     params_file = str(write_params(directory / "params.yaml", params))
-    commands = [["supernet"]]
+    commands = [["supernet"], ["slim"]]
     commands += [["search", "--budget", str(b)] for b in params["budgets"]["search"]]
     commands += [["retrain", "--method", "flora", "--budget", str(b)] for b in params["budgets"]["search"]]
     commands += [
@@ -67,6 +67,7 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
         for method in ("control", "uniform")
         for b in params["budgets"]["uniform"]
     ]
+    commands += [["retrain", "--method", "slim", "--budget", str(b)] for b in params["budgets"]["slim"]]
     commands += [["latency"]]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)

@@ -78,6 +78,9 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     ("budgets.uniform", [0.8], "budgets: uniform must include every search budget (missing [0.5])"),
     ("search.band", 0.5, "search.band: 0.5 must be below every search budget (smallest 0.5)"),
     ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest uniform budget (0.49) must lie at or below"),
+    ("slim.attention_weight", -1, "slim.attention_weight: input should be greater than or equal to 0"),
+    ("slim.epochs", 0, "slim.epochs: input should be greater than or equal to 1"),
+    ("budgets.slim", [0.5, 0.5], "budgets: slim lists a budget twice"),
     ("search.top_k", 20, "search: top_k (20) must not exceed population"),
     ("retrain.latency_repeats", 0, "retrain.latency_repeats: input should be greater than or equal to 1"),
     ("retrain.seeds", [], "retrain.seeds: list should have at least 1 item after validation"),
@@ -113,7 +116,7 @@ def test_a_stage_that_is_not_distributed_refuses_several_processes(
     path = write_params(workdir / "params.yaml", smoke_params)
     message = (
         "decompose runs as one process, but torchrun started 2 (WORLD_SIZE=2); "
-        "only filter, supernet, search, retrain run under torchrun"
+        "only filter, supernet, slim, search, retrain run under torchrun"
     )
     run_rejected(["decompose", "--params", str(path)], workdir, capsys, message)
 

@@ -52,7 +52,9 @@ def test_sliced_model_equals_the_masked_model_with_hard_masks() -> None:
     for (name, kind), mask in masks.items():
         if kind == ATTENTION:
             heads = model.get_submodule(name).attn.num_heads
-            ones = torch.rand(heads, mask.numel() // heads, generator=generator).argsort(1)[:, : structure[name].head_dim]
+            ones = torch.rand(heads, mask.numel() // heads, generator=generator).argsort(1)[
+                :, : structure[name].head_dim
+            ]
             hard[name, kind] = torch.zeros(heads, mask.numel() // heads).scatter_(1, ones, 1.0).flatten()
         else:
             ones = torch.randperm(mask.numel(), generator=generator)[: structure[name].mlp_hidden]
@@ -151,3 +153,38 @@ def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_l
     assert again.blocks[0].mlp.fc1.out_features == structure["blocks.0"].mlp_hidden
     with torch.no_grad():
         assert torch.allclose(again.eval()(images), sliced(images), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the stages on the smoke profile
+def test_slim_stage_and_its_retrain_meet_the_budget_with_the_searched_training(smoke_pipeline) -> None:
+    import json
+
+    from flora_steps.artifacts import load_model, read_masks
+
+    results = smoke_pipeline / "results"
+    masks = read_masks(results / "slim/masks.safetensors")
+    assert set(masks) == {(f"blocks.{i}", kind) for i in range(4) for kind in (ATTENTION, MLP)}
+    slim = json.loads((results / "slim/metrics.json").read_text())
+    metrics = json.loads((results / "retrain/slim/0.5/metrics.json").read_text())
+    assert 0.45 <= metrics["macs_fraction"] <= 0.5 and metrics["source"].startswith("ViT-Slim")
+    assert metrics["training"]["inherited_steps"] == slim["train_steps"] > 0
+    model, spec = load_model(results / "retrain/slim/0.5/model")
+    assert spec.slim and count_macs(model, (1, 8, 8)) == metrics["macs"]
+
+
+def test_a_slim_budget_below_the_smallest_slice_is_one_line(smoke_pipeline, tmp_path, monkeypatch, capsys) -> None:
+    import yaml
+    from conftest import SMOKE, write_params
+
+    from flora_steps.cli import main
+
+    params = yaml.safe_load(SMOKE.read_text())
+    params["budgets"]["slim"] = [0.01]
+    write_params(tmp_path / "params.yaml", params)
+    (tmp_path / "results").mkdir()
+    for stage in ("pretrain", "slim"):
+        (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
+    monkeypatch.chdir(tmp_path)
+    assert main(["retrain", "--method", "slim", "--budget", "0.01", "--params", "params.yaml"]) == 2
+    assert "error: budgets.slim: 0.01: even the smallest slim model" in capsys.readouterr().err
+    assert not (tmp_path / "results/retrain").exists()

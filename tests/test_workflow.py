@@ -95,11 +95,22 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
     ("section", "key", "value", "expected"),
     [
         ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose"})),
-        ("retrain", "lr", 0.001, {"retrain_flora", "retrain_control", "retrain_uniform", "latency", "report"}),
-        ("retrain", "seeds", [0, 2], {"retrain_flora", "retrain_control", "retrain_uniform", "latency", "report"}),
+        (
+            "retrain",
+            "lr",
+            0.001,
+            {"retrain_flora", "retrain_control", "retrain_uniform", "retrain_slim", "latency", "report"},
+        ),
+        (
+            "retrain",
+            "seeds",
+            [0, 2],
+            {"retrain_flora", "retrain_control", "retrain_uniform", "retrain_slim", "latency", "report"},
+        ),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
+        ("slim", "mlp_weight", 0.0001, {"slim", "retrain_slim"}),  # ViT-Slim's search and its models only
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),
     ],
@@ -122,10 +133,12 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "pretrain",
         "filter",
         "supernet",
+        "slim",
         "search",
         "retrain_flora",
         "retrain_control",
         "retrain_uniform",
+        "retrain_slim",
         "latency",
     }
     assert other_rules == {"decompose", "report", "all"}
