@@ -63,7 +63,7 @@ from .artifacts import (
     write_rank_config,
 )
 from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
-from .core.slim import SlimCosts, slice_model, slimmable_blocks, structure_for_budget
+from .core.slim import SlimCosts, slice_model, structure_for_budget
 from .core.uniform import fit_uniform_ratio
 from .data import build_splits, make_loader
 from .distributed import is_first
@@ -130,9 +130,8 @@ def sliced_model(
     """ViT-Slim's model for the budget: the searched model sliced at the largest keep share whose MACs fit."""
     masks = read_masks(context.input("masks"))
     slim_costs = SlimCosts.of(source, costs)
-    heads = {name: block.attn.num_heads for name, block in slimmable_blocks(source).items()}
     try:
-        keep, structure = structure_for_budget(masks, heads, slim_costs, context.budget * costs.dense_macs)
+        keep, structure = structure_for_budget(masks, slim_costs, context.budget * costs.dense_macs)
     except ValueError as error:
         raise UserError(f"budgets.slim: {context.budget}: {error}") from None
     model = slice_model(source, masks, structure)

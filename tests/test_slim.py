@@ -100,11 +100,11 @@ def test_thresholds_meet_the_macs_budget() -> None:
     masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
     dense = costs.macs(costs.dense)
     for budget in (0.4, 0.6, 0.8):
-        keep, structure = structure_for_budget(masks, heads_of(model), costs, budget * dense)
+        keep, structure = structure_for_budget(masks, costs, budget * dense)
         assert budget - 0.03 <= costs.macs(structure) / dense <= budget, budget
         assert costs.macs(structure_for_keep(masks, heads_of(model), keep + 0.01)) > budget * dense
     with pytest.raises(ValueError, match="even the smallest slim model"):
-        structure_for_budget(masks, heads_of(model), costs, 0.01 * dense)
+        structure_for_budget(masks, costs, 0.01 * dense)
 
 
 def test_a_sliced_model_loads_into_a_restructured_plain_timm_model() -> None:

@@ -1,9 +1,9 @@
 """ViT-Slim (Chavan et al., CVPR 2022): learnt soft masks, a MACs budget, and physical slicing.
 
 Search: every transformer block gets learnable masks initialised to 1 — one per
-head channel of attention, shared by q, k and v (``HeadChannelMask``, the released
-code's 1×1×heads×1×head_dim ``zeta`` after the qkv projection), and one per MLP
-hidden unit after the activation (``HiddenUnitMask``). They train with the task loss
+head channel of attention, shared by q, k and v (the released code's
+1×1×heads×1×head_dim ``zeta`` after the qkv projection), and one per MLP hidden unit
+after the activation (both ``OutputMask``). They train with the task loss
 plus an L1 term per dimension type (``sparsity_loss``).
 
 Budget: one global threshold per dimension type, both set by one keep share (the
@@ -52,28 +52,17 @@ class SlimBlock:
 SlimStructure = dict[str, SlimBlock]
 
 
-class HeadChannelMask(nn.Module):
-    """The qkv projection followed by one learnable mask value per head channel, shared by q, k and v."""
+class OutputMask(nn.Module):
+    """``inner`` followed by one learnable mask value per output unit (the values repeated ``repeat`` times:
+    3 for a qkv projection, whose q, k and v share one mask per head channel)."""
 
-    def __init__(self, qkv: nn.Linear, channels: int) -> None:
+    def __init__(self, inner: nn.Module, units: int, repeat: int = 1) -> None:
         super().__init__()
-        self.qkv = qkv
-        self.mask = nn.Parameter(torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(x) * self.mask.repeat(3)
-
-
-class HiddenUnitMask(nn.Module):
-    """The MLP activation followed by one learnable mask value per hidden unit."""
-
-    def __init__(self, act: nn.Module, units: int) -> None:
-        super().__init__()
-        self.act = act
+        self.inner, self.repeat = inner, repeat
         self.mask = nn.Parameter(torch.ones(units))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x) * self.mask
+        return self.inner(x) * self.mask.repeat(self.repeat)
 
 
 def slimmable_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -94,8 +83,8 @@ def attach_masks(model: nn.Module) -> dict[tuple[str, str], nn.Parameter]:
     """Insert masks (all 1) into every slimmable block, in place; returns them by (block, type)."""
     masks = {}
     for name, block in slimmable_blocks(model).items():
-        attention = HeadChannelMask(block.attn.qkv, block.attn.attn_dim)
-        hidden = HiddenUnitMask(block.mlp.act, block.mlp.fc1.out_features)
+        attention = OutputMask(block.attn.qkv, block.attn.attn_dim, repeat=3)
+        hidden = OutputMask(block.mlp.act, block.mlp.fc1.out_features)
         block.attn.qkv, block.mlp.act = attention, hidden
         masks[name, ATTENTION], masks[name, MLP] = attention.mask, hidden.mask
     return masks
@@ -105,12 +94,10 @@ def detach_masks(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
     """Take the masks out again, in place (the model is plain timm again); returns their values."""
     values = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, HeadChannelMask):
-            values[name.rpartition(".attn")[0], ATTENTION] = module.mask.detach().clone()
-            replace_module(model, name, module.qkv)
-        elif isinstance(module, HiddenUnitMask):
-            values[name.rpartition(".mlp")[0], MLP] = module.mask.detach().clone()
-            replace_module(model, name, module.act)
+        if isinstance(module, OutputMask):
+            kind = ATTENTION if name.endswith(".attn.qkv") else MLP
+            values[name.removesuffix(".attn.qkv").removesuffix(".mlp.act"), kind] = module.mask.detach().clone()
+            replace_module(model, name, module.inner)
     return values
 
 
@@ -143,6 +130,11 @@ class SlimCosts:
         slimmed = sum(block_macs(*blocks[n], dense[n].head_dim, dense[n].mlp_hidden) for n in blocks)
         return cls(blocks, dense, costs.dense_macs - slimmed)
 
+    @property
+    def heads(self) -> dict[str, int]:
+        """Attention heads of each block."""
+        return {name: heads for name, (_, _, heads) in self.blocks.items()}
+
     def macs(self, structure: SlimStructure) -> int:
         """MACs of one image through the model sliced to ``structure``."""
         return self.other_macs + sum(
@@ -172,19 +164,20 @@ def structure_for_keep(
 
 
 def structure_for_budget(
-    masks: Mapping[tuple[str, str], torch.Tensor], heads: Mapping[str, int], costs: SlimCosts, budget_macs: float
+    masks: Mapping[tuple[str, str], torch.Tensor], costs: SlimCosts, budget_macs: float
 ) -> tuple[float, SlimStructure]:
     """The largest keep share (to 1e-4) whose structure's MACs are within ``budget_macs``, and that structure.
 
     Raises ``ValueError`` when even the smallest structure (one channel per head, one
     hidden unit per block) exceeds the budget.
     """
-    low, high = 0.0, 1.0
+    low, high, heads = 0.0, 1.0, costs.heads
     best = structure_for_keep(masks, heads, low)
     if costs.macs(best) > budget_macs:
         raise ValueError(f"even the smallest slim model ({costs.macs(best)} MACs) exceeds the budget")
-    if costs.macs(structure_for_keep(masks, heads, high)) <= budget_macs:
-        return high, structure_for_keep(masks, heads, high)
+    everything = structure_for_keep(masks, heads, high)
+    if costs.macs(everything) <= budget_macs:
+        return high, everything
     while high - low > 1e-4:
         middle = (low + high) / 2
         structure = structure_for_keep(masks, heads, middle)
@@ -193,6 +186,16 @@ def structure_for_budget(
         else:
             high = middle
     return low, best
+
+
+def kept_channels(mask: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(heads, head_dim) indices: each head's ``head_dim`` channels of largest mask magnitude, in order."""
+    return mask.view(heads, -1).abs().topk(head_dim, dim=1).indices.sort(dim=1).values
+
+
+def kept_units(mask: torch.Tensor, units: int) -> torch.Tensor:
+    """The ``units`` hidden units of largest mask magnitude, in order."""
+    return mask.abs().topk(units).indices.sort().values
 
 
 def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
@@ -236,7 +239,7 @@ def slice_model(
         heads = attn.num_heads
         head_dim = qkv.out_features // (3 * heads)
         mask = masks[name, ATTENTION].view(heads, head_dim)
-        channels = mask.abs().topk(kept.head_dim, dim=1).indices.sort(dim=1).values  # each head its own
+        channels = kept_channels(mask, heads, kept.head_dim)  # each head its own
         rows = (channels + head_dim * torch.arange(heads)[:, None]).flatten()  # positions within q (k, v alike)
         gain = mask.gather(1, channels).flatten()
         temperature = math.sqrt(kept.head_dim / head_dim)  # keeps the original 1/sqrt(head_dim) scaling
@@ -248,7 +251,7 @@ def slice_model(
         attn.proj.weight.copy_(proj.weight[:, rows])
         if proj.bias is not None:
             attn.proj.bias.copy_(proj.bias)
-        units = masks[name, MLP].abs().topk(kept.mlp_hidden).indices.sort().values
+        units = kept_units(masks[name, MLP], kept.mlp_hidden)
         mlp.fc1.weight.copy_(fc1.weight[units])
         if fc1.bias is not None:
             mlp.fc1.bias.copy_(fc1.bias[units])
@@ -273,10 +276,10 @@ def zero_pruned(
         kept = torch.zeros_like(mask)
         if kind == ATTENTION:
             per_head = mask.view(heads[name], -1)
-            channels = per_head.abs().topk(structure[name].head_dim, dim=1).indices
+            channels = kept_channels(mask, heads[name], structure[name].head_dim)
             kept.view(heads[name], -1).scatter_(1, channels, per_head.gather(1, channels))
         else:
-            units = mask.abs().topk(structure[name].mlp_hidden).indices
+            units = kept_units(mask, structure[name].mlp_hidden)
             kept[units] = mask[units]
         result[name, kind] = kept
     return result
