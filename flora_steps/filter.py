@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .artifacts import load_checkpoint, load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
+from .artifacts import load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
 from .core import lowrank_layers, set_ranks, trace_costs
 from .core.filtering import efficiency, keep_efficient
 from .core.space import BlockSpace, SearchSpace, full_space
@@ -41,7 +41,7 @@ from .figures import plot_sensitivity, single_layer_kl
 from .models import data_config, input_shape
 from .progress import progress
 from .stage import StageContext, stage_main
-from .training import CHECKPOINT, autocast, finish
+from .training import CHECKPOINT, autocast, finish, own_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,8 @@ def score_block(
 def scored_so_far(context: StageContext, identity: str) -> dict[str, list[tuple[float, float]]]:
     """The block scores a killed run of this identity saved (``{}`` to start fresh, saying why in the log)."""
     path = context.out / CHECKPOINT
-    try:
-        state = load_checkpoint(path)
-    except ValueError as error:
-        log.warning("cannot resume from %s (%s): starting fresh", path, error)
-        return {}
+    state = own_checkpoint(path, identity)
     if state is None:
-        return {}
-    if state.get("identity") != identity:
-        log.info("not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", path)
         return {}
     scores = {name: [(float(top1), float(kl)) for top1, kl in block] for name, block in state["scores"].items()}
     log.info("resuming from %s: %d blocks already scored", path, len(scores))

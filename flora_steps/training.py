@@ -173,6 +173,21 @@ def accumulation(batch_size: int, micro_batch: int | None, processes: int, secti
     return micro, batch_size // (processes * micro)
 
 
+def own_checkpoint(checkpoint: os.PathLike, identity: str) -> dict[str, Any] | None:
+    """The state saved at ``checkpoint`` by a run with this ``identity``; None to start fresh (saying why in the log)."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except ValueError as error:
+        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, error)
+        return None
+    if state is not None and state.get("identity") != identity:
+        log.info(
+            "not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", checkpoint
+        )
+        return None
+    return state
+
+
 def resume(
     checkpoint: os.PathLike, identity: str, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[dict]]:
@@ -180,17 +195,8 @@ def resume(
 
     Returns (epochs already done, history so far); (0, []) to start fresh, saying why in the log.
     """
-    try:
-        state = load_checkpoint(checkpoint)
-    except ValueError as error:
-        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, error)
-        return 0, []
+    state = own_checkpoint(checkpoint, identity)
     if state is None:
-        return 0, []
-    if state.get("identity") != identity:
-        log.info(
-            "not resuming from %s: its params or upstream artifacts differ from this run's; starting fresh", checkpoint
-        )
         return 0, []
     try:  # check everything before changing anything, so that a failed resume really starts fresh
         saved, current = state["model"], model.state_dict()
