@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test env dvc docs clean
+.PHONY: run test env dvc docs docs-hybrid clean
 
 run: $(STAMP)  ## run the default pipeline with Snakemake
 	snakemake --cores $(CORES)
@@ -21,7 +21,12 @@ dvc: $(STAMP)  ## run the default pipeline with DVC instead
 
 docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/
 	snakemake --cores $(CORES)
-	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/summary.json docs/
+	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/search_costs.md results/report/summary.json docs/
+
+docs-hybrid: $(STAMP)  ## the same for the hybrid profile (configs/hybrid.yaml), into docs/hybrid/ (reruns results/)
+	snakemake --cores $(CORES) --config params=configs/hybrid.yaml
+	mkdir -p docs/hybrid
+	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/search_costs.md results/report/summary.json docs/hybrid/
 
 env: $(STAMP)  ## only create the environment
 

@@ -13,6 +13,7 @@
 # reruns exactly the stages that use it. This file adds what only Snakemake needs:
 # threads, resources, conda, report flags.
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ except UserError as error:  # every problem of the params file, one line each
     sys.exit("\n".join(f"error: {line}" for line in getattr(error, "problems", [str(error)])))
 
 
-BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items()}
+BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["budgets"].items() if isinstance(values, list)}
 # a stage job takes the CPU threads it uses: compute.threads, or every core it is given (0: PyTorch's default)
 THREADS = PARAMS["compute"]["threads"] or 8
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
@@ -80,10 +81,13 @@ def benchmark_file(stage):
     return str(STAGES[stage].path("benchmark"))
 
 
-def command(stage):
-    """The stage's shell command; the params path is quoted for the shell."""
-    options = " ".join(STAGES[stage].arguments("{wildcards.budget}"))
-    return f"python -m flora_steps.{STAGES[stage].module} --params {{PARAMS_FILE:q}} {options}".rstrip()
+def options(stage):
+    """The stage's command-line options after ``--params``, for a job's wildcards (its budget).
+
+    A function given to ``params:``: a rule made in a loop formats ``shell:`` only when a job runs, so
+    the shell string must not depend on the loop's ``stage``.
+    """
+    return lambda wildcards: shlex.join(STAGES[stage].arguments(getattr(wildcards, "budget", "")))
 
 
 def every_run(stage, output):
@@ -92,280 +96,63 @@ def every_run(stage, output):
     return expand(made, budget=BUDGETS[STAGES[stage].foreach.split(".")[1]]) if STAGES[stage].foreach else made
 
 
-rule pretrain:
-    input:
-        **inputs("pretrain"),
-    output:
-        **outputs("pretrain"),
-    log:
-        log_file("pretrain"),
-    benchmark:
-        benchmark_file("pretrain")
-    params:
-        tracked=tracked_params("pretrain", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU,
-        cpus_per_task=CPUS_PER_GPU * max(GPU, 1),
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "environment.yml"
-    shell:
-        command("pretrain")
+#: Memory and time of each stage command on a small machine (cluster/slurm/config.yaml sets them per rule)
+RESOURCES = {
+    "pretrain": {"mem_mb": 4000, "runtime": 60},
+    "decompose": {"mem_mb": 4000, "runtime": 30},
+    "filter": {"mem_mb": 8000, "runtime": 120},
+    "supernet": {"mem_mb": 8000, "runtime": 720},
+    "slim": {"mem_mb": 8000, "runtime": 720},
+    "slim_base": {"mem_mb": 4000, "runtime": 30},
+    "search": {"mem_mb": 8000, "runtime": 240},
+    "retrain": {"mem_mb": 8000, "runtime": 720},
+    "latency": {"mem_mb": 8000, "runtime": 60},
+    "report": {"mem_mb": 2000, "runtime": 10},
+}
+#: stage commands that never use compute.device
+CPU_ONLY = ("decompose", "report")
 
 
-rule decompose:
-    input:
-        **inputs("decompose"),
-    output:
-        **outputs("decompose"),
-    log:
-        log_file("decompose"),
-    benchmark:
-        benchmark_file("decompose")
-    params:
-        tracked=tracked_params("decompose", PARAMS),
-    threads: THREADS
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "environment.yml"
-    shell:
-        command("decompose")
+def gpus(stage):
+    """GPUs a job takes: none for CPU-only commands, compute.processes for a distributed stage, else one."""
+    if STAGES[stage].module in CPU_ONLY:
+        return 0
+    return GPU * (PROCESSES if STAGES[stage].distributed else 1)
 
 
-rule filter:
-    input:
-        **inputs("filter"),
-    output:
-        **outputs("filter"),
-    log:
-        log_file("filter"),
-    benchmark:
-        benchmark_file("filter")
-    params:
-        tracked=tracked_params("filter", PARAMS),
-    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=120,
-    conda:
-        "environment.yml"
-    shell:
-        command("filter")
+def priority(stage):
+    """The uniform-rank baselines wait when jobs compete: every other stage lies on a longer path (FLORA's,
+    and ViT-Slim's with FLORA on its model)."""
+    return 0 if STAGES[stage].method in ("control", "uniform") else 1
 
 
-rule supernet:
-    input:
-        **inputs("supernet"),
-    output:
-        **outputs("supernet"),
-    log:
-        log_file("supernet"),
-    benchmark:
-        benchmark_file("supernet")
-    params:
-        tracked=tracked_params("supernet", PARAMS),
-    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("supernet")
+# One rule per stage of the layout (FLORA's stages once per base model: the dense one and ViT-Slim's)
+for stage in STAGES:
 
-
-rule slim:
-    input:
-        **inputs("slim"),
-    output:
-        **outputs("slim"),
-    log:
-        log_file("slim"),
-    benchmark:
-        benchmark_file("slim")
-    params:
-        tracked=tracked_params("slim", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("slim")
-
-
-rule search:
-    input:
-        **inputs("search"),
-    output:
-        **outputs("search"),
-    log:
-        log_file("search"),
-    benchmark:
-        benchmark_file("search")
-    params:
-        tracked=tracked_params("search", PARAMS),
-    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        "environment.yml"
-    shell:
-        command("search")
-
-
-rule retrain_flora:
-    input:
-        **inputs("retrain_flora"),
-    output:
-        **outputs("retrain_flora"),
-    log:
-        log_file("retrain_flora"),
-    benchmark:
-        benchmark_file("retrain_flora")
-    params:
-        tracked=tracked_params("retrain_flora", PARAMS),
-    priority: 1  # on the longest path of the pipeline: before the baselines when both are ready
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("retrain_flora")
-
-
-rule retrain_control:
-    input:
-        **inputs("retrain_control"),
-    output:
-        **outputs("retrain_control"),
-    log:
-        log_file("retrain_control"),
-    benchmark:
-        benchmark_file("retrain_control")
-    params:
-        tracked=tracked_params("retrain_control", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("retrain_control")
-
-
-rule retrain_slim:
-    input:
-        **inputs("retrain_slim"),
-    output:
-        **outputs("retrain_slim"),
-    log:
-        log_file("retrain_slim"),
-    benchmark:
-        benchmark_file("retrain_slim")
-    params:
-        tracked=tracked_params("retrain_slim", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("retrain_slim")
-
-
-rule retrain_uniform:
-    input:
-        **inputs("retrain_uniform"),
-    output:
-        **outputs("retrain_uniform"),
-    log:
-        log_file("retrain_uniform"),
-    benchmark:
-        benchmark_file("retrain_uniform")
-    params:
-        tracked=tracked_params("retrain_uniform", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU * PROCESSES,
-        cpus_per_task=CPUS_PER_GPU * max(GPU * PROCESSES, 1),
-        mem_mb=8000,
-        runtime=720,
-    conda:
-        "environment.yml"
-    shell:
-        command("retrain_uniform")
-
-
-rule latency:
-    input:
-        **inputs("latency"),
-    output:
-        **outputs("latency"),
-    log:
-        log_file("latency"),
-    benchmark:
-        benchmark_file("latency")
-    params:
-        tracked=tracked_params("latency", PARAMS),
-    threads: THREADS
-    resources:
-        gpu=GPU,
-        cpus_per_task=CPUS_PER_GPU * max(GPU, 1),
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "environment.yml"
-    shell:
-        command("latency")
-
-
-rule report:
-    input:
-        **inputs("report"),
-    output:
-        **outputs("report"),
-    log:
-        log_file("report"),
-    benchmark:
-        benchmark_file("report")
-    params:
-        tracked=tracked_params("report", PARAMS),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "environment.yml"
-    shell:
-        command("report")
+    rule:
+        name:
+            stage
+        input:
+            **inputs(stage),
+        output:
+            **outputs(stage),
+        log:
+            log_file(stage),
+        benchmark:
+            benchmark_file(stage)
+        params:
+            tracked=tracked_params(stage, PARAMS),
+            module=STAGES[stage].module,
+            options=options(stage),
+        priority: priority(stage)
+        threads: 1 if STAGES[stage].module == "report" else THREADS
+        resources:
+            **({} if gpus(stage) == 0 else {"gpu": gpus(stage), "cpus_per_task": CPUS_PER_GPU * gpus(stage)}),
+            **RESOURCES[STAGES[stage].module],
+        conda:
+            "environment.yml"
+        shell:
+            "python -m flora_steps.{params.module} --params {PARAMS_FILE:q} {params.options}"
 
 
 rule all:

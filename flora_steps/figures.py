@@ -20,13 +20,19 @@ METHOD_STYLE = {
     "uniform": {"color": "tab:blue", "marker": "o", "markersize": 4},
     "control": {"color": "tab:green", "marker": "s", "markersize": 4},
     "flora": {"color": "tab:red", "marker": "*", "markersize": 10},
+    "slim": {"color": "tab:purple", "marker": "v", "markersize": 4},
+    "slim_flora": {"color": "tab:orange", "marker": "P", "markersize": 8},
 }
 TRADEOFF_LABELS = {
     "dense": "dense",
     "uniform": "uniform rank, from SVD",
     "control": "uniform rank, from the supernet (control)",
     "flora": "FLORA: searched ranks, from the supernet",
+    "slim": "ViT-Slim: sliced channels and units",
+    "slim_flora": "FLORA on a ViT-Slim model",
 }
+#: Methods drawn as points (searched per budget); the others as curves
+POINTS = ("flora", "slim_flora")
 
 
 def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
@@ -89,17 +95,35 @@ def macs_unit(macs: float) -> tuple[float, str]:
     return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
 
 
+def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str) -> list[str]:
+    """One line per budget of ``method`` against ``baseline``: ``number`` (delta_top1 in points, or
+    extra_reduction in percent) with its interval and verdict."""
+    prefix = {"delta_top1": "delta", "extra_reduction": "extra"}[number]
+    lines = []
+    for _, row in comparison[(comparison["method"] == method) & (comparison["baseline"] == baseline)].iterrows():
+        if row[f"{prefix}_verdict"] == "out of range" and number == "extra_reduction" and pd.notna(row["extra_bound"]):
+            verdict = f"below {100 * row['extra_bound']:+.1f} ({baseline}'s cheapest model is more accurate)"
+        elif row[f"{prefix}_verdict"] == "out of range":
+            verdict = f"out of {baseline}'s range"
+        else:
+            low, high, value = (100 * row[key] for key in (f"{prefix}_low", f"{prefix}_high", number))
+            verdict = f"{value:+.1f} [{low:+.1f}, {high:+.1f}], {row[f'{prefix}_verdict']}"
+        lines.append(f"budget {row['budget']:g}: {verdict}")
+    return lines
+
+
 def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
-    """Test top-1 against MACs with 95% error bars: both uniform curves, the FLORA points, the dense model.
+    """Test top-1 against MACs with 95% error bars: every method side by side, the dense model as a line.
 
     ``results`` has columns method, macs, top1, top1_low, top1_high; ``comparison``
-    has, per FLORA budget and baseline, ``delta_top1`` and its interval and verdict.
-    The dense model is the dotted line (its interval shaded), so that the axis spans
-    the compressed models; a box lists each FLORA point's difference to the control
-    at equal MACs with its interval, or "within noise" when it includes zero.
+    has, per method, budget and baseline, ``delta_top1`` and ``extra_reduction`` with
+    their intervals and verdicts. The dense model is the dotted line (its interval
+    shaded), so that the axis spans the compressed models; a box lists FLORA's
+    difference to the control at equal MACs and the extra MACs reduction of FLORA on
+    ViT-Slim's model over ViT-Slim alone at equal top-1, each with its interval.
     """
     divisor, unit = macs_unit(results["macs"].max())
-    figure = Figure(figsize=(6.4, 4.4), layout="tight")
+    figure = Figure(figsize=(7.2, 4.8), layout="tight")
     axis = figure.subplots()
     dense = results[results["method"] == "dense"]
     if len(dense):
@@ -107,42 +131,44 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
         axis.axhline(100 * row["top1"], color="black", linewidth=0.8, linestyle=":")
         axis.axhspan(100 * row["top1_low"], 100 * row["top1_high"], color="black", alpha=0.06, linewidth=0)
         axis.plot([], [], color="black", linestyle=":", label=f"dense ({row['macs'] / divisor:.3g} {unit})")
-    for method in ("uniform", "control", "flora"):
+    for method in METHOD_STYLE:
         rows = results[results["method"] == method].sort_values("macs")
+        if method == "dense" or rows.empty:
+            continue
         top1 = 100 * rows["top1"]
         axis.errorbar(
             rows["macs"] / divisor,
             top1,
             yerr=[top1 - 100 * rows["top1_low"], 100 * rows["top1_high"] - top1],
-            linestyle="-" if method != "flora" else "none",
+            linestyle="none" if method in POINTS else "-",
             capsize=2,
             label=TRADEOFF_LABELS[method],
             **METHOD_STYLE[method],
         )
-    lines = []
-    for _, row in comparison[comparison["baseline"] == "control"].iterrows():
-        if row["delta_verdict"] == "out of range":
-            verdict = "out of the control's range"
-        else:
-            interval = f"[{100 * row['delta_low']:+.1f}, {100 * row['delta_high']:+.1f}]"
-            verdict = f"{100 * row['delta_top1']:+.1f} {interval}, {row['delta_verdict']}"
-        lines.append(f"budget {row['budget']:g}: {verdict}")
-    if lines:
+    sections = [
+        ("FLORA − control at equal MACs (points)", _verdicts(comparison, "flora", "control", "delta_top1")),
+        (
+            "FLORA on ViT-Slim vs ViT-Slim, fewer MACs at equal top-1 (%)",
+            _verdicts(comparison, "slim_flora", "slim", "extra_reduction"),
+        ),
+    ]
+    text = "\n".join(f"{title}\n" + "\n".join(lines) for title, lines in sections if lines)
+    if text:
         axis.text(
             0.98,
             0.3,
-            "FLORA − control at equal MACs (points)\n" + "\n".join(lines),
+            text,
             transform=axis.transAxes,
-            fontsize=7,
+            fontsize=6.5,
             ha="right",
             va="bottom",
             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"},
         )
     axis.set_xlabel(unit)
     axis.set_ylabel("test top-1 (%): mean over seeds, 95% interval")
-    axis.set_title("Accuracy vs MACs: FLORA, uniform-rank control, SVD uniform")
+    axis.set_title("Accuracy vs MACs: every method")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=6.5, loc="lower right")
     return figure
 
 

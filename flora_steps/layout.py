@@ -70,6 +70,7 @@ class Stage:
     params: tuple[str, ...]
     file_params: tuple[str, ...] = ()  # params keys naming a file whose content is an input when set
     method: str | None = None
+    base: str = "dense"  # the base model a FLORA stage compresses (``BASES``)
     foreach: str | None = None  # "budgets.search": one run per budget of that params list
     distributed: bool = False  # runs as compute.processes processes under torchrun; the others refuse to
 
@@ -90,6 +91,7 @@ class Stage:
     def arguments(self, budget: str) -> list[str]:
         """Command-line options after ``--params`` (``budget`` is substituted as given)."""
         options = ["--method", self.method] if self.method else []
+        options += ["--base", self.base] if self.base != "dense" else []
         return options + (["--budget", budget] if self.foreach else [])
 
 
@@ -131,6 +133,7 @@ UNTRACKED = {
     "budgets.search": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.uniform": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.slim": "which budgets run; a per-budget stage only checks that its own is listed",
+    "budgets.slim_flora": "which budgets run; a per-budget stage only checks that its own is listed",
 }
 
 
@@ -159,6 +162,15 @@ def _table(name: str, plot: Mapping[str, str] | None = None) -> dict[str, Output
     }
 
 
+#: The report's compressed models: each method and the retrain stage that makes its models, per budget.
+METHOD_STAGES = {
+    "uniform": "retrain_uniform",
+    "control": "retrain_control",
+    "flora": "retrain_flora",
+    "slim": "retrain_slim",
+    "slim_flora": "retrain_flora_on_slim",
+}
+
 _RETRAIN_OUTPUTS = {
     **_MODEL,
     "ranks": Output("ranks.json"),
@@ -173,21 +185,50 @@ _RETRAIN_PARAMS = (
     *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
 )
 
-#: A model taken from a trained model (the supernet, ViT-Slim's search) inherits its training,
-#: which that stage's metrics count.
-_SUPERNET_SHARE = {"inherited": Input("supernet", "metrics")}
-_SLIM_SHARE = {"inherited": Input("slim", "metrics")}
+
+@dataclass(frozen=True)
+class Base:
+    """A model FLORA compresses: the dense base model, or a model another method already compressed.
+
+    FLORA's stages (``flora_stages``) are described once and run on every base; on a
+    base other than the dense one their names end in ``_on_<base>`` and their folders
+    sit under ``on_<base>/``. Budgets stay fractions of the dense model's MACs.
+    """
+
+    name: str
+    model: str  # the stage whose model is the base (its metrics count the training the base had)
+    budgets: str  # the params list of FLORA's budgets on this base
+
+    def stage(self, name: str) -> str:
+        """A FLORA stage's name on this base: ``search``, or ``search_on_slim``."""
+        return name if self.name == "dense" else f"{name}_on_{self.name}"
+
+    def folder(self, folder: str) -> str:
+        """A FLORA stage's results folder on this base: ``search/{budget}``, or ``on_slim/search/{budget}``."""
+        return folder if self.name == "dense" else f"on_{self.name}/{folder}"
+
+
+BASES = {
+    "dense": Base("dense", "pretrain", "budgets.search"),
+    "slim": Base("slim", "slim_base", "budgets.slim_flora"),  # ViT-Slim's searched model, sliced
+}
 
 
 def _retrain(
-    method: str, foreach: str, source: str, extra: Mapping[str, Input] | None = None, params: tuple[str, ...] = ()
+    method: str,
+    source: str,
+    extra: Mapping[str, Input] | None = None,
+    params: tuple[str, ...] = (),
+    base: Base = BASES["dense"],
+    foreach: str = "budgets.uniform",
 ) -> Stage:
     """A retrain stage: ``method``'s compressed model from ``source``'s model, fine-tuned per budget of ``foreach``."""
     return Stage(
-        name=f"retrain_{method}",
+        name=base.stage(f"retrain_{method}"),
         module="retrain",
         method=method,
-        folder=f"retrain/{method}/{{budget}}",
+        base=base.name,
+        folder=base.folder(f"retrain/{method}/{{budget}}"),
         foreach=foreach,
         outputs=_RETRAIN_OUTPUTS,
         inputs={**_model_of(source), **_TEACHER, **(extra or {})},
@@ -195,6 +236,110 @@ def _retrain(
         distributed=True,
     )
 
+
+def flora_stages(base: Base) -> list[Stage]:
+    """FLORA on one base model: decompose it, filter the candidate ranks, train the supernet, search per
+    budget, fine-tune each searched subnet. The training the base model had counts in FLORA's."""
+    name = base.stage
+    base_training = {"base_training": Input(base.model, "metrics")} if base.name != "dense" else {}
+    return [
+        Stage(
+            name=name("decompose"),
+            module="decompose",
+            base=base.name,
+            folder=base.folder("decompose"),
+            outputs={
+                **_MODEL,
+                "spectra": Output("spectra.csv"),
+                "layers": Output("layers.csv"),
+                "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs=_model_of(base.model),
+            params=("seed", "decompose.targets"),
+        ),
+        Stage(
+            name=name("filter"),
+            module="filter",
+            base=base.name,
+            folder=base.folder("filter"),
+            outputs={
+                "space": Output("space.json"),
+                "sensitivity": Output("sensitivity.csv"),
+                "plot": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs=_model_of(name("decompose")),
+            params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
+            distributed=True,
+        ),
+        Stage(
+            name=name("supernet"),
+            module="supernet",
+            base=base.name,
+            folder=base.folder("supernet"),
+            outputs={
+                **_MODEL,
+                "history": Output("history.csv"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={
+                **_model_of(name("decompose")),
+                **_TEACHER,
+                "space": Input(name("filter"), "space"),
+            },
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
+            ),
+            distributed=True,
+        ),
+        Stage(
+            name=name("search"),
+            module="search",
+            base=base.name,
+            folder=base.folder("search/{budget}"),
+            foreach=base.budgets,
+            outputs={
+                "ranks": Output("ranks.json"),
+                "history": Output(
+                    "history.csv",
+                    category="Search",
+                    plot={"x": "generation", "y": "best_top1", "title": "Search, best val top-1 per generation"},
+                ),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={
+                **_model_of(name("supernet")),
+                **_TEACHER,
+                "space": Input(name("filter"), "space"),
+            },
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                "supernet.temperature",
+                *_keys(
+                    "search",
+                    ("band", "population", "top_k", "mutations", "mutation_prob", "crossovers", "generations"),
+                ),
+                "search.val_images",
+            ),
+            distributed=True,
+        ),
+        _retrain(
+            "flora",
+            name("supernet"),
+            {"inherited": Input(name("supernet"), "metrics"), **base_training, "ranks": Input(name("search"), "ranks")},
+            base=base,
+            foreach=base.budgets,
+        ),
+    ]
+
+
+_DENSE_FLORA = {stage.name: stage for stage in flora_stages(BASES["dense"])}
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -221,55 +366,15 @@ STAGES: dict[str, Stage] = {
             ),
             file_params=("model.checkpoint",),
         ),
-        Stage(
-            name="decompose",
-            module="decompose",
-            folder="decompose",
-            outputs={
-                **_MODEL,
-                "spectra": Output("spectra.csv"),
-                "layers": Output("layers.csv"),
-                "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
-                "metrics": Output("metrics.json", "metrics"),
-            },
-            inputs=_model_of("pretrain"),
-            params=("seed", "decompose.targets"),
+        *_DENSE_FLORA.values(),
+        # the baselines: one uniform rank ratio, from the supernet (the control) or from the SVD (uniform)
+        _retrain(
+            "control", "supernet", {"inherited": Input("supernet", "metrics")}, ("retrain.uniform_rank_multiple",)
         ),
-        Stage(
-            name="filter",
-            module="filter",
-            folder="filter",
-            outputs={
-                "space": Output("space.json"),
-                "sensitivity": Output("sensitivity.csv"),
-                "plot": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
-                "metrics": Output("metrics.json", "metrics"),
-            },
-            inputs=_model_of("decompose"),
-            params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
-            distributed=True,
-        ),
-        Stage(
-            name="supernet",
-            module="supernet",
-            folder="supernet",
-            outputs={
-                **_MODEL,
-                "history": Output("history.csv"),
-                "metrics": Output("metrics.json", "metrics"),
-            },
-            inputs={
-                **_model_of("decompose"),
-                **_TEACHER,
-                "space": Input("filter", "space"),
-            },
-            params=(
-                "seed",
-                *DEVICE,
-                *DATA,
-                *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
-            ),
-            distributed=True,
+        _retrain(
+            "uniform",
+            "decompose",
+            params=("retrain.uniform_rank_multiple", "retrain.uniform_epochs", "supernet.epochs"),
         ),
         Stage(
             name="slim",
@@ -290,47 +395,22 @@ STAGES: dict[str, Stage] = {
             ),
             distributed=True,
         ),
-        Stage(
-            name="search",
-            module="search",
-            folder="search/{budget}",
-            foreach="budgets.search",
-            outputs={
-                "ranks": Output("ranks.json"),
-                "history": Output(
-                    "history.csv",
-                    category="Search",
-                    plot={"x": "generation", "y": "best_top1", "title": "Search, best val top-1 per generation"},
-                ),
-                "metrics": Output("metrics.json", "metrics"),
-            },
-            inputs={
-                **_model_of("supernet"),
-                **_TEACHER,
-                "space": Input("filter", "space"),
-            },
-            params=(
-                "seed",
-                *DEVICE,
-                *DATA,
-                "supernet.temperature",
-                *_keys(
-                    "search",
-                    ("band", "population", "top_k", "mutations", "mutation_prob", "crossovers", "generations"),
-                ),
-                "search.val_images",
-            ),
-            distributed=True,
-        ),
-        _retrain("flora", "budgets.search", "supernet", {**_SUPERNET_SHARE, "ranks": Input("search", "ranks")}),
-        _retrain("control", "budgets.uniform", "supernet", _SUPERNET_SHARE, ("retrain.uniform_rank_multiple",)),
-        _retrain("slim", "budgets.slim", "slim", {**_SLIM_SHARE, "masks": Input("slim", "masks")}),
         _retrain(
-            "uniform",
-            "budgets.uniform",
-            "decompose",
-            params=("retrain.uniform_rank_multiple", "retrain.uniform_epochs", "supernet.epochs"),
+            "slim",
+            "slim",
+            {"inherited": Input("slim", "metrics"), "masks": Input("slim", "masks")},
+            ("retrain.slim_epochs", "supernet.epochs"),
+            foreach="budgets.slim",
         ),
+        Stage(
+            name="slim_base",
+            module="slim_base",
+            folder="slim_base",
+            outputs={**_MODEL, "metrics": Output("metrics.json", "metrics")},
+            inputs={**_model_of("slim"), "masks": Input("slim", "masks"), "inherited": Input("slim", "metrics")},
+            params=("seed", *DEVICE, *DATA, "budgets.slim_base"),
+        ),
+        *flora_stages(BASES["slim"]),
         Stage(
             name="latency",
             module="latency",
@@ -361,12 +441,13 @@ STAGES: dict[str, Stage] = {
                         "x": "macs",
                         "y": "top1",
                         "template": "scatter",
-                        "title": "Test top-1 vs MACs (dense, SVD uniform, control, FLORA)",
+                        "title": "Test top-1 vs MACs (every method)",
                     },
                 ),
                 **_table("comparison"),
                 **_table("ranks"),
                 **_table("costs"),
+                **_table("search_costs"),
                 "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
                 "spectra": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
                 "sensitivity": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
@@ -389,14 +470,19 @@ STAGES: dict[str, Stage] = {
                 "search_history": Input("search", "history"),
                 "search_ranks": Input("search", "ranks"),
                 "dense_predictions": Input("pretrain", "predictions"),
-                "flora": Input("retrain_flora", "metrics"),
-                "flora_predictions": Input("retrain_flora", "predictions"),
-                "control": Input("retrain_control", "metrics"),
-                "control_predictions": Input("retrain_control", "predictions"),
-                "uniform": Input("retrain_uniform", "metrics"),
-                "uniform_predictions": Input("retrain_uniform", "predictions"),
+                "slim_search": Input("slim", "metrics"),
+                "slim_base": Input("slim_base", "metrics"),
+                **{
+                    name: Input(name, "metrics") for name in ("decompose_on_slim", "filter_on_slim", "supernet_on_slim")
+                },
+                "search_on_slim": Input("search_on_slim", "metrics"),
+                **{
+                    f"{method}{suffix}": Input(stage, output)
+                    for method, stage in METHOD_STAGES.items()
+                    for suffix, output in (("", "metrics"), ("_predictions", "predictions"))
+                },
             },
-            params=("seed", *BUDGETS, "decompose.targets"),
+            params=("seed", *BUDGETS, "budgets.slim", "budgets.slim_flora", "decompose.targets"),
         ),
     )
 }
@@ -411,9 +497,10 @@ COMBINED_PLOTS = {
 }
 
 
-def stage_for(module: str, method: str | None = None) -> Stage:
-    """The stage a command runs: ``retrain --method flora`` is ``retrain_flora``."""
-    return STAGES[f"{module}_{method}" if method else module]
+def stage_for(module: str, method: str | None = None, base: str = "dense") -> Stage:
+    """The stage a command runs: ``retrain --method flora`` is ``retrain_flora``, with ``--base slim``
+    ``retrain_flora_on_slim``."""
+    return STAGES[BASES[base].stage(f"{module}_{method}" if method else module)]
 
 
 def param_value(params: Mapping[str, Any], key: str) -> Any:
@@ -429,8 +516,11 @@ def tracked_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: param_value(params, key) for key in STAGES[stage].params}
 
 
-def input_paths(stage: str, budget: str | None, budgets: Mapping[str, Iterable[float]]) -> dict[str, list[Path]]:
-    """Each input of one run of ``stage``: one path, or one per budget for a per-budget producer."""
+def input_paths(stage: str, budget: str | None, params: Mapping[str, Any]) -> dict[str, list[Path]]:
+    """Each input of one run of ``stage``: one path, or one per budget for a per-budget producer.
+
+    ``params`` is the params mapping (its budgets say which runs a producer made).
+    """
     consumer = STAGES[stage]
     paths = {}
     for key, reference in consumer.inputs.items():
@@ -440,7 +530,7 @@ def input_paths(stage: str, budget: str | None, budgets: Mapping[str, Iterable[f
         elif consumer.foreach is not None:
             paths[key] = [producer.path(reference.output, budget)]
         else:
-            names = [budget_name(b) for b in budgets[producer.foreach.split(".")[1]]]
+            names = [budget_name(b) for b in param_value(params, producer.foreach)]
             paths[key] = [producer.path(reference.output, name) for name in names]
     return paths
 

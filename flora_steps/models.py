@@ -1,18 +1,21 @@
-"""Models by name: every timm model plus the embedded ``vit_digits``, and base-weight loading.
+"""Models by name: every timm model plus the embedded ``vit_digits`` and ``vit_digits_hybrid``, and base-weight
+loading.
 
-Importing this module registers ``vit_digits`` with timm, so
-``timm.create_model("vit_digits")`` works like for any other timm model.
+Importing this module registers both with timm, so ``timm.create_model("vit_digits")``
+works like for any other timm model.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import ConvNormAct, HybridEmbed
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
@@ -30,36 +33,47 @@ __all__ = [
     "input_shape",
     "is_known_model",
     "vit_digits",
+    "vit_digits_hybrid",
 ]
 
 #: Pixel statistics of scikit-learn's digits after scaling to [0, 1].
 DIGITS_MEAN = (0.3051,)
 DIGITS_STD = (0.3750,)
 
+_DIGITS_CFG = {
+    "num_classes": 10,
+    "input_size": (1, 8, 8),
+    "mean": DIGITS_MEAN,
+    "std": DIGITS_STD,
+    "crop_pct": 1.0,
+    "interpolation": "nearest",
+    "classifier": "head",
+    "license": "apache-2.0",
+}
 default_cfgs = generate_default_cfgs(
     {
-        "vit_digits": {
-            "num_classes": 10,
-            "input_size": (1, 8, 8),
-            "mean": DIGITS_MEAN,
-            "std": DIGITS_STD,
-            "crop_pct": 1.0,
-            "interpolation": "nearest",
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-            "license": "apache-2.0",
-        }
+        "vit_digits": {**_DIGITS_CFG, "first_conv": "patch_embed.proj"},
+        "vit_digits_hybrid": {**_DIGITS_CFG, "first_conv": "patch_embed.backbone.0.conv"},
     }
 )
+_VIT_DIGITS = dict(in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0)
 
 
 @register_model
 def vit_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Small ViT for 8x8 single-channel digits: patch 2, width 64, depth 4, 2 heads (~0.2 M params)."""
-    model_args = dict(
-        img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0
-    )
+    model_args = dict(_VIT_DIGITS, img_size=8, patch_size=2)
     return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_digits_hybrid(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """``vit_digits`` with a convolution stem (a compact hybrid): two 3x3 conv-BN-ReLU layers (1 -> 16 -> 32
+    channels, the second with stride 2) make a 4x4 feature map, timm's ``HybridEmbed`` projects each of its 16
+    positions to a token (patch 1), then the same transformer (width 64, depth 4, 2 heads)."""
+    stem = nn.Sequential(ConvNormAct(1, 16, 3), ConvNormAct(16, 32, 3, stride=2))
+    model_args = dict(_VIT_DIGITS, img_size=8, patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem))
+    return build_model_with_cfg(VisionTransformer, "vit_digits_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 def is_known_model(name: str) -> bool:

@@ -157,15 +157,28 @@ class BudgetParams(Section):
     search: Annotated[list[Budget], Field(min_length=1)]  # FLORA: one search and one retrain per budget
     uniform: Annotated[list[Budget], Field(min_length=1)]  # uniform-rank baseline; includes every search budget
     slim: Annotated[list[Budget], Field(min_length=1)]  # ViT-Slim baseline: one sliced and retrained model per budget
+    slim_base: Budget  # ViT-Slim's searched model sliced at this budget is what FLORA compresses further
+    slim_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
 
     @model_validator(mode="after")
-    def _uniform_covers_search(self) -> BudgetParams:
+    def _budgets_agree(self) -> BudgetParams:
         missing = sorted(set(self.search) - set(self.uniform))
         if missing:
             raise ValueError(f"uniform must include every search budget (missing {missing})")
-        for name, values in (("search", self.search), ("uniform", self.uniform), ("slim", self.slim)):
+        lists = (
+            ("search", self.search),
+            ("uniform", self.uniform),
+            ("slim", self.slim),
+            ("slim_flora", self.slim_flora),
+        )
+        for name, values in lists:
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
+        above = sorted(b for b in self.slim_flora if b >= self.slim_base)
+        if above:
+            raise ValueError(
+                f"slim_flora: {above} not below slim_base {self.slim_base}: FLORA can only make ViT-Slim's model smaller"
+            )
         return self
 
 
@@ -211,6 +224,7 @@ class RetrainParams(TrainingParams):
 
     seeds: Annotated[list[Seed], Field(min_length=1)]  # one fine-tuning per seed; tables give mean, std, interval
     uniform_epochs: NonNegativeInt | None  # SVD uniform; null: supernet.epochs + epochs (equal training)
+    slim_epochs: NonNegativeInt | None  # ViT-Slim; null: supernet.epochs + epochs (equal to FLORA on its model)
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
@@ -245,18 +259,21 @@ class Params(Section):
     def _sections_agree(self) -> Params:
         """Rules across sections; each message starts with the key to change."""
         problems = []
-        if self.search.band >= min(self.budgets.search):
+        smallest = min(*self.budgets.search, *self.budgets.slim_flora)
+        if self.search.band >= smallest:
             problems.append(
-                f"search.band: {self.search.band} must be below every search budget "
-                f"(smallest {min(self.budgets.search)}), or the legal MACs band starts at or below 0"
+                f"search.band: {self.search.band} must be below every search budget of budgets.search and "
+                f"budgets.slim_flora (smallest {smallest}), or the legal MACs band starts at or below 0"
             )
-        lowest_legal = min(self.budgets.search) - self.search.band
-        if min(self.budgets.uniform) > lowest_legal + 1e-9:
-            problems.append(
-                f"budgets.uniform: the lowest uniform budget ({min(self.budgets.uniform)}) must lie at or below the "
-                f"lowest search budget minus search.band ({lowest_legal:.4g}), so that every FLORA point lies within "
-                "the uniform curve it is compared with"
-            )
+        for curve, points, method in (("uniform", "search", "FLORA"), ("slim", "slim_flora", "FLORA on ViT-Slim")):
+            lowest_legal = min(getattr(self.budgets, points)) - self.search.band
+            lowest = min(getattr(self.budgets, curve))
+            if lowest > lowest_legal + 1e-9:
+                problems.append(
+                    f"budgets.{curve}: the lowest budget ({lowest}) must lie at or below the lowest budgets.{points} "
+                    f"minus search.band ({lowest_legal:.4g}), so that every point of {method} lies within the "
+                    f"{curve} curve it is compared with"
+                )
         known_classes = {"digits": 10, "cifar10": 10}.get(self.data.dataset)
         if known_classes is not None and self.model.num_classes != known_classes:
             problems.append(

@@ -3,16 +3,20 @@
 Reads the other stages' results (nothing is recomputed but a few thousand sampled
 subnet sizes and the bootstrap) and writes `results/report/`:
 
-- `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control
-  and FLORA per budget): MACs, parameters, MACs reduction, test top-1 as mean ± std
-  over seeds with its 95% interval, top-5, the delta to dense, and the training it
-  had (optimizer steps and images, the supernet's share included)
+- `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control,
+  FLORA, ViT-Slim and FLORA on ViT-Slim's model, per budget): MACs, parameters, MACs
+  reduction, test top-1 as mean ± std over seeds with its 95% interval, top-5, the
+  delta to dense, and the training it had (optimizer steps and images, the inherited
+  share included: the supernet's, ViT-Slim's search, the base model's)
 - `comparison.{csv,md,tex}`: per FLORA budget, against the control and against SVD
-  uniform: the top-1 difference at equal MACs (the baseline's curve interpolated at
-  FLORA's MACs) and the extra MACs reduction at equal top-1, each with its 95%
-  interval and a verdict (better / worse / within noise / out of range)
+  uniform, and per budget of FLORA on ViT-Slim's model, against ViT-Slim alone: the
+  top-1 difference at equal MACs (the baseline's curve interpolated at the point's
+  MACs) and the extra MACs reduction at equal top-1, each with its 95% interval and a
+  verdict (better / worse / within noise / out of range)
 - `ranks.{csv,md,tex}`: every target layer's rank in every searched subnet
 - `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
+- `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
+  that choose its model (once, and per budget), fine-tuning excluded
 - `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
   `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
 - `summary.json`: every budget's comparison and the means over budgets, with intervals
@@ -56,7 +60,7 @@ from .figures import (
     plot_tradeoff,
     single_layer_kl,
 )
-from .layout import budget_name
+from .layout import METHOD_STAGES, STAGES, budget_name
 from .models import input_shape
 from .stage import StageContext, stage_main
 from .stats import CONFIDENCE, PairedBootstrap
@@ -70,7 +74,9 @@ from .tables import (
     readable,
     readable_comparison,
     readable_results,
+    readable_search_costs,
     results_table,
+    search_costs_table,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +145,8 @@ def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]
     dense_correct, _, labels = correct_matrix(context.input("dense_predictions"), None)
     models = [Evaluated("dense", 1.0, dense_metrics, dense_correct)]
     shared: list[int] | None = None
-    for method, values in (("uniform", budgets.uniform), ("control", budgets.uniform), ("flora", budgets.search)):
+    for method, stage in METHOD_STAGES.items():
+        values = getattr(budgets, STAGES[stage].foreach.split(".")[1])
         predictions = by_budget(context, f"{method}_predictions", values)
         for budget, path in by_budget(context, method, values).items():
             correct, seeds, _ = correct_matrix(predictions[budget], labels)
@@ -151,39 +158,57 @@ def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]
     return models, shared or []
 
 
-def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
-    """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals."""
-    dense = models[0]
+def _interval(low: float, high: float) -> list[float | None]:
+    return [None if not math.isfinite(v) else float(v) for v in (low, high)]
 
-    def interval(low: float, high: float) -> list[float | None]:
-        return [None if not math.isfinite(v) else float(v) for v in (low, high)]
 
-    def clean(value: float) -> float | None:
-        return None if pd.isna(value) else float(value)
+def _clean(value: float) -> float | None:
+    return None if pd.isna(value) else float(value)
 
-    budgets = []
-    for budget, rows in comparison.groupby("budget", sort=True):
-        flora = results[(results["method"] == "flora") & (results["budget"] == budget)].iloc[0]
+
+def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame) -> list[dict]:
+    """Per budget of ``method``: its MACs and top-1, and each of its comparisons, with intervals."""
+    entries = []
+    for budget, rows in comparison[comparison["method"] == method].groupby("budget", sort=True):
+        point = results[(results["method"] == method) & (results["budget"] == budget)].iloc[0]
         entry = {
             "budget": float(budget),
-            "flora": {
-                "macs": int(flora["macs"]),
-                "top1": float(flora["top1"]),
-                "top1_std": clean(flora["top1_std"]),
-                "top1_interval": interval(flora["top1_low"], flora["top1_high"]),
+            method: {
+                "macs": int(point["macs"]),
+                "top1": float(point["top1"]),
+                "top1_std": _clean(point["top1_std"]),
+                "top1_interval": _interval(point["top1_low"], point["top1_high"]),
             },
         }
         for _, row in rows.iterrows():
             entry[f"vs_{row['baseline']}"] = {
-                "top1_at_equal_macs": clean(row["baseline_top1"]),
-                "delta_top1": clean(row["delta_top1"]),
-                "delta_top1_interval": interval(row["delta_low"], row["delta_high"]),
+                "top1_at_equal_macs": _clean(row["baseline_top1"]),
+                "delta_top1": _clean(row["delta_top1"]),
+                "delta_top1_interval": _interval(row["delta_low"], row["delta_high"]),
                 "delta_top1_verdict": row["delta_verdict"],
-                "extra_macs_reduction": clean(row["extra_reduction"]),
-                "extra_macs_reduction_interval": interval(row["extra_low"], row["extra_high"]),
+                "extra_macs_reduction": _clean(row["extra_reduction"]),
+                "extra_macs_reduction_interval": _interval(row["extra_low"], row["extra_high"]),
                 "extra_macs_reduction_verdict": row["extra_verdict"],
+                "extra_macs_reduction_below": _clean(row["extra_bound"]),  # when out of range below the curve
             }
-        budgets.append(entry)
+        entries.append(entry)
+    return entries
+
+
+def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
+    """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals.
+
+    FLORA's at the top level; FLORA on ViT-Slim's model under ``slim_flora``.
+    """
+    dense = models[0]
+
+    def mean_over_budgets(method: str) -> dict:
+        return {
+            f"vs_{baseline}": {name: value.as_dict() for name, value in numbers.items()}
+            for (compared, baseline), numbers in means.items()
+            if compared == method
+        }
+
     training = {
         method: {k: rows.iloc[0][k] for k in ("train_steps", "train_images", "supernet_steps")}
         for method, rows in results[results["method"] != "dense"].groupby("method", sort=True)
@@ -197,12 +222,39 @@ def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataF
             f"images ({REPLICATES} replicates)",
         },
         "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
-        "budgets": budgets,
-        "mean_over_budgets": {
-            f"vs_{baseline}": {name: value.as_dict() for name, value in numbers.items()}
-            for baseline, numbers in means.items()
+        "budgets": budget_entries("flora", results, comparison),
+        "mean_over_budgets": mean_over_budgets("flora"),
+        "slim_flora": {
+            "budgets": budget_entries("slim_flora", results, comparison),
+            "mean_over_budgets": mean_over_budgets("slim_flora"),
         },
     }
+
+
+def stage_seconds(context: StageContext, models: list[Evaluated]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Wall time of every stage run, from the stages' own timers: those that run once by stage, per-budget
+    searches by stage (one entry per budget), and every compressed model's retrain as ``retrain <method> <budget>``."""
+
+    def seconds(path: Path) -> float:
+        return float(read_json(path, "metrics")["seconds"])
+
+    once = {
+        stage: seconds(context.input(key))
+        for stage, key in (
+            ("pretrain", "base"),
+            ("decompose", "decompose"),
+            ("filter", "filter"),
+            ("supernet", "supernet"),
+            ("slim", "slim_search"),
+            ("slim_base", "slim_base"),
+            ("decompose_on_slim", "decompose_on_slim"),
+            ("filter_on_slim", "filter_on_slim"),
+            ("supernet_on_slim", "supernet_on_slim"),
+        )
+    }
+    per_budget = {stage: [seconds(path) for path in context.inputs(stage)] for stage in ("search", "search_on_slim")}
+    once |= {f"retrain {m.method} {m.budget}": float(m.metrics["seconds"]) for m in models[1:]}
+    return once, per_budget
 
 
 def run(context: StageContext) -> None:
@@ -225,22 +277,17 @@ def run(context: StageContext) -> None:
     ranks = ranks_table(layers, configs)
     write_table(context, "ranks", ranks, ranks)
 
-    seconds = [
-        (stage, read_json(context.input(key), "metrics")["seconds"])
-        for stage, key in (
-            ("pretrain", "base"),
-            ("decompose", "decompose"),
-            ("filter", "filter"),
-            ("supernet", "supernet"),
-        )
+    once, per_budget = stage_seconds(context, models)
+    runs = [(stage, value) for stage, value in once.items() if not stage.startswith("retrain")]
+    runs += [
+        (f"{stage} {budget_name(b)}", value)
+        for stage, budget_list in (("search", budgets.search), ("search_on_slim", budgets.slim_flora))
+        for b, value in zip(budget_list, per_budget[stage], strict=True)
     ]
-    seconds += [
-        (f"search {b}", read_json(path, "metrics")["seconds"])
-        for b, path in by_budget(context, "search", budgets.search).items()
-    ]
-    seconds += [(f"retrain {m.method} {m.budget}", m.metrics["seconds"]) for m in models[1:]]
-    costs = costs_table(seconds)
+    costs = costs_table(runs + [(stage, value) for stage, value in once.items() if stage.startswith("retrain")])
     write_table(context, "costs", costs, readable(costs))
+    search_costs = search_costs_table(once, per_budget)
+    write_table(context, "search_costs", search_costs, readable_search_costs(search_costs))
 
     space = read_space(context.input("space"))
     histories = {
@@ -262,16 +309,27 @@ def run(context: StageContext) -> None:
     numbers = summary(models, results, comparison, means, seeds)
     numbers["pipeline_seconds"] = round(float(costs["seconds"].iloc[-1]), 2)
     write_json(context.output("summary"), numbers)
-    for baseline, values in means.items():
-        delta = values.get("delta_top1")
+    for (method, baseline), values in means.items():
+        delta, extra = values.get("delta_top1"), values.get("extra_reduction")
         if delta is not None:
             log.info(
-                "FLORA vs %s at equal MACs, mean over budgets: %+.2f points of top-1 [%+.2f, %+.2f], %s",
+                "%s vs %s at equal MACs, mean over budgets: %+.2f points of top-1 [%+.2f, %+.2f], %s",
+                method,
                 baseline,
                 100 * delta.value,
                 100 * delta.low,
                 100 * delta.high,
                 delta.verdict,
+            )
+        if extra is not None:
+            log.info(
+                "%s vs %s at equal top-1, mean over budgets: %.1f%% fewer MACs [%.1f, %.1f], %s",
+                method,
+                baseline,
+                100 * extra.value,
+                100 * extra.low,
+                100 * extra.high,
+                extra.verdict,
             )
 
 

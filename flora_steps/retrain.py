@@ -4,6 +4,7 @@
     python -m flora_steps.retrain --params params.yaml --method control --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method uniform --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method slim --budget 0.5
+    python -m flora_steps.retrain --params params.yaml --method flora --base slim --budget 0.4
 
 Four kinds of compressed model, so that a comparison isolates one thing:
 
@@ -17,8 +18,14 @@ Four kinds of compressed model, so that a comparison isolates one thing:
   retrain.epochs`, as many training images as FLORA's supernet plus its fine-tuning).
 - `slim`: ViT-Slim's model (`slim` stage: masks and weights searched together),
   physically sliced at the largest keep share whose MACs fit the budget
-  (`flora_steps.core.slim`), fine-tuned for `retrain.epochs` like FLORA; it inherits
-  the search's training as FLORA inherits the supernet's.
+  (`flora_steps.core.slim`), fine-tuned for `retrain.slim_epochs` (null:
+  `supernet.epochs + retrain.epochs`, the training FLORA on a ViT-Slim model gets
+  after the same search); it inherits the search's training.
+
+`--base slim` runs FLORA on ViT-Slim's searched model sliced at `budgets.slim_base`
+(`slim_base` stage) instead of the dense one, with its own decompose, filter, supernet
+and search stages under `results/on_slim/`; it inherits ViT-Slim's search too. Budgets
+are always fractions of the dense model's MACs.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
@@ -63,7 +70,7 @@ from .artifacts import (
     write_rank_config,
 )
 from .core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
-from .core.slim import SlimCosts, slice_model, structure_for_budget
+from .core.slim import slice_to_budget
 from .core.uniform import fit_uniform_ratio
 from .data import build_splits, make_loader
 from .distributed import is_first
@@ -87,10 +94,12 @@ def factorised_layers(model: nn.Module, ranks: dict[str, int]) -> dict[str, int]
     return {name: rank for name, rank in ranks.items() if isinstance(model.get_submodule(name), nn.Sequential)}
 
 
-def chosen_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel) -> tuple[dict, dict]:
+def chosen_ranks(
+    context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel, dense_macs: int
+) -> tuple[dict, dict]:
     """The run's rank config and how it was chosen: searched (FLORA) or one uniform ratio (control, uniform).
 
-    ``costs`` is the base model's cost model (the uniform chooser prices ranks with it).
+    ``costs`` prices the source model's ranks; the budget is a fraction of ``dense_macs``.
     """
     if context.method == "flora":
         config = read_rank_config(context.input("ranks"))
@@ -99,21 +108,22 @@ def chosen_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, cost
         return config.ranks, {}
     budget, multiple = context.budget, context.params.retrain.uniform_rank_multiple
     try:
-        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), budget * costs.dense_macs, multiple)
+        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), budget * dense_macs, multiple)
     except ValueError as error:
         raise UserError(f"budgets.uniform: {budget}: {error}") from None
     return ranks, {"rank_ratio": round(ratio, 6)}
 
 
-def compressed_model(context: StageContext, costs: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict, int]:
+def compressed_model(context: StageContext, dense: CostModel) -> tuple[nn.Module, dict[str, int], ModelSpec, dict, int]:
     """The materialised model before fine-tuning, its rank config, its spec, how it was made and its MACs.
 
-    ``costs`` is the base model's cost model (the uniform chooser and ViT-Slim's slicing price with it).
+    ``dense`` is the dense base model's cost model: budgets are fractions of its MACs.
     """
     source, spec = load_model(context.input("model"))
     if context.method == "slim":
-        return sliced_model(context, source, spec, costs)
-    ranks, choice = chosen_ranks(context, source, spec, costs)
+        return sliced_model(context, source, spec, dense)
+    costs = trace_costs(source, input_shape(source))  # the base FLORA compresses: the dense model or a sliced one
+    ranks, choice = chosen_ranks(context, source, spec, costs, dense.dense_macs)
     try:
         model = materialise(source, ranks)
     except (KeyError, ValueError) as error:
@@ -128,36 +138,42 @@ def sliced_model(
     context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel
 ) -> tuple[nn.Module, dict[str, int], ModelSpec, dict, int]:
     """ViT-Slim's model for the budget: the searched model sliced at the largest keep share whose MACs fit."""
-    masks = read_masks(context.input("masks"))
-    slim_costs = SlimCosts.of(source, costs)
     try:
-        keep, structure = structure_for_budget(masks, slim_costs, context.budget * costs.dense_macs)
+        model, structure, keep, macs = slice_to_budget(
+            source, read_masks(context.input("masks")), costs, context.budget * costs.dense_macs
+        )
     except ValueError as error:
         raise UserError(f"budgets.slim: {context.budget}: {error}") from None
-    model = slice_model(source, masks, structure)
     origin = {"source": SOURCES["slim"], "keep": round(keep, 6)}
-    return model, {}, spec.model_copy(update={"slim": structure}), origin, slim_costs.macs(structure)
+    return model, {}, spec.model_copy(update={"slim": structure}), origin, macs
 
 
 def fine_tuning_epochs(context: StageContext) -> int:
-    """Epochs of each seed's fine-tuning: ``retrain.epochs``; the SVD uniform baseline its own number.
+    """Epochs of each seed's fine-tuning: ``retrain.epochs``; the SVD uniform baseline and ViT-Slim their own.
 
-    ``retrain.uniform_epochs: null`` gives the baseline ``supernet.epochs + retrain.epochs``:
-    as many training images as FLORA's supernet plus its fine-tuning.
+    ``null`` gives either ``supernet.epochs + retrain.epochs``: the SVD uniform baseline as
+    many training images as FLORA's supernet plus its fine-tuning, ViT-Slim's models as many
+    as FLORA on a ViT-Slim model after the same mask search.
     """
     cfg = context.params.retrain
-    if context.method != "uniform":
+    if context.method == "uniform":
+        chosen = cfg.uniform_epochs
+    elif context.method == "slim":
+        chosen = cfg.slim_epochs
+    else:
         return cfg.epochs
-    return context.params.supernet.epochs + cfg.epochs if cfg.uniform_epochs is None else cfg.uniform_epochs
+    return context.params.supernet.epochs + cfg.epochs if chosen is None else chosen
 
 
 def inherited_training(context: StageContext) -> dict[str, int]:
-    """Optimizer steps and images of the training a model inherits: the supernet's (FLORA, the control)
-    or ViT-Slim's search (slim)."""
-    if "inherited" not in context.stage.inputs:
-        return {"steps": 0, "images": 0}
-    trained = read_json(context.input("inherited"), "metrics of the training the model inherits")
-    return {"steps": int(trained["train_steps"]), "images": int(trained["train_images"])}
+    """Optimizer steps and images of the training a model inherits: the supernet's (FLORA, the control),
+    ViT-Slim's search (slim), and on a compressed base the training that base had."""
+    steps, images = 0, 0
+    for key in ("inherited", "base_training"):
+        if key in context.stage.inputs:
+            trained = read_json(context.input(key), "metrics of the training the model inherits")
+            steps, images = steps + int(trained["train_steps"]), images + int(trained["train_images"])
+    return {"steps": steps, "images": images}
 
 
 def run(context: StageContext) -> None:

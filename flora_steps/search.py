@@ -99,7 +99,7 @@ def run(context: StageContext) -> None:
     space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(supernet).items()})
     costs = trace_costs(supernet, input_shape(supernet))
     table = MacsTable.from_space(space, costs)
-    dense = costs.dense_macs
+    dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
     low, high = (budget - cfg.band) * dense, budget * dense
     if table.smallest > high:
         raise UserError(

@@ -32,6 +32,7 @@ from .artifacts import load_model, save_masks, save_model, write_csv, write_json
 from .core.slim import ATTENTION, MLP, attach_masks, detach_masks, sparsity_loss
 from .data import build_splits, make_loader
 from .distributed import is_first
+from .errors import UserError
 from .models import data_config
 from .stage import StageContext, stage_main
 from .training import HISTORY_COLUMNS, distillation, evaluate, finish, fit
@@ -50,7 +51,10 @@ def run(context: StageContext) -> None:
     params, cfg, device = context.params, context.params.slim, context.device
     model, spec = load_model(context.input("model"))
     teacher, _ = load_model(context.input("teacher"))
-    masks = attach_masks(model)
+    try:
+        masks = attach_masks(model)
+    except ValueError as error:
+        raise UserError(f"model.name: ViT-Slim cannot slim {spec.model}: {error}") from None
     mask_names = [name for name, parameter in model.named_parameters() if name.endswith(".mask")]
     model.to(device)
     teacher.to(device).eval().requires_grad_(False)

@@ -32,6 +32,8 @@ from .params import Params, load_params
 
 log = logging.getLogger(__name__)
 PACKAGE_LOG = logging.getLogger(__package__)
+#: Where stage runs log: the package, and the stage module itself, which ``python -m`` names ``__main__``
+STAGE_LOGS = (PACKAGE_LOG, logging.getLogger("__main__"))
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +92,11 @@ class StageContext:
 
     def inputs(self, key: str) -> list[Path]:
         """The paths of input ``key``: one, or one per budget when a per-budget stage makes it."""
-        return input_paths(self.stage.name, self.budget_name, self.params.budgets.model_dump())[key]
+        return input_paths(self.stage.name, self.budget_name, self._dumped_params)[key]
+
+    @cached_property
+    def _dumped_params(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
 
     def input(self, key: str) -> Path:
         """The path of input ``key``, made by a stage that runs once (or at this run's budget)."""
@@ -128,9 +134,8 @@ class StageContext:
     @cached_property
     def _input_digests(self) -> dict[str, list[str]]:
         digests = {key: [file_digest(path) for path in self.inputs(key)] for key in self.stage.inputs}
-        dumped = self.params.model_dump(mode="json")
         for key in self.stage.file_params:
-            path = param_value(dumped, key)
+            path = param_value(self._dumped_params, key)
             digests[key] = [file_digest(Path(path))] if path is not None and Path(path).is_file() else []
         return digests
 
@@ -144,7 +149,7 @@ class StageContext:
         description = {
             "stage": self.stage.name,
             "budget": self.budget_name,
-            "params": tracked_params(self.stage.name, self.params.model_dump(mode="json")),
+            "params": tracked_params(self.stage.name, self._dumped_params),
             "inputs": self._input_digests,
             **extra,
         }
@@ -153,21 +158,21 @@ class StageContext:
 
 def _configure_logging(folder: Path | None, label: str) -> logging.FileHandler | None:
     """Log to stderr, and to ``folder/log.txt`` when given; extra torchrun processes only warn, to stderr."""
-    PACKAGE_LOG.handlers.clear()
-    PACKAGE_LOG.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(f"flora {label}: %(message)s"))
-    PACKAGE_LOG.addHandler(console)
-    if os.environ.get("RANK", "0") != "0":
-        PACKAGE_LOG.setLevel(logging.WARNING)
-        return None
-    PACKAGE_LOG.setLevel(logging.INFO)
-    if folder is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    file = logging.FileHandler(folder / "log.txt", mode="w")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    PACKAGE_LOG.addHandler(file)
+    first = os.environ.get("RANK", "0") == "0"
+    file = None
+    if first and folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(folder / "log.txt", mode="w")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for logger in STAGE_LOGS:
+        logger.handlers.clear()
+        logger.propagate = False
+        logger.setLevel(logging.INFO if first else logging.WARNING)
+        logger.addHandler(console)
+        if file is not None:
+            logger.addHandler(file)
     return file
 
 
@@ -205,7 +210,12 @@ def _first_missing(folder: Path) -> Path | None:
 
 
 def run_stage(
-    module: str, run: Callable[[StageContext], None], params_path: Path, method: str | None = None, budget=None
+    module: str,
+    run: Callable[[StageContext], None],
+    params_path: Path,
+    method: str | None = None,
+    budget=None,
+    base: str = "dense",
 ) -> int:
     """Load params, log to the run's ``log.txt``, run the stage; user errors become one line.
 
@@ -213,8 +223,16 @@ def run_stage(
     params and budget are valid, and a results folder the run created is removed
     again (a folder that was already there keeps its files; its ``log.txt`` tells the error).
     """
-    stage = stage_for(module, method)
-    label = "/".join(part for part in (module, method, None if budget is None else budget_name(budget)) if part)
+    _configure_logging(None, module)
+    try:
+        stage = stage_for(module, method, base)
+    except KeyError:
+        log.error(
+            "error: --base %s: %s%s runs on the dense model only", base, module, f" --method {method}" if method else ""
+        )
+        return 2
+    on = None if base == "dense" else f"on {base}"
+    label = "/".join(part for part in (module, method, on, None if budget is None else budget_name(budget)) if part)
     _configure_logging(None, label)
     try:
         _check_processes(stage)
@@ -239,7 +257,7 @@ def run_stage(
         if stage.distributed and "WORLD_SIZE" in os.environ:
             context.device = distributed.join(context.device)
             log.info("one of %d processes under torchrun, each on %s", distributed.world()[1], context.device.type)
-        with logging_redirect_tqdm([PACKAGE_LOG]):
+        with logging_redirect_tqdm(list(STAGE_LOGS)):
             run(context)
         log.info("done in %.1f s", context.seconds())
         return 0
@@ -253,7 +271,8 @@ def run_stage(
     finally:
         distributed.leave()
         if file_handler is not None:
-            PACKAGE_LOG.removeHandler(file_handler)
+            for logger in STAGE_LOGS:
+                logger.removeHandler(file_handler)
             file_handler.close()
         if failed and created is not None:
             shutil.rmtree(created, ignore_errors=True)
@@ -264,12 +283,17 @@ def add_params_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
-    """``--params``, and ``--method``/``--budget`` where the module runs per method or budget."""
+    """``--params``, and ``--method``/``--base``/``--budget`` where the module runs per method, base or budget."""
     add_params_argument(parser)
     stages = [stage for stage in STAGES.values() if stage.module == module]
-    methods = [stage.method for stage in stages if stage.method]
+    methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
     if methods:
         parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
+    bases = list(dict.fromkeys(stage.base for stage in stages))
+    if len(bases) > 1:
+        parser.add_argument(
+            "--base", choices=bases, default="dense", help="the model FLORA compresses (default: dense, the base model)"
+        )
     if any(stage.foreach for stage in stages):
         parser.add_argument(
             "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
@@ -278,7 +302,14 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
 
 def run_from_args(module: str, run: Callable[[StageContext], None], args: argparse.Namespace) -> int:
     """Run a stage from its parsed arguments."""
-    return run_stage(module, run, args.params, getattr(args, "method", None), getattr(args, "budget", None))
+    return run_stage(
+        module,
+        run,
+        args.params,
+        getattr(args, "method", None),
+        getattr(args, "budget", None),
+        getattr(args, "base", "dense"),
+    )
 
 
 def stage_main(module: str, description: str, run: Callable[[StageContext], None], argv: Sequence[str] | None) -> int:

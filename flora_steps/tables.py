@@ -23,8 +23,11 @@ METHODS = {
     "uniform": "uniform ranks, from SVD",
     "control": "uniform ranks, from the supernet",
     "flora": "searched ranks, from the supernet",
+    "slim": "ViT-Slim: attention channels and MLP units sliced",
+    "slim_flora": "FLORA on ViT-Slim's model",
 }
-BASELINES = ("control", "uniform")
+#: Each comparison of the report: a method's points against a baseline's curve (closed by the dense model)
+COMPARISONS = (("flora", "control"), ("flora", "uniform"), ("slim_flora", "slim"))
 RESULT_COLUMNS = [
     "method",
     "budget",
@@ -43,6 +46,7 @@ RESULT_COLUMNS = [
     "supernet_steps",
 ]
 COMPARISON_COLUMNS = [
+    "method",
     "budget",
     "baseline",
     "macs",
@@ -57,6 +61,7 @@ COMPARISON_COLUMNS = [
     "extra_low",
     "extra_high",
     "extra_verdict",
+    "extra_bound",
 ]
 
 
@@ -126,69 +131,72 @@ class Curve:
 
 
 def _compare(
-    flora: Evaluated, flora_samples: np.ndarray, curve: Curve, bootstrap: PairedBootstrap
+    point: Evaluated, point_samples: np.ndarray, curve: Curve, bootstrap: PairedBootstrap
 ) -> tuple[dict, np.ndarray | None, np.ndarray]:
-    """One FLORA point against one baseline curve: the table row and the replicates of delta and extra reduction."""
-    row: dict = {"macs": int(flora.metrics["macs"]), "top1": float(flora.correct.mean())}
-    weights = interpolation_weights(curve.macs, flora.macs)
+    """One point against one baseline curve: the table row and the replicates of delta and extra reduction."""
+    row: dict = {"macs": int(point.metrics["macs"]), "top1": float(point.correct.mean())}
+    weights = interpolation_weights(curve.macs, point.macs)
     delta_samples = None
     if weights is None:
         row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
         row["delta_verdict"] = "out of range"
-    else:  # the curve at FLORA's MACs, per seed and image: the weighted mix of its two neighbouring points
+    else:  # the curve at the point's MACs, per seed and image: the weighted mix of its two neighbouring points
         baseline = sum(weight * curve.correct[i] for i, weight in weights.items())
-        difference = flora.correct - baseline
+        difference = point.correct - baseline
         delta_samples = bootstrap.top1(difference)
         delta = estimate(float(difference.mean()), delta_samples)
         row |= {"baseline_top1": float(baseline.mean()), "delta_top1": delta.value}
         row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
 
-    value = extra_reduction(flora.macs, row["top1"], curve.macs, curve.top1)
+    value = extra_reduction(point.macs, row["top1"], curve.macs, curve.top1)
     extra_samples = np.array(
-        [extra_reduction_or_bound(flora.macs, f, curve.macs, c) for f, c in zip(flora_samples, curve.samples)]
+        [extra_reduction_or_bound(point.macs, f, curve.macs, c) for f, c in zip(point_samples, curve.samples)]
     )
+    row["extra_bound"] = np.nan
     if value is None:
         row |= {"baseline_macs": np.nan, "extra_reduction": np.nan, "extra_low": np.nan, "extra_high": np.nan}
         row["extra_verdict"] = "out of range"
+        if row["top1"] < curve.top1[0]:  # the baseline's cheapest model is already more accurate: a bound
+            row["extra_bound"] = 1 - point.macs / curve.macs[0]
     else:
         extra = estimate(value, extra_samples)
-        row |= {"baseline_macs": flora.macs / (1 - value), "extra_reduction": value}
+        row |= {"baseline_macs": point.macs / (1 - value), "extra_reduction": value}
         row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
     return row, delta_samples, extra_samples
 
 
 def comparison_table(
-    models: Sequence[Evaluated], bootstrap: PairedBootstrap
-) -> tuple[pd.DataFrame, dict[str, dict[str, Estimate]]]:
-    """Per FLORA budget and baseline: top-1 difference at equal MACs, extra MACs reduction at equal top-1.
+    models: Sequence[Evaluated], bootstrap: PairedBootstrap, comparisons: Sequence[tuple[str, str]] = COMPARISONS
+) -> tuple[pd.DataFrame, dict[tuple[str, str], dict[str, Estimate]]]:
+    """Per comparison (method, baseline) and budget of the method: top-1 difference at equal MACs, extra MACs
+    reduction at equal top-1.
 
-    Returns the table and, per baseline, the means over budgets of both numbers with
-    their intervals (from the same replicates; a budget out of a curve's range leaves
-    that mean out). Every number is paired on the same seeds and test images.
+    Returns the table and, per comparison, the means over the method's budgets of both
+    numbers with their intervals (from the same replicates; a budget out of the curve's
+    range leaves that mean out). Every number is paired on the same seeds and test images.
     """
     dense = next(m for m in models if m.method == "dense")
-    flora = sorted((m for m in models if m.method == "flora"), key=lambda m: m.budget)
-    flora_samples = [bootstrap.top1(point.correct) for point in flora]
     rows, means = [], {}
-    for name in BASELINES:
-        curve = Curve.of([m for m in models if m.method == name], dense, bootstrap)
+    for method, baseline in comparisons:
+        points = sorted((m for m in models if m.method == method), key=lambda m: m.budget)
+        curve = Curve.of([m for m in models if m.method == baseline], dense, bootstrap)
         deltas, extras, delta_values, extra_values = [], [], [], []
-        for point, samples in zip(flora, flora_samples, strict=True):
-            row, delta_samples, extra_samples = _compare(point, samples, curve, bootstrap)
-            rows.append({"budget": point.budget, "baseline": name, **row})
+        for point in points:
+            row, delta_samples, extra_samples = _compare(point, bootstrap.top1(point.correct), curve, bootstrap)
+            rows.append({"method": method, "budget": point.budget, "baseline": baseline, **row})
             if delta_samples is not None:
                 deltas.append(delta_samples)
                 delta_values.append(row["delta_top1"])
             if not np.isnan(row["extra_reduction"]):
                 extras.append(extra_samples)
                 extra_values.append(row["extra_reduction"])
-        means[name] = {}
-        if len(deltas) == len(flora):
-            means[name]["delta_top1"] = estimate(float(np.mean(delta_values)), np.mean(deltas, axis=0))
-        if len(extras) == len(flora):
+        mean = means[method, baseline] = {}
+        if points and len(deltas) == len(points):
+            mean["delta_top1"] = estimate(float(np.mean(delta_values)), np.mean(deltas, axis=0))
+        if points and len(extras) == len(points):
             with np.errstate(invalid="ignore"):  # +inf and -inf replicates of two budgets: unbounded both ways
                 samples = np.nan_to_num(np.mean(extras, axis=0), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
-            means[name]["extra_reduction"] = estimate(float(np.mean(extra_values)), samples)
+            mean["extra_reduction"] = estimate(float(np.mean(extra_values)), samples)
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), means
 
 
@@ -206,6 +214,58 @@ def costs_table(seconds: Sequence[tuple[str, float]]) -> pd.DataFrame:
     """Wall time of each stage run, from the stages' own timers, with the total."""
     table = pd.DataFrame(seconds, columns=["stage", "seconds"])
     return pd.concat([table, pd.DataFrame([{"stage": "total", "seconds": table["seconds"].sum()}])], ignore_index=True)
+
+
+#: The stages that choose each method's model: those run once, and the one run per budget (if any).
+#: The supernet counts (its training is also the fine-tuning its subnets start from); the retrains do not.
+SEARCH_STAGES = {
+    "uniform": (("decompose",), None),
+    "control": (("decompose", "filter", "supernet"), None),
+    "flora": (("decompose", "filter", "supernet"), "search"),
+    "slim": (("slim",), None),
+    "slim_flora": (
+        ("slim", "slim_base", "decompose_on_slim", "filter_on_slim", "supernet_on_slim"),
+        "search_on_slim",
+    ),
+}
+
+
+def search_costs_table(once: Mapping[str, float], per_budget: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    """Each method's search cost, from the stages' own timers: ``once`` has the seconds of every stage that
+    runs once, ``per_budget`` every run of a per-budget stage."""
+    rows = []
+    for method, (stages, searched) in SEARCH_STAGES.items():
+        runs = list(per_budget.get(searched, [])) if searched else []
+        one_off = sum(once[stage] for stage in stages)
+        rows.append(
+            {
+                "method": method,
+                "stages": " + ".join(stages) + (f" + {searched} per budget" if searched else ""),
+                "one_off_seconds": one_off,
+                "per_budget_seconds": float(np.mean(runs)) if runs else 0.0,
+                "budgets": len(runs) if searched else None,
+                "total_seconds": one_off + sum(runs),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["budgets"] = table["budgets"].astype("Int64")
+    return table
+
+
+def readable_search_costs(table: pd.DataFrame) -> pd.DataFrame:
+    """The search costs for Markdown/LaTeX: seconds with one decimal."""
+    shown = table.copy()
+    for column in ("one_off_seconds", "per_budget_seconds", "total_seconds"):
+        shown[column] = shown[column].map(lambda v: f"{v:.1f}")
+    shown["budgets"] = shown["budgets"].map(_count)
+    return shown.rename(
+        columns={
+            "stages": "search stages",
+            "one_off_seconds": "once (s)",
+            "per_budget_seconds": "per budget (s, mean)",
+            "total_seconds": "total (s)",
+        }
+    )
 
 
 def _percent(value: float, signed: bool = False) -> str:
@@ -242,7 +302,7 @@ def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -
             ],
             "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
             "seeds": table["seeds"].map(_count),
-            "training steps (supernet share)": [
+            "training steps (inherited)": [
                 "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
                 for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)
             ],
@@ -255,10 +315,11 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
     """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent."""
     return pd.DataFrame(
         {
+            "method": table["method"],
             "budget": table["budget"].map(lambda b: f"{b:g}"),
             "baseline": table["baseline"],
-            f"FLORA {macs_unit}": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
-            "FLORA top-1 %": table["top1"].map(_percent),
+            macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+            "top-1 %": table["top1"].map(_percent),
             "baseline top-1 % at equal MACs": table["baseline_top1"].map(_percent),
             "Δ top-1 [95% interval]": [
                 "out of range" if pd.isna(d) else f"{_percent(d, True)} {_bracket(lo, hi, True)}"
@@ -269,12 +330,23 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
                 lambda v: "out of range" if pd.isna(v) else f"{v:.3f}"
             ),
             "extra MACs reduction % [95% interval]": [
-                "out of range" if pd.isna(e) else f"{_percent(e)} {_bracket(lo, hi, False)}"
-                for e, lo, hi in zip(table["extra_reduction"], table["extra_low"], table["extra_high"], strict=True)
+                _reduction(e, lo, hi, bound)
+                for e, lo, hi, bound in zip(
+                    table["extra_reduction"], table["extra_low"], table["extra_high"], table["extra_bound"], strict=True
+                )
             ],
             "reduction verdict": table["extra_verdict"],
         }
     )
+
+
+def _reduction(value: float, low: float, high: float, bound: float) -> str:
+    """An extra MACs reduction with its interval; out of range, the bound it obeys when there is one."""
+    if not pd.isna(value):
+        return f"{_percent(value)} {_bracket(low, high, False)}"
+    if not pd.isna(bound):
+        return f"out of range: below {_percent(bound)} (the baseline's cheapest model is more accurate)"
+    return "out of range"
 
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:

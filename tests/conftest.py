@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import flora_steps.models  # noqa: F401  (registers vit_digits with timm)
+from flora_steps.layout import STAGES, budget_name, param_value
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -59,16 +60,12 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
         (directory / "results" / stage).symlink_to(smoke_results / stage)
     params = yaml.safe_load(SMOKE.read_text())
     params_file = str(write_params(directory / "params.yaml", params))
-    commands = [["supernet"], ["slim"]]
-    commands += [["search", "--budget", str(b)] for b in params["budgets"]["search"]]
-    commands += [["retrain", "--method", "flora", "--budget", str(b)] for b in params["budgets"]["search"]]
-    commands += [
-        ["retrain", "--method", method, "--budget", str(b)]
-        for method in ("control", "uniform")
-        for b in params["budgets"]["uniform"]
+    commands = [  # every other stage but the report, in the layout's order (producers first), every budget
+        [stage.module, *stage.arguments(budget)]
+        for stage in STAGES.values()
+        if stage.name not in ("pretrain", "decompose", "filter", "report")
+        for budget in ([budget_name(b) for b in param_value(params, stage.foreach)] if stage.foreach else [""])
     ]
-    commands += [["retrain", "--method", "slim", "--budget", str(b)] for b in params["budgets"]["slim"]]
-    commands += [["latency"]]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
         for command in commands:

@@ -23,6 +23,14 @@ CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 8, 2
 
 def write_rehearsal_inputs(folder: Path) -> None:
     """The checkpoint and the ImageFolder tree ``configs/rehearsal.yaml`` names, under ``folder``."""
+    write_images(folder)
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=CLASSES)
+    save_file(model.state_dict(), folder / "deit_tiny.safetensors")
+
+
+def write_images(folder: Path) -> None:
+    """``folder/imagenet/{train,val}/<class>/``: JPEG noise of varied sizes around 256 px."""
     rng = np.random.default_rng(0)
     for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         for label in range(CLASSES):
@@ -32,9 +40,6 @@ def write_rehearsal_inputs(folder: Path) -> None:
                 height, width = rng.integers(230, 300, size=2)
                 pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(images / f"{index}.JPEG", quality=90)
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", num_classes=CLASSES)
-    save_file(model.state_dict(), folder / "deit_tiny.safetensors")
 
 
 if __name__ == "__main__":

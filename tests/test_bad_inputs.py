@@ -76,8 +76,9 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     ("budgets.search", [0.5, 1.2], "budgets.search.1: input should be less than or equal to 1"),
     ("budgets.uniform", [0.5, 0.8, 1], "budgets.uniform.2: write 1 as 1.0"),
     ("budgets.uniform", [0.8], "budgets: uniform must include every search budget (missing [0.5])"),
-    ("search.band", 0.5, "search.band: 0.5 must be below every search budget (smallest 0.5)"),
-    ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest uniform budget (0.49) must lie at or below"),
+    ("search.band", 0.5, "search.band: 0.5 must be below every search budget of budgets.search and budgets.slim_flora"),
+    ("budgets.slim_flora", [0.6], "budgets: slim_flora: [0.6] not below slim_base 0.5"),
+    ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest budget (0.49) must lie at or below"),
     ("slim.attention_weight", -1, "slim.attention_weight: input should be greater than or equal to 0"),
     ("slim.epochs", 0, "slim.epochs: input should be greater than or equal to 1"),
     ("budgets.slim", [0.5, 0.5], "budgets: slim lists a budget twice"),
@@ -116,9 +117,15 @@ def test_a_stage_that_is_not_distributed_refuses_several_processes(
     path = write_params(workdir / "params.yaml", smoke_params)
     message = (
         "decompose runs as one process, but torchrun started 2 (WORLD_SIZE=2); "
-        "only filter, supernet, slim, search, retrain run under torchrun"
+        "only filter, supernet, search, retrain, slim run under torchrun"
     )
     run_rejected(["decompose", "--params", str(path)], workdir, capsys, message)
+
+
+def test_a_baseline_on_another_base_is_one_clear_line(workdir: Path, smoke_params: dict, capsys) -> None:
+    path = write_params(workdir / "params.yaml", smoke_params)
+    command = ["retrain", "--method", "control", "--base", "slim", "--budget", "0.4", "--params", str(path)]
+    run_rejected(command, workdir, capsys, "--base slim: retrain --method control runs on the dense model only")
 
 
 def test_bad_params_files(workdir: Path, capsys) -> None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from flora_steps import layout
 from flora_steps.dvc_yaml import render
-from flora_steps.layout import STAGES, UNTRACKED, code_files, param_value
+from flora_steps.layout import STAGES, UNTRACKED, budget_name, code_files, param_value
 from flora_steps.params import load_params
 
 
@@ -123,8 +123,8 @@ def test_each_stage_reads_only_keys_it_tracks_or_that_do_not_change_results(
     for stage in STAGES.values():
         seen = reads.setdefault(stage.name, set())
         monkeypatch.setattr(flora_steps.stage, "load_params", lambda path, seen=seen: Recorder(real_load(path), seen))
-        options = (["--method", stage.method] if stage.method else []) + (["--budget", "0.5"] if stage.foreach else [])
-        assert main([stage.module, *options, "--params", str(params_file)]) == 0, stage.name
+        budget = budget_name(param_value(yaml.safe_load(SMOKE.read_text()), stage.foreach)[0]) if stage.foreach else ""
+        assert main([stage.module, *stage.arguments(budget), "--params", str(params_file)]) == 0, stage.name
     for name, seen in reads.items():
         tracked = set(STAGES[name].params)
         assert seen - tracked <= set(UNTRACKED), (name, sorted(seen - tracked - set(UNTRACKED)))

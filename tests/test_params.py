@@ -64,13 +64,26 @@ def drop_key(params: dict, dotted: str) -> dict:
             lambda p: set_key(p, "budgets.uniform", [0.8]),
             "budgets: uniform must include every search budget (missing [0.5])",
         ),
+        (
+            lambda p: set_key(p, "budgets.slim_flora", [0.4, 0.5]),
+            "budgets: slim_flora: [0.5] not below slim_base 0.5: FLORA can only make ViT-Slim's model smaller",
+        ),
+        (
+            lambda p: set_key(p, "budgets.slim", [0.4, 0.5]),
+            "budgets.slim: the lowest budget (0.4) must lie at or below the lowest budgets.slim_flora minus "
+            "search.band (0.38)",
+        ),
+        (lambda p: set_key(p, "budgets.slim_base", 1), "budgets.slim_base: write 1 as 1.0"),
         (lambda p: set_key(p, "search.top_k", 20), "search: top_k (20) must not exceed population (10)"),
         (lambda p: set_key(p, "pretrain.epochs", True), "pretrain.epochs: a boolean is not accepted here, got True"),
         (lambda p: set_key(p, "filter.ratios", [0.5, True]), "filter.ratios: a boolean is not accepted here"),
         (lambda p: set_key(p, "seed", -1), "seed: input should be greater than or equal to 0, got -1"),
         (lambda p: set_key(p, "seed", 2**40), "seed: input should be less than 4294967296"),
         (lambda p: set_key(p, "data.split_seed", -1), "data.split_seed: input should be greater than or equal to 0"),
-        (lambda p: set_key(p, "search.band", 0.5), "search.band: 0.5 must be below every search budget (smallest 0.5)"),
+        (
+            lambda p: set_key(p, "search.band", 0.5),
+            "search.band: 0.5 must be below every search budget of budgets.search and budgets.slim_flora (smallest 0.4)",
+        ),
         (lambda p: set_key(p, "model.num_classes", 5), "model.num_classes: 5, but data.dataset digits has 10 classes"),
         (
             lambda p: set_key(p, "pretrain", {**{k: v for k, v in p["pretrain"].items() if k != "lr"}, "lrr": 0.1}),

@@ -14,7 +14,7 @@ import pytest
 from flora_steps.cli import main
 from flora_steps.tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights, macs_for_accuracy
 
-TABLES = ["results", "comparison", "ranks", "costs"]
+TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 
 
@@ -73,7 +73,7 @@ def test_out_of_range_replicates_become_unbounded_ends() -> None:
 def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
     (directory / "results").mkdir()
-    for stage in ("pretrain", "decompose", "filter", "supernet", "search", "retrain"):
+    for stage in ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "slim_base", "on_slim"):
         (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
@@ -91,19 +91,28 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = pd.read_csv(out / "results.csv")
     assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
-    assert list(results["method"]) == ["dense"] + ["uniform"] * 3 + ["control"] * 3 + ["flora"]
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5]
+    methods = ["dense"] + ["uniform"] * 3 + ["control"] * 3 + ["flora"] + ["slim"] * 2 + ["slim_flora"]
+    assert list(results["method"]) == methods
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5, 0.35, 0.5, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 7
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 10
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
     assert flora["train_steps"] == control["train_steps"] > flora["supernet_steps"] > 0  # supernet + retrain
     assert uniform["train_images"] == flora["train_images"] and uniform["supernet_steps"] == 0  # equal training
+    slim = results[(results["method"] == "slim") & (results["budget"] == 0.5)].iloc[0]
+    on_slim = results[results["method"] == "slim_flora"].iloc[0]
+    # FLORA on ViT-Slim's model inherits ViT-Slim's search and its own supernet: as much training as ViT-Slim's
+    assert on_slim["supernet_steps"] == slim["supernet_steps"] + flora["supernet_steps"]
+    assert on_slim["train_steps"] == slim["train_steps"]
+    assert on_slim["macs"] < slim["macs"]
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert "| method" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
     comparison = pd.read_csv(out / "comparison.csv")
-    assert list(comparison["baseline"]) == ["control", "uniform"] and list(comparison["budget"]) == [0.5, 0.5]
+    assert list(comparison["method"]) == ["flora", "flora", "slim_flora"]
+    assert list(comparison["baseline"]) == ["control", "uniform", "slim"]
+    assert list(comparison["budget"]) == [0.5, 0.5, 0.4]
     assert comparison["delta_verdict"].isin(["better", "worse", "within noise", "out of range"]).all()
     ranks = pd.read_csv(out / "ranks.csv")
     assert len(ranks) == 12 and list(ranks.columns) == ["layer", "full_rank", "0.5"]
@@ -123,6 +132,16 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert summary["protocol"]["seeds"] == [0, 1] and summary["protocol"]["test_images"] == 360
     assert "max_extra_macs_reduction" not in summary  # never a maximum over budgets
     assert set(summary["mean_over_budgets"]) == {"vs_control", "vs_uniform"}
+    assert [entry["budget"] for entry in summary["slim_flora"]["budgets"]] == [0.4]
+    assert set(summary["slim_flora"]["budgets"][0]) == {"budget", "slim_flora", "vs_slim"}
+    assert set(summary["slim_flora"]["mean_over_budgets"]) == {"vs_slim"}
+    search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
+    assert list(search_costs.index) == ["uniform", "control", "flora", "slim", "slim_flora"]
+    assert search_costs.loc["slim_flora", "one_off_seconds"] > search_costs.loc["slim", "one_off_seconds"]
+    flora_cost = search_costs.loc["flora"]
+    assert flora_cost["total_seconds"] == pytest.approx(
+        flora_cost["one_off_seconds"] + flora_cost["per_budget_seconds"]
+    )
 
 
 def test_report_is_byte_identical_when_run_again(reported: Path, monkeypatch) -> None:
@@ -131,7 +150,7 @@ def test_report_is_byte_identical_when_run_again(reported: Path, monkeypatch) ->
     monkeypatch.chdir(reported)
     assert main(["report", "--params", "params.yaml"]) == 0
     second = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "log.txt"}
-    assert first.keys() == second.keys() and len(first) == 4 * 3 + 6 + 1
+    assert first.keys() == second.keys() and len(first) == len(TABLES) * 3 + 6 + 1
     assert [name for name in first if first[name] != second[name]] == []
 
 

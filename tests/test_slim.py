@@ -188,3 +188,28 @@ def test_a_slim_budget_below_the_smallest_slice_is_one_line(smoke_pipeline, tmp_
     assert main(["retrain", "--method", "slim", "--budget", "0.01", "--params", "params.yaml"]) == 2
     assert "error: budgets.slim: 0.01: even the smallest slim model" in capsys.readouterr().err
     assert not (tmp_path / "results/retrain").exists()
+
+
+def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(smoke_pipeline) -> None:
+    """``slim_base`` slices the searched model at budgets.slim_base; FLORA's stages run on it unchanged (``--base
+    slim``); its models end with as much training as ViT-Slim's own (``retrain.slim_epochs: null``)."""
+    import json
+
+    from flora_steps.artifacts import load_model
+
+    results = smoke_pipeline / "results"
+    read = lambda path: json.loads((results / path).read_text())  # noqa: E731
+    base = read("slim_base/metrics.json")
+    assert base["macs_fraction"] <= 0.5 and base["train_steps"] == read("slim/metrics.json")["train_steps"]
+    _, base_spec = load_model(results / "slim_base/model")
+    decomposed, spec = load_model(results / "on_slim/decompose/model")
+    assert spec.slim == base_spec.slim and spec.lowrank  # the sliced shapes, factorised
+    assert decomposed.blocks[0].mlp.fc1.out_features == base_spec.slim["blocks.0"].mlp_hidden
+    combined = read("on_slim/retrain/flora/0.4/metrics.json")
+    assert 0.38 <= combined["macs_fraction"] <= 0.4  # a fraction of the dense model's MACs, within the band
+    model, _ = load_model(results / "on_slim/retrain/flora/0.4/model")
+    assert count_macs(model, (1, 8, 8)) == combined["macs"]
+    inherited = read("on_slim/supernet/metrics.json")["train_steps"] + base["train_steps"]
+    assert combined["training"]["inherited_steps"] == inherited
+    slim = read("retrain/slim/0.35/metrics.json")["training"]
+    assert combined["training"]["total_steps"] == slim["total_steps"] and slim["epochs"] == 2 + 1  # supernet + retrain

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flora_steps.stats import Estimate, PairedBootstrap, interval, seed_std
-from flora_steps.tables import Evaluated, comparison_table, results_table
+from flora_steps.tables import Evaluated, comparison_table, readable_comparison, results_table
 
 
 def correct(rng: np.random.Generator, seeds: int, images: int, top1: float) -> np.ndarray:
@@ -100,8 +100,8 @@ def test_comparison_at_equal_macs_and_at_equal_top1_on_hand_made_curves() -> Non
     assert control.loc[0.5, "delta_top1"] == pytest.approx(0.0)
     assert control.loc[0.5, "delta_verdict"] == "within noise"
     assert control.loc[0.5, "extra_low"] <= 0 <= control.loc[0.5, "extra_high"]
-    assert means["control"]["delta_top1"].value == pytest.approx(0.025)
-    assert means["control"]["extra_reduction"].value == pytest.approx(0.125)
+    assert means["flora", "control"]["delta_top1"].value == pytest.approx(0.025)
+    assert means["flora", "control"]["extra_reduction"].value == pytest.approx(0.125)
     uniform = table[table["baseline"] == "uniform"].set_index("budget")
     assert uniform.loc[0.3, "delta_top1"] == pytest.approx(0.8 - 0.55)
     assert uniform.loc[0.5, "baseline_macs"] == pytest.approx(60 + 40 * (170 - 140) / (190 - 140))
@@ -113,7 +113,25 @@ def test_a_flora_point_outside_the_baseline_curve_gets_no_number() -> None:
     row = table[(table["baseline"] == "control") & (table["budget"] == 0.3)].iloc[0]
     assert row["delta_verdict"] == "out of range" and math.isnan(row["delta_top1"])  # 30 MACs < cheapest control, 40
     assert row["extra_reduction"] == pytest.approx(0.25)  # at equal top-1 it is in range: 80% is the 40-MACs point
-    assert "delta_top1" not in means["control"]  # a mean over budgets needs every budget
+    assert "delta_top1" not in means["flora", "control"]  # a mean over budgets needs every budget
+
+
+def test_a_point_below_the_cheapest_baseline_model_gets_a_bound_not_a_number() -> None:
+    """A point less accurate than the baseline's cheapest model: the baseline would match it with fewer MACs
+    than that model's, so the extra reduction is below ``1 - point MACs / cheapest MACs``."""
+    models = [*hand_made_models(), Evaluated("slim", 0.3, {"macs": 30, "params": 30, "top5": 1.0}, np.ones((3, 200)))]
+    models[-1].correct[:, 170:] = 0  # 85% at 30 MACs
+    models.append(Evaluated("slim_flora", 0.4, {"macs": 40, "params": 40, "top5": 1.0}, np.zeros((3, 200))))
+    models[-1].correct[:, :160] = 1  # 80% at 40 MACs: worse and bigger
+    table, _ = comparison_table(
+        models, PairedBootstrap(3, 200, 200, np.random.default_rng(0)), [("slim_flora", "slim")]
+    )
+    row = table.iloc[0]
+    assert row["extra_verdict"] == "out of range" and math.isnan(row["extra_reduction"])
+    assert row["extra_bound"] == pytest.approx(1 - 40 / 30)
+    assert row["delta_top1"] == pytest.approx(0.8 - (0.85 + 0.1 * (40 - 30) / 70))  # curve: 85% at 30, 95% at 100
+    shown = readable_comparison(table, 1, "MACs").iloc[0]
+    assert shown["extra MACs reduction % [95% interval]"].startswith("out of range: below -33.33")
 
 
 def test_results_table_gives_mean_std_interval_and_training() -> None:

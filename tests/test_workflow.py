@@ -52,10 +52,18 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "retrain/uniform/0.5/metrics.json",
         "retrain/uniform/0.8/log.txt",
         "retrain/control/0.4/predictions.csv",
+        "retrain/slim/0.35/metrics.json",
+        "on_slim/decompose/model.safetensors",
+        "on_slim/search/0.4/ranks.json",
+        "on_slim/retrain/flora/0.4/predictions.csv",
         "latency/latency.csv",
         "report/comparison.md",
+        "report/search_costs.md",
     ):
         assert (project / "results" / path).is_file(), path
+    # a stage module's own lines reach its log, not only the library's (``python -m`` names it ``__main__``)
+    assert "best subnet" in (project / "results/on_slim/search/0.4/log.txt").read_text()
+    assert "seed 1: test top-1" in (project / "results/retrain/flora/0.5/log.txt").read_text()
     dry = snakemake("-n", "--cores", "2", *config, cwd=project)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
@@ -84,6 +92,9 @@ def downstream(stages: set[str]) -> set[str]:
         found |= more
 
 
+RETRAINS = {stage.name for stage in STAGES.values() if stage.module == "retrain"}
+
+
 def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
     changed = yaml.safe_load((project / "configs/smoke.yaml").read_text())
     changed[section][key] = value
@@ -94,23 +105,14 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose"})),
-        (
-            "retrain",
-            "lr",
-            0.001,
-            {"retrain_flora", "retrain_control", "retrain_uniform", "retrain_slim", "latency", "report"},
-        ),
-        (
-            "retrain",
-            "seeds",
-            [0, 2],
-            {"retrain_flora", "retrain_control", "retrain_uniform", "retrain_slim", "latency", "report"},
-        ),
+        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose", "decompose_on_slim"})),
+        ("retrain", "lr", 0.001, downstream(RETRAINS)),  # every retrain (FLORA on ViT-Slim's too), latency, report
+        ("retrain", "seeds", [0, 2], downstream(RETRAINS)),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
-        ("slim", "mlp_weight", 0.0001, {"slim", "retrain_slim"}),  # ViT-Slim's search and its models only
+        ("slim", "mlp_weight", 0.0001, downstream({"slim"})),  # ViT-Slim's search, its models, FLORA on them
+        ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "report"}),  # one more
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),
     ],
@@ -139,9 +141,14 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "retrain_control",
         "retrain_uniform",
         "retrain_slim",
+        "slim_base",
+        "filter_on_slim",
+        "supernet_on_slim",
+        "search_on_slim",
+        "retrain_flora_on_slim",
         "latency",
     }
-    assert other_rules == {"decompose", "report", "all"}
+    assert other_rules == {"decompose", "decompose_on_slim", "report", "all"}
 
 
 def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> None:
@@ -286,6 +293,7 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
             ("retrain", "latency_repeats", 5, {"latency"}),
             ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform"}),
             ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
+            ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
         ):
             params = yaml.safe_load(original)
             params[section][key] = value
@@ -313,6 +321,8 @@ def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     assert (dvc_project / "results/decompose/model.safetensors").is_file()
     assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
     assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()
+    # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
+    assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
     assert "up to date" in dvc("status", cwd=dvc_project).stdout
     again = dvc("repro", cwd=dvc_project)
     assert "didn't change, skipping" in again.stdout

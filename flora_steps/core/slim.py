@@ -207,7 +207,10 @@ def restructure_slim(model: nn.Module, structure: Mapping[str, SlimBlock]) -> nn
 
     Attention keeps its heads with ``head_dim`` channels each (timm's ``attn_head_dim``),
     the MLP ``mlp_hidden`` units: still plain timm modules, loadable with timm alone.
+    An empty ``structure`` leaves any model (Swin, TinyViT, ...) as it is.
     """
+    if not structure:
+        return model
     blocks = slimmable_blocks(model)
     for name, kept in structure.items():
         attn, mlp = blocks[name].attn, blocks[name].mlp
@@ -218,6 +221,16 @@ def restructure_slim(model: nn.Module, structure: Mapping[str, SlimBlock]) -> nn
         mlp.fc1 = _linear(mlp.fc1.in_features, kept.mlp_hidden, mlp.fc1)
         mlp.fc2 = _linear(kept.mlp_hidden, mlp.fc2.out_features, mlp.fc2)
     return model
+
+
+def slice_to_budget(
+    model: nn.Module, masks: Mapping[tuple[str, str], torch.Tensor], costs: CostModel, budget_macs: float
+) -> tuple[nn.Module, SlimStructure, float, int]:
+    """ViT-Slim's model for a MACs budget: ``model`` (``costs`` is its cost model) sliced at the largest keep share
+    whose MACs fit; with its structure, that keep share and its MACs. ``ValueError`` when nothing fits."""
+    slim_costs = SlimCosts.of(model, costs)
+    keep, structure = structure_for_budget(masks, slim_costs, budget_macs)
+    return slice_model(model, masks, structure), structure, keep, slim_costs.macs(structure)
 
 
 @torch.no_grad()
