@@ -339,8 +339,6 @@ def flora_stages(base: Base) -> list[Stage]:
     ]
 
 
-_DENSE_FLORA = {stage.name: stage for stage in flora_stages(BASES["dense"])}
-
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -366,7 +364,7 @@ STAGES: dict[str, Stage] = {
             ),
             file_params=("model.checkpoint",),
         ),
-        *_DENSE_FLORA.values(),
+        *flora_stages(BASES["dense"]),
         # the baselines: one uniform rank ratio, from the supernet (the control) or from the SVD (uniform)
         _retrain(
             "control", "supernet", {"inherited": Input("supernet", "metrics")}, ("retrain.uniform_rank_multiple",)

@@ -231,9 +231,9 @@ def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataF
     }
 
 
-def stage_seconds(context: StageContext, models: list[Evaluated]) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Wall time of every stage run, from the stages' own timers: those that run once by stage, per-budget
-    searches by stage (one entry per budget), and every compressed model's retrain as ``retrain <method> <budget>``."""
+def stage_seconds(context: StageContext) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Wall time of the stage runs before the retrains, from the stages' own timers: those that run once
+    by stage, the per-budget searches by stage (one entry per budget)."""
 
     def seconds(path: Path) -> float:
         return float(read_json(path, "metrics")["seconds"])
@@ -253,7 +253,6 @@ def stage_seconds(context: StageContext, models: list[Evaluated]) -> tuple[dict[
         )
     }
     per_budget = {stage: [seconds(path) for path in context.inputs(stage)] for stage in ("search", "search_on_slim")}
-    once |= {f"retrain {m.method} {m.budget}": float(m.metrics["seconds"]) for m in models[1:]}
     return once, per_budget
 
 
@@ -277,14 +276,14 @@ def run(context: StageContext) -> None:
     ranks = ranks_table(layers, configs)
     write_table(context, "ranks", ranks, ranks)
 
-    once, per_budget = stage_seconds(context, models)
-    runs = [(stage, value) for stage, value in once.items() if not stage.startswith("retrain")]
-    runs += [
+    once, per_budget = stage_seconds(context)
+    searches = [
         (f"{stage} {budget_name(b)}", value)
         for stage, budget_list in (("search", budgets.search), ("search_on_slim", budgets.slim_flora))
         for b, value in zip(budget_list, per_budget[stage], strict=True)
     ]
-    costs = costs_table(runs + [(stage, value) for stage, value in once.items() if stage.startswith("retrain")])
+    retrains = [(f"retrain {m.method} {m.budget}", float(m.metrics["seconds"])) for m in models[1:]]
+    costs = costs_table([*once.items(), *searches, *retrains])
     write_table(context, "costs", costs, readable(costs))
     search_costs = search_costs_table(once, per_budget)
     write_table(context, "search_costs", search_costs, readable_search_costs(search_costs))

@@ -223,7 +223,9 @@ def run_stage(
     params and budget are valid, and a results folder the run created is removed
     again (a folder that was already there keeps its files; its ``log.txt`` tells the error).
     """
-    _configure_logging(None, module)
+    on = None if base == "dense" else f"on {base}"
+    label = "/".join(part for part in (module, method, on, None if budget is None else budget_name(budget)) if part)
+    _configure_logging(None, label)
     try:
         stage = stage_for(module, method, base)
     except KeyError:
@@ -231,9 +233,6 @@ def run_stage(
             "error: --base %s: %s%s runs on the dense model only", base, module, f" --method {method}" if method else ""
         )
         return 2
-    on = None if base == "dense" else f"on {base}"
-    label = "/".join(part for part in (module, method, on, None if budget is None else budget_name(budget)) if part)
-    _configure_logging(None, label)
     try:
         _check_processes(stage)
         params = load_params(params_path)
