@@ -147,13 +147,14 @@ class ModelSpec(BaseModel):
     format: str = MODEL_FORMAT
     model: str
     model_kwargs: dict[str, Any]
-    slim: dict[str, SlimBlock] = {}  # block -> its sizes after ViT-Slim's slicing (``core.slim.restructure_slim``)
+    slim: dict[str, SlimBlock] = {}  # block -> its sizes after ViT-Slim's or OFB's slicing (``restructure_slim``)
+    embed_dim: int | None = None  # the embedding width after OFB's slicing (``core.ofb.restructure_embedding``)
     lowrank: dict[str, int] = {}  # layer -> max rank of its LowRankLinear (supernets)
     factorised: dict[str, int] = {}  # layer -> rank of its nn.Sequential(Linear(in, r), Linear(r, out)) pair
 
     def build(self) -> nn.Module:
-        """The uninitialised model this spec describes: timm's model, slimmed, then low-rank (in that order)."""
-        return build_model(self.model, self.model_kwargs, self.lowrank, self.factorised, self.slim)
+        """The uninitialised model this spec describes: timm's model, pruned, then low-rank (in that order)."""
+        return build_model(self.model, self.model_kwargs, self.lowrank, self.factorised, self.slim, self.embed_dim)
 
 
 def save_model(stem: str | Path, model: nn.Module, spec: ModelSpec) -> None:

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .core import restructure
+from .core.ofb import restructure_embedding
 from .core.slim import SlimBlock, restructure_slim
 from .errors import UserError
 
@@ -97,12 +98,13 @@ def build_model(
     lowrank: dict[str, int] | None = None,
     factorised: dict[str, int] | None = None,
     slim: Mapping[str, SlimBlock] | None = None,
+    embed_dim: int | None = None,
 ) -> nn.Module:
-    """An uninitialised timm model ``name`` with the structure of a saved artifact: its blocks sliced to
-    ``slim`` (``core.slim.restructure_slim``), then its low-rank layers (``core.restructure``)."""
-    return restructure(
-        restructure_slim(timm.create_model(name, pretrained=False, **kwargs), slim or {}), lowrank, factorised
-    )
+    """An uninitialised timm model ``name`` with the structure of a saved artifact: its embedding width
+    ``embed_dim`` (OFB, ``core.ofb.restructure_embedding``), its blocks sliced to ``slim``
+    (``core.slim.restructure_slim``), then its low-rank layers (``core.restructure``)."""
+    model = restructure_embedding(timm.create_model(name, pretrained=False, **kwargs), embed_dim)
+    return restructure(restructure_slim(model, slim or {}), lowrank, factorised)
 
 
 def create_base_model(

@@ -42,10 +42,14 @@ ATTENTION, MLP = "attention", "mlp"
 
 @dataclass(frozen=True)
 class SlimBlock:
-    """What a sliced transformer block keeps: channels per attention head and MLP hidden units."""
+    """What a sliced transformer block keeps: channels per attention head, MLP hidden units and (OFB) heads.
+
+    ``heads`` is ``None`` when the block keeps every head (ViT-Slim).
+    """
 
     head_dim: int
     mlp_hidden: int
+    heads: int | None = None
 
 
 #: Block path (e.g. ``blocks.3``) -> what it keeps.
@@ -205,8 +209,9 @@ def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
 def restructure_slim(model: nn.Module, structure: Mapping[str, SlimBlock]) -> nn.Module:
     """Give ``model``'s blocks the sizes of ``structure``, in place (new layers uninitialised); returns it.
 
-    Attention keeps its heads with ``head_dim`` channels each (timm's ``attn_head_dim``),
-    the MLP ``mlp_hidden`` units: still plain timm modules, loadable with timm alone.
+    Attention keeps ``heads`` heads (all when ``None``) with ``head_dim`` channels each
+    (timm's ``attn_head_dim``), the MLP ``mlp_hidden`` units: still plain timm modules,
+    loadable with timm alone.
     An empty ``structure`` leaves any model (Swin, TinyViT, ...) as it is.
     """
     if not structure:
@@ -214,6 +219,7 @@ def restructure_slim(model: nn.Module, structure: Mapping[str, SlimBlock]) -> nn
     blocks = slimmable_blocks(model)
     for name, kept in structure.items():
         attn, mlp = blocks[name].attn, blocks[name].mlp
+        attn.num_heads = kept.heads or attn.num_heads
         width = attn.num_heads * kept.head_dim
         attn.qkv = _linear(attn.qkv.in_features, 3 * width, attn.qkv)
         attn.proj = _linear(width, attn.proj.out_features, attn.proj)

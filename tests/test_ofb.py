@@ -1,0 +1,281 @@
+"""OFB's library: the bi-mask, expected MACs, progressive pruning with its optimizer state, slicing, PMIM."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import timm
+import torch
+
+import flora_steps.models  # noqa: F401  (registers vit_digits)
+from flora_steps.artifacts import ModelSpec, load_model, save_model
+from flora_steps.core import count_macs, trace_costs
+from flora_steps.core.ofb import (
+    EMBED,
+    BiMask,
+    OFBCosts,
+    OFBGrids,
+    OFBSearch,
+    kept_units,
+    local_normalise,
+    mim_decoder,
+    ramp,
+    slice_parameter,
+    survival,
+)
+
+GRIDS = OFBGrids(heads=[0.5, 1.0], head_dim=[0.25, 0.5, 0.75, 1.0], mlp=[0.25, 0.5, 0.75, 1.0], embed=[0.5, 0.75, 1.0])
+
+
+def search_model(name: str = "vit_digits", grids: OFBGrids = GRIDS) -> tuple[OFBSearch, OFBCosts, torch.Tensor]:
+    torch.manual_seed(0)
+    vit = timm.create_model(name, num_classes=10).eval()
+    costs = OFBCosts.of(vit, trace_costs(vit, (1, 8, 8)))
+    return OFBSearch(vit, grids, in_chans=1, target_window=3, seed=0).eval(), costs, torch.randn(4, 1, 8, 8)
+
+
+def random_logits(search: OFBSearch, seed: int = 1, spread: float = 3.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mask in search.masks.values():
+            mask.logits.copy_(torch.randn(mask.logits.shape, generator=generator) * spread)
+
+
+def test_the_bimask_at_lambda_one_and_zero_is_its_two_parts() -> None:
+    mask = BiMask([8], [[2, 4, 8]], torch.Generator().manual_seed(0))
+    assert torch.equal(mask(1.0), mask.scores.sigmoid())
+    with torch.no_grad():
+        mask.logits.copy_(torch.tensor([-1e4, 1e4, -1e4]))  # one-hot on width 4
+    prefix = mask(0.0)
+    top = mask.scores.detach().topk(4).indices
+    assert torch.equal(prefix, torch.zeros(8).index_fill(0, top, 1.0))
+    # in between: the mix, with V the survival probability of each unit's rank
+    with torch.no_grad():
+        mask.logits.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    p = mask.probabilities()
+    by_rank = torch.tensor([1.0] * 2 + [1 - p[0].item()] * 2 + [p[2].item()] * 4)
+    assert torch.allclose(mask.prefix_mask(), by_rank[mask.ranks()[0]])
+    assert torch.allclose(mask(0.3), 0.3 * mask.scores.sigmoid() + 0.7 * mask.prefix_mask())
+
+
+def test_attention_bimask_ranks_heads_by_summed_scores_then_channels_within_each_head() -> None:
+    mask = BiMask([3, 4], [[1, 2, 3], [2, 4]], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mask.scores.copy_(torch.tensor([[0.0, 0.1, 0.2, 0.3], [5.0, 4.0, -1.0, -2.0], [1.0, 1.0, 1.0, 0.9]]))
+        mask.logits.copy_(torch.full((3, 2), -1e4))
+        mask.logits[1, 0] = 1e4  # two heads, two channels each
+    hard = mask(0.0)
+    expected = torch.zeros(3, 4)
+    expected[1, :2] = 1  # head 1 (largest summed σ(S)), its two best channels
+    expected[2, :2] = 1  # head 2, channels 0 and 1 (ties keep the first)
+    assert torch.equal(hard, expected)
+    heads, channels = kept_units(mask, (2, 2))
+    assert heads.tolist() == [1, 2] and channels.tolist() == [[0, 1], [0, 1]]
+
+
+def test_survival_of_a_joint_grid_sums_the_cells_that_keep_a_position() -> None:
+    p = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    grids = [torch.tensor([1, 2]), torch.tensor([1, 3])]
+    values = survival(p, grids, [2, 3])
+    assert torch.allclose(values[0, 0], torch.tensor(1.0))
+    assert torch.allclose(values[1, 0], p[1].sum())  # the second head exists in row 1 only
+    assert torch.allclose(values[0, 2], p[:, 1].sum())  # the third channel in column 1 only
+    assert torch.allclose(values[1, 2], p[1, 1])
+
+
+def test_expected_macs_equals_the_average_over_every_combination_of_candidates() -> None:
+    grids = OFBGrids(heads=[0.5, 1.0], head_dim=[0.5, 1.0], mlp=[0.5, 1.0], embed=[0.5, 1.0])
+    search, costs, _ = search_model(grids=grids)
+    random_logits(search, spread=1.0)
+    keys = list(search.masks)
+    options = [list(itertools.product(*[range(len(g)) for g in search.masks[k].grids])) for k in keys]
+    probabilities = {k: search.masks[k].probabilities().detach() for k in keys}
+    average = 0.0
+    for cells in itertools.product(*options):
+        choice = dict(zip(keys, cells, strict=True))
+        weight = 1.0
+        for key, cell in choice.items():
+            weight *= float(probabilities[key][cell])
+        average += weight * costs.structure_macs(*search.structure(choice))
+    assert search.expected_macs(costs).item() == pytest.approx(average, rel=1e-5)
+
+
+def test_the_cost_model_counts_what_flop_counter_counts_on_every_sliced_structure() -> None:
+    for name in ("vit_digits", "vit_digits_hybrid"):
+        search, costs, _ = search_model(name)
+        dense = search.structure({k: tuple(len(g) - 1 for g in m.grids) for k, m in search.masks.items()})
+        assert costs.structure_macs(*dense) == count_macs(search.vit, (1, 8, 8))
+        random_logits(search)
+        vit, embed, structure = search.finalise(search.choice())
+        assert count_macs(vit, (1, 8, 8)) == costs.structure_macs(embed, structure)
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "vit_digits_hybrid"])
+def test_sliced_model_equals_the_masked_model_with_hard_masks(name: str) -> None:
+    search, _, images = search_model(name)
+    random_logits(search)
+    search.weight = 0.0  # hard: every mask is its prefix of the one live candidate
+    cells = search.choice()
+    for key, cell in cells.items():
+        search.masks[key].alive.zero_()
+        search.masks[key].alive[cell] = True
+    with torch.no_grad():
+        masked = search(images)
+    vit, _, _ = search.finalise(cells)
+    with torch.no_grad():
+        assert torch.allclose(vit.eval()(images), masked, atol=1e-5)
+
+
+def test_folding_keeps_the_soft_score_part_of_the_units_that_stay() -> None:
+    search, _, images = search_model()
+    random_logits(search)
+    search.weight = 0.4
+    cells = search.choice()
+    for key, cell in cells.items():  # what pruning leaves at the end of a search: only the chosen widths
+        mask = search.masks[key]
+        mask.alive.zero_()
+        mask.alive[cell] = True
+        search._slice(key, mask.widths(cell), None)
+    with torch.no_grad():
+        masked = search(images)
+    vit, _, _ = search.finalise(cells)
+    with torch.no_grad():
+        assert torch.allclose(vit.eval()(images), masked, atol=1e-5)
+
+
+def test_a_sliced_model_round_trips_through_its_artifact(tmp_path) -> None:
+    search, costs, images = search_model()
+    random_logits(search)
+    vit, embed, structure = search.finalise(search.choice())
+    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, slim=structure, embed_dim=embed)
+    save_model(tmp_path / "model", vit, spec)
+    loaded, _ = load_model(tmp_path / "model")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), vit(images))
+    assert isinstance(loaded, timm.models.vision_transformer.VisionTransformer) and loaded.embed_dim == embed
+
+
+def test_progressive_pruning_kills_improbable_candidates_and_slices_what_none_keeps() -> None:
+    search, _, _ = search_model()
+    mlp = search.masks["blocks_0__mlp"]
+    with torch.no_grad():
+        mlp.logits.copy_(torch.tensor([3.0, 3.0, 0.0, -3.0]))  # widths 64, 128 likely; 192, 256 not
+    assert search.prune(0.2, None)
+    assert mlp.alive.tolist() == [True, True] and mlp.grid0.tolist() == [64, 128]
+    assert search.blocks["blocks.0"].mlp.fc1.out_features == 128 and mlp.scores.shape == (128,)
+    assert not search.prune(0.2, None)  # nothing below the threshold now
+    assert search.masks[EMBED].live == 3
+
+
+def test_one_step_after_slicing_is_the_step_of_the_unsliced_model_on_the_kept_units() -> None:
+    search, _, images = search_model()
+    search.train()
+    optimizer = torch.optim.AdamW(search.parameters(), lr=1e-2, weight_decay=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        logits, reconstruction = search(images, torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) < 0.3)
+        (logits.square().mean() + reconstruction).backward()
+        optimizer.step()
+    twin = copy.deepcopy(search)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.05)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+    mask = search.masks["blocks_1__mlp"]
+    kept = kept_units(mask, (128,))[0]
+    search._slice("blocks_1__mlp", (128,), optimizer)
+    generator = torch.Generator().manual_seed(2)
+    twin_grads = {name: torch.randn(p.shape, generator=generator) for name, p in twin.named_parameters()}
+    restricted = {
+        "blocks.1.mlp.fc1.weight": lambda g: g[kept],
+        "blocks.1.mlp.fc1.bias": lambda g: g[kept],
+        "blocks.1.mlp.fc2.weight": lambda g: g[:, kept],
+        "masks.blocks_1__mlp.scores": lambda g: g[kept],
+        "masks.blocks_1__mlp.logits": lambda g: g[:2],
+    }
+    for name, parameter in twin.named_parameters():
+        parameter.grad = twin_grads[name]
+    for name, parameter in search.named_parameters():
+        key = name.removeprefix("vit.")
+        parameter.grad = restricted.get(key, lambda g: g)(twin_grads[name])
+    optimizer.step()
+    twin_optimizer.step()
+    twin_parameters = dict(twin.named_parameters())
+    for name, parameter in search.named_parameters():
+        expected = restricted.get(name.removeprefix("vit."), lambda t: t)(twin_parameters[name].detach())
+        assert torch.allclose(parameter.detach(), expected, atol=1e-7), name
+        state = optimizer.state[parameter]
+        twin_state = twin_optimizer.state[twin_parameters[name]]
+        take = restricted.get(name.removeprefix("vit."), lambda t: t)
+        assert torch.allclose(state["exp_avg_sq"], take(twin_state["exp_avg_sq"]), atol=1e-9), name
+        assert torch.equal(state["step"], twin_state["step"])
+
+
+def test_slice_parameter_gathers_a_two_axis_parameter_and_its_state() -> None:
+    module = torch.nn.Module()
+    module.scores = torch.nn.Parameter(torch.arange(12.0).view(3, 4))
+    optimizer = torch.optim.AdamW([module.scores], lr=0.1)
+    module.scores.grad = torch.ones(3, 4)
+    optimizer.step()
+    heads, channels = torch.tensor([0, 2]), torch.tensor([[1, 3], [0, 2]])
+    old_values, old_state = module.scores.detach().clone(), optimizer.state[module.scores]["exp_avg"].clone()
+    slice_parameter(module, "scores", lambda s: s[heads].gather(1, channels), optimizer)
+    assert torch.equal(module.scores.detach(), old_values[heads].gather(1, channels))
+    assert optimizer.param_groups[0]["params"] == [module.scores]
+    assert torch.equal(optimizer.state[module.scores]["exp_avg"], old_state[heads].gather(1, channels))
+
+
+def test_fit_to_budget_moves_the_most_probable_structure_into_the_band() -> None:
+    search, costs, _ = search_model()
+    random_logits(search)
+    dense = float(costs.macs(64, {n: (64, 256) for n in costs.tokens}))
+    for budget in (0.2, 0.3, 0.5):
+        cells = search.fit_to_budget(costs, (budget - 0.02) * dense, budget * dense)
+        assert (budget - 0.02) * dense <= costs.structure_macs(*search.structure(cells)) <= budget * dense
+    with pytest.raises(ValueError, match="no structure"):
+        search.fit_to_budget(costs, 0.0, 0.001 * dense)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("vit_digits", (1, 8, 8)), ("deit_tiny_patch16_224", (3, 224, 224))])
+def test_the_pmim_decoder_reconstructs_an_image_from_the_patch_tokens(name: str, shape: tuple[int, ...]) -> None:
+    vit = timm.create_model(name, num_classes=10)
+    grid = vit.patch_embed.grid_size
+    decoder = mim_decoder(vit.embed_dim, shape[0], shape[1] // grid[0])
+    tokens = torch.randn(2, vit.embed_dim, *grid)
+    assert decoder(tokens).shape == (2, *shape)
+    if name == "vit_digits":
+        search = OFBSearch(vit, GRIDS, in_chans=1, target_window=3, seed=0).train()
+        token_mask = torch.zeros(2, 16, dtype=torch.bool)
+        token_mask[:, :4] = True
+        logits, loss = search(torch.randn(2, *shape), token_mask)
+        assert logits.shape == (2, 10) and loss.ndim == 0 and loss > 0
+        loss.backward()
+        assert search.mask_token.grad.abs().sum() > 0 and search.decoder[0].weight.grad.abs().sum() > 0
+
+
+def test_local_normalisation_and_the_schedules() -> None:
+    flat = torch.full((1, 1, 8, 8), 3.0)
+    assert torch.allclose(local_normalise(flat, 3), torch.zeros_like(flat))
+    image = torch.randn(1, 3, 16, 16)
+    normalised = local_normalise(image, 5)
+    assert normalised.shape == image.shape and torch.isfinite(normalised).all()
+    assert ramp(0.0, 10, 0.99, 0.1) == 0.99 and ramp(5, 10, 0.99, 0.1) == pytest.approx(0.545)
+    assert ramp(12, 10, 0.05, 0.25) == 0.25
+
+
+def test_the_onehot_loss_falls_as_the_distribution_sharpens() -> None:
+    mask = BiMask([8], [[2, 4, 6, 8]], torch.Generator().manual_seed(0))
+    values = []
+    for sharpness in (0.1, 1.0, 3.0, 10.0):
+        with torch.no_grad():
+            mask.logits.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]) * sharpness)
+        values.append(float(mask.onehot_loss()))
+    assert values == sorted(values, reverse=True)
+
+
+def test_models_that_are_not_plain_vits_are_refused() -> None:
+    with torch.device("meta"):
+        swin = timm.create_model("swin_tiny_patch4_window7_224")
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        OFBSearch(swin, GRIDS, 3, 3, 0)
