@@ -33,7 +33,7 @@ BUDGETS = {name: [budget_name(b) for b in values] for name, values in PARAMS["bu
 THREADS = PARAMS["compute"]["threads"] or 8
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
-# a distributed stage (filter, supernet, slim, search, retrain) starts compute.processes processes under
+# a distributed stage (filter, supernet, slim, ofb, search, retrain) starts compute.processes processes under
 # torchrun itself, one per GPU
 PROCESSES = PARAMS["compute"]["processes"]
 # on a cluster, a GPU job gets this many CPUs per GPU for its loader workers (Slurm's cpus_per_task);
@@ -57,13 +57,16 @@ def outputs(stage):
 def inputs(stage):
     """The stage's code files and its inputs as the outputs of the rules that make them.
 
-    A rule that runs once and reads a per-budget rule's output gets that output for every budget.
+    A rule that runs once and reads a per-budget rule's output gets that output for every budget, unless
+    the input names the one budget it reads (a params key, e.g. budgets.ofb_base).
     """
     files = {"code": [str(path) for path in code_files(STAGES[stage].module)]}
     for key, reference in STAGES[stage].inputs.items():
         made = getattr(getattr(rules, reference.stage).output, reference.output)
         producer = STAGES[reference.stage]
-        if producer.foreach and not STAGES[stage].foreach:
+        if producer.foreach and reference.budget:  # one run of a per-budget rule, named by a params key
+            made = expand(made, budget=budget_name(param_value(PARAMS, reference.budget)))
+        elif producer.foreach and not STAGES[stage].foreach:
             made = expand(made, budget=BUDGETS[producer.foreach.split(".")[1]])
         files[key] = made
     for key in STAGES[stage].file_params:  # e.g. model.checkpoint: a local weights file, once it is there
@@ -104,6 +107,7 @@ RESOURCES = {
     "supernet": {"mem_mb": 8000, "runtime": 720},
     "slim": {"mem_mb": 8000, "runtime": 720},
     "slim_base": {"mem_mb": 4000, "runtime": 30},
+    "ofb": {"mem_mb": 8000, "runtime": 720},
     "search": {"mem_mb": 8000, "runtime": 240},
     "retrain": {"mem_mb": 8000, "runtime": 720},
     "latency": {"mem_mb": 8000, "runtime": 60},
@@ -126,7 +130,7 @@ def priority(stage):
     return 0 if STAGES[stage].method in ("control", "uniform") else 1
 
 
-# One rule per stage of the layout (FLORA's stages once per base model: the dense one and ViT-Slim's)
+# One rule per stage of the layout (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's)
 for stage in STAGES:
 
     rule:

@@ -4,7 +4,8 @@ Per-budget stages become ``foreach`` stages over the params' budget lists (DVC r
 them from ``params.yaml`` at ``dvc repro`` time, so editing budgets needs no
 regeneration). A stage that runs once but reads a per-budget stage's outputs
 depends on that stage's whole results folder, as DVC cannot list one dependency
-per budget.
+per budget; one that reads the run at one budget named by a params key depends on
+that run's files (``${budgets.ofb_base}``, filled in by DVC).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _dependencies(stage: Stage) -> list[str]:
         producer = STAGES[reference.stage]
         if producer.foreach is None:
             path = producer.path(reference.output)
+        elif reference.budget is not None:  # DVC fills the params value in
+            path = producer.path(reference.output, f"${{{reference.budget}}}")
         elif stage.foreach is not None:
             path = producer.path(reference.output, ITEM)
         else:

@@ -22,6 +22,8 @@ METHOD_STYLE = {
     "flora": {"color": "tab:red", "marker": "*", "markersize": 10},
     "slim": {"color": "tab:purple", "marker": "v", "markersize": 4},
     "slim_flora": {"color": "tab:orange", "marker": "P", "markersize": 8},
+    "ofb": {"color": "tab:brown", "marker": "^", "markersize": 4},
+    "ofb_flora": {"color": "tab:pink", "marker": "X", "markersize": 8},
 }
 TRADEOFF_LABELS = {
     "dense": "dense",
@@ -30,9 +32,11 @@ TRADEOFF_LABELS = {
     "flora": "FLORA: searched ranks, from the supernet",
     "slim": "ViT-Slim: sliced channels and units",
     "slim_flora": "FLORA on a ViT-Slim model",
+    "ofb": "OFB: searched heads, channels, units and width",
+    "ofb_flora": "FLORA on an OFB model",
 }
-#: Methods drawn as points (searched per budget); the others as curves
-POINTS = ("flora", "slim_flora")
+#: Methods drawn as points (FLORA's searches per budget); the others as curves
+POINTS = ("flora", "slim_flora", "ofb_flora")
 
 
 def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
@@ -120,7 +124,7 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
     their intervals and verdicts. The dense model is the dotted line (its interval
     shaded), so that the axis spans the compressed models; a box lists FLORA's
     difference to the control at equal MACs and the extra MACs reduction of FLORA on
-    ViT-Slim's model over ViT-Slim alone at equal top-1, each with its interval.
+    ViT-Slim's (OFB's) model over ViT-Slim (OFB) alone at equal top-1, each with its interval.
     """
     divisor, unit = macs_unit(results["macs"].max())
     figure = Figure(figsize=(7.2, 4.8), layout="tight")
@@ -150,6 +154,10 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
         (
             "FLORA on ViT-Slim vs ViT-Slim, fewer MACs at equal top-1 (%)",
             _verdicts(comparison, "slim_flora", "slim", "extra_reduction"),
+        ),
+        (
+            "FLORA on OFB vs OFB, fewer MACs at equal top-1 (%)",
+            _verdicts(comparison, "ofb_flora", "ofb", "extra_reduction"),
         ),
     ]
     text = "\n".join(f"{title}\n" + "\n".join(lines) for title, lines in sections if lines)

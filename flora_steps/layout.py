@@ -46,11 +46,13 @@ class Input:
     """An artifact another stage writes: ``stage``'s output ``output``.
 
     From a per-budget stage into a per-budget stage: the same budget. From a
-    per-budget stage into a stage that runs once: every budget of ``foreach``.
+    per-budget stage into a stage that runs once: every budget of ``foreach``, or the
+    one budget at the params key ``budget`` when it is given (``budgets.ofb_base``).
     """
 
     stage: str
     output: str
+    budget: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ UNTRACKED = {
     "budgets.uniform": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.slim": "which budgets run; a per-budget stage only checks that its own is listed",
     "budgets.slim_flora": "which budgets run; a per-budget stage only checks that its own is listed",
+    "budgets.ofb": "which budgets run; a per-budget stage only checks that its own is listed",
+    "budgets.ofb_flora": "which budgets run; a per-budget stage only checks that its own is listed",
+    "ofb.micro_batch": "memory: gradients accumulate to the same global batch (PMIM's token masks are drawn per "
+    "micro-batch: documented)",
 }
 
 
@@ -145,9 +151,11 @@ def _keys(section: str, names: Iterable[str]) -> tuple[str, ...]:
 _MODEL = {"model": Output("model.safetensors"), "spec": Output("model.json")}
 
 
-def _model_of(stage: str, name: str = "model") -> dict[str, Input]:
-    """The model artifact of ``stage`` as two inputs: ``name`` (weights) and ``<name>_spec`` (or ``spec``)."""
-    return {name: Input(stage, "model"), "spec" if name == "model" else f"{name}_spec": Input(stage, "spec")}
+def _model_of(stage: str, name: str = "model", budget: str | None = None) -> dict[str, Input]:
+    """The model artifact of ``stage`` as two inputs: ``name`` (weights) and ``<name>_spec`` (or ``spec``);
+    of a per-budget stage's run at the params key ``budget`` when given."""
+    spec = "spec" if name == "model" else f"{name}_spec"
+    return {name: Input(stage, "model", budget), spec: Input(stage, "spec", budget)}
 
 
 _TEACHER = _model_of("pretrain", "teacher")
@@ -169,6 +177,8 @@ METHOD_STAGES = {
     "flora": "retrain_flora",
     "slim": "retrain_slim",
     "slim_flora": "retrain_flora_on_slim",
+    "ofb": "retrain_ofb",
+    "ofb_flora": "retrain_flora_on_ofb",
 }
 
 _RETRAIN_OUTPUTS = {
@@ -198,6 +208,7 @@ class Base:
     name: str
     model: str  # the stage whose model is the base (its metrics count the training the base had)
     budgets: str  # the params list of FLORA's budgets on this base
+    model_budget: str | None = None  # when ``model`` runs per budget: the params key of the base's budget
 
     def stage(self, name: str) -> str:
         """A FLORA stage's name on this base: ``search``, or ``search_on_slim``."""
@@ -211,6 +222,7 @@ class Base:
 BASES = {
     "dense": Base("dense", "pretrain", "budgets.search"),
     "slim": Base("slim", "slim_base", "budgets.slim_flora"),  # ViT-Slim's searched model, sliced
+    "ofb": Base("ofb", "ofb", "budgets.ofb_flora", "budgets.ofb_base"),  # OFB's searched (sliced) model
 }
 
 
@@ -241,7 +253,7 @@ def flora_stages(base: Base) -> list[Stage]:
     """FLORA on one base model: decompose it, filter the candidate ranks, train the supernet, search per
     budget, fine-tune each searched subnet. The training the base model had counts in FLORA's."""
     name = base.stage
-    base_training = {"base_training": Input(base.model, "metrics")} if base.name != "dense" else {}
+    base_training = {"base_training": Input(base.model, "metrics", base.model_budget)} if base.name != "dense" else {}
     return [
         Stage(
             name=name("decompose"),
@@ -255,8 +267,8 @@ def flora_stages(base: Base) -> list[Stage]:
                 "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
                 "metrics": Output("metrics.json", "metrics"),
             },
-            inputs=_model_of(base.model),
-            params=("seed", "decompose.targets"),
+            inputs=_model_of(base.model, budget=base.model_budget),
+            params=("seed", "decompose.targets"),  # a base's budget is in its input's path
         ),
         Stage(
             name=name("filter"),
@@ -410,6 +422,58 @@ STAGES: dict[str, Stage] = {
         ),
         *flora_stages(BASES["slim"]),
         Stage(
+            name="ofb",
+            module="ofb",
+            folder="ofb/{budget}",
+            foreach="budgets.ofb",
+            outputs={
+                **_MODEL,
+                "structure": Output("structure.json"),
+                "history": Output("history.csv"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={**_model_of("pretrain"), **_TEACHER},
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                "search.band",
+                *_keys(
+                    "ofb",
+                    (
+                        *TRAINING,
+                        "temperature",
+                        "hard_label_weight",
+                        "head_ratios",
+                        "head_dim_ratios",
+                        "mlp_ratios",
+                        "embed_ratios",
+                        "ramp_epochs",
+                        "score_weight",
+                        "mask_ratio",
+                        "reconstruction_weight",
+                        "macs_weight",
+                        "onehot_weight",
+                        "attention_weight",
+                        "mlp_weight",
+                        "embed_weight",
+                        "prune_threshold",
+                        "prunes_per_epoch",
+                        "target_window",
+                    ),
+                ),
+            ),
+            distributed=True,
+        ),
+        _retrain(
+            "ofb",
+            "ofb",
+            {"inherited": Input("ofb", "metrics")},
+            ("retrain.ofb_epochs", "supernet.epochs"),
+            foreach="budgets.ofb",
+        ),
+        *flora_stages(BASES["ofb"]),
+        Stage(
             name="latency",
             module="latency",
             folder="latency",
@@ -474,13 +538,26 @@ STAGES: dict[str, Stage] = {
                     name: Input(name, "metrics") for name in ("decompose_on_slim", "filter_on_slim", "supernet_on_slim")
                 },
                 "search_on_slim": Input("search_on_slim", "metrics"),
+                "ofb_search": Input("ofb", "metrics"),
+                "ofb_base": Input("ofb", "metrics", "budgets.ofb_base"),
+                **{name: Input(name, "metrics") for name in ("decompose_on_ofb", "filter_on_ofb", "supernet_on_ofb")},
+                "search_on_ofb": Input("search_on_ofb", "metrics"),
                 **{
                     f"{method}{suffix}": Input(stage, output)
                     for method, stage in METHOD_STAGES.items()
                     for suffix, output in (("", "metrics"), ("_predictions", "predictions"))
                 },
             },
-            params=("seed", *BUDGETS, "budgets.slim", "budgets.slim_flora", "decompose.targets"),
+            params=(
+                "seed",
+                *BUDGETS,
+                "budgets.slim",
+                "budgets.slim_flora",
+                "budgets.ofb",
+                "budgets.ofb_base",
+                "budgets.ofb_flora",
+                "decompose.targets",
+            ),
         ),
     )
 }
@@ -525,6 +602,8 @@ def input_paths(stage: str, budget: str | None, params: Mapping[str, Any]) -> di
         producer = STAGES[reference.stage]
         if producer.foreach is None:
             paths[key] = [producer.path(reference.output)]
+        elif reference.budget is not None:
+            paths[key] = [producer.path(reference.output, budget_name(param_value(params, reference.budget)))]
         elif consumer.foreach is not None:
             paths[key] = [producer.path(reference.output, budget)]
         else:

@@ -159,6 +159,9 @@ class BudgetParams(Section):
     slim: Annotated[list[Budget], Field(min_length=1)]  # ViT-Slim baseline: one sliced and retrained model per budget
     slim_base: Budget  # ViT-Slim's searched model sliced at this budget is what FLORA compresses further
     slim_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
+    ofb: Annotated[list[Budget], Field(min_length=1)]  # OFB baseline: one search, one retrained model per budget
+    ofb_base: Budget  # OFB's model searched at this budget (one of ofb) is what FLORA compresses further
+    ofb_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
 
     @model_validator(mode="after")
     def _budgets_agree(self) -> BudgetParams:
@@ -170,6 +173,8 @@ class BudgetParams(Section):
             ("uniform", self.uniform),
             ("slim", self.slim),
             ("slim_flora", self.slim_flora),
+            ("ofb", self.ofb),
+            ("ofb_flora", self.ofb_flora),
         )
         for name, values in lists:
             if len(set(values)) != len(values):
@@ -178,6 +183,15 @@ class BudgetParams(Section):
         if above:
             raise ValueError(
                 f"slim_flora: {above} not below slim_base {self.slim_base}: FLORA can only make ViT-Slim's model smaller"
+            )
+        if self.ofb_base not in self.ofb:
+            raise ValueError(
+                f"ofb_base: {self.ofb_base} must be one of ofb {self.ofb} (FLORA takes that search's model)"
+            )
+        above = sorted(b for b in self.ofb_flora if b >= self.ofb_base)
+        if above:
+            raise ValueError(
+                f"ofb_flora: {above} not below ofb_base {self.ofb_base}: FLORA can only make OFB's model smaller"
             )
         return self
 
@@ -193,6 +207,44 @@ class SlimParams(TrainingParams):
     mlp_weight: NonNegativeFloat  # L1 weight on the MLP hidden-unit masks (released: 5e-5)
     temperature: PositiveFloat  # distillation temperature
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation from the base model
+
+
+Ratios = Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)]
+Schedule = Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=2, max_length=2)]
+
+
+class OFBParams(TrainingParams):
+    """OFB's search on the base model, once per budget (see flora_steps/ofb.py); released values in comments.
+
+    Candidate widths are ratios of each module's full size, rounded to whole units.
+    """
+
+    epochs: PositiveInt
+    temperature: PositiveFloat  # distillation temperature
+    hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation from the base model
+    head_ratios: Ratios  # attention heads kept (released: every even head count)
+    head_dim_ratios: Ratios  # channels per head kept (released: 16, 24, ..., 64 of 64)
+    mlp_ratios: Ratios  # MLP hidden units kept (released: 0.25, 0.375, ..., 1)
+    embed_ratios: Ratios  # embedding width kept, shared by all blocks (released: C/2 ... C by 12 channels)
+    ramp_epochs: NonNegativeFloat  # score_weight and mask_ratio move from first to second value over these epochs
+    score_weight: Schedule  # λ, the weight of σ(S) in the bi-mask (released: 0.99 -> 0.1)
+    mask_ratio: Schedule  # PMIM: share of patch tokens masked (released: 0.05 -> 0.25)
+    reconstruction_weight: NonNegativeFloat  # PMIM loss, scaled to the task loss's value (released: 1); 0: off
+    macs_weight: NonNegativeFloat  # weight of ((E[MACs] - target) / dense MACs)^2 (released: 5)
+    onehot_weight: NonNegativeFloat  # weight of each module's adaptive one-hot loss (released: 0.5)
+    attention_weight: NonNegativeFloat  # L1 on σ(S) of attention units (released: 0.5 x 4e-4)
+    mlp_weight: NonNegativeFloat  # L1 on σ(S) of MLP units (released: 0.5 x 1e-4)
+    embed_weight: NonNegativeFloat  # L1 on σ(S) of embedding channels (released: 0.5 x 1e-4)
+    prune_threshold: Annotated[float, Field(gt=0, lt=1)]  # a candidate dies at probability <= this / K (released: 0.2)
+    prunes_per_epoch: PositiveInt  # progressive pruning checks per epoch (released: 3)
+    target_window: Annotated[int, Field(ge=3)]  # PMIM target: local normalisation window, odd (released: 47 at 224 px)
+
+    @field_validator("target_window")
+    @classmethod
+    def _odd_window(cls, window: int) -> int:
+        if window % 2 == 0:
+            raise ValueError(f"must be odd (a window centred on each pixel), got {window}")
+        return window
 
 
 class SearchParams(Section):
@@ -225,6 +277,7 @@ class RetrainParams(TrainingParams):
     seeds: Annotated[list[Seed], Field(min_length=1)]  # one fine-tuning per seed; tables give mean, std, interval
     uniform_epochs: NonNegativeInt | None  # SVD uniform; null: supernet.epochs + epochs (equal training)
     slim_epochs: NonNegativeInt | None  # ViT-Slim; null: supernet.epochs + epochs (equal to FLORA on its model)
+    ofb_epochs: NonNegativeInt | None  # OFB; null: supernet.epochs + epochs (equal to FLORA on its model)
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
@@ -251,6 +304,7 @@ class Params(Section):
     filter: FilterParams
     supernet: SupernetParams
     slim: SlimParams
+    ofb: OFBParams
     budgets: BudgetParams
     search: SearchParams
     retrain: RetrainParams
@@ -259,13 +313,14 @@ class Params(Section):
     def _sections_agree(self) -> Params:
         """Rules across sections; each message starts with the key to change."""
         problems = []
-        smallest = min(*self.budgets.search, *self.budgets.slim_flora)
+        smallest = min(*self.budgets.search, *self.budgets.slim_flora, *self.budgets.ofb_flora, *self.budgets.ofb)
         if self.search.band >= smallest:
             problems.append(
-                f"search.band: {self.search.band} must be below every search budget of budgets.search and "
-                f"budgets.slim_flora (smallest {smallest}), or the legal MACs band starts at or below 0"
+                f"search.band: {self.search.band} must be below every budget of budgets.search, slim_flora, ofb "
+                f"and ofb_flora (smallest {smallest}), or the legal MACs band starts at or below 0"
             )
-        for curve, points, method in (("uniform", "search", "FLORA"), ("slim", "slim_flora", "FLORA on ViT-Slim")):
+        curves = (("uniform", "search", "FLORA"), ("slim", "slim_flora", "FLORA on ViT-Slim"))
+        for curve, points, method in (*curves, ("ofb", "ofb_flora", "FLORA on OFB")):
             lowest_legal = min(getattr(self.budgets, points)) - self.search.band
             lowest = min(getattr(self.budgets, curve))
             if lowest > lowest_legal + 1e-9:

@@ -4,12 +4,12 @@ Reads the other stages' results (nothing is recomputed but a few thousand sample
 subnet sizes and the bootstrap) and writes `results/report/`:
 
 - `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control,
-  FLORA, ViT-Slim and FLORA on ViT-Slim's model, per budget): MACs, parameters, MACs
+  FLORA, ViT-Slim, FLORA on ViT-Slim's model, OFB and FLORA on OFB's model, per budget): MACs, parameters, MACs
   reduction, test top-1 as mean ± std over seeds with its 95% interval, top-5, the
   delta to dense, and the training it had (optimizer steps and images, the inherited
   share included: the supernet's, ViT-Slim's search, the base model's)
 - `comparison.{csv,md,tex}`: per FLORA budget, against the control and against SVD
-  uniform, and per budget of FLORA on ViT-Slim's model, against ViT-Slim alone: the
+  uniform, and per budget of FLORA on ViT-Slim's (OFB's) model, against ViT-Slim (OFB) alone: the
   top-1 difference at equal MACs (the baseline's curve interpolated at the point's
   MACs) and the extra MACs reduction at equal top-1, each with its 95% interval and a
   verdict (better / worse / within noise / out of range)
@@ -198,7 +198,7 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
 def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
     """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals.
 
-    FLORA's at the top level; FLORA on ViT-Slim's model under ``slim_flora``.
+    FLORA's at the top level; FLORA on ViT-Slim's (OFB's) model under ``slim_flora`` (``ofb_flora``).
     """
     dense = models[0]
 
@@ -224,9 +224,12 @@ def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataF
         "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
         "budgets": budget_entries("flora", results, comparison),
         "mean_over_budgets": mean_over_budgets("flora"),
-        "slim_flora": {
-            "budgets": budget_entries("slim_flora", results, comparison),
-            "mean_over_budgets": mean_over_budgets("slim_flora"),
+        **{
+            combined: {
+                "budgets": budget_entries(combined, results, comparison),
+                "mean_over_budgets": mean_over_budgets(combined),
+            }
+            for combined in ("slim_flora", "ofb_flora")
         },
     }
 
@@ -250,9 +253,17 @@ def stage_seconds(context: StageContext) -> tuple[dict[str, float], dict[str, li
             ("decompose_on_slim", "decompose_on_slim"),
             ("filter_on_slim", "filter_on_slim"),
             ("supernet_on_slim", "supernet_on_slim"),
+            ("ofb_base", "ofb_base"),
+            ("decompose_on_ofb", "decompose_on_ofb"),
+            ("filter_on_ofb", "filter_on_ofb"),
+            ("supernet_on_ofb", "supernet_on_ofb"),
         )
     }
-    per_budget = {stage: [seconds(path) for path in context.inputs(stage)] for stage in ("search", "search_on_slim")}
+    per_budget = {
+        stage: [seconds(path) for path in context.inputs(key)]
+        for stage, key in (("search", "search"), ("search_on_slim", "search_on_slim"), ("ofb", "ofb_search"))
+    }
+    per_budget["search_on_ofb"] = [seconds(path) for path in context.inputs("search_on_ofb")]
     return once, per_budget
 
 
@@ -279,11 +290,17 @@ def run(context: StageContext) -> None:
     once, per_budget = stage_seconds(context)
     searches = [
         (f"{stage} {budget_name(b)}", value)
-        for stage, budget_list in (("search", budgets.search), ("search_on_slim", budgets.slim_flora))
+        for stage, budget_list in (
+            ("search", budgets.search),
+            ("search_on_slim", budgets.slim_flora),
+            ("ofb", budgets.ofb),
+            ("search_on_ofb", budgets.ofb_flora),
+        )
         for b, value in zip(budget_list, per_budget[stage], strict=True)
     ]
     retrains = [(f"retrain {m.method} {m.budget}", float(m.metrics["seconds"])) for m in models[1:]]
-    costs = costs_table([*once.items(), *searches, *retrains])
+    runs_once = [(stage, value) for stage, value in once.items() if stage != "ofb_base"]  # an ofb run, listed there
+    costs = costs_table([*runs_once, *searches, *retrains])
     write_table(context, "costs", costs, readable(costs))
     search_costs = search_costs_table(once, per_budget)
     write_table(context, "search_costs", search_costs, readable_search_costs(search_costs))

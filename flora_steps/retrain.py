@@ -5,8 +5,10 @@
     python -m flora_steps.retrain --params params.yaml --method uniform --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method slim --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method flora --base slim --budget 0.4
+    python -m flora_steps.retrain --params params.yaml --method ofb --budget 0.3
+    python -m flora_steps.retrain --params params.yaml --method flora --base ofb --budget 0.26
 
-Four kinds of compressed model, so that a comparison isolates one thing:
+Five kinds of compressed model, so that a comparison isolates one thing:
 
 - `flora`: the subnet `search` found for the budget, with the supernet's weights,
   fine-tuned for `retrain.epochs`.
@@ -21,11 +23,15 @@ Four kinds of compressed model, so that a comparison isolates one thing:
   (`flora_steps.core.slim`), fine-tuned for `retrain.slim_epochs` (null:
   `supernet.epochs + retrain.epochs`, the training FLORA on a ViT-Slim model gets
   after the same search); it inherits the search's training.
+- `ofb`: OFB's model searched at the budget (`ofb` stage, already sliced), fine-tuned
+  for `retrain.ofb_epochs` (null: `supernet.epochs + retrain.epochs`, the training FLORA
+  on an OFB model gets after the same search); it inherits the search's training.
 
 `--base slim` runs FLORA on ViT-Slim's searched model sliced at `budgets.slim_base`
 (`slim_base` stage) instead of the dense one, with its own decompose, filter, supernet
-and search stages under `results/on_slim/`; it inherits ViT-Slim's search too. Budgets
-are always fractions of the dense model's MACs.
+and search stages under `results/on_slim/`; it inherits ViT-Slim's search too.
+`--base ofb` does the same on OFB's model searched at `budgets.ofb_base`, under
+`results/on_ofb/`. Budgets are always fractions of the dense model's MACs.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
@@ -86,6 +92,7 @@ SOURCES = {
     "control": "supernet weights, uniform rank ratio",
     "uniform": "SVD of the base model, uniform rank ratio",
     "slim": "ViT-Slim's searched model, sliced to the budget",
+    "ofb": "OFB's model searched and sliced at the budget",
 }
 
 
@@ -122,6 +129,8 @@ def compressed_model(context: StageContext, dense: CostModel) -> tuple[nn.Module
     source, spec = load_model(context.input("model"))
     if context.method == "slim":
         return sliced_model(context, source, spec, dense)
+    if context.method == "ofb":  # sliced by its search
+        return source, {}, spec, {"source": SOURCES["ofb"]}, trace_costs(source, input_shape(source)).dense_macs
     costs = trace_costs(source, input_shape(source))  # the base FLORA compresses: the dense model or a sliced one
     ranks, choice = chosen_ranks(context, source, spec, costs, dense.dense_macs)
     try:
@@ -149,17 +158,19 @@ def sliced_model(
 
 
 def fine_tuning_epochs(context: StageContext) -> int:
-    """Epochs of each seed's fine-tuning: ``retrain.epochs``; the SVD uniform baseline and ViT-Slim their own.
+    """Epochs of each seed's fine-tuning: ``retrain.epochs``; the SVD uniform baseline, ViT-Slim and OFB their own.
 
-    ``null`` gives either ``supernet.epochs + retrain.epochs``: the SVD uniform baseline as
-    many training images as FLORA's supernet plus its fine-tuning, ViT-Slim's models as many
-    as FLORA on a ViT-Slim model after the same mask search.
+    ``null`` gives ``supernet.epochs + retrain.epochs``: the SVD uniform baseline as many
+    training images as FLORA's supernet plus its fine-tuning, ViT-Slim's and OFB's models
+    as many as FLORA on their model after the same search.
     """
     cfg = context.params.retrain
     if context.method == "uniform":
         chosen = cfg.uniform_epochs
     elif context.method == "slim":
         chosen = cfg.slim_epochs
+    elif context.method == "ofb":
+        chosen = cfg.ofb_epochs
     else:
         return cfg.epochs
     return context.params.supernet.epochs + cfg.epochs if chosen is None else chosen
@@ -167,7 +178,7 @@ def fine_tuning_epochs(context: StageContext) -> int:
 
 def inherited_training(context: StageContext) -> dict[str, int]:
     """Optimizer steps and images of the training a model inherits: the supernet's (FLORA, the control),
-    ViT-Slim's search (slim), and on a compressed base the training that base had."""
+    ViT-Slim's or OFB's search (slim, ofb), and on a compressed base the training that base had."""
     steps, images = 0, 0
     for key in ("inherited", "base_training"):
         if key in context.stage.inputs:

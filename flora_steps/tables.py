@@ -25,9 +25,11 @@ METHODS = {
     "flora": "searched ranks, from the supernet",
     "slim": "ViT-Slim: attention channels and MLP units sliced",
     "slim_flora": "FLORA on ViT-Slim's model",
+    "ofb": "OFB: heads, channels per head, MLP units and embedding width searched",
+    "ofb_flora": "FLORA on OFB's model",
 }
 #: Each comparison of the report: a method's points against a baseline's curve (closed by the dense model)
-COMPARISONS = (("flora", "control"), ("flora", "uniform"), ("slim_flora", "slim"))
+COMPARISONS = (("flora", "control"), ("flora", "uniform"), ("slim_flora", "slim"), ("ofb_flora", "ofb"))
 RESULT_COLUMNS = [
     "method",
     "budget",
@@ -218,6 +220,7 @@ def costs_table(seconds: Sequence[tuple[str, float]]) -> pd.DataFrame:
 
 #: The stages that choose each method's model: those run once, and the one run per budget (if any).
 #: The supernet counts (its training is also the fine-tuning its subnets start from); the retrains do not.
+#: ``ofb_base`` is OFB's search at ``budgets.ofb_base``, the model FLORA on OFB starts from.
 SEARCH_STAGES = {
     "uniform": (("decompose",), None),
     "control": (("decompose", "filter", "supernet"), None),
@@ -227,6 +230,8 @@ SEARCH_STAGES = {
         ("slim", "slim_base", "decompose_on_slim", "filter_on_slim", "supernet_on_slim"),
         "search_on_slim",
     ),
+    "ofb": ((), "ofb"),
+    "ofb_flora": (("ofb_base", "decompose_on_ofb", "filter_on_ofb", "supernet_on_ofb"), "search_on_ofb"),
 }
 
 
@@ -240,7 +245,7 @@ def search_costs_table(once: Mapping[str, float], per_budget: Mapping[str, Seque
         rows.append(
             {
                 "method": method,
-                "stages": " + ".join(stages) + (f" + {searched} per budget" if searched else ""),
+                "stages": " + ".join([*stages, *([f"{searched} per budget"] if searched else [])]),
                 "one_off_seconds": one_off,
                 "per_budget_seconds": float(np.mean(runs)) if runs else 0.0,
                 "budgets": len(runs) if searched else None,

@@ -15,7 +15,7 @@ import os
 import random
 from collections.abc import Callable, Collection, Iterable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,23 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, np.random.Generator], torch.Tensor]
 #: model -> named numbers after an epoch (e.g. ``val_top1``); they become history columns.
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
+
+
+class TrainingHook(Protocol):
+    """What a training run that changes its model as it goes (OFB's search) plugs into ``fit``."""
+
+    def before_step(self, progress: float) -> None:
+        """Called before each optimizer step; ``progress`` is the epochs done, fractional."""
+
+    def after_step(self, optimizer: torch.optim.Optimizer, steps: int, steps_per_epoch: int) -> bool:
+        """Called after optimizer step number ``steps``; returns True when it replaced parameters."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to rebuild the model's current shapes."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give the model the shapes of a checkpoint's ``state_dict()`` before its weights load."""
+
 
 CHECKPOINT = "checkpoint.pt"
 #: The history columns every training run has; a stage's evaluation adds its own after them.
@@ -189,13 +206,12 @@ def own_checkpoint(checkpoint: os.PathLike, identity: str) -> dict[str, Any] | N
 
 
 def resume(
-    checkpoint: os.PathLike, identity: str, model: nn.Module, optimizer: torch.optim.Optimizer
+    checkpoint: os.PathLike, state: dict[str, Any] | None, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[dict]]:
-    """Restore ``model`` and ``optimizer`` from ``checkpoint`` if it has this run's ``identity``.
+    """Restore ``model`` and ``optimizer`` from the ``state`` read from ``checkpoint`` (``own_checkpoint``).
 
     Returns (epochs already done, history so far); (0, []) to start fresh, saying why in the log.
     """
-    state = own_checkpoint(checkpoint, identity)
     if state is None:
         return 0, []
     try:  # check everything before changing anything, so that a failed resume really starts fresh
@@ -225,6 +241,7 @@ def fit(
     epochs: int | None = None,
     no_decay: Collection[str] = (),
     on_device: OnDevice | None = None,
+    hook: TrainingHook | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
@@ -236,7 +253,8 @@ def fit(
     ``seed`` (default: the params' ``seed``) seeds shuffling and the loss's sampling;
     a stage that trains once per seed passes each, and each keeps its own checkpoint.
     ``no_decay`` names parameters AdamW must not weight-decay (``build_optimizer``);
-    ``on_device`` is the data's device-side loading (``DataSplits.on_device``).
+    ``on_device`` is the data's device-side loading (``DataSplits.on_device``); ``hook``
+    (``TrainingHook``) runs around every optimizer step and keeps its state in the checkpoint.
     """
     rank, world_size = world()
     device, amp = context.device, context.params.compute.amp
@@ -247,11 +265,14 @@ def fit(
     steps_per_epoch = len(loader) // accumulate
     if steps_per_epoch == 0:
         raise UserError(f"{section}.batch_size: {cfg.batch_size} is more than the {len(dataset)} training images hold")
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay)
-    scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     checkpoint = context.out / checkpoint_name(seed)
     identity = context.identity(seed=seed, epochs=epochs)  # not the process count: a resume may use other GPUs
-    start_epoch, history = resume(checkpoint, identity, model, optimizer)
+    state = own_checkpoint(checkpoint, identity)
+    if hook is not None and state is not None:
+        hook.load_state_dict(state.get("hook", {}))  # the model's shapes at the checkpoint, before its weights
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay)
+    scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
+    start_epoch, history = resume(checkpoint, state, model, optimizer)
     network = DistributedDataParallel(model) if world_size > 1 else model
 
     steps, images_seen = (history[-1]["steps"], history[-1]["images"]) if history else (0, 0)
@@ -266,6 +287,8 @@ def fit(
         micro_batches = iter(loader)
         for step in range(steps_per_epoch):
             scheduler.step_update(epoch * steps_per_epoch + step)
+            if hook is not None:
+                hook.before_step(epoch + step / steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
             step_state = rng.bit_generator.state  # every micro-batch of a step samples alike (one subnet)
             step_loss = 0.0
@@ -288,6 +311,8 @@ def fit(
             optimizer.step()
             loss_sum += step_loss
             steps += 1
+            if hook is not None and hook.after_step(optimizer, steps, steps_per_epoch) and world_size > 1:
+                network = DistributedDataParallel(model)  # DDP holds the parameters it was built with
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}", refresh=False)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"]}
@@ -305,7 +330,8 @@ def fit(
         )
         if is_first():
             state = {"identity": identity, "epoch": epoch + 1, "history": history}
-            save_checkpoint(checkpoint, state | {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            state |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint, state | ({"hook": hook.state_dict()} if hook is not None else {}))
         barrier()
     bar.close()
     if world_size > 1:

@@ -512,6 +512,29 @@ class OFBSearch(nn.Module):
         slice_parameter(conv, "weight", lambda w: w.index_select(1, channels.to(w.device)), optimizer)
         conv.in_channels = len(channels)
 
+    def shapes(self) -> dict[str, dict[str, list]]:
+        """Every module's units per axis, candidate grids and live candidates: what ``restore_shapes`` rebuilds."""
+        return {
+            key: {
+                "units": list(mask.scores.shape),
+                "grids": [grid.tolist() for grid in mask.grids],
+                "alive": mask.alive.tolist(),
+            }
+            for key, mask in self.masks.items()
+        }
+
+    @torch.no_grad()
+    def restore_shapes(self, shapes: Mapping[str, Mapping[str, list]]) -> None:
+        """Slice every module to the shapes ``shapes()`` gave (which units stay does not matter: a checkpoint's
+        weights load over them next)."""
+        for key, shape in shapes.items():
+            mask = self.masks[key]
+            if tuple(shape["units"]) != tuple(mask.scores.shape):
+                self._slice(key, tuple(shape["units"]), None)
+            if [grid.tolist() for grid in mask.grids] != shape["grids"]:
+                raise ValueError(f"{key}: candidate widths {shape['grids']} are not this model's")
+            mask.alive.copy_(torch.tensor(shape["alive"]))
+
     def choice(self) -> dict[str, tuple[int, ...]]:
         """Every module's grid cell: its only live one, or the most probable."""
         return {key: mask.most_probable() for key, mask in self.masks.items()}
