@@ -442,6 +442,7 @@ STAGES: dict[str, Stage] = {
                     "ofb",
                     (
                         *TRAINING,
+                        "arch_lr",
                         "temperature",
                         "hard_label_weight",
                         "head_ratios",

@@ -13,14 +13,16 @@ loss (`ofb.onehot_weight`) and L1 on σ(S) (`ofb.attention_weight`, `mlp_weight`
 `embed_weight`). λ (`ofb.score_weight`) and the masked share of tokens
 (`ofb.mask_ratio`) move linearly over `ofb.ramp_epochs`. `ofb.prunes_per_epoch` times an
 epoch, progressive pruning kills the width candidates at probability `≤
-ofb.prune_threshold / K` and slices away the units no live candidate keeps, their
+ofb.prune_threshold / K` (keeping a module's widest while the budget band would
+otherwise become unreachable) and slices away the units no live candidate keeps, their
 AdamW state with them. At the end each module takes its most probable width, moved
 if needed into the MACs band `[budget − search.band, budget]`; the model is sliced,
 the mask values are folded into its weights, and it is a plain, smaller timm ViT.
 
-One AdamW for weights, scores and logits (the released code gives the logits their
-own, with betas (0.5, 0.999)); no weight decay on scores, logits, tokens and position
-embedding. Under `torchrun` (DDP) every process takes the same pruning decisions (the
+One AdamW for weights, scores and logits; scores and logits learn at `ofb.arch_lr`
+(following the weights' schedule) and are never weight-decayed, nor are tokens and
+position embedding (the released code gives the logits their own AdamW, betas (0.5,
+0.999)). Under `torchrun` (DDP) every process takes the same pruning decisions (the
 logits stay in sync). PMIM's token masks are drawn per micro-batch, so
 `ofb.micro_batch` changes which tokens are masked. Checkpoints every epoch with the
 pruned shapes and resumes after a kill. The `retrain` stage's `ofb` method fine-tunes
@@ -64,8 +66,9 @@ class Schedule:
     """OFB's schedule around each optimizer step (``training.TrainingHook``): λ and the mask ratio move with
     the epochs, and progressive pruning runs ``prunes_per_epoch`` times an epoch."""
 
-    def __init__(self, search: OFBSearch, cfg: OFBParams) -> None:
+    def __init__(self, search: OFBSearch, cfg: OFBParams, costs: OFBCosts, floor: float) -> None:
         self.search, self.cfg, self.mask_ratio = search, cfg, cfg.mask_ratio[0]
+        self.costs, self.floor = costs, floor  # pruning keeps a structure of at least ``floor`` MACs possible
 
     def before_step(self, progress: float) -> None:
         self.search.weight = ramp(progress, self.cfg.ramp_epochs, *self.cfg.score_weight)
@@ -74,7 +77,7 @@ class Schedule:
     def after_step(self, optimizer: torch.optim.Optimizer, steps: int, steps_per_epoch: int) -> bool:
         if steps % max(1, steps_per_epoch // self.cfg.prunes_per_epoch):
             return False
-        return self.search.prune(self.cfg.prune_threshold, optimizer)
+        return self.search.prune(self.cfg.prune_threshold, optimizer, self.costs, self.floor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"shapes": self.search.shapes()}
@@ -125,7 +128,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(base), base.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    schedule = Schedule(search, cfg)
+    schedule = Schedule(search, cfg, costs, (budget - params.search.band) * costs_dense.dense_macs)
     tokens = base.patch_embed.num_patches
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
@@ -152,8 +155,8 @@ def run(context: StageContext) -> None:
             "mask_ratio": schedule.mask_ratio,
         }
 
-    undecayed = [name for name, _ in search.named_parameters() if name.startswith("masks.")]
-    undecayed += ["mask_token", *(f"vit.{name}" for name in base.no_weight_decay())]
+    architecture = {name: cfg.arch_lr / cfg.lr for name, _ in search.named_parameters() if name.startswith("masks.")}
+    undecayed = ["mask_token", *(f"vit.{name}" for name in base.no_weight_decay())]
     history = fit(
         search,
         splits.train,
@@ -165,6 +168,7 @@ def run(context: StageContext) -> None:
         no_decay=undecayed,
         on_device=splits.on_device,
         hook=schedule,
+        lr_scales=architecture,
     )
     low, high = (budget - params.search.band) * dense_macs, budget * dense_macs
     try:

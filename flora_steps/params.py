@@ -220,6 +220,7 @@ class OFBParams(TrainingParams):
     """
 
     epochs: PositiveInt
+    arch_lr: PositiveFloat  # learning rate of the scores and width logits, on lr's schedule (released: lr)
     temperature: PositiveFloat  # distillation temperature
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation from the base model
     head_ratios: Ratios  # attention heads kept (released: every even head count)

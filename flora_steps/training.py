@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any, Protocol
 
@@ -77,14 +77,26 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, no_decay: Collection[str] = ()
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    no_decay: Collection[str] = (),
+    lr_scales: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases, norms, the model's ``no_weight_decay`` tokens and ``no_decay``.
 
     ``no_decay`` holds parameter names (or ``fnmatch`` patterns) to leave undecayed too.
+    ``lr_scales`` maps parameter names to a multiple of the learning rate (timm's
+    schedulers apply a group's ``lr_scale``); those are never weight-decayed.
     """
     skip = set(getattr(model, "no_weight_decay", set)()) | set(no_decay)
+    scales = dict(lr_scales or {})
+    scaled = {id(p) for name, p in model.named_parameters() if name in scales}
     groups = timm.optim.param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    groups = [group | {"params": [p for p in group["params"] if id(p) not in scaled]} for group in groups]
+    for scale in sorted(set(scales.values())):
+        chosen = [p for name, p in model.named_parameters() if scales.get(name) == scale]
+        groups.append({"params": chosen, "weight_decay": 0.0, "lr_scale": scale})
     return timm.optim.create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay)
 
 
@@ -242,6 +254,7 @@ def fit(
     no_decay: Collection[str] = (),
     on_device: OnDevice | None = None,
     hook: TrainingHook | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
@@ -252,7 +265,8 @@ def fit(
     as an uninterrupted run. ``section`` names the params section in error messages.
     ``seed`` (default: the params' ``seed``) seeds shuffling and the loss's sampling;
     a stage that trains once per seed passes each, and each keeps its own checkpoint.
-    ``no_decay`` names parameters AdamW must not weight-decay (``build_optimizer``);
+    ``no_decay`` names parameters AdamW must not weight-decay, ``lr_scales`` those with a
+    multiple of the learning rate (``build_optimizer``);
     ``on_device`` is the data's device-side loading (``DataSplits.on_device``); ``hook``
     (``TrainingHook``) runs around every optimizer step and keeps its state in the checkpoint.
     """
@@ -270,7 +284,7 @@ def fit(
     state = own_checkpoint(checkpoint, identity)
     if hook is not None and state is not None:
         hook.load_state_dict(state.get("hook", {}))  # the model's shapes at the checkpoint, before its weights
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay, lr_scales)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     start_epoch, history = resume(checkpoint, state, model, optimizer)
     network = DistributedDataParallel(model) if world_size > 1 else model

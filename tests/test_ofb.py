@@ -233,7 +233,7 @@ def test_fit_to_budget_moves_the_most_probable_structure_into_the_band() -> None
     for budget in (0.2, 0.3, 0.5):
         cells = search.fit_to_budget(costs, (budget - 0.02) * dense, budget * dense)
         assert (budget - 0.02) * dense <= costs.structure_macs(*search.structure(cells)) <= budget * dense
-    with pytest.raises(ValueError, match="no structure"):
+    with pytest.raises(ValueError, match="no structure of the widths left"):
         search.fit_to_budget(costs, 0.0, 0.001 * dense)
 
 
@@ -279,3 +279,15 @@ def test_models_that_are_not_plain_vits_are_refused() -> None:
         swin = timm.create_model("swin_tiny_patch4_window7_224")
     with pytest.raises(ValueError, match="VisionTransformer"):
         OFBSearch(swin, GRIDS, 3, 3, 0)
+
+
+def test_pruning_keeps_the_lower_edge_of_the_budget_band_reachable() -> None:
+    search, costs, _ = search_model()
+    random_logits(search, spread=10.0)
+    dense = search.largest_macs(costs)
+    search.prune(0.99, None, costs, 0.9 * dense)
+    assert search.largest_macs(costs) >= 0.9 * dense
+    unguarded, _, _ = search_model()
+    random_logits(unguarded, spread=10.0)
+    unguarded.prune(0.99, None)
+    assert unguarded.largest_macs(costs) < 0.9 * dense  # without the guard, the same pruning goes below

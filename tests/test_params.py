@@ -82,7 +82,7 @@ def drop_key(params: dict, dotted: str) -> dict:
         (lambda p: set_key(p, "data.split_seed", -1), "data.split_seed: input should be greater than or equal to 0"),
         (
             lambda p: set_key(p, "search.band", 0.5),
-            "search.band: 0.5 must be below every search budget of budgets.search and budgets.slim_flora (smallest 0.4)",
+            "search.band: 0.5 must be below every budget of budgets.search, slim_flora, ofb and ofb_flora (smallest 0.35)",
         ),
         (lambda p: set_key(p, "model.num_classes", 5), "model.num_classes: 5, but data.dataset digits has 10 classes"),
         (

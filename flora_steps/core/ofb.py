@@ -453,9 +453,13 @@ class OFBSearch(nn.Module):
     # --- progressive pruning and the final model ------------------------------------------------
 
     @torch.no_grad()
-    def prune(self, threshold: float, optimizer: torch.optim.Optimizer | None) -> bool:
+    def prune(
+        self, threshold: float, optimizer: torch.optim.Optimizer | None, costs: OFBCosts | None = None, floor: float = 0
+    ) -> bool:
         """Kill every live candidate whose probability is at most ``threshold / K`` (never the most probable),
-        then slice out the units no live candidate keeps. Returns whether any parameter was replaced."""
+        then slice out the units no live candidate keeps. With ``costs``, a module keeps its widest candidate
+        while killing it would leave no structure of at least ``floor`` MACs (the budget band's lower edge
+        stays reachable). Returns whether any parameter was replaced."""
         replaced = False
         for key, mask in self.masks.items():
             if mask.finished:
@@ -463,12 +467,25 @@ class OFBSearch(nn.Module):
             probabilities = mask.probabilities()
             dead = mask.alive & (probabilities <= threshold / mask.live)
             dead.view(-1)[probabilities.flatten().argmax()] = False
+            before = mask.alive.clone()
             mask.alive &= ~dead
+            if costs is not None and self.largest_macs(costs) < floor:
+                sizes = mask.sizes().masked_fill(~before, -1)
+                mask.alive.view(-1)[sizes.flatten().argmax()] = True
             limits = mask.live_limits()
             if limits != tuple(mask.scores.shape):
                 self._slice(key, limits, optimizer)
                 replaced = True
         return replaced
+
+    def largest_macs(self, costs: OFBCosts) -> int:
+        """MACs of the largest structure the live candidates allow."""
+        cells = {}
+        for key, mask in self.masks.items():
+            sizes = mask.sizes().masked_fill(~mask.alive, -1)
+            flat = int(sizes.flatten().argmax())
+            cells[key] = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.alive.shape))
+        return costs.structure_macs(*self.structure(cells))
 
     def _slice(self, key: str, widths: tuple[int, ...], optimizer) -> None:
         """Keep the top ``widths`` units of one module (weights, scores, grid and optimizer state)."""
@@ -577,7 +594,15 @@ class OFBSearch(nn.Module):
                     elif (after < current and after > high) or (after > current and after < low):
                         towards.append((loss / abs(after - current), after, trial))
             if not landing and not towards:
-                raise ValueError(f"no structure of the searched widths has MACs in [{low:.0f}, {high:.0f}]")
+                ends = [{k: tuple(-1 if top else 0 for _ in m.grids) for k, m in self.masks.items()} for top in (0, 1)]
+                smallest, largest = (
+                    macs({k: tuple(i % len(g) for i, g in zip(c, self.masks[k].grids)) for k, c in e.items()})
+                    for e in ends
+                )
+                raise ValueError(
+                    f"no structure of the widths left after pruning has MACs in [{low:.0f}, {high:.0f}] "
+                    f"(they reach {smallest} to {largest}, and single moves from the most probable do not get closer)"
+                )
             _, current, cells = min(landing or towards, key=lambda option: option[:2])
         return cells
 

@@ -1,0 +1,56 @@
+"""The ofb stage on the smoke profile: progressive pruning mid-run, the MACs band, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import kill_after_first_epoch, write_params
+
+from flora_steps.artifacts import load_model
+from flora_steps.cli import main
+from flora_steps.core import count_macs
+
+
+@pytest.fixture
+def prepared(workdir: Path, smoke_results: Path, smoke_params: dict) -> Path:
+    (workdir / "results").mkdir()
+    (workdir / "results/pretrain").symlink_to(smoke_results / "pretrain")
+    smoke_params["ofb"] |= {"epochs": 3, "arch_lr": 0.3, "prune_threshold": 0.5}  # prunes early
+    return write_params(workdir / "params.yaml", smoke_params)
+
+
+def test_the_ofb_search_prunes_as_it_goes_and_lands_in_the_budget_band(workdir: Path, prepared: Path) -> None:
+    assert main(["ofb", "--params", str(prepared), "--budget", "0.35"]) == 0
+    out = workdir / "results/ofb/0.35"
+    history = pd.read_csv(out / "history.csv")
+    assert history["live_candidates"].iloc[-1] < 89  # of the 89 candidate widths, some died during the search
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.33 <= metrics["macs_fraction"] <= 0.35
+    model, spec = load_model(out / "model")
+    assert count_macs(model, (1, 8, 8)) == metrics["macs"] == json.loads((out / "structure.json").read_text())["macs"]
+    assert spec.embed_dim == model.embed_dim and set(spec.slim) == {f"blocks.{i}" for i in range(4)}
+    assert type(model).__name__ == "VisionTransformer" and not (out / "checkpoint.pt").exists()
+
+
+def test_a_killed_ofb_search_resumes_with_its_pruned_shapes(workdir: Path, prepared: Path, monkeypatch) -> None:
+    command = ["ofb", "--params", str(prepared), "--budget", "0.35"]
+    assert main(command) == 0
+    uninterrupted = (workdir / "results/ofb/0.35/model.safetensors").read_bytes()
+    (workdir / "results/ofb").rename(workdir / "first")
+    kill_after_first_epoch(monkeypatch)
+    assert main(command) == 130
+    checkpoint = torch.load(workdir / "results/ofb/0.35/checkpoint.pt", weights_only=True)
+    live = sum(sum(map(int, torch.tensor(s["alive"]).flatten())) for s in checkpoint["hook"]["shapes"].values())
+    assert live < 89  # the checkpoint holds a pruned model
+    assert main(command) == 0
+    assert "resuming from" in (workdir / "results/ofb/0.35/log.txt").read_text()
+    assert (workdir / "results/ofb/0.35/model.safetensors").read_bytes() == uninterrupted
+
+
+def test_ofb_refuses_a_model_that_is_not_a_plain_vit(workdir: Path, prepared: Path, smoke_params: dict, capsys) -> None:
+    assert main(["ofb", "--params", str(prepared), "--budget", "0.9"]) == 2
+    assert "--budget 0.9: not one of budgets.ofb" in capsys.readouterr().err
