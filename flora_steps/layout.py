@@ -555,7 +555,6 @@ STAGES: dict[str, Stage] = {
                 "budgets.slim",
                 "budgets.slim_flora",
                 "budgets.ofb",
-                "budgets.ofb_base",
                 "budgets.ofb_flora",
                 "decompose.targets",
             ),

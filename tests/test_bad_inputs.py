@@ -76,7 +76,11 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     ("budgets.search", [0.5, 1.2], "budgets.search.1: input should be less than or equal to 1"),
     ("budgets.uniform", [0.5, 0.8, 1], "budgets.uniform.2: write 1 as 1.0"),
     ("budgets.uniform", [0.8], "budgets: uniform must include every search budget (missing [0.5])"),
-    ("search.band", 0.5, "search.band: 0.5 must be below every budget of budgets.search, slim_flora, ofb and ofb_flora"),
+    (
+        "search.band",
+        0.5,
+        "search.band: 0.5 must be below every budget of budgets.search, slim_flora, ofb and ofb_flora",
+    ),
     ("budgets.slim_flora", [0.6], "budgets: slim_flora: [0.6] not below slim_base 0.5"),
     ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest budget (0.49) must lie at or below"),
     ("slim.attention_weight", -1, "slim.attention_weight: input should be greater than or equal to 0"),

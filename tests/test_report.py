@@ -73,7 +73,8 @@ def test_out_of_range_replicates_become_unbounded_ends() -> None:
 def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
     (directory / "results").mkdir()
-    for stage in ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "slim_base", "on_slim"):
+    stages = ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "slim_base", "on_slim")
+    for stage in (*stages, "ofb", "on_ofb"):
         (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
@@ -92,10 +93,11 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     results = pd.read_csv(out / "results.csv")
     assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
     methods = ["dense"] + ["uniform"] * 3 + ["control"] * 3 + ["flora"] + ["slim"] * 2 + ["slim_flora"]
+    methods += ["ofb"] * 2 + ["ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5, 0.35, 0.5, 0.4]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5, 0.35, 0.5, 0.4, 0.35, 0.5, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 10
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 13
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
@@ -107,12 +109,16 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert on_slim["supernet_steps"] == slim["supernet_steps"] + flora["supernet_steps"]
     assert on_slim["train_steps"] == slim["train_steps"]
     assert on_slim["macs"] < slim["macs"]
+    ofb = results[(results["method"] == "ofb") & (results["budget"] == 0.5)].iloc[0]  # budgets.ofb_base
+    on_ofb = results[results["method"] == "ofb_flora"].iloc[0]
+    assert on_ofb["supernet_steps"] == ofb["supernet_steps"] + flora["supernet_steps"]  # equal training again
+    assert on_ofb["train_steps"] == ofb["train_steps"] and on_ofb["macs"] < ofb["macs"]
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert "| method" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
     comparison = pd.read_csv(out / "comparison.csv")
-    assert list(comparison["method"]) == ["flora", "flora", "slim_flora"]
-    assert list(comparison["baseline"]) == ["control", "uniform", "slim"]
-    assert list(comparison["budget"]) == [0.5, 0.5, 0.4]
+    assert list(comparison["method"]) == ["flora", "flora", "slim_flora", "ofb_flora"]
+    assert list(comparison["baseline"]) == ["control", "uniform", "slim", "ofb"]
+    assert list(comparison["budget"]) == [0.5, 0.5, 0.4, 0.4]
     assert comparison["delta_verdict"].isin(["better", "worse", "within noise", "out of range"]).all()
     ranks = pd.read_csv(out / "ranks.csv")
     assert len(ranks) == 12 and list(ranks.columns) == ["layer", "full_rank", "0.5"]
@@ -135,8 +141,10 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert [entry["budget"] for entry in summary["slim_flora"]["budgets"]] == [0.4]
     assert set(summary["slim_flora"]["budgets"][0]) == {"budget", "slim_flora", "vs_slim"}
     assert set(summary["slim_flora"]["mean_over_budgets"]) == {"vs_slim"}
+    assert set(summary["ofb_flora"]["budgets"][0]) == {"budget", "ofb_flora", "vs_ofb"}
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
-    assert list(search_costs.index) == ["uniform", "control", "flora", "slim", "slim_flora"]
+    assert list(search_costs.index) == ["uniform", "control", "flora", "slim", "slim_flora", "ofb", "ofb_flora"]
+    assert search_costs.loc["ofb", "budgets"] == 2 and search_costs.loc["ofb", "one_off_seconds"] == 0
     assert search_costs.loc["slim_flora", "one_off_seconds"] > search_costs.loc["slim", "one_off_seconds"]
     flora_cost = search_costs.loc["flora"]
     assert flora_cost["total_seconds"] == pytest.approx(

@@ -66,6 +66,7 @@ def test_search_with_a_budget_not_in_params_is_one_clear_line(searched: Path, mo
 def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_path: Path, monkeypatch, capsys):
     params = yaml.safe_load((searched / "params.yaml").read_text())
     params["budgets"] = {"search": [0.1], "uniform": [0.05, 0.1], "slim": [0.05], "slim_base": 0.3, "slim_flora": [0.1]}
+    params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1]}
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "filter", "supernet"):
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)

@@ -105,7 +105,7 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose", "decompose_on_slim"})),
+        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"})),
         ("retrain", "lr", 0.001, downstream(RETRAINS)),  # every retrain (FLORA on ViT-Slim's too), latency, report
         ("retrain", "seeds", [0, 2], downstream(RETRAINS)),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
@@ -113,6 +113,7 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
         ("slim", "mlp_weight", 0.0001, downstream({"slim"})),  # ViT-Slim's search, its models, FLORA on them
         ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "report"}),  # one more
+        ("ofb", "macs_weight", 10.0, downstream({"ofb"})),  # every OFB search, its models, FLORA on OFB's
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),
     ],
@@ -146,9 +147,15 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "supernet_on_slim",
         "search_on_slim",
         "retrain_flora_on_slim",
+        "ofb",
+        "retrain_ofb",
+        "filter_on_ofb",
+        "supernet_on_ofb",
+        "search_on_ofb",
+        "retrain_flora_on_ofb",
         "latency",
     }
-    assert other_rules == {"decompose", "decompose_on_slim", "report", "all"}
+    assert other_rules == {"decompose", "decompose_on_slim", "decompose_on_ofb", "report", "all"}
 
 
 def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> None:
