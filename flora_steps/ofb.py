@@ -115,7 +115,8 @@ def run(context: StageContext) -> None:
         search = OFBSearch(base, grids, in_chans=shape[0], target_window=cfg.target_window, seed=params.seed)
     except ValueError as error:
         raise UserError(f"model.name: OFB cannot prune {spec.model}: {error}") from None
-    target, dense_macs = budget * costs_dense.dense_macs, costs_dense.dense_macs
+    dense_macs = costs_dense.dense_macs
+    target, low = budget * dense_macs, (budget - params.search.band) * dense_macs  # the band [low, target]
     search.to(device)
     teacher.to(device).eval().requires_grad_(False)
     log.info(
@@ -128,7 +129,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(base), base.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    schedule = Schedule(search, cfg, costs, (budget - params.search.band) * costs_dense.dense_macs)
+    schedule = Schedule(search, cfg, costs, low)
     tokens = base.patch_embed.num_patches
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
@@ -170,9 +171,8 @@ def run(context: StageContext) -> None:
         hook=schedule,
         lr_scales=architecture,
     )
-    low, high = (budget - params.search.band) * dense_macs, budget * dense_macs
     try:
-        cells = search.fit_to_budget(costs, low, high)
+        cells = search.fit_to_budget(costs, low, target)
     except ValueError as error:
         raise UserError(f"budgets.ofb: {budget}: {error}") from None
     model, embed_dim, structure = search.finalise(cells)

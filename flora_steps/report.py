@@ -261,9 +261,13 @@ def stage_seconds(context: StageContext) -> tuple[dict[str, float], dict[str, li
     }
     per_budget = {
         stage: [seconds(path) for path in context.inputs(key)]
-        for stage, key in (("search", "search"), ("search_on_slim", "search_on_slim"), ("ofb", "ofb_search"))
+        for stage, key in (
+            ("search", "search"),
+            ("search_on_slim", "search_on_slim"),
+            ("ofb", "ofb_search"),
+            ("search_on_ofb", "search_on_ofb"),
+        )
     }
-    per_budget["search_on_ofb"] = [seconds(path) for path in context.inputs("search_on_ofb")]
     return once, per_budget
 
 

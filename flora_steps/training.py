@@ -94,6 +94,7 @@ def build_optimizer(
     scaled = {id(p) for name, p in model.named_parameters() if name in scales}
     groups = timm.optim.param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     groups = [group | {"params": [p for p in group["params"] if id(p) not in scaled]} for group in groups]
+    groups = [group for group in groups if group["params"]]
     for scale in sorted(set(scales.values())):
         chosen = [p for name, p in model.named_parameters() if scales.get(name) == scale]
         groups.append({"params": chosen, "weight_decay": 0.0, "lr_scale": scale})

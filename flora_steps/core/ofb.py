@@ -158,7 +158,14 @@ class BiMask(nn.Module):
 
     def most_probable(self) -> tuple[int, ...]:
         """The grid cell of the largest probability."""
-        flat = int(self.probabilities().flatten().argmax())
+        return self._cell_of_max(self.probabilities())
+
+    def widest_live(self) -> tuple[int, ...]:
+        """The grid cell of the live candidate that keeps the most units."""
+        return self._cell_of_max(self.sizes().masked_fill(~self.alive, -1))
+
+    def _cell_of_max(self, values: torch.Tensor) -> tuple[int, ...]:
+        flat = int(values.flatten().argmax())
         return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.alive.shape))
 
     def widths(self, cell: tuple[int, ...]) -> tuple[int, ...]:
@@ -466,12 +473,11 @@ class OFBSearch(nn.Module):
                 continue
             probabilities = mask.probabilities()
             dead = mask.alive & (probabilities <= threshold / mask.live)
-            dead.view(-1)[probabilities.flatten().argmax()] = False
-            before = mask.alive.clone()
+            dead[mask.most_probable()] = False
+            widest = mask.widest_live()
             mask.alive &= ~dead
             if costs is not None and self.largest_macs(costs) < floor:
-                sizes = mask.sizes().masked_fill(~before, -1)
-                mask.alive.view(-1)[sizes.flatten().argmax()] = True
+                mask.alive[widest] = True
             limits = mask.live_limits()
             if limits != tuple(mask.scores.shape):
                 self._slice(key, limits, optimizer)
@@ -480,12 +486,7 @@ class OFBSearch(nn.Module):
 
     def largest_macs(self, costs: OFBCosts) -> int:
         """MACs of the largest structure the live candidates allow."""
-        cells = {}
-        for key, mask in self.masks.items():
-            sizes = mask.sizes().masked_fill(~mask.alive, -1)
-            flat = int(sizes.flatten().argmax())
-            cells[key] = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.alive.shape))
-        return costs.structure_macs(*self.structure(cells))
+        return costs.structure_macs(*self.structure({key: mask.widest_live() for key, mask in self.masks.items()}))
 
     def _slice(self, key: str, widths: tuple[int, ...], optimizer) -> None:
         """Keep the top ``widths`` units of one module (weights, scores, grid and optimizer state)."""
@@ -594,11 +595,8 @@ class OFBSearch(nn.Module):
                     elif (after < current and after > high) or (after > current and after < low):
                         towards.append((loss / abs(after - current), after, trial))
             if not landing and not towards:
-                ends = [{k: tuple(-1 if top else 0 for _ in m.grids) for k, m in self.masks.items()} for top in (0, 1)]
-                smallest, largest = (
-                    macs({k: tuple(i % len(g) for i, g in zip(c, self.masks[k].grids)) for k, c in e.items()})
-                    for e in ends
-                )
+                smallest = macs({key: (0,) * len(mask.grids) for key, mask in self.masks.items()})
+                largest = macs({key: tuple(len(g) - 1 for g in mask.grids) for key, mask in self.masks.items()})
                 raise ValueError(
                     f"no structure of the widths left after pruning has MACs in [{low:.0f}, {high:.0f}] "
                     f"(they reach {smallest} to {largest}, and single moves from the most probable do not get closer)"
