@@ -99,6 +99,11 @@ def macs_unit(macs: float) -> tuple[float, str]:
     return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
 
 
+def _signed(value: float) -> str:
+    """A signed number with one decimal; an infinite interval end as ±∞."""
+    return ("+∞" if value > 0 else "−∞") if np.isinf(value) else f"{value:+.1f}"
+
+
 def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str) -> list[str]:
     """One line per budget of ``method`` against ``baseline``: ``number`` (delta_top1 in points, or
     extra_reduction in percent) with its interval and verdict."""
@@ -110,8 +115,8 @@ def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str)
         elif row[f"{prefix}_verdict"] == "out of range":
             verdict = f"out of {baseline}'s range"
         else:
-            low, high, value = (100 * row[key] for key in (f"{prefix}_low", f"{prefix}_high", number))
-            verdict = f"{value:+.1f} [{low:+.1f}, {high:+.1f}], {row[f'{prefix}_verdict']}"
+            low, high, value = (_signed(100 * row[key]) for key in (f"{prefix}_low", f"{prefix}_high", number))
+            verdict = f"{value} [{low}, {high}], {row[f'{prefix}_verdict']}"
         lines.append(f"budget {row['budget']:g}: {verdict}")
     return lines
 
@@ -122,13 +127,15 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
     ``results`` has columns method, macs, top1, top1_low, top1_high; ``comparison``
     has, per method, budget and baseline, ``delta_top1`` and ``extra_reduction`` with
     their intervals and verdicts. The dense model is the dotted line (its interval
-    shaded), so that the axis spans the compressed models; a box lists FLORA's
-    difference to the control at equal MACs and the extra MACs reduction of FLORA on
-    ViT-Slim's (OFB's) model over ViT-Slim (OFB) alone at equal top-1, each with its interval.
+    shaded), so that the axis spans the compressed models. Beside the axes, under the
+    legend, a box lists FLORA's difference to the control at equal MACs and the extra
+    MACs reduction of FLORA on ViT-Slim's (OFB's) model over ViT-Slim (OFB) alone at
+    equal top-1, each with its interval.
     """
     divisor, unit = macs_unit(results["macs"].max())
-    figure = Figure(figsize=(7.2, 4.8), layout="tight")
-    axis = figure.subplots()
+    figure = Figure(figsize=(10, 4.8), layout="tight")
+    axis, side = figure.subplots(1, 2, width_ratios=[2.7, 1.3])
+    side.axis("off")
     dense = results[results["method"] == "dense"]
     if len(dense):
         row = dense.iloc[0]
@@ -150,25 +157,24 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
             **METHOD_STYLE[method],
         )
     sections = [
-        ("FLORA − control at equal MACs (points)", _verdicts(comparison, "flora", "control", "delta_top1")),
+        ("FLORA − control,\ntop-1 at equal MACs (points)", _verdicts(comparison, "flora", "control", "delta_top1")),
         (
-            "FLORA on ViT-Slim vs ViT-Slim, fewer MACs at equal top-1 (%)",
+            "FLORA on ViT-Slim vs ViT-Slim,\nfewer MACs at equal top-1 (%)",
             _verdicts(comparison, "slim_flora", "slim", "extra_reduction"),
         ),
         (
-            "FLORA on OFB vs OFB, fewer MACs at equal top-1 (%)",
+            "FLORA on OFB vs OFB,\nfewer MACs at equal top-1 (%)",
             _verdicts(comparison, "ofb_flora", "ofb", "extra_reduction"),
         ),
     ]
-    text = "\n".join(f"{title}\n" + "\n".join(lines) for title, lines in sections if lines)
+    text = "\n\n".join(f"{title}\n" + "\n".join(lines) for title, lines in sections if lines)
     if text:
-        axis.text(
-            0.98,
-            0.3,
+        side.text(
+            0.02,
+            0.0,
             text,
-            transform=axis.transAxes,
-            fontsize=6.5,
-            ha="right",
+            transform=side.transAxes,
+            fontsize=7,
             va="bottom",
             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"},
         )
@@ -176,7 +182,7 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
     axis.set_ylabel("test top-1 (%): mean over seeds, 95% interval")
     axis.set_title("Accuracy vs MACs: every method")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=6.5, loc="lower right")
+    side.legend(*axis.get_legend_handles_labels(), fontsize=7, loc="upper left", frameon=False)
     return figure
 
 

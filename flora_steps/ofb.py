@@ -117,6 +117,13 @@ def run(context: StageContext) -> None:
         raise UserError(f"model.name: OFB cannot prune {spec.model}: {error}") from None
     dense_macs = costs_dense.dense_macs
     target, low = budget * dense_macs, (budget - params.search.band) * dense_macs  # the band [low, target]
+    smallest = search.smallest_macs(costs)
+    if smallest > target:
+        raise UserError(
+            f"budgets.ofb: {budget} is below the smallest structure the candidate widths allow "
+            f"({smallest / dense_macs:.3f} of the dense MACs); raise it, or lower the smallest of ofb.embed_ratios, "
+            "head_ratios, head_dim_ratios, mlp_ratios"
+        )
     search.to(device)
     teacher.to(device).eval().requires_grad_(False)
     log.info(

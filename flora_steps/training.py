@@ -218,12 +218,23 @@ def own_checkpoint(checkpoint: os.PathLike, identity: str) -> dict[str, Any] | N
     return state
 
 
+def _unresumable(checkpoint: os.PathLike, reason: str) -> str:
+    """The error when a run's own checkpoint fails to load after the model took its saved shapes."""
+    return f"{checkpoint}: does not load ({reason}) after the model took its saved shapes; delete it to start afresh"
+
+
 def resume(
-    checkpoint: os.PathLike, state: dict[str, Any] | None, model: nn.Module, optimizer: torch.optim.Optimizer
+    checkpoint: os.PathLike,
+    state: dict[str, Any] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reshaped: bool = False,
 ) -> tuple[int, list[dict]]:
     """Restore ``model`` and ``optimizer`` from the ``state`` read from ``checkpoint`` (``own_checkpoint``).
 
     Returns (epochs already done, history so far); (0, []) to start fresh, saying why in the log.
+    ``reshaped``: the model already has the checkpoint's shapes (``TrainingHook``), so a
+    fresh start is impossible and a state that does not load is a ``UserError``.
     """
     if state is None:
         return 0, []
@@ -236,6 +247,8 @@ def resume(
         model.load_state_dict(saved)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reshaped:
+            raise UserError(_unresumable(checkpoint, reason)) from error
         log.warning("cannot resume from %s (%s): starting fresh", checkpoint, reason)
         return 0, []
     log.info("resuming from %s after epoch %d", checkpoint, epoch)
@@ -283,11 +296,15 @@ def fit(
     checkpoint = context.out / checkpoint_name(seed)
     identity = context.identity(seed=seed, epochs=epochs)  # not the process count: a resume may use other GPUs
     state = own_checkpoint(checkpoint, identity)
-    if hook is not None and state is not None:
-        hook.load_state_dict(state.get("hook", {}))  # the model's shapes at the checkpoint, before its weights
+    reshaped = hook is not None and state is not None
+    if reshaped:  # the model's shapes at the checkpoint, before its weights
+        try:
+            hook.load_state_dict(state["hook"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise UserError(_unresumable(checkpoint, str(error) or type(error).__name__)) from error
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay, lr_scales)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
-    start_epoch, history = resume(checkpoint, state, model, optimizer)
+    start_epoch, history = resume(checkpoint, state, model, optimizer, reshaped)
     network = DistributedDataParallel(model) if world_size > 1 else model
 
     steps, images_seen = (history[-1]["steps"], history[-1]["images"]) if history else (0, 0)

@@ -51,6 +51,35 @@ def test_a_killed_ofb_search_resumes_with_its_pruned_shapes(workdir: Path, prepa
     assert (workdir / "results/ofb/0.35/model.safetensors").read_bytes() == uninterrupted
 
 
-def test_ofb_refuses_a_model_that_is_not_a_plain_vit(workdir: Path, prepared: Path, smoke_params: dict, capsys) -> None:
+def test_a_checkpoint_whose_weights_do_not_fit_its_pruned_shapes_stops_with_one_line(
+    workdir: Path, prepared: Path, monkeypatch, capsys
+) -> None:
+    command = ["ofb", "--params", str(prepared), "--budget", "0.35"]
+    kill_after_first_epoch(monkeypatch)
+    assert main(command) == 130
+    path = workdir / "results/ofb/0.35/checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"].pop("vit.head.weight")  # the run's own identity, but weights that cannot load
+    torch.save(checkpoint, path)
+    assert main(command) == 2
+    assert "results/ofb/0.35/checkpoint.pt: does not load (its weights do not fit the model)" in capsys.readouterr().err
+    assert path.exists() and not (workdir / "results/ofb/0.35/model.safetensors").exists()
+
+
+def test_ofb_refuses_a_budget_that_is_not_one_of_its_own(workdir: Path, prepared: Path, capsys) -> None:
     assert main(["ofb", "--params", str(prepared), "--budget", "0.9"]) == 2
     assert "--budget 0.9: not one of budgets.ofb" in capsys.readouterr().err
+
+
+def test_a_budget_below_the_smallest_candidate_structure_stops_before_training(
+    workdir: Path, smoke_results: Path, smoke_params: dict, capsys
+) -> None:
+    (workdir / "results").mkdir()
+    (workdir / "results/pretrain").symlink_to(smoke_results / "pretrain")
+    smoke_params["budgets"] |= {"ofb": [0.05, 0.5], "ofb_base": 0.5, "ofb_flora": [0.1]}
+    params = write_params(workdir / "params.yaml", smoke_params)
+    assert main(["ofb", "--params", str(params), "--budget", "0.05"]) == 2
+    assert (
+        "budgets.ofb: 0.05 is below the smallest structure the candidate widths allow (0.1" in capsys.readouterr().err
+    )
+    assert not (workdir / "results/ofb/0.05/checkpoint.pt").exists()

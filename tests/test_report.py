@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from flora_steps.cli import main
+from flora_steps.figures import plot_tradeoff
 from flora_steps.tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights, macs_for_accuracy
 
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
@@ -169,3 +170,24 @@ def test_report_without_retrain_results_is_one_clear_line(smoke_pipeline: Path, 
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 2
     assert "results/retrain/uniform/0.4/predictions.csv: not found" in capsys.readouterr().err
+
+
+def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
+    results = pd.DataFrame(
+        {
+            "method": ["dense", "ofb", "ofb", "ofb_flora"],
+            "macs": [100.0, 20.0, 40.0, 30.0],
+            "top1": [0.95, 0.80, 0.90, 0.81],
+        }
+    ).assign(top1_low=lambda t: t["top1"] - 0.02, top1_high=lambda t: t["top1"] + 0.02)
+    comparison = pd.DataFrame(
+        [
+            {"method": "ofb_flora", "budget": 0.3, "baseline": "ofb", "extra_reduction": -0.4, "extra_low": -np.inf}
+            | {"extra_high": 0.1, "extra_verdict": "within noise", "extra_bound": np.nan}
+        ]
+    )
+    figure = plot_tradeoff(results, comparison)
+    plot, side = figure.axes
+    assert plot.get_legend() is None and side.get_legend() is not None  # nothing drawn over the curves
+    (text,) = (t.get_text() for t in side.texts)
+    assert "FLORA on OFB vs OFB" in text and "budget 0.3: -40.0 [−∞, +10.0], within noise" in text

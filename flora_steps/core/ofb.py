@@ -488,6 +488,10 @@ class OFBSearch(nn.Module):
         """MACs of the largest structure the live candidates allow."""
         return costs.structure_macs(*self.structure({key: mask.widest_live() for key, mask in self.masks.items()}))
 
+    def smallest_macs(self, costs: OFBCosts) -> int:
+        """MACs of the smallest structure the candidate grids allow (live or not: pruning keeps the narrow end)."""
+        return costs.structure_macs(*self.structure({key: (0,) * len(mask.grids) for key, mask in self.masks.items()}))
+
     def _slice(self, key: str, widths: tuple[int, ...], optimizer) -> None:
         """Keep the top ``widths`` units of one module (weights, scores, grid and optimizer state)."""
         mask = self.masks[key]
@@ -595,7 +599,7 @@ class OFBSearch(nn.Module):
                     elif (after < current and after > high) or (after > current and after < low):
                         towards.append((loss / abs(after - current), after, trial))
             if not landing and not towards:
-                smallest = macs({key: (0,) * len(mask.grids) for key, mask in self.masks.items()})
+                smallest = self.smallest_macs(costs)
                 largest = macs({key: tuple(len(g) - 1 for g in mask.grids) for key, mask in self.masks.items()})
                 raise ValueError(
                     f"no structure of the widths left after pruning has MACs in [{low:.0f}, {high:.0f}] "
