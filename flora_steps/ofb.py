@@ -49,7 +49,7 @@ from torch import nn
 
 from .artifacts import load_model, save_model, write_csv, write_json
 from .core import count_macs, trace_costs
-from .core.ofb import ATTENTION, EMBED, MLP, OFBCosts, OFBGrids, OFBSearch, ramp
+from .core.ofb import ATTENTION, EMBED, MLP, OFBCosts, OFBGrids, OFBSearch, module_kind, ramp
 from .data import build_splits, make_loader
 from .distributed import is_first
 from .errors import UserError
@@ -92,8 +92,11 @@ def search_terms(search: OFBSearch, costs: OFBCosts, target: float, dense: float
     sparsity = {EMBED: cfg.embed_weight, ATTENTION: cfg.attention_weight, MLP: cfg.mlp_weight}
     for key, mask in search.masks.items():
         if not mask.finished:
-            kind = key if key == EMBED else key.rsplit("__", 1)[1]
-            total = total + cfg.onehot_weight * mask.onehot_loss() + sparsity[kind] * mask.scores.sigmoid().sum()
+            total = (
+                total
+                + cfg.onehot_weight * mask.onehot_loss()
+                + sparsity[module_kind(key)] * mask.scores.sigmoid().sum()
+            )
     return total
 
 

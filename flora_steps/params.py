@@ -320,8 +320,12 @@ class Params(Section):
                 f"search.band: {self.search.band} must be below every budget of budgets.search, slim_flora, ofb "
                 f"and ofb_flora (smallest {smallest}), or the legal MACs band starts at or below 0"
             )
-        curves = (("uniform", "search", "FLORA"), ("slim", "slim_flora", "FLORA on ViT-Slim"))
-        for curve, points, method in (*curves, ("ofb", "ofb_flora", "FLORA on OFB")):
+        curves = (
+            ("uniform", "search", "FLORA"),
+            ("slim", "slim_flora", "FLORA on ViT-Slim"),
+            ("ofb", "ofb_flora", "FLORA on OFB"),
+        )
+        for curve, points, method in curves:
             lowest_legal = min(getattr(self.budgets, points)) - self.search.band
             lowest = min(getattr(self.budgets, curve))
             if lowest > lowest_legal + 1e-9:

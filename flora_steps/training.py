@@ -218,9 +218,17 @@ def own_checkpoint(checkpoint: os.PathLike, identity: str) -> dict[str, Any] | N
     return state
 
 
-def _unresumable(checkpoint: os.PathLike, reason: str) -> str:
+def _reason(error: Exception) -> str:
+    """The first line of an error's message, or its type when it has none."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _unresumable(checkpoint: os.PathLike, error: Exception) -> str:
     """The error when a run's own checkpoint fails to load after the model took its saved shapes."""
-    return f"{checkpoint}: does not load ({reason}) after the model took its saved shapes; delete it to start afresh"
+    return (
+        f"{checkpoint}: does not load ({_reason(error)}) after the model took its saved shapes; "
+        "delete it to start afresh"
+    )
 
 
 def resume(
@@ -246,10 +254,9 @@ def resume(
         optimizer.load_state_dict(state["optimizer"])
         model.load_state_dict(saved)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if reshaped:
-            raise UserError(_unresumable(checkpoint, reason)) from error
-        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, reason)
+            raise UserError(_unresumable(checkpoint, error)) from error
+        log.warning("cannot resume from %s (%s): starting fresh", checkpoint, _reason(error))
         return 0, []
     log.info("resuming from %s after epoch %d", checkpoint, epoch)
     return epoch, history
@@ -301,7 +308,7 @@ def fit(
         try:
             hook.load_state_dict(state["hook"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            raise UserError(_unresumable(checkpoint, str(error) or type(error).__name__)) from error
+            raise UserError(_unresumable(checkpoint, error)) from error
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay, lr_scales)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     start_epoch, history = resume(checkpoint, state, model, optimizer, reshaped)

@@ -21,10 +21,10 @@ weighted by ``V`` and masks its output by ``V``. (The released code masks the em
 at the input only, so its blocks write into channels that slicing then removes; here
 the searched model is the model that gets sliced.)
 
-Losses (``OFBLosses``): the adaptive one-hot loss per unfinished module, entropy of
+Losses: the adaptive one-hot loss per unfinished module (``BiMask.onehot_loss``), entropy of
 ``p`` plus ``cot(π·ρ)/K`` (ρ: the variance of ``p`` scaled to [0, 1], clamped to
 [0.01, 0.99] to keep it finite), with L1 on its σ(S); the MACs loss
-``((E[MACs] − target) / dense)²``, where ``E[MACs]`` is the cost model at the
+``((E[MACs] − target) / dense)²``, where ``E[MACs]`` (``OFBSearch.expected_macs``) is the cost model at the
 expected widths (exact: MACs are multilinear in independent modules' widths).
 
 Progressive pruning (``OFBSearch.prune``): a candidate whose probability falls to
@@ -656,6 +656,11 @@ def _key(block: str, kind: str) -> str:
 def _parse(key: str) -> tuple[str, str]:
     block, kind = key.split("__")
     return block.replace("_", "."), kind
+
+
+def module_kind(key: str) -> str:
+    """What a key of ``OFBSearch.masks`` prunes: ``EMBED``, ``ATTENTION`` or ``MLP``."""
+    return key if key == EMBED else _parse(key)[1]
 
 
 def slice_embedding(vit: VisionTransformer, channels: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
