@@ -1,4 +1,4 @@
-"""Fine-tune a compressed model with distillation, once per seed, and evaluate it: FLORA, a baseline or ViT-Slim.
+"""Fine-tune a compressed model with distillation, once per seed, and evaluate it: FLORA, a baseline, ViT-Slim or OFB.
 
     python -m flora_steps.retrain --params params.yaml --method flora --budget 0.5
     python -m flora_steps.retrain --params params.yaml --method control --budget 0.5
