@@ -19,14 +19,17 @@ test: $(STAMP)  ## run the test suite
 dvc: $(STAMP)  ## run the default pipeline with DVC instead
 	dvc repro
 
-docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/
-	snakemake --cores $(CORES)
-	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/search_costs.md results/report/summary.json docs/
+REPORTED := tradeoff.png results.md comparison.md search_costs.md summary.json
 
-docs-hybrid: $(STAMP)  ## the same for the hybrid profile (configs/hybrid.yaml), into docs/hybrid/ (reruns results/)
+docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/default/
+	snakemake --cores $(CORES)
+	mkdir -p docs/default
+	cd results/report && cp $(REPORTED) ../../docs/default/
+
+docs-hybrid: $(STAMP)  ## the same for the hybrid profile (configs/hybrid.yaml, results in results/hybrid/), into docs/hybrid/
 	snakemake --cores $(CORES) --config params=configs/hybrid.yaml
 	mkdir -p docs/hybrid
-	cp results/report/tradeoff.png results/report/results.md results/report/comparison.md results/report/search_costs.md results/report/summary.json docs/hybrid/
+	cd results/hybrid/report && cp $(REPORTED) ../../../docs/hybrid/
 
 env: $(STAMP)  ## only create the environment
 
