@@ -2,7 +2,7 @@
 
     python bench/data_loader.py [--root /datasets/imagenet] [--workers 0 2 4 8] [--batches 20] [--batch 64]
 
-Runs the training loader the pipeline uses (``flora_steps.data.train_loader``: per-image
+Runs the training loader the pipeline uses (``flora_steps.runtime.data.train_loader``: per-image
 augmentation seeds, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 on the
 device, uint8 batches normalised on the device, persistent workers, pinned memory on
 CUDA) over ``--batches`` batches, after one warm-up batch, for each worker count, and
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flora_steps.data import build_splits, train_loader
+from flora_steps.runtime.data import build_splits, train_loader
 from flora_steps.params import DataParams
 
 PAPER_AUGMENTATION = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}

@@ -1,4 +1,4 @@
-"""Benchmark: cost of the image check (`flora_steps.image_check`) on a generated ImageFolder tree.
+"""Benchmark: cost of the image check (`flora_steps.runtime.image_check`) on a generated ImageFolder tree.
 
     python bench/image_check.py [--images 10000] [--repeats 3] [--folder /tmp/flora-image-check]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flora_steps.image_check import cache_folder, unreadable_images
+from flora_steps.runtime.image_check import cache_folder, unreadable_images
 
 IMAGENET_TRAIN = 1_281_167
 

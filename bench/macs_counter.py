@@ -18,7 +18,7 @@ import time
 import timm
 import torch
 
-import flora_steps.models  # noqa: F401  (registers vit_digits)
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, count_macs, find_linear_layers, trace_costs
 
 

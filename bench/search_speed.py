@@ -20,12 +20,12 @@ import numpy as np
 import timm
 import torch
 
-import flora_steps.models  # noqa: F401  (registers vit_digits)
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, trace_costs
-from flora_steps.core.evolution import EvolutionSettings, MacsTable, evolve, genome_choices
+from flora_steps.core.search import EvolutionSettings, MacsTable, evolve, genome_choices
 from flora_steps.core.space import full_space
-from flora_steps.models import input_shape
-from flora_steps.search import SubnetScorer
+from flora_steps.runtime.models import input_shape
+from flora_steps.stages.search import SubnetScorer
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 BUDGET, BAND = 0.5, 0.02

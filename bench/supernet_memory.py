@@ -22,9 +22,9 @@ import time
 import timm
 import torch
 
-import flora_steps.models  # noqa: F401  (registers vit_digits)
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, set_ranks
-from flora_steps.training import autocast, build_optimizer, distillation_loss
+from flora_steps.runtime.training import autocast, build_optimizer, distillation_loss
 
 
 def measure(model_name: str, micro_batch: int, steps: int, device: torch.device) -> tuple[float, float | None]:

@@ -22,10 +22,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import flora_steps.models  # noqa: F401  (registers vit_digits)
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, set_ranks
 from flora_steps.core.space import SubnetSampler, full_space
-from flora_steps.training import build_optimizer, distillation_loss
+from flora_steps.runtime.training import build_optimizer, distillation_loss
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 

@@ -11,19 +11,20 @@ from types import ModuleType
 
 from . import __version__
 from .errors import UserError
-from .layout import STAGES
-from .data import build_splits
-from .models import check_model, data_config
 from .params import load_params
-from .stage import add_params_argument, add_stage_arguments, run_from_args
+from .pipeline.catalogue import STAGES
+from .pipeline.code import STAGES_PACKAGE
+from .runtime.context import add_params_argument, add_stage_arguments, run_from_args
 
 #: Stage commands in pipeline order (``retrain`` runs every retrain stage, by ``--method``).
 COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
+#: Commands outside the pipeline (``flora_steps.tools``).
+TOOLS = ("flops", "export")
 
 
 def stage_module(name: str) -> ModuleType:
-    """The module of a stage command, found by name: ``flora_steps.<name>``."""
-    return importlib.import_module(f"{__package__}.{name}")
+    """The module of a command, found by name: ``flora_steps.stages.<name>`` or ``flora_steps.tools.<name>``."""
+    return importlib.import_module(f"{__package__}.tools.{name}" if name in TOOLS else f"{STAGES_PACKAGE}.{name}")
 
 
 def _add_command(commands: argparse._SubParsersAction, name: str, module: ModuleType) -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         add_stage_arguments(_add_command(commands, name, stage_module(name)), name)
-    for name in ("flops", "export"):
+    for name in TOOLS:
         module = stage_module(name)
         module.add_arguments(_add_command(commands, name, module))
     add_params_argument(
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             "check", help="validate a params file (every problem, one line each) and the model it names"
         )
     )
-    dvc_parser = commands.add_parser("dvc-yaml", help="write dvc.yaml from the pipeline layout (flora_steps/layout.py)")
+    dvc_parser = commands.add_parser(
+        "dvc-yaml", help="write dvc.yaml from the pipeline's catalogue (flora_steps/pipeline/catalogue.py)"
+    )
     dvc_parser.add_argument("--output", type=Path, default=Path("dvc.yaml"), help="file to write (default: dvc.yaml)")
     return parser
 
@@ -62,14 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in COMMANDS:
         return run_from_args(args.command, stage_module(args.command).run, args)
     try:
-        if args.command in ("flops", "export"):
+        if args.command in TOOLS:
             return stage_module(args.command).run(args)
         if args.command == "dvc-yaml":
-            from .dvc_yaml import write
+            from .pipeline.dvc_yaml import write
 
             write(args.output)
             print(f"wrote {args.output}")
             return 0
+        from .runtime.data import build_splits
+        from .runtime.models import check_model, data_config
+
         params = load_params(args.params)
         try:
             model = check_model(params.model.name, params.model.num_classes, params.model.kwargs)

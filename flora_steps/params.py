@@ -24,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ParamsError, UserError
+from .errors import ParamsError, UserError, first_line
+from .pipeline.catalogue import STAGES
+from .pipeline.methods import BASES, METHODS
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -96,7 +98,7 @@ class DataParams(Section):
 
 
 class TrainingParams(Section):
-    """What every training run sets (``flora_steps.training.fit``): AdamW, warmup + cosine, clipping."""
+    """What every training run sets (``flora_steps.runtime.training.fit``): AdamW, warmup + cosine, clipping."""
 
     epochs: NonNegativeInt
     batch_size: PositiveInt
@@ -168,31 +170,23 @@ class BudgetParams(Section):
         missing = sorted(set(self.search) - set(self.uniform))
         if missing:
             raise ValueError(f"uniform must include every search budget (missing {missing})")
-        lists = (
-            ("search", self.search),
-            ("uniform", self.uniform),
-            ("slim", self.slim),
-            ("slim_flora", self.slim_flora),
-            ("ofb", self.ofb),
-            ("ofb_flora", self.ofb_flora),
-        )
-        for name, values in lists:
-            if len(set(values)) != len(values):
+        for name, values in self:
+            if isinstance(values, list) and len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
-        above = sorted(b for b in self.slim_flora if b >= self.slim_base)
-        if above:
-            raise ValueError(
-                f"slim_flora: {above} not below slim_base {self.slim_base}: FLORA can only make ViT-Slim's model smaller"
-            )
-        if self.ofb_base not in self.ofb:
-            raise ValueError(
-                f"ofb_base: {self.ofb_base} must be one of ofb {self.ofb} (FLORA takes that search's model)"
-            )
-        above = sorted(b for b in self.ofb_flora if b >= self.ofb_base)
-        if above:
-            raise ValueError(
-                f"ofb_flora: {above} not below ofb_base {self.ofb_base}: FLORA can only make OFB's model smaller"
-            )
+        for base in BASES.values():
+            if base.budget is None:
+                continue
+            at, label = getattr(self, base.budget), METHODS[base.name].short
+            if base.pinned and at not in getattr(self, METHODS[base.name].budgets):
+                runs = METHODS[base.name].budgets
+                raise ValueError(
+                    f"{base.budget}: {at} must be one of {runs} {getattr(self, runs)} (FLORA takes that search's model)"
+                )
+            above = sorted(b for b in getattr(self, base.budgets) if b >= at)
+            if above:
+                raise ValueError(
+                    f"{base.budgets}: {above} not below {base.budget} {at}: FLORA can only make {label}'s model smaller"
+                )
         return self
 
 
@@ -314,18 +308,21 @@ class Params(Section):
     def _sections_agree(self) -> Params:
         """Rules across sections; each message starts with the key to change."""
         problems = []
-        smallest = min(*self.budgets.search, *self.budgets.slim_flora, *self.budgets.ofb_flora, *self.budgets.ofb)
+        banded = [stage.foreach for stage in STAGES.values() if stage.foreach and "search.band" in stage.params]
+        smallest = min(b for name in banded for b in getattr(self.budgets, name))
         if self.search.band >= smallest:
+            *first, last = dict.fromkeys(banded)
+            names = f"{', '.join(first)} and {last}" if first else last
             problems.append(
-                f"search.band: {self.search.band} must be below every budget of budgets.search, slim_flora, ofb "
-                f"and ofb_flora (smallest {smallest}), or the legal MACs band starts at or below 0"
+                f"search.band: {self.search.band} must be below every budget of budgets.{names} (smallest {smallest}), "
+                "or the legal MACs band starts at or below 0"
             )
-        curves = (
-            ("uniform", "search", "FLORA"),
-            ("slim", "slim_flora", "FLORA on ViT-Slim"),
-            ("ofb", "ofb_flora", "FLORA on OFB"),
-        )
-        for curve, points, method in curves:
+        curves = {
+            (METHODS[baseline].budgets, method.budgets): method.short
+            for method in METHODS.values()
+            for baseline in method.baselines
+        }
+        for (curve, points), method in curves.items():
             lowest_legal = min(getattr(self.budgets, points)) - self.search.band
             lowest = min(getattr(self.budgets, curve))
             if lowest > lowest_legal + 1e-9:
@@ -409,5 +406,5 @@ def load_params(path: str | Path) -> Params:
     except OSError as error:
         raise UserError(f"{path}: cannot read the params file ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(error)})") from None
     return validate_params(data, str(path))

@@ -6,11 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits with timm)
 import pytest
 import yaml
-
-import flora_steps.models  # noqa: F401  (registers vit_digits with timm)
-from flora_steps.layout import STAGES, budget_name, param_value
+from flora_steps.pipeline.catalogue import STAGES, param_value
+from flora_steps.pipeline.schema import budget_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -64,7 +64,7 @@ def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
         [stage.module, *stage.arguments(budget)]
         for stage in STAGES.values()
         if stage.name not in ("pretrain", "decompose", "filter", "report")
-        for budget in ([budget_name(b) for b in param_value(params, stage.foreach)] if stage.foreach else [""])
+        for budget in ([budget_name(b) for b in params["budgets"][stage.foreach]] if stage.foreach else [""])
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
@@ -80,7 +80,7 @@ def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch, at: int = 1) -> list
     a stage trains several seeds in turn). Returns the epochs saved so far, a list
     that keeps growing over later runs.
     """
-    import flora_steps.training as module
+    import flora_steps.runtime.training as module
 
     real_save = module.save_checkpoint
     saves: list[int] = []

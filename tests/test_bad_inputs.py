@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import set_key, write_params
+from flora_steps.pipeline.catalogue import stage_for
 from PIL import Image
 
 from flora_steps.cli import main
-from flora_steps.layout import stage_for
 
 
 def files_under(folder: Path) -> set[str]:
@@ -79,7 +79,7 @@ PARAMS_CASES: list[tuple[str, object, str]] = [
     (
         "search.band",
         0.5,
-        "search.band: 0.5 must be below every budget of budgets.search, slim_flora, ofb and ofb_flora",
+        "search.band: 0.5 must be below every budget of budgets.search, ofb, slim_flora and ofb_flora",
     ),
     ("budgets.slim_flora", [0.6], "budgets: slim_flora: [0.6] not below slim_base 0.5"),
     ("budgets.uniform", [0.49, 0.5, 0.8], "budgets.uniform: the lowest budget (0.49) must lie at or below"),
@@ -121,7 +121,7 @@ def test_a_stage_that_is_not_distributed_refuses_several_processes(
     path = write_params(workdir / "params.yaml", smoke_params)
     message = (
         "decompose runs as one process, but torchrun started 2 (WORLD_SIZE=2); "
-        "only filter, supernet, search, retrain, slim, ofb run under torchrun"
+        "only filter, supernet, search, slim, ofb, retrain run under torchrun"
     )
     run_rejected(["decompose", "--params", str(path)], workdir, capsys, message)
 

@@ -6,8 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-
-from flora_steps.core.evolution import (
+from flora_steps.core.search import (
     EvolutionSettings,
     MacsTable,
     crossover,
@@ -16,6 +15,7 @@ from flora_steps.core.evolution import (
     random_legal,
     stratified_population,
 )
+
 from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.space import BlockSpace, SearchSpace, full_space
 

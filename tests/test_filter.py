@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import SMOKE, write_params
+from flora_steps.core.filter import efficiency, keep_efficient, macs_bins
 
 from flora_steps.cli import main
-from flora_steps.core.filtering import efficiency, keep_efficient, macs_bins
 from flora_steps.core.space import SearchSpace, rank_grid
 
 
@@ -68,7 +68,7 @@ def test_filter_stage_writes_a_space_inside_the_grid(filtered: Path) -> None:
 
 
 def test_a_killed_filter_resumes_after_its_last_scored_block(smoke_results: Path, tmp_path: Path, monkeypatch):
-    import flora_steps.filter as stage
+    import flora_steps.stages.filter as stage
 
     (tmp_path / "results").mkdir()
     for name in ("pretrain", "decompose"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from flora_steps.artifacts import write_rank_config
+from flora_steps.runtime.artifacts import write_rank_config
+
 from flora_steps.cli import main
 from flora_steps.core import RankConfig
 

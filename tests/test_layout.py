@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, SMOKE, write_params
+from flora_steps.pipeline.dvc_yaml import render
+from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, param_value
+from flora_steps.pipeline.code import code_files
+from flora_steps.pipeline.schema import budget_name
 from pydantic import BaseModel
 
-from flora_steps import layout
-from flora_steps.dvc_yaml import render
-from flora_steps.layout import STAGES, UNTRACKED, budget_name, code_files, param_value
+from flora_steps.pipeline import schema
 from flora_steps.params import load_params
 
 
@@ -50,7 +52,7 @@ assert not any(name.startswith("flora_steps") for name in sys.modules)
 for module in sys.argv[1:]:
     reader, writer = os.pipe()
     if os.fork() == 0:
-        __import__(f"flora_steps.{module}")
+        __import__(f"flora_steps.stages.{module}")
         files = [m.__file__ for m in list(sys.modules.values()) if "/flora_steps/" in (getattr(m, "__file__", None) or "")]
         os.write(writer, " ".join(files).encode())
         os._exit(0)
@@ -112,18 +114,19 @@ def test_each_stage_reads_only_keys_it_tracks_or_that_do_not_change_results(
     """Every stage run once more with params that record what it reads."""
     import shutil
 
-    import flora_steps.stage
+    import flora_steps.runtime.context
+
     from flora_steps.cli import main
 
     shutil.copytree(smoke_pipeline / "results", tmp_path / "results", symlinks=False)
     params_file = write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text()))
     monkeypatch.chdir(tmp_path)
-    real_load = flora_steps.stage.load_params
+    real_load = flora_steps.runtime.context.load_params
     reads: dict[str, set[str]] = {}
     for stage in STAGES.values():
         seen = reads.setdefault(stage.name, set())
-        monkeypatch.setattr(flora_steps.stage, "load_params", lambda path, seen=seen: Recorder(real_load(path), seen))
-        budget = budget_name(param_value(yaml.safe_load(SMOKE.read_text()), stage.foreach)[0]) if stage.foreach else ""
+        monkeypatch.setattr(flora_steps.runtime.context, "load_params", lambda path, seen=seen: Recorder(real_load(path), seen))
+        budget = budget_name(yaml.safe_load(SMOKE.read_text())["budgets"][stage.foreach][0]) if stage.foreach else ""
         assert main([stage.module, *stage.arguments(budget), "--params", str(params_file)]) == 0, stage.name
     for name, seen in reads.items():
         tracked = set(STAGES[name].params)
@@ -158,10 +161,10 @@ def test_slurm_profile_sets_resources_and_threads_for_every_stage() -> None:
 def test_layout_module_does_not_import_torch() -> None:
     """The Snakefile reads the layout; it must stay quick to import."""
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, flora_steps.layout; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, flora_steps.pipeline.catalogue; print('torch' in sys.modules)"],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
     assert result.stdout.strip() == "False", result.stderr
-    assert layout.RESULTS == Path("results")
+    assert schema.RESULTS == Path("results")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import copy
 import itertools
 
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 import pytest
 import timm
 import torch
-
-import flora_steps.models  # noqa: F401  (registers vit_digits)
-from flora_steps.artifacts import ModelSpec, load_model, save_model
-from flora_steps.core import count_macs, trace_costs
-from flora_steps.core.ofb import (
+from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
+from flora_steps.pruning.ofb import (
     EMBED,
     BiMask,
     OFBCosts,
@@ -25,6 +23,8 @@ from flora_steps.core.ofb import (
     slice_parameter,
     survival,
 )
+
+from flora_steps.core import count_macs, trace_costs
 
 GRIDS = OFBGrids(heads=[0.5, 1.0], head_dim=[0.25, 0.5, 0.75, 1.0], mlp=[0.25, 0.5, 0.75, 1.0], embed=[0.5, 0.75, 1.0])
 
@@ -149,7 +149,7 @@ def test_a_sliced_model_round_trips_through_its_artifact(tmp_path) -> None:
     search, costs, images = search_model()
     random_logits(search)
     vit, embed, structure = search.finalise(search.choice())
-    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, slim=structure, embed_dim=embed)
+    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, pruned=structure, embed_dim=embed)
     save_model(tmp_path / "model", vit, spec)
     loaded, _ = load_model(tmp_path / "model")
     with torch.no_grad():

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import kill_after_first_epoch, write_params
+from flora_steps.runtime.artifacts import load_model
 
-from flora_steps.artifacts import load_model
 from flora_steps.cli import main
 from flora_steps.core import count_macs
 
@@ -32,7 +32,7 @@ def test_the_ofb_search_prunes_as_it_goes_and_lands_in_the_budget_band(workdir: 
     assert 0.33 <= metrics["macs_fraction"] <= 0.35
     model, spec = load_model(out / "model")
     assert count_macs(model, (1, 8, 8)) == metrics["macs"] == json.loads((out / "structure.json").read_text())["macs"]
-    assert spec.embed_dim == model.embed_dim and set(spec.slim) == {f"blocks.{i}" for i in range(4)}
+    assert spec.embed_dim == model.embed_dim and set(spec.pruned) == {f"blocks.{i}" for i in range(4)}
     assert type(model).__name__ == "VisionTransformer" and not (out / "checkpoint.pt").exists()
 
 

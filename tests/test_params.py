@@ -82,7 +82,7 @@ def drop_key(params: dict, dotted: str) -> dict:
         (lambda p: set_key(p, "data.split_seed", -1), "data.split_seed: input should be greater than or equal to 0"),
         (
             lambda p: set_key(p, "search.band", 0.5),
-            "search.band: 0.5 must be below every budget of budgets.search, slim_flora, ofb and ofb_flora (smallest 0.35)",
+            "search.band: 0.5 must be below every budget of budgets.search, ofb, slim_flora and ofb_flora (smallest 0.35)",
         ),
         (lambda p: set_key(p, "model.num_classes", 5), "model.num_classes: 5, but data.dataset digits has 10 classes"),
         (
@@ -209,7 +209,7 @@ def test_check_command(tmp_path: Path) -> None:
     assert result.returncode == 2 and "seed: input should be a valid integer" in result.stderr
 
 
-def test_readme_documents_every_param() -> None:
+def test_params_page_documents_every_param() -> None:
     def leaves(data: dict, prefix: str = "") -> list[str]:
         keys = []
         for key, value in data.items():
@@ -218,9 +218,9 @@ def test_readme_documents_every_param() -> None:
             keys += leaves(value, f"{dotted}.") if is_section else [dotted]
         return keys
 
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "params.md").read_text()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert [key for key in leaves(params) if f"`{key}`" not in readme] == []
+    assert [key for key in leaves(params) if f"`{key}`" not in page] == []
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from flora_steps.runtime.artifacts import read_rank_config, write_rank_config
 
-from flora_steps.artifacts import read_rank_config, write_rank_config
 from flora_steps.core import RankConfig
 from flora_steps.errors import UserError
 

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT
+from flora_steps.pipeline.catalogue import STAGES
+from flora_steps.pipeline.schema import budget_name
 from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
 
 from flora_steps.cli import main
-from flora_steps.layout import STAGES, budget_name
 from flora_steps.params import load_params
 
 
@@ -33,10 +34,10 @@ def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path, 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     monkeypatch.chdir(tmp_path)
     for stage in STAGES.values():
-        for budget in budgets[stage.foreach.split(".")[1]] if stage.foreach else [None]:
+        for budget in budgets[stage.foreach] if stage.foreach else [None]:
             options = ["--params", str(params_file), *stage.arguments("" if budget is None else budget_name(budget))]
             if stage.distributed:
-                command = [*torchrun, "-m", f"flora_steps.{stage.module}", *options]
+                command = [*torchrun, "-m", f"flora_steps.stages.{stage.module}", *options]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 assert done.returncode == 0, (stage.name, budget, done.stderr[-3000:])
             else:

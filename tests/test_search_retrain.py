@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 from conftest import kill_after_first_epoch, write_params
+from flora_steps.runtime.artifacts import load_model, read_space
+from flora_steps.tools.export import export_onnx, onnx_max_difference
+from flora_steps.runtime.models import input_shape
 
-from flora_steps.artifacts import load_model, read_space
 from flora_steps.cli import main
 from flora_steps.core import count_macs, trace_costs
 from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, uniform_ranks
-from flora_steps.export import export_onnx, onnx_max_difference
-from flora_steps.models import input_shape
 
 DENSE_MACS = 3_495_040
 
@@ -71,7 +71,7 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
     for stage in ("pretrain", "filter", "supernet"):
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
     monkeypatch.chdir(tmp_path)
-    assert main(["search", "--budget", "0.1", "--params", str(write_params(tmp_path / "p.yaml", params))]) == 2
+    assert main(["search", "--budget", "0.1", "--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
     assert "budgets.search: 0.1 is below the smallest subnet of the filtered space" in capsys.readouterr().err
 
 
@@ -197,7 +197,7 @@ def test_a_killed_retrain_resumes_seed_by_seed_and_matches_an_uninterrupted_run(
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "decompose"):
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
-    params_file = str(write_params(tmp_path / "p.yaml", params))
+    params_file = str(write_params(tmp_path / "params.yaml", params))
     monkeypatch.chdir(tmp_path)
     command = ["retrain", "--method", "uniform", "--budget", "0.8", "--params", params_file]
     assert main(command) == 0

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 import pytest
 import timm
 import torch
-
-import flora_steps.models  # noqa: F401  (registers vit_digits)
-from flora_steps.core import count_macs, trace_costs
-from flora_steps.core.slim import (
+from flora_steps.pruning.slim import (
     ATTENTION,
     MLP,
-    SlimBlock,
     SlimCosts,
     attach_masks,
     detach_masks,
-    restructure_slim,
     slice_model,
-    slimmable_blocks,
     sparsity_loss,
     structure_for_budget,
     structure_for_keep,
     zero_pruned,
 )
+
+from flora_steps.core import count_macs, trace_costs
+from flora_steps.pruning.structure import PrunedBlock, prunable_blocks, restructure_blocks
 
 
 def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
@@ -33,7 +31,7 @@ def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Te
 
 
 def heads_of(model: torch.nn.Module) -> dict[str, int]:
-    return {name: block.attn.num_heads for name, block in slimmable_blocks(model).items()}
+    return {name: block.attn.num_heads for name, block in prunable_blocks(model).items()}
 
 
 @torch.no_grad()
@@ -46,7 +44,7 @@ def masked_output(model: torch.nn.Module, masks: dict, values: dict, images: tor
 def test_sliced_model_equals_the_masked_model_with_hard_masks() -> None:
     model, images = model_and_input()
     masks = attach_masks(model)
-    structure = {name: SlimBlock(head_dim=5 + i, mlp_hidden=40 + 30 * i) for i, name in enumerate(heads_of(model))}
+    structure = {name: PrunedBlock(head_dim=5 + i, mlp_hidden=40 + 30 * i) for i, name in enumerate(heads_of(model))}
     generator = torch.Generator().manual_seed(1)
     hard = {}
     for (name, kind), mask in masks.items():
@@ -113,7 +111,7 @@ def test_a_sliced_model_loads_into_a_restructured_plain_timm_model() -> None:
     detach_masks(model)
     structure = structure_for_keep(masks, heads_of(model), 0.5)
     sliced = slice_model(model, masks, structure)
-    fresh = restructure_slim(timm.create_model("vit_digits", num_classes=10).eval(), structure)
+    fresh = restructure_blocks(timm.create_model("vit_digits", num_classes=10).eval(), structure)
     fresh.load_state_dict(sliced.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(images), sliced(images))
@@ -132,7 +130,8 @@ def test_sparsity_loss_weighs_each_dimension_type() -> None:
 
 def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_load(tmp_path) -> None:
     """The sliced model saves and loads by its spec; factorising it (FLORA on a slim base) keeps the slim sizes."""
-    from flora_steps.artifacts import ModelSpec, load_model, save_model
+    from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
+
     from flora_steps.core import factorise, find_linear_layers, lowrank_layers
 
     model, images = model_and_input()
@@ -140,10 +139,10 @@ def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_l
     detach_masks(model)
     structure = structure_for_keep(masks, heads_of(model), 0.5)
     sliced = slice_model(model, masks, structure)
-    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, slim=structure)
+    spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, pruned=structure)
     save_model(tmp_path / "slim", sliced, spec)
     loaded, loaded_spec = load_model(tmp_path / "slim")
-    assert loaded_spec.slim == structure
+    assert loaded_spec.pruned == structure
     with torch.no_grad():
         assert torch.equal(loaded.eval()(images), sliced(images))
     factorise(sliced, find_linear_layers(sliced, ["*.mlp.fc1"]))
@@ -159,7 +158,7 @@ def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_l
 def test_slim_stage_and_its_retrain_meet_the_budget_with_the_searched_training(smoke_pipeline) -> None:
     import json
 
-    from flora_steps.artifacts import load_model, read_masks
+    from flora_steps.runtime.artifacts import load_model, read_masks
 
     results = smoke_pipeline / "results"
     masks = read_masks(results / "slim/masks.safetensors")
@@ -169,7 +168,7 @@ def test_slim_stage_and_its_retrain_meet_the_budget_with_the_searched_training(s
     assert 0.45 <= metrics["macs_fraction"] <= 0.5 and metrics["source"].startswith("ViT-Slim")
     assert metrics["training"]["inherited_steps"] == slim["train_steps"] > 0
     model, spec = load_model(results / "retrain/slim/0.5/model")
-    assert spec.slim and count_macs(model, (1, 8, 8)) == metrics["macs"]
+    assert spec.pruned and count_macs(model, (1, 8, 8)) == metrics["macs"]
 
 
 def test_a_slim_budget_below_the_smallest_slice_is_one_line(smoke_pipeline, tmp_path, monkeypatch, capsys) -> None:
@@ -195,7 +194,7 @@ def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(s
     slim``); its models end with as much training as ViT-Slim's own (``retrain.slim_epochs: null``)."""
     import json
 
-    from flora_steps.artifacts import load_model
+    from flora_steps.runtime.artifacts import load_model
 
     results = smoke_pipeline / "results"
     read = lambda path: json.loads((results / path).read_text())  # noqa: E731
@@ -203,8 +202,8 @@ def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(s
     assert base["macs_fraction"] <= 0.5 and base["train_steps"] == read("slim/metrics.json")["train_steps"]
     _, base_spec = load_model(results / "slim_base/model")
     decomposed, spec = load_model(results / "on_slim/decompose/model")
-    assert spec.slim == base_spec.slim and spec.lowrank  # the sliced shapes, factorised
-    assert decomposed.blocks[0].mlp.fc1.out_features == base_spec.slim["blocks.0"].mlp_hidden
+    assert spec.pruned == base_spec.pruned and spec.lowrank  # the sliced shapes, factorised
+    assert decomposed.blocks[0].mlp.fc1.out_features == base_spec.pruned["blocks.0"].mlp_hidden
     combined = read("on_slim/retrain/flora/0.4/metrics.json")
     assert 0.38 <= combined["macs_fraction"] <= 0.4  # a fraction of the dense model's MACs, within the band
     model, _ = load_model(results / "on_slim/retrain/flora/0.4/model")

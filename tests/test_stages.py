@@ -10,8 +10,8 @@ import safetensors.torch
 import timm
 import torch
 from conftest import kill_after_first_epoch, write_params
+from flora_steps.runtime.artifacts import load_model
 
-from flora_steps.artifacts import load_model
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
 

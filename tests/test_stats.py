@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from flora_steps.stats import Estimate, PairedBootstrap, interval, seed_std
-from flora_steps.tables import Evaluated, comparison_table, readable_comparison, results_table
+from flora_steps.report.stats import Estimate, PairedBootstrap, interval, seed_std
+from flora_steps.report.tables import Evaluated, comparison_table, readable_comparison, results_table
 
 
 def correct(rng: np.random.Generator, seeds: int, images: int, top1: float) -> np.ndarray:

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, kill_after_first_epoch, write_params
+from flora_steps.runtime.artifacts import load_model
+from flora_steps.stages.supernet import factor_names
+from flora_steps.runtime.training import build_optimizer, distillation_loss
 
-from flora_steps.artifacts import load_model
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
-from flora_steps.supernet import factor_names
-from flora_steps.training import build_optimizer, distillation_loss
 
 
 def test_distillation_loss_is_soft_target_cross_entropy() -> None:
@@ -161,7 +161,7 @@ def run_supernet_on_two_processes(workdir: Path, params: Path) -> None:
     """The supernet stage under ``torchrun`` with two gloo processes (CPU), as a user would start it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*command, "-m", "flora_steps.supernet", "--params", str(params)],
+        [*command, "-m", "flora_steps.stages.supernet", "--params", str(params)],
         cwd=workdir,
         capture_output=True,
         text=True,

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_project
-
-from flora_steps.layout import PACKAGE, STAGES, budget_name, code_files
+from flora_steps.pipeline.catalogue import STAGES
+from flora_steps.pipeline.code import PACKAGE, code_files
+from flora_steps.pipeline.schema import budget_name
 
 PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -345,4 +346,4 @@ def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_pa
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
     result = dvc("repro", "--dry", "--force", cwd=project)
-    assert "python -m flora_steps.pretrain --params params.yaml" in result.stdout
+    assert "python -m flora_steps.stages.pretrain --params params.yaml" in result.stdout

@@ -1,0 +1,438 @@
+"""The pipeline's stages, described once: every stage's artifacts, inputs, params, resources and command.
+
+The stages take their paths from here (through ``runtime.context.StageContext``), the
+``Snakefile`` makes one rule per stage from here, and ``dvc.yaml`` is generated from
+here (``flora dvc-yaml``). FLORA's stages are described once and made for every base
+model (``methods.BASES``); each method's ``retrain`` stage is made from its record
+(``methods.METHODS``). Nothing here imports torch, so the Snakefile reads it quickly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from functools import cache
+from typing import Any
+
+from .methods import BASES, METHODS, RETRAINED, Base, Method
+from .schema import Case, Input, Output, Resources, Stage, budgets_key, resolve
+
+DATA = (
+    "data.dataset",
+    "data.root",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.split_seed",
+    "data.shift",
+    "data.train_transform",
+    "data.crop_pct",
+    "data.skip_unreadable",
+)
+DEVICE = ("compute.device", "compute.amp")
+TRAINING = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "grad_clip")
+
+#: Memory and time of one job of each command on a small machine; ``device=False``: never on compute.device.
+SMALL, ONE_PASS, TRAINS = Resources(4000, 30), Resources(4000, 60), Resources(8000, 720)
+RESOURCES = {
+    "pretrain": ONE_PASS,
+    "decompose": Resources(4000, 30, device=False),
+    "filter": Resources(8000, 120),
+    "supernet": TRAINS,
+    "search": Resources(8000, 240),
+    "retrain": TRAINS,
+    "slim": TRAINS,
+    "slim_base": SMALL,
+    "ofb": TRAINS,
+    "latency": Resources(8000, 60),
+    "report": Resources(2000, 10, device=False, threads=1),
+}
+
+
+def _keys(section: str, names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"{section}.{name}" for name in names)
+
+
+#: A model artifact: weights beside the JSON that says what to build before loading them.
+_MODEL = {"model": Output("model.safetensors"), "spec": Output("model.json")}
+
+
+def _model_of(stage: str, name: str = "model", budget: str | None = None) -> dict[str, Input]:
+    """The model artifact of ``stage`` as two inputs: ``name`` (weights) and ``<name>_spec`` (or ``spec``);
+    of a per-budget stage's run at the budgets key ``budget`` when given."""
+    spec = "spec" if name == "model" else f"{name}_spec"
+    return {name: Input(stage, "model", budget), spec: Input(stage, "spec", budget)}
+
+
+_TEACHER = _model_of("pretrain", "teacher")
+
+
+def _table(name: str, plot: Mapping[str, str] | None = None) -> dict[str, Output]:
+    """A report table as CSV (raw numbers; a DVC plot when ``plot`` is given), Markdown and LaTeX."""
+    return {
+        f"{name}_csv": Output(f"{name}.csv", "plot" if plot else "out", category="Tables", plot=plot or {}),
+        f"{name}_md": Output(f"{name}.md"),
+        f"{name}_tex": Output(f"{name}.tex"),
+    }
+
+
+def _stage(name: str, module: str | None = None, **fields: Any) -> Stage:
+    """A stage with its command's resources; ``module`` defaults to the name."""
+    module = module or name
+    return Stage(name=name, module=module, resources=RESOURCES[module], **fields)
+
+
+_RETRAIN_OUTPUTS = {
+    **_MODEL,
+    "ranks": Output("ranks.json"),
+    "history": Output("history.csv"),
+    "predictions": Output("predictions.csv"),
+    "metrics": Output("metrics.json", "metrics"),
+}
+_RETRAIN_PARAMS = (
+    "seed",
+    *DEVICE,
+    *DATA,
+    *_keys("retrain", (*TRAINING, "seeds", "temperature", "hard_label_weight")),
+)
+#: What each way of building a model reads beyond its source model: inputs (by the source stage) and params.
+_BUILD_INPUTS = {
+    "searched_ranks": lambda method: {"ranks": Input(BASES[method.base].stage("search"), "ranks")},
+    "sliced": lambda method: {"masks": Input(method.source, "masks")},
+}
+_BUILD_PARAMS = {"uniform_ranks": ("retrain.uniform_rank_multiple",)}
+
+
+def retrain_stage(method: Method) -> Stage:
+    """``retrain --method``: ``method``'s compressed model per budget, fine-tuned once per seed and evaluated.
+
+    It inherits the training of ``method.inherits`` and, on a compressed base, the training that base had.
+    """
+    base = BASES[method.base]
+    inputs = {**_model_of(method.source), **_TEACHER}
+    if method.inherits:
+        inputs["inherited"] = Input(method.inherits, "metrics")
+    if base.name != "dense":
+        inputs["base_training"] = Input(base.model, "metrics", base.budget if base.pinned else None)
+    inputs |= _BUILD_INPUTS.get(method.build, lambda _: {})(method)
+    epochs = (method.epochs, "supernet.epochs") if method.epochs else ()
+    return _stage(
+        base.stage(f"retrain_{method.option}"),
+        "retrain",
+        method=method.option,
+        base=base.name,
+        folder=base.folder(f"retrain/{method.option}/{{budget}}"),
+        foreach=method.budgets,
+        outputs=_RETRAIN_OUTPUTS,
+        inputs=inputs,
+        params=(*_RETRAIN_PARAMS, *_BUILD_PARAMS.get(method.build, ()), *epochs),
+        distributed=True,
+    )
+
+
+def flora_stages(base: Base) -> list[Stage]:
+    """FLORA on one base model, up to its search: decompose it, filter the candidate ranks, train the supernet,
+    search per budget (its retrain stage comes from its method's record)."""
+    name = base.stage
+    return [
+        _stage(
+            name("decompose"),
+            "decompose",
+            base=base.name,
+            folder=base.folder("decompose"),
+            outputs={
+                **_MODEL,
+                "spectra": Output("spectra.csv"),
+                "layers": Output("layers.csv"),
+                "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs=_model_of(base.model, budget=base.budget if base.pinned else None),
+            params=("seed", "decompose.targets"),  # a base's budget is in its input's path
+        ),
+        _stage(
+            name("filter"),
+            "filter",
+            base=base.name,
+            folder=base.folder("filter"),
+            outputs={
+                "space": Output("space.json"),
+                "sensitivity": Output("sensitivity.csv"),
+                "plot": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs=_model_of(name("decompose")),
+            params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
+            distributed=True,
+        ),
+        _stage(
+            name("supernet"),
+            "supernet",
+            base=base.name,
+            folder=base.folder("supernet"),
+            outputs={**_MODEL, "history": Output("history.csv"), "metrics": Output("metrics.json", "metrics")},
+            inputs={**_model_of(name("decompose")), **_TEACHER, "space": Input(name("filter"), "space")},
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
+            ),
+            distributed=True,
+        ),
+        _stage(
+            name("search"),
+            "search",
+            base=base.name,
+            folder=base.folder("search/{budget}"),
+            foreach=base.budgets,
+            outputs={
+                "ranks": Output("ranks.json"),
+                "history": Output(
+                    "history.csv",
+                    category="Search",
+                    plot={"x": "generation", "y": "best_top1", "title": "Search, best val top-1 per generation"},
+                ),
+                "metrics": Output("metrics.json", "metrics"),
+            },
+            inputs={**_model_of(name("supernet")), **_TEACHER, "space": Input(name("filter"), "space")},
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                "supernet.temperature",
+                *_keys(
+                    "search",
+                    ("band", "population", "top_k", "mutations", "mutation_prob", "crossovers", "generations"),
+                ),
+                "search.val_images",
+            ),
+            distributed=True,
+        ),
+    ]
+
+
+_PRETRAIN = _stage(
+    "pretrain",
+    folder="pretrain",
+    outputs={
+        **_MODEL,
+        "history": Output("history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}),
+        "predictions": Output("predictions.csv"),
+        "metrics": Output("metrics.json", "metrics"),
+    },
+    inputs={},
+    params=(
+        "seed",
+        *DEVICE,
+        *_keys("model", ("name", "checkpoint", "hub", "num_classes", "kwargs")),
+        *DATA,
+        *_keys("pretrain", (*TRAINING, "label_smoothing")),
+    ),
+    file_params=("model.checkpoint",),
+)
+
+#: The pruning baselines' own stages: their searches, and ViT-Slim's model sliced as FLORA's base.
+_PRUNING = [
+    _stage(
+        "slim",
+        folder="slim",
+        outputs={
+            **_MODEL,
+            "masks": Output("masks.safetensors"),
+            "history": Output("history.csv"),
+            "metrics": Output("metrics.json", "metrics"),
+        },
+        inputs={**_model_of("pretrain"), **_TEACHER},
+        params=(
+            "seed",
+            *DEVICE,
+            *DATA,
+            *_keys("slim", (*TRAINING, "attention_weight", "mlp_weight", "temperature", "hard_label_weight")),
+        ),
+        distributed=True,
+    ),
+    _stage(
+        "slim_base",
+        folder="slim_base",
+        outputs={**_MODEL, "metrics": Output("metrics.json", "metrics")},
+        inputs={**_model_of("slim"), "masks": Input("slim", "masks"), "inherited": Input("slim", "metrics")},
+        params=("seed", *DEVICE, *DATA, budgets_key("slim_base")),
+    ),
+    _stage(
+        "ofb",
+        folder="ofb/{budget}",
+        foreach="ofb",
+        outputs={
+            **_MODEL,
+            "structure": Output("structure.json"),
+            "history": Output("history.csv"),
+            "metrics": Output("metrics.json", "metrics"),
+        },
+        inputs={**_model_of("pretrain"), **_TEACHER},
+        params=(
+            "seed",
+            *DEVICE,
+            *DATA,
+            "search.band",
+            *_keys(
+                "ofb",
+                (
+                    *TRAINING,
+                    *("arch_lr", "temperature", "hard_label_weight"),
+                    *("head_ratios", "head_dim_ratios", "mlp_ratios", "embed_ratios"),
+                    *("ramp_epochs", "score_weight", "mask_ratio", "reconstruction_weight"),
+                    *("macs_weight", "onehot_weight", "attention_weight", "mlp_weight", "embed_weight"),
+                    *("prune_threshold", "prunes_per_epoch", "target_window"),
+                ),
+            ),
+        ),
+        distributed=True,
+    ),
+]
+
+_SEARCHES = [_PRETRAIN, *flora_stages(BASES["dense"]), *_PRUNING, *flora_stages(BASES["slim"])]
+_SEARCHES += flora_stages(BASES["ofb"])
+_RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
+#: The stage that makes each method's models.
+METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}
+#: Every stage that chooses a model (the dense base model's training included), by name.
+SEARCH_STAGES = {stage.name: stage for stage in _SEARCHES}
+
+_LATENCY = _stage(
+    "latency",
+    folder="latency",
+    outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
+    inputs={
+        **_model_of("pretrain", "dense"),
+        **_model_of(METHOD_STAGES["flora"], "flora"),
+        **_model_of(METHOD_STAGES["uniform"], "uniform"),
+    },
+    params=(
+        "seed",
+        "compute.device",
+        "compute.threads",
+        budgets_key(METHODS["flora"].budgets),
+        budgets_key(METHODS["uniform"].budgets),
+        "retrain.latency_batch",
+        "retrain.latency_repeats",
+    ),
+)
+
+_REPORT = _stage(
+    "report",
+    folder="report",
+    outputs={
+        **_table("results", {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs (every method)"}),
+        **_table("comparison"),
+        **_table("ranks"),
+        **_table("costs"),
+        **_table("search_costs"),
+        "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
+        "spectra": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
+        "sensitivity": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
+        "search": Output("search.png", "plot", category="Search", caption="report/search.rst"),
+        "ranks_figure": Output("ranks.png", "plot", category="Search", caption="report/ranks.rst"),
+        "sampling": Output("sampling.png", "plot", category="Supernet", caption="report/sampling.rst"),
+        "summary": Output("summary.json", "metrics"),
+    },
+    inputs={
+        # the figures of FLORA on the dense model
+        "dense_predictions": Input("pretrain", "predictions"),
+        "spectra": Input("decompose", "spectra"),
+        "layers": Input("decompose", "layers"),
+        "spec": Input("decompose", "spec"),
+        "sensitivity": Input("filter", "sensitivity"),
+        "space": Input("filter", "space"),
+        "search_history": Input("search", "history"),
+        "search_ranks": Input("search", "ranks"),
+        # every stage's metrics (its wall time among them), every method's models
+        **{f"{name}_metrics": Input(name, "metrics") for name in SEARCH_STAGES},
+        **{
+            f"{method}{suffix}": Input(stage, output)
+            for method, stage in METHOD_STAGES.items()
+            for suffix, output in (("", "metrics"), ("_predictions", "predictions"))
+        },
+    },
+    params=(
+        "seed",
+        *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values()),
+        *(budgets_key(base.budget) for base in BASES.values() if base.pinned),  # the run whose cost a base carries
+        "decompose.targets",
+    ),
+)
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT)}
+
+#: Keys a stage may read without tracking them, because they do not change its results
+#: (a stage whose results they do change tracks them: the latency stage tracks threads).
+UNTRACKED = {
+    "compute.threads": "CPU threads: speed",
+    "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
+    "compute.processes": "torchrun processes: the global batch and schedule stay the same",
+    "data.eval_batch_size": "evaluation batching",
+    **{
+        f"{section}.micro_batch": "memory: gradients accumulate to the same global batch"
+        for section in ("pretrain", "supernet", "retrain", "slim", "ofb")
+    },
+    **{
+        budgets_key(stage.foreach): "which budgets run; a per-budget stage only checks that its own is listed"
+        for stage in STAGES.values()
+        if stage.foreach
+    },
+}
+
+#: DVC plots that combine columns of one file (declared at the top level of dvc.yaml).
+COMBINED_PLOTS = {
+    "supernet_val_top1": {
+        "title": "Supernet, val top-1 of the smallest and the largest subnet",
+        "x": "epoch",
+        "y": {"results/supernet/history.csv": ["val_top1_smallest", "val_top1_largest"]},
+    }
+}
+
+
+def stage_for(module: str, method: str | None = None, base: str = "dense") -> Stage:
+    """The stage a command runs: ``retrain --method flora`` is ``retrain_flora``, with ``--base slim``
+    ``retrain_flora_on_slim``."""
+    return STAGES[BASES[base].stage(f"{module}_{method}" if method else module)]
+
+
+def param_value(params: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a params mapping (``"retrain.lr"``)."""
+    value: Any = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def tracked_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's tracked keys and their values (what both engines compare to rerun it)."""
+    return {key: param_value(params, key) for key in STAGES[stage].params}
+
+
+@cache
+def priority(stage: str) -> int:
+    """The longest chain of stages that still waits for ``stage`` (its jobs start first when jobs compete)."""
+    readers = [s.name for s in STAGES.values() if any(r.stage == stage for r in s.inputs.values())]
+    return 1 + max((priority(reader) for reader in readers), default=0)
+
+
+def choosing_stages(method: str) -> tuple[list[tuple[str, str | None]], str | None]:
+    """The stages whose cost a method's models carry (the dense model's training aside): those run once, each
+    with the budgets key of the one run it takes of a per-budget stage, and the stage it runs per budget."""
+    once: dict[str, str | None] = {}
+    per_budget = None
+    pending = [STAGES[METHOD_STAGES[method]]]
+    while pending:
+        consumer = pending.pop()
+        for reference in consumer.inputs.values():
+            found = resolve(consumer, reference, STAGES)
+            name = found.producer.name
+            if name == BASES["dense"].model or name in once or name == per_budget:
+                continue
+            if found.case is Case.SAME:
+                per_budget = name
+            else:
+                once[name] = found.budgets if found.case is Case.PINNED else None
+            pending.append(found.producer)
+    order = list(STAGES)
+    return sorted(once.items(), key=lambda item: order.index(item[0])), per_budget

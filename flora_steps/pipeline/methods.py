@@ -1,0 +1,200 @@
+"""Every method the report compares, one record each, and the base models FLORA compresses.
+
+Tables, figures, the report, the params checks, ``retrain`` and both engines derive
+what they do per method from these records: adding a baseline is one record here,
+one params section (its ``budgets`` list and its own settings), its maths module and,
+if it searches, its stage (``catalogue.py``). Nothing here imports anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: How ``retrain`` builds a method's model before fine-tuning it (``stages/retrain.py``, ``BUILDERS``):
+#: ``searched_ranks`` the rank config its search found, on the source's weights; ``uniform_ranks`` one rank ratio
+#: on every target layer, the largest that fits the budget; ``sliced`` the source model sliced by its masks at the
+#: budget; ``as_searched`` the source's model as its search left it (already at the budget).
+Build = Literal["searched_ranks", "uniform_ranks", "sliced", "as_searched"]
+#: What the figure's verdict box shows of a method against its first baseline.
+Headline = Literal["delta_top1", "extra_reduction"]
+
+
+@dataclass(frozen=True)
+class Base:
+    """A model FLORA compresses: the dense base model, or a model another method already compressed.
+
+    FLORA's stages are described once and run on every base; on a base other than the
+    dense one their names end in ``_on_<base>`` and their folders sit under ``on_<base>/``.
+    Budgets stay fractions of the dense model's MACs.
+    """
+
+    name: str
+    model: str  # the stage whose model is the base (its metrics count the training the base had)
+    budgets: str  # the list of the params' budgets section with FLORA's budgets on this base
+    budget: str | None = None  # the budgets key of the base model's own budget
+    pinned: bool = False  # ``model`` runs per budget: the base is its run at ``budget``
+
+    def stage(self, name: str) -> str:
+        """A FLORA stage's name on this base: ``search``, or ``search_on_slim``."""
+        return name if self.name == "dense" else f"{name}_on_{self.name}"
+
+    def folder(self, folder: str) -> str:
+        """A FLORA stage's results folder on this base: ``search/{budget}``, or ``on_slim/search/{budget}``."""
+        return folder if self.name == "dense" else f"on_{self.name}/{folder}"
+
+
+BASES = {
+    base.name: base
+    for base in (
+        Base("dense", "pretrain", "search"),
+        Base("slim", "slim_base", "slim_flora", "slim_base"),  # ViT-Slim's searched model, sliced at budgets.slim_base
+        Base("ofb", "ofb", "ofb_flora", "ofb_base", pinned=True),  # OFB's model searched at budgets.ofb_base
+    )
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the report: what it is called and drawn as, how its models are made and compared.
+
+    ``budgets`` is its list in the params' budgets section: one fine-tuned model per
+    budget. ``epochs`` is the ``retrain`` key of its fine-tuning epochs, whose ``null``
+    means ``supernet.epochs + retrain.epochs`` (equal training); ``None`` takes
+    ``retrain.epochs``. ``inherits`` is the stage whose training its model inherits
+    (counted in its total). ``baselines`` are the methods whose curves it is compared
+    with (the first one in the figure's verdict box, as ``headline``).
+    """
+
+    name: str
+    label: str  # in the figure's legend and the docs
+    short: str  # in the figure's verdict titles
+    style: Mapping[str, Any] = field(default_factory=dict)  # matplotlib marker style
+    build: Build | None = None  # None: the dense base model, which is not retrained
+    origin: str = ""  # where its model comes from, in words (``metrics.json``'s ``source``)
+    source: str | None = None  # the stage whose model ``retrain`` starts from
+    budgets: str | None = None
+    epochs: str | None = None
+    inherits: str | None = None
+    baselines: tuple[str, ...] = ()
+    headline: Headline = "delta_top1"
+    base: str = "dense"  # the model FLORA compresses (``BASES``), for FLORA's methods
+    command: str = ""  # ``retrain --method``: the name, or ``flora`` for FLORA on any base
+    points: bool = False  # searched per budget: drawn as points, not as a curve
+
+    @property
+    def retrained(self) -> bool:
+        return self.build is not None
+
+    @property
+    def option(self) -> str:
+        """Its ``retrain --method`` value."""
+        return self.command or self.name
+
+
+def _flora(name: str, base: Base, label: str, short: str, style: Mapping[str, Any], **compared: Any) -> Method:
+    """FLORA on ``base``: the subnet its search found, with its supernet's weights."""
+    return Method(
+        name,
+        label,
+        short,
+        style,
+        build="searched_ranks",
+        origin="supernet weights, searched ranks",
+        source=base.stage("supernet"),
+        budgets=base.budgets,
+        inherits=base.stage("supernet"),
+        base=base.name,
+        command="flora",
+        points=True,
+        **compared,
+    )
+
+
+#: In the order the tables and the figure list them.
+METHODS = {
+    method.name: method
+    for method in (
+        Method("dense", "dense", "dense", {"color": "black", "marker": "D"}),
+        Method(
+            "uniform",
+            "uniform rank, from SVD",
+            "SVD uniform",
+            {"color": "tab:blue", "marker": "o", "markersize": 4},
+            build="uniform_ranks",
+            origin="SVD of the base model, uniform rank ratio",
+            source="decompose",
+            budgets="uniform",
+            epochs="retrain.uniform_epochs",
+        ),
+        Method(
+            "control",
+            "uniform rank, from the supernet (control)",
+            "control",
+            {"color": "tab:green", "marker": "s", "markersize": 4},
+            build="uniform_ranks",
+            origin="supernet weights, uniform rank ratio",
+            source="supernet",
+            budgets="uniform",
+            inherits="supernet",
+        ),
+        _flora(
+            "flora",
+            BASES["dense"],
+            "FLORA: searched ranks, from the supernet",
+            "FLORA",
+            {"color": "tab:red", "marker": "*", "markersize": 10},
+            baselines=("control", "uniform"),
+        ),
+        Method(
+            "slim",
+            "ViT-Slim: sliced channels and units",
+            "ViT-Slim",
+            {"color": "tab:purple", "marker": "v", "markersize": 4},
+            build="sliced",
+            origin="ViT-Slim's searched model, sliced to the budget",
+            source="slim",
+            budgets="slim",
+            epochs="retrain.slim_epochs",
+            inherits="slim",
+        ),
+        _flora(
+            "slim_flora",
+            BASES["slim"],
+            "FLORA on a ViT-Slim model",
+            "FLORA on ViT-Slim",
+            {"color": "tab:orange", "marker": "P", "markersize": 8},
+            baselines=("slim",),
+            headline="extra_reduction",
+        ),
+        Method(
+            "ofb",
+            "OFB: searched heads, channels, units and width",
+            "OFB",
+            {"color": "tab:brown", "marker": "^", "markersize": 4},
+            build="as_searched",
+            origin="OFB's model searched and sliced at the budget",
+            source="ofb",
+            budgets="ofb",
+            epochs="retrain.ofb_epochs",
+            inherits="ofb",
+        ),
+        _flora(
+            "ofb_flora",
+            BASES["ofb"],
+            "FLORA on an OFB model",
+            "FLORA on OFB",
+            {"color": "tab:pink", "marker": "X", "markersize": 8},
+            baselines=("ofb",),
+            headline="extra_reduction",
+        ),
+    )
+}
+#: The compressed models: every method but the dense base model.
+RETRAINED = {name: method for name, method in METHODS.items() if method.retrained}
+
+
+def comparisons() -> list[tuple[str, str]]:
+    """Each comparison of the report: (method, baseline), in the records' order."""
+    return [(method.name, baseline) for method in METHODS.values() for baseline in method.baselines]

@@ -1,0 +1,349 @@
+"""The report's tables as pandas DataFrames, built from the stages' results; and their text forms.
+
+Every table is written three ways (`write_table`): CSV with raw numbers, and
+Markdown and LaTeX with readable ones (MACs in G/M units, top-1 in percent,
+intervals in brackets). Intervals come from one ``PairedBootstrap`` shared by
+every table, so that the numbers of one report agree with each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..pipeline.methods import METHODS, comparisons
+from .stats import Estimate, PairedBootstrap, estimate, seed_std
+from .tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights
+
+RESULT_COLUMNS = [
+    "method",
+    "budget",
+    "macs",
+    "params",
+    "top1",
+    "top1_std",
+    "top1_low",
+    "top1_high",
+    "top5",
+    "macs_reduction",
+    "delta_top1",
+    "seeds",
+    "train_steps",
+    "train_images",
+    "supernet_steps",
+]
+COMPARISON_COLUMNS = [
+    "method",
+    "budget",
+    "baseline",
+    "macs",
+    "top1",
+    "baseline_top1",
+    "delta_top1",
+    "delta_low",
+    "delta_high",
+    "delta_verdict",
+    "baseline_macs",
+    "extra_reduction",
+    "extra_low",
+    "extra_high",
+    "extra_verdict",
+    "extra_bound",
+]
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One model of the report: its method and budget, its metrics, and ``correct[seed, test image]`` (0/1)."""
+
+    method: str
+    budget: float
+    metrics: Mapping
+    correct: np.ndarray
+
+    @property
+    def macs(self) -> float:
+        return float(self.metrics["macs"])
+
+
+def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd.DataFrame:
+    """Every model, dense first, then each method by budget: size, top-1 with its spread and interval, training."""
+    dense = next(m for m in models if m.method == "dense")
+    order = {method: index for index, method in enumerate(METHODS)}  # the records' order
+    rows = []
+    for model in sorted(models, key=lambda m: (order[m.method], m.budget)):
+        top1 = bootstrap.estimate(model.correct)
+        seeds = model.metrics.get("seeds", [])
+        training = model.metrics.get("training", {})
+        rows.append(
+            {
+                "method": model.method,
+                "budget": model.budget,
+                "macs": int(model.metrics["macs"]),
+                "params": int(model.metrics["params"]),
+                "top1": top1.value,
+                "top1_std": seed_std([s["top1"] for s in seeds]),
+                "top1_low": top1.low,
+                "top1_high": top1.high,
+                "top5": model.metrics["top5"],
+                "seeds": len(seeds) or None,  # none for the dense model: it is not fine-tuned
+                "train_steps": training.get("total_steps"),
+                "train_images": training.get("total_images"),
+                "supernet_steps": training.get("inherited_steps"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["macs_reduction"] = 1 - table["macs"] / dense.macs
+    table["delta_top1"] = table["top1"] - float(dense.correct.mean())
+    counts = ["seeds", "train_steps", "train_images", "supernet_steps"]
+    table[counts] = table[counts].astype("Int64")  # whole numbers, blank for the dense model
+    return table[RESULT_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A baseline's points, closed by the dense model, in MACs order: ``correct`` matrices and bootstrap top-1s."""
+
+    macs: np.ndarray
+    correct: list[np.ndarray]
+    top1: list[float]
+    samples: np.ndarray  # (replicates, points)
+
+    @classmethod
+    def of(cls, baseline: Sequence[Evaluated], dense: Evaluated, bootstrap: PairedBootstrap) -> Curve:
+        points = sorted([*baseline, dense], key=lambda m: m.macs)
+        correct = [m.correct for m in points]
+        samples = np.stack([bootstrap.top1(c) for c in correct], axis=1)
+        return cls(np.array([m.macs for m in points]), correct, [float(c.mean()) for c in correct], samples)
+
+
+def _compare(
+    point: Evaluated, point_samples: np.ndarray, curve: Curve, bootstrap: PairedBootstrap
+) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """One point against one baseline curve: the table row and the replicates of delta and extra reduction."""
+    row: dict = {"macs": int(point.metrics["macs"]), "top1": float(point.correct.mean())}
+    weights = interpolation_weights(curve.macs, point.macs)
+    delta_samples = None
+    if weights is None:
+        row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
+        row["delta_verdict"] = "out of range"
+    else:  # the curve at the point's MACs, per seed and image: the weighted mix of its two neighbouring points
+        baseline = sum(weight * curve.correct[i] for i, weight in weights.items())
+        difference = point.correct - baseline
+        delta_samples = bootstrap.top1(difference)
+        delta = estimate(float(difference.mean()), delta_samples)
+        row |= {"baseline_top1": float(baseline.mean()), "delta_top1": delta.value}
+        row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
+
+    value = extra_reduction(point.macs, row["top1"], curve.macs, curve.top1)
+    extra_samples = np.array(
+        [extra_reduction_or_bound(point.macs, f, curve.macs, c) for f, c in zip(point_samples, curve.samples)]
+    )
+    row["extra_bound"] = np.nan
+    if value is None:
+        row |= {"baseline_macs": np.nan, "extra_reduction": np.nan, "extra_low": np.nan, "extra_high": np.nan}
+        row["extra_verdict"] = "out of range"
+        if row["top1"] < curve.top1[0]:  # the baseline's cheapest model is already more accurate: a bound
+            row["extra_bound"] = 1 - point.macs / curve.macs[0]
+    else:
+        extra = estimate(value, extra_samples)
+        row |= {"baseline_macs": point.macs / (1 - value), "extra_reduction": value}
+        row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
+    return row, delta_samples, extra_samples
+
+
+def comparison_table(
+    models: Sequence[Evaluated], bootstrap: PairedBootstrap, compared: Sequence[tuple[str, str]] | None = None
+) -> tuple[pd.DataFrame, dict[tuple[str, str], dict[str, Estimate]]]:
+    """Per comparison (method, baseline) and budget of the method: top-1 difference at equal MACs, extra MACs
+    reduction at equal top-1.
+
+    ``compared`` defaults to every method against each of its baselines (``methods.comparisons``).
+    Returns the table and, per comparison, the means over the method's budgets of both
+    numbers with their intervals (from the same replicates; a budget out of the curve's
+    range leaves that mean out). Every number is paired on the same seeds and test images.
+    """
+    dense = next(m for m in models if m.method == "dense")
+    rows, means = [], {}
+    for method, baseline in comparisons() if compared is None else compared:
+        points = sorted((m for m in models if m.method == method), key=lambda m: m.budget)
+        curve = Curve.of([m for m in models if m.method == baseline], dense, bootstrap)
+        deltas, extras, delta_values, extra_values = [], [], [], []
+        for point in points:
+            row, delta_samples, extra_samples = _compare(point, bootstrap.top1(point.correct), curve, bootstrap)
+            rows.append({"method": method, "budget": point.budget, "baseline": baseline, **row})
+            if delta_samples is not None:
+                deltas.append(delta_samples)
+                delta_values.append(row["delta_top1"])
+            if not np.isnan(row["extra_reduction"]):
+                extras.append(extra_samples)
+                extra_values.append(row["extra_reduction"])
+        mean = means[method, baseline] = {}
+        if points and len(deltas) == len(points):
+            mean["delta_top1"] = estimate(float(np.mean(delta_values)), np.mean(deltas, axis=0))
+        if points and len(extras) == len(points):
+            with np.errstate(invalid="ignore"):  # +inf and -inf replicates of two budgets: unbounded both ways
+                samples = np.nan_to_num(np.mean(extras, axis=0), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+            mean["extra_reduction"] = estimate(float(np.mean(extra_values)), samples)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), means
+
+
+def ranks_table(layers: pd.DataFrame, configs: Mapping[float, Mapping[str, int]]) -> pd.DataFrame:
+    """Rank of every target layer (rows) in every searched subnet (columns); a dense layer shows its full rank."""
+    table = pd.DataFrame({"layer": layers["layer"], "full_rank": layers["full_rank"]})
+    for budget in sorted(configs):
+        table[str(budget)] = [
+            configs[budget].get(layer, full) for layer, full in zip(layers["layer"], layers["full_rank"], strict=True)
+        ]
+    return table
+
+
+def costs_table(seconds: Sequence[tuple[str, float]]) -> pd.DataFrame:
+    """Wall time of each stage run, from the stages' own timers, with the total."""
+    table = pd.DataFrame(seconds, columns=["stage", "seconds"])
+    return pd.concat([table, pd.DataFrame([{"stage": "total", "seconds": table["seconds"].sum()}])], ignore_index=True)
+
+
+def search_costs_table(
+    choosing: Mapping[str, tuple[Sequence[tuple[str, float]], str | None]], per_budget: Mapping[str, Sequence[float]]
+) -> pd.DataFrame:
+    """Each method's search cost, from the stages' own timers: ``choosing`` gives per method the stage runs
+    that choose its models once, with their seconds, and the stage it runs per budget (if any), whose runs'
+    seconds are in ``per_budget``. The supernet counts (its training is also the fine-tuning its subnets start
+    from); the retrains do not."""
+    rows = []
+    for method, (once, searched) in choosing.items():
+        stages = [stage for stage, _ in once]
+        runs = list(per_budget.get(searched, [])) if searched else []
+        one_off = sum(seconds for _, seconds in once)
+        rows.append(
+            {
+                "method": method,
+                "stages": " + ".join([*stages, *([f"{searched} per budget"] if searched else [])]),
+                "one_off_seconds": one_off,
+                "per_budget_seconds": float(np.mean(runs)) if runs else 0.0,
+                "budgets": len(runs) if searched else None,
+                "total_seconds": one_off + sum(runs),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["budgets"] = table["budgets"].astype("Int64")
+    return table
+
+
+def readable_search_costs(table: pd.DataFrame) -> pd.DataFrame:
+    """The search costs for Markdown/LaTeX: seconds with one decimal."""
+    shown = table.copy()
+    for column in ("one_off_seconds", "per_budget_seconds", "total_seconds"):
+        shown[column] = shown[column].map(lambda v: f"{v:.1f}")
+    shown["budgets"] = shown["budgets"].map(_count)
+    return shown.rename(
+        columns={
+            "stages": "search stages",
+            "one_off_seconds": "once (s)",
+            "per_budget_seconds": "per budget (s, mean)",
+            "total_seconds": "total (s)",
+        }
+    )
+
+
+def _percent(value: float, signed: bool = False) -> str:
+    if pd.isna(value):
+        return "—"
+    if np.isinf(value):
+        return "−∞" if value < 0 else "+∞"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _bracket(low: float, high: float, signed: bool) -> str:
+    return f"[{_percent(low, signed)}, {_percent(high, signed)}]"
+
+
+def _count(value: float | None) -> str:
+    return "—" if value is None or pd.isna(value) else f"{int(value):,}"
+
+
+def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
+    """The results table for Markdown/LaTeX: top-1 as mean ± std over seeds with its 95% interval, in percent."""
+    return pd.DataFrame(
+        {
+            "method": table["method"],
+            "budget": table["budget"].map(lambda b: f"{b:g}"),
+            f"macs ({macs_unit})": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+            "params": (table["params"] / 1e6).map(lambda v: f"{v:.3f} M"),
+            "MACs reduction": table["macs_reduction"].map(lambda v: f"{_percent(v)}%"),
+            "top-1 % (mean ± std)": [
+                _percent(top1) + ("" if pd.isna(std) else f" ± {_percent(std)}")
+                for top1, std in zip(table["top1"], table["top1_std"], strict=True)
+            ],
+            "95% interval": [
+                _bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
+            ],
+            "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
+            "seeds": table["seeds"].map(_count),
+            "training steps (inherited)": [
+                "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
+                for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)
+            ],
+            "training images": table["train_images"].map(_count),
+        }
+    )
+
+
+def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
+    """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent."""
+    return pd.DataFrame(
+        {
+            "method": table["method"],
+            "budget": table["budget"].map(lambda b: f"{b:g}"),
+            "baseline": table["baseline"],
+            macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+            "top-1 %": table["top1"].map(_percent),
+            "baseline top-1 % at equal MACs": table["baseline_top1"].map(_percent),
+            "Δ top-1 [95% interval]": [
+                "out of range" if pd.isna(d) else f"{_percent(d, True)} {_bracket(lo, hi, True)}"
+                for d, lo, hi in zip(table["delta_top1"], table["delta_low"], table["delta_high"], strict=True)
+            ],
+            "Δ verdict": table["delta_verdict"],
+            f"baseline {macs_unit} at equal top-1": (table["baseline_macs"] / macs_divisor).map(
+                lambda v: "out of range" if pd.isna(v) else f"{v:.3f}"
+            ),
+            "extra MACs reduction % [95% interval]": [
+                _reduction(e, lo, hi, bound)
+                for e, lo, hi, bound in zip(
+                    table["extra_reduction"], table["extra_low"], table["extra_high"], table["extra_bound"], strict=True
+                )
+            ],
+            "reduction verdict": table["extra_verdict"],
+        }
+    )
+
+
+def _reduction(value: float, low: float, high: float, bound: float) -> str:
+    """An extra MACs reduction with its interval; out of range, the bound it obeys when there is one."""
+    if not pd.isna(value):
+        return f"{_percent(value)} {_bracket(low, high, False)}"
+    if not pd.isna(bound):
+        return f"out of range: below {_percent(bound)} (the baseline's cheapest model is more accurate)"
+    return "out of range"
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a plain table (ranks, costs) for Markdown/LaTeX: seconds with one decimal."""
+    shown = table.copy()
+    if "seconds" in shown:
+        shown["seconds"] = shown["seconds"].map(lambda v: f"{v:.1f}")
+    return shown
+
+
+def markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def latex(table: pd.DataFrame) -> str:
+    escaped = table.rename(columns=lambda c: str(c).replace("_", r"\_").replace("%", r"\%"))
+    escaped = escaped.map(lambda v: v.replace("_", r"\_").replace("%", r"\%") if isinstance(v, str) else v)
+    return escaped.to_latex(index=False)

@@ -1,0 +1,337 @@
+"""What every stage command shares: its context (paths, device, seed, timer, identity), log and errors."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..errors import UserError
+from ..params import Params, load_params
+from ..pipeline.catalogue import STAGES, param_value, stage_for, tracked_params
+from ..pipeline.code import STAGES_PACKAGE
+from ..pipeline.schema import RESULTS, Stage, budget_name, budgets_key, input_paths, results_root
+from . import distributed
+from .artifacts import remove_temporaries
+from .data import default_workers
+from .training import checkpoint_name
+
+log = logging.getLogger(__name__)
+PACKAGE_LOG = logging.getLogger(__package__.partition(".")[0])
+#: Where stage runs log: the package, and the stage module itself, which ``python -m`` names ``__main__``
+STAGE_LOGS = (PACKAGE_LOG, logging.getLogger("__main__"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def why_no_cuda() -> str:
+    """Why PyTorch has no usable CUDA device here, in words."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    return (
+        f"PyTorch (built for CUDA {torch.version.cuda}) finds no usable GPU: none is visible, "
+        "or the driver is too old for this build"
+    )
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class StageContext:
+    """One run of a stage: its params, budget, input and output paths, device, timer and identity.
+
+    ``root`` is the results folder of the params file (``schema.results_root``).
+    """
+
+    stage: Stage
+    params: Params
+    budget: float | None = None
+    root: Path = RESULTS
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def method(self) -> str | None:
+        return self.stage.method
+
+    @property
+    def budget_name(self) -> str | None:
+        return None if self.budget is None else budget_name(self.budget)
+
+    @cached_property
+    def out(self) -> Path:
+        """The run's results folder (created on first use)."""
+        folder = self.stage.directory(self.budget_name, self.root)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def output(self, key: str) -> Path:
+        """Where the run writes its output ``key`` (a name of ``catalogue.STAGES[...].outputs``)."""
+        return self.out / self.stage.path(key, self.budget_name).name
+
+    def inputs(self, key: str) -> list[Path]:
+        """The paths of input ``key``: one, or one per budget when a per-budget stage makes it."""
+        return input_paths(self.stage, self.budget_name, self._dumped_params["budgets"], STAGES, self.root)[key]
+
+    @cached_property
+    def _dumped_params(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
+
+    def input(self, key: str) -> Path:
+        """The path of input ``key``, made by a stage that runs once (or at this run's budget)."""
+        (path,) = self.inputs(key)
+        return path
+
+    @cached_property
+    def device(self) -> torch.device:
+        """The torch device ``compute.device`` asks for (CUDA under ``auto`` when usable); logged with its name."""
+        wanted = self.params.compute.device
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"compute.device: cuda requested, but {why_no_cuda()}")
+        if wanted == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(wanted)
+        if device.type == "cuda":
+            log.info("device: %s (%s)", device, torch.cuda.get_device_name(device))
+        else:
+            reason = f" (compute.device auto: {why_no_cuda()})" if wanted == "auto" else ""
+            threads = torch.get_num_threads()
+            log.info("device: cpu (%d thread%s)%s", threads, "" if threads == 1 else "s", reason)
+        return device
+
+    @cached_property
+    def workers(self) -> int:
+        """Loader worker processes: ``compute.workers``, or when null the CPUs given, less one, per process."""
+        workers = self.params.compute.workers
+        return default_workers() if workers is None else workers
+
+    def fit_arguments(self, seed: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+        """What ``training.fit`` needs of this run: device, precision, seed (the params' unless a stage trains
+        once per ``seed``), checkpoint file (one per seed then), identity, loader workers."""
+        return {
+            "device": self.device,
+            "amp": self.params.compute.amp,
+            "seed": self.params.seed if seed is None else seed,
+            "checkpoint": self.out / checkpoint_name(seed),
+            "identity": self.identity(seed=seed, epochs=epochs),  # not the process count: a resume may use other GPUs
+            "workers": self.workers,
+        }
+
+    def seconds(self) -> float:
+        """Wall time since the run started, rounded to 10 ms."""
+        return round(time.perf_counter() - self.started, 2)
+
+    @cached_property
+    def _input_digests(self) -> dict[str, list[str]]:
+        digests = {key: [file_digest(path) for path in self.inputs(key)] for key in self.stage.inputs}
+        for key in self.stage.file_params:
+            path = param_value(self._dumped_params, key)
+            digests[key] = [file_digest(Path(path))] if path is not None and Path(path).is_file() else []
+        return digests
+
+    def identity(self, **extra: Any) -> str:
+        """A hash of everything the run's results depend on: its tracked params' values,
+        its budget, the content of every input artifact and input file named by a
+        param (``Stage.file_params``), and ``extra`` (JSON values).
+
+        A training checkpoint is resumed only by a run with the same identity.
+        """
+        description = {
+            "stage": self.stage.name,
+            "budget": self.budget_name,
+            "params": tracked_params(self.stage.name, self._dumped_params),
+            "inputs": self._input_digests,
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _configure_logging(folder: Path | None, label: str) -> logging.FileHandler | None:
+    """Log to stderr, and to ``folder/log.txt`` when given; extra torchrun processes only warn, to stderr."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"flora {label}: %(message)s"))
+    first = os.environ.get("RANK", "0") == "0"
+    file = None
+    if first and folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(folder / "log.txt", mode="w")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for logger in STAGE_LOGS:
+        logger.handlers.clear()
+        logger.propagate = False
+        logger.setLevel(logging.INFO if first else logging.WARNING)
+        logger.addHandler(console)
+        if file is not None:
+            logger.addHandler(file)
+    return file
+
+
+def _check_budget(stage: Stage, budget: float | None, params: Params) -> None:
+    if stage.foreach is None:
+        return
+    allowed = getattr(params.budgets, stage.foreach)
+    if budget not in allowed:
+        raise UserError(f"--budget {budget}: not one of {budgets_key(stage.foreach)} {list(allowed)}")
+
+
+def _check_processes(stage: Stage) -> None:
+    """Only a distributed stage runs under ``torchrun`` with more than one process."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not stage.distributed:
+        names = ", ".join(dict.fromkeys(s.module for s in STAGES.values() if s.distributed))
+        raise UserError(
+            f"{stage.name} runs as one process, but torchrun started {processes} (WORLD_SIZE={processes}); "
+            f"only {names} run under torchrun"
+        )
+
+
+def _under_torchrun(stage: Stage, params_path: Path, budget: float | None, processes: int) -> int:
+    """Run the stage again as ``processes`` processes under ``torchrun`` (one per GPU); their exit status."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    options = stage.arguments("" if budget is None else budget_name(budget))
+    command = [*launcher, "-m", f"{STAGES_PACKAGE}.{stage.module}", "--params", str(params_path), *options]
+    log.info("starting %d processes under torchrun (compute.processes): %s", processes, shlex.join(command))
+    return subprocess.call(command)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder on the way to ``folder`` (itself included) that does not exist yet."""
+    return next((path for path in (*reversed(folder.parents), folder) if not path.exists()), None)
+
+
+def run_stage(
+    module: str,
+    run: Callable[[StageContext], None],
+    params_path: Path,
+    method: str | None = None,
+    budget=None,
+    base: str = "dense",
+) -> int:
+    """Load params, log to the run's ``log.txt``, run the stage; user errors become one line.
+
+    A run rejected by a user error leaves no files behind: nothing is written before
+    params and budget are valid, and a results folder the run created is removed
+    again (a folder that was already there keeps its files; its ``log.txt`` tells the error).
+    """
+    on = None if base == "dense" else f"on {base}"
+    label = "/".join(part for part in (module, method, on, None if budget is None else budget_name(budget)) if part)
+    _configure_logging(None, label)
+    try:
+        stage = stage_for(module, method, base)
+    except KeyError:
+        log.error(
+            "error: --base %s: %s%s runs on the dense model only", base, module, f" --method {method}" if method else ""
+        )
+        return 2
+    try:
+        _check_processes(stage)
+        params = load_params(params_path)
+        _check_budget(stage, budget, params)
+    except UserError as error:
+        log.error("error: %s", error)
+        return 2
+    if stage.distributed and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _under_torchrun(stage, params_path, budget, params.compute.processes)
+    context = StageContext(stage, params, budget, results_root(params_path))
+    created = _first_missing(stage.directory(context.budget_name, context.root))
+    file_handler = _configure_logging(context.out, label)
+    failed = False
+    try:
+        log.info("params from %s", params_path)
+        for path in remove_temporaries(context.out):
+            log.info("removed %s, left by a killed run", path)
+        if params.compute.threads:
+            torch.set_num_threads(params.compute.threads)
+        seed_everything(params.seed)
+        if stage.distributed and "WORLD_SIZE" in os.environ:
+            context.device = distributed.join(context.device)
+            log.info("one of %d processes under torchrun, each on %s", distributed.world()[1], context.device.type)
+        with logging_redirect_tqdm(list(STAGE_LOGS)):
+            run(context)
+        log.info("done in %.1f s", context.seconds())
+        return 0
+    except UserError as error:
+        log.error("error: %s", error)
+        failed = True
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; a rerun resumes from the last checkpoint where the stage keeps one")
+        return 130
+    finally:
+        distributed.leave()
+        if file_handler is not None:
+            for logger in STAGE_LOGS:
+                logger.removeHandler(file_handler)
+            file_handler.close()
+        if failed and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+
+
+def add_params_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    """``--params``, and ``--method``/``--base``/``--budget`` where the module runs per method, base or budget."""
+    add_params_argument(parser)
+    stages = [stage for stage in STAGES.values() if stage.module == module]
+    methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
+    if methods:
+        parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
+    bases = list(dict.fromkeys(stage.base for stage in stages))
+    if len(bases) > 1:
+        parser.add_argument(
+            "--base", choices=bases, default="dense", help="the model FLORA compresses (default: dense, the base model)"
+        )
+    if any(stage.foreach for stage in stages):
+        parser.add_argument(
+            "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+        )
+
+
+def run_from_args(module: str, run: Callable[[StageContext], None], args: argparse.Namespace) -> int:
+    """Run a stage from its parsed arguments."""
+    return run_stage(
+        module,
+        run,
+        args.params,
+        getattr(args, "method", None),
+        getattr(args, "budget", None),
+        getattr(args, "base", "dense"),
+    )
+
+
+def stage_main(module: str, description: str, run: Callable[[StageContext], None], argv: Sequence[str] | None) -> int:
+    """Entry point for ``python -m flora_steps.stages.<module>``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {STAGES_PACKAGE}.{module}", description=description)
+    add_stage_arguments(parser, module)
+    return run_from_args(module, run, parser.parse_args(argv))

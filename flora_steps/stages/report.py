@@ -1,0 +1,357 @@
+"""Paper-style tables and figures from the finished pipeline, with intervals, and a summary of the results.
+
+Reads the other stages' results (nothing is recomputed but a few thousand sampled
+subnet sizes and the bootstrap) and writes `results/report/`:
+
+- `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control,
+  FLORA, ViT-Slim, FLORA on ViT-Slim's model, OFB and FLORA on OFB's model, per budget): MACs, parameters, MACs
+  reduction, test top-1 as mean ± std over seeds with its 95% interval, top-5, the
+  delta to dense, and the training it had (optimizer steps and images, the inherited
+  share included: the supernet's, ViT-Slim's search, the base model's)
+- `comparison.{csv,md,tex}`: per FLORA budget, against the control and against SVD
+  uniform, and per budget of FLORA on ViT-Slim's (OFB's) model, against ViT-Slim (OFB) alone: the
+  top-1 difference at equal MACs (the baseline's curve interpolated at the point's
+  MACs) and the extra MACs reduction at equal top-1, each with its 95% interval and a
+  verdict (better / worse / within noise / out of range)
+- `ranks.{csv,md,tex}`: every target layer's rank in every searched subnet
+- `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
+- `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
+  that choose its model (once, and per budget), fine-tuning excluded
+- `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
+  `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
+- `summary.json`: every budget's comparison and the means over budgets, with intervals
+
+Intervals: a paired bootstrap over seeds and test images (`flora_steps.report.stats`), the
+same replicates for every number. Outputs are deterministic: the same results give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core import trace_costs
+from ..core.search import MacsTable
+from ..core.space import SubnetSampler
+from ..errors import UserError
+from ..pipeline.catalogue import METHOD_STAGES, SEARCH_STAGES, STAGES, choosing_stages
+from ..pipeline.methods import METHODS, RETRAINED
+from ..pipeline.schema import budget_name
+from ..report.figures import (
+    macs_unit,
+    plot_ranks,
+    plot_sampling,
+    plot_search,
+    plot_sensitivity,
+    plot_spectra,
+    plot_tradeoff,
+    single_layer_kl,
+)
+from ..report.stats import CONFIDENCE, PairedBootstrap
+from ..report.tables import (
+    Evaluated,
+    comparison_table,
+    costs_table,
+    latex,
+    markdown,
+    ranks_table,
+    readable,
+    readable_comparison,
+    readable_results,
+    readable_search_costs,
+    results_table,
+    search_costs_table,
+)
+from ..runtime.artifacts import (
+    ModelSpec,
+    read_json,
+    read_rank_config,
+    read_space,
+    save_figure,
+    write_csv,
+    write_json,
+    write_text,
+)
+from ..runtime.context import StageContext, stage_main
+from ..runtime.models import input_shape
+
+log = logging.getLogger(__name__)
+SAMPLED_SUBNETS = 4000
+REPLICATES = 2000  # bootstrap replicates of every interval
+
+
+def read_csv(path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (run the stage that writes it first)") from None
+
+
+def write_table(context: StageContext, name: str, table: pd.DataFrame, shown: pd.DataFrame) -> None:
+    """``<name>.csv`` (raw numbers), ``<name>.md`` and ``<name>.tex`` (readable)."""
+    write_csv(context.output(f"{name}_csv"), table)
+    write_text(context.output(f"{name}_md"), markdown(shown))
+    write_text(context.output(f"{name}_tex"), latex(shown))
+
+
+def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> tuple[dict[str, np.ndarray], int]:
+    """MACs of subnets drawn by each sampling rule from the filtered space (fixed seed), and the dense MACs."""
+    spec = ModelSpec.model_validate(read_json(context.input("spec"), "model description"))
+    with torch.device("meta"):
+        skeleton = spec.build()
+    costs = trace_costs(skeleton, input_shape(skeleton))
+    table = MacsTable.from_space(space, costs)
+    samples = {}
+    for rule in rules:
+        sampler, rng = SubnetSampler(space, rule), np.random.default_rng(context.params.seed)
+        samples[rule] = np.array([table.macs(sampler.sample_indices(rng)) for _ in range(SAMPLED_SUBNETS)], dtype=float)
+    return samples, costs.dense_macs
+
+
+def by_budget(context: StageContext, key: str, budgets: list[float]) -> dict[float, Path]:
+    """The paths of a per-budget input, by budget."""
+    return dict(zip(budgets, context.inputs(key), strict=True))
+
+
+def correct_matrix(path: Path, labels: np.ndarray | None) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """``correct[seed, image]`` from a predictions file, its seeds (none for the dense model) and the labels.
+
+    ``labels`` (the dense model's) must match: every model is evaluated on the same test images.
+    """
+    table = read_csv(path)
+    if "seed" not in table:
+        table = table.assign(seed=-1)
+    seeds = list(dict.fromkeys(table["seed"]))
+    rows = [table[table["seed"] == seed].sort_values("image") for seed in seeds]
+    own_labels = rows[0]["label"].to_numpy() if rows else np.array([], dtype=int)
+    if labels is not None and (
+        any(len(r) != len(labels) or not np.array_equal(r["label"].to_numpy(), labels) for r in rows)
+    ):
+        raise UserError(f"{path}: predictions on other test images than the base model's (rerun the pipeline)")
+    correct = np.stack([(r["prediction"] == r["label"]).to_numpy(dtype=float) for r in rows])
+    return correct, [int(s) for s in seeds if s >= 0], own_labels
+
+
+def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]:
+    """Dense and every compressed model with its per-seed, per-image results; the seeds they share."""
+    budgets = context.params.budgets
+    base = context.input("pretrain_metrics")
+    dense_metrics = read_json(base, "base model metrics")
+    if dense_metrics.get("top1") is None:
+        raise UserError(f"{base}: the base model was not evaluated (data.root missing?)")
+    dense_correct, _, labels = correct_matrix(context.input("dense_predictions"), None)
+    models = [Evaluated("dense", 1.0, dense_metrics, dense_correct)]
+    shared: list[int] | None = None
+    for method, stage in METHOD_STAGES.items():
+        values = getattr(budgets, STAGES[stage].foreach)
+        predictions = by_budget(context, f"{method}_predictions", values)
+        for budget, path in by_budget(context, method, values).items():
+            correct, seeds, _ = correct_matrix(predictions[budget], labels)
+            if shared is None:
+                shared = seeds
+            elif seeds != shared:
+                raise UserError(f"{predictions[budget]}: seeds {seeds}, but other models have {shared} (rerun)")
+            models.append(Evaluated(method, budget, read_json(path, "metrics"), correct))
+    return models, shared or []
+
+
+def _interval(low: float, high: float) -> list[float | None]:
+    return [None if not math.isfinite(v) else float(v) for v in (low, high)]
+
+
+def _clean(value: float) -> float | None:
+    return None if pd.isna(value) else float(value)
+
+
+def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame) -> list[dict]:
+    """Per budget of ``method``: its MACs and top-1, and each of its comparisons, with intervals."""
+    entries = []
+    for budget, rows in comparison[comparison["method"] == method].groupby("budget", sort=True):
+        point = results[(results["method"] == method) & (results["budget"] == budget)].iloc[0]
+        entry = {
+            "budget": float(budget),
+            method: {
+                "macs": int(point["macs"]),
+                "top1": float(point["top1"]),
+                "top1_std": _clean(point["top1_std"]),
+                "top1_interval": _interval(point["top1_low"], point["top1_high"]),
+            },
+        }
+        for _, row in rows.iterrows():
+            entry[f"vs_{row['baseline']}"] = {
+                "top1_at_equal_macs": _clean(row["baseline_top1"]),
+                "delta_top1": _clean(row["delta_top1"]),
+                "delta_top1_interval": _interval(row["delta_low"], row["delta_high"]),
+                "delta_top1_verdict": row["delta_verdict"],
+                "extra_macs_reduction": _clean(row["extra_reduction"]),
+                "extra_macs_reduction_interval": _interval(row["extra_low"], row["extra_high"]),
+                "extra_macs_reduction_verdict": row["extra_verdict"],
+                "extra_macs_reduction_below": _clean(row["extra_bound"]),  # when out of range below the curve
+            }
+        entries.append(entry)
+    return entries
+
+
+def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
+    """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals.
+
+    The first compared method's (FLORA's) at the top level, every other compared method's under its name.
+    """
+    dense = models[0]
+    primary, *others = [method.name for method in METHODS.values() if method.baselines]
+
+    def mean_over_budgets(method: str) -> dict:
+        return {
+            f"vs_{baseline}": {name: value.as_dict() for name, value in numbers.items()}
+            for (compared, baseline), numbers in means.items()
+            if compared == method
+        }
+
+    training = {
+        method: {k: rows.iloc[0][k] for k in ("train_steps", "train_images", "supernet_steps")}
+        for method, rows in results[results["method"] != "dense"].groupby("method", sort=True)
+    }
+    return {
+        "dense": {"top1": dense.metrics["top1"], "macs": dense.metrics["macs"], "params": dense.metrics["params"]},
+        "protocol": {
+            "seeds": seeds,
+            "test_images": int(dense.correct.shape[1]),
+            "interval": f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over seeds and test "
+            f"images ({REPLICATES} replicates)",
+        },
+        "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
+        "budgets": budget_entries(primary, results, comparison),
+        "mean_over_budgets": mean_over_budgets(primary),
+        **{
+            other: {
+                "budgets": budget_entries(other, results, comparison),
+                "mean_over_budgets": mean_over_budgets(other),
+            }
+            for other in others
+        },
+    }
+
+
+def stage_seconds(context: StageContext) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Wall time of the stage runs before the retrains, from the stages' own timers: those that run once
+    by stage, the per-budget ones by stage (one entry per budget, in the order of its budgets list)."""
+
+    def seconds(path: Path) -> float:
+        return float(read_json(path, "metrics")["seconds"])
+
+    once, per_budget = {}, {}
+    for name, stage in SEARCH_STAGES.items():
+        runs = [seconds(path) for path in context.inputs(f"{name}_metrics")]
+        if stage.foreach:
+            per_budget[name] = runs
+        else:
+            once[name] = runs[0]
+    return once, per_budget
+
+
+def method_search_costs(context: StageContext, once: dict[str, float], per_budget: dict[str, list[float]]) -> dict:
+    """Per compressed model's method: the stage runs that choose its models once, with their seconds (a
+    per-budget stage's run at a budgets key named ``<stage> at budgets.<key>``), and its per-budget stage."""
+    budgets = context.params.budgets
+    choosing = {}
+    for method in RETRAINED:
+        stages, searched = choosing_stages(method)
+        runs = []
+        for stage, key in stages:
+            if key is None:
+                runs.append((stage, once[stage]))
+            else:
+                index = getattr(budgets, STAGES[stage].foreach).index(getattr(budgets, key))
+                runs.append((f"{stage} at budgets.{key}", per_budget[stage][index]))
+        choosing[method] = (runs, searched)
+    return choosing
+
+
+def run(context: StageContext) -> None:
+    params, budgets = context.params, context.params.budgets
+    models, seeds = evaluated_models(context)
+    dense = models[0]
+    bootstrap = PairedBootstrap(
+        max(len(seeds), 1), dense.correct.shape[1], REPLICATES, np.random.default_rng(params.seed)
+    )
+    results = results_table(models, bootstrap)
+    comparison, means = comparison_table(models, bootstrap)
+    divisor, unit = macs_unit(dense.macs)
+    write_table(context, "results", results, readable_results(results, divisor, unit))
+    write_table(context, "comparison", comparison, readable_comparison(comparison, divisor, unit))
+
+    layers = read_csv(context.input("layers"))
+    configs = {
+        b: read_rank_config(path).ranks for b, path in by_budget(context, "search_ranks", budgets.search).items()
+    }
+    ranks = ranks_table(layers, configs)
+    write_table(context, "ranks", ranks, ranks)
+
+    once, per_budget = stage_seconds(context)
+    searches = [
+        (f"{stage} {budget_name(b)}", value)
+        for stage, runs in per_budget.items()
+        for b, value in zip(getattr(budgets, STAGES[stage].foreach), runs, strict=True)
+    ]
+    retrains = [(f"retrain {m.method} {m.budget}", float(m.metrics["seconds"])) for m in models[1:]]
+    costs = costs_table([*once.items(), *searches, *retrains])
+    write_table(context, "costs", costs, readable(costs))
+    search_costs = search_costs_table(method_search_costs(context, once, per_budget), per_budget)
+    write_table(context, "search_costs", search_costs, readable_search_costs(search_costs))
+
+    space = read_space(context.input("space"))
+    histories = {
+        budget_name(b): read_csv(path) for b, path in by_budget(context, "search_history", budgets.search).items()
+    }
+    fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
+        ranks.set_index("layer")["full_rank"], axis=0
+    )
+    save_figure(context.output("tradeoff"), plot_tradeoff(results, comparison))
+    save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
+    save_figure(
+        context.output("sensitivity"),
+        plot_sensitivity(single_layer_kl(read_csv(context.input("sensitivity")), space)),
+    )
+    save_figure(context.output("search"), plot_search(histories))
+    save_figure(context.output("ranks_figure"), plot_ranks(fractions))
+    save_figure(context.output("sampling"), plot_sampling(*sampled_macs(context, space)))
+
+    numbers = summary(models, results, comparison, means, seeds)
+    numbers["pipeline_seconds"] = round(float(costs["seconds"].iloc[-1]), 2)
+    write_json(context.output("summary"), numbers)
+    for (method, baseline), values in means.items():
+        delta, extra = values.get("delta_top1"), values.get("extra_reduction")
+        if delta is not None:
+            log.info(
+                "%s vs %s at equal MACs, mean over budgets: %+.2f points of top-1 [%+.2f, %+.2f], %s",
+                method,
+                baseline,
+                100 * delta.value,
+                100 * delta.low,
+                100 * delta.high,
+                delta.verdict,
+            )
+        if extra is not None:
+            log.info(
+                "%s vs %s at equal top-1, mean over budgets: %.1f%% fewer MACs [%.1f, %.1f], %s",
+                method,
+                baseline,
+                100 * extra.value,
+                100 * extra.low,
+                100 * extra.high,
+                extra.verdict,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("report", __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Evolutionary search of the best subnet under one MACs budget, with the supernet's inherited weights.
+
+    python -m flora_steps.stages.search --params params.yaml --budget 0.5
+
+A subnet picks one rank tuple per block from the filtered space (`filter`); it is
+legal when its MACs lie in [budget - search.band, budget] (fractions of the dense
+model's MACs). Fitness is val top-1 of the trained supernet (`supernet`) at the
+subnet's ranks, ties broken by the distillation loss to the dense base model, on
+the val split or a fixed `search.val_images` subset of it. The search itself
+(stratified initial population, mutation, crossover, random fill, a cache of
+visited subnets) is `flora_steps.core.search`. Under `torchrun` (`compute.processes`)
+every process scores each subnet on its share of the images. Writes `results/search/<budget>/`:
+
+- `ranks.json`: the best subnet as a rank config
+- `history.csv`: per generation, evaluations so far, best and top-k mean fitness, best MACs
+- `metrics.json`: the best subnet's val top-1 and loss, MACs, parameters; evaluations per second
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import total_ordering
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
+from ..core.search import EvolutionSettings, Genome, MacsTable, evolve, genome_choices
+from ..errors import UserError
+from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
+from ..runtime.context import StageContext, stage_main
+from ..runtime.data import build_splits, fixed_subset, make_loader
+from ..runtime.distributed import is_first, sum_over_processes
+from ..runtime.models import data_config, input_shape
+from ..runtime.progress import progress
+from ..runtime.training import autocast, distillation_loss
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = ["generation", "evaluations", "best_top1", "best_loss", "top_k_mean_top1", "best_macs"]
+
+
+@total_ordering
+@dataclass(frozen=True)
+class Fitness:
+    """Val top-1 of a subnet; between equal top-1, the lower distillation loss is fitter."""
+
+    top1: float
+    loss: float
+
+    def __lt__(self, other: Fitness) -> bool:
+        return (self.top1, -self.loss) < (other.top1, -other.loss)
+
+
+class SubnetScorer:
+    """Scores subnets of a supernet on fixed batches against the dense model's logits.
+
+    Under ``torchrun`` each process holds its share of the images and every score
+    combines all shares, so every process runs the same evolution.
+    """
+
+    def __init__(
+        self,
+        supernet: torch.nn.Module,
+        batches: list,
+        teacher_logits: list,
+        temperature: float,
+        amp: bool,
+        device: torch.device,
+    ):
+        self.supernet = supernet.eval()
+        self.batches = batches
+        self.teacher_logits = teacher_logits
+        self.temperature = temperature
+        self.amp = amp
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, ranks: dict[str, int]) -> Fitness:
+        set_ranks(self.supernet, ranks)
+        correct, loss, count = 0, 0.0, 0
+        for (images, labels), targets in zip(self.batches, self.teacher_logits, strict=True):
+            with autocast(images.device, self.amp):
+                logits = self.supernet(images).float()
+            correct += (logits.argmax(1) == labels).sum().item()
+            loss += distillation_loss(logits, targets, labels, self.temperature, 0.0).item() * len(labels)
+            count += len(labels)
+        correct, loss, count = sum_over_processes([correct, loss, count], self.device)
+        return Fitness(correct / count, loss / count)
+
+
+def run(context: StageContext) -> None:
+    params, device, budget = context.params, context.device, context.budget
+    cfg = params.search
+    supernet, spec = load_model(context.input("model"))
+    teacher, _ = load_model(context.input("teacher"))
+    space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(supernet).items()})
+    costs = trace_costs(supernet, input_shape(supernet))
+    table = MacsTable.from_space(space, costs)
+    dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
+    low, high = (budget - cfg.band) * dense, budget * dense
+    if table.smallest > high:
+        raise UserError(
+            f"budgets.search: {budget} is below the smallest subnet of the filtered space "
+            f"({table.smallest / dense:.3f} of dense MACs); add smaller filter.ratios or raise the budget"
+        )
+
+    splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
+    val = splits.val if cfg.val_images is None else fixed_subset(splits.val, cfg.val_images, params.seed)
+    loader = make_loader(val, params.data.eval_batch_size, device, context.workers, splits.on_device)
+    supernet.to(device)
+    teacher.to(device).eval()
+    batches = [(images.to(device), labels.to(device)) for images, labels in loader]
+    with torch.no_grad(), autocast(device, params.compute.amp):
+        teacher_logits = [teacher(images).float() for images, _ in batches]
+    scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp, device)
+    log.info(
+        "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images",
+        context.budget_name,
+        low,
+        high,
+        dense,
+        table.smallest,
+        table.largest,
+        len(val),
+    )
+
+    settings = EvolutionSettings(
+        population=cfg.population,
+        top_k=cfg.top_k,
+        mutations=cfg.mutations,
+        mutation_prob=cfg.mutation_prob,
+        crossovers=cfg.crossovers,
+        generations=cfg.generations,
+    )
+    bar = progress(desc=f"search {context.budget_name}", total=cfg.generations)
+
+    def fitness(genome: Genome) -> Fitness:
+        return scorer(space.ranks(genome_choices(space, genome)))
+
+    def report(row: dict) -> None:
+        bar.update()
+        bar.set_postfix(top1=f"{row['best'].top1:.4f}", evaluations=row["evaluations"], refresh=False)
+        log.info(
+            "generation %d: best val top-1 %.2f%% (loss %.4f, %.3f of dense MACs), %d evaluated",
+            row["generation"],
+            100 * row["best"].top1,
+            row["best"].loss,
+            row["best_macs"] / dense,
+            row["evaluations"],
+        )
+
+    search_started = time.perf_counter()
+    try:
+        result = evolve(table, fitness, low, high, settings, np.random.default_rng(params.seed), report)
+    except ValueError as error:
+        raise UserError(f"budgets.search: {budget}: {error}") from None
+    finally:
+        bar.close()
+    search_seconds = time.perf_counter() - search_started
+    set_ranks(supernet, {})
+
+    ranks = space.ranks(genome_choices(space, result.best))
+    history = pd.DataFrame(
+        [
+            {
+                "generation": row["generation"],
+                "evaluations": row["evaluations"],
+                "best_top1": row["best"].top1,
+                "best_loss": row["best"].loss,
+                "top_k_mean_top1": float(np.mean([score.top1 for score in row["top_k"]])),
+                "best_macs": row["best_macs"],
+            }
+            for row in result.history
+        ],
+        columns=HISTORY_COLUMNS,
+    )
+    if not is_first():
+        return
+    write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
+    write_csv(context.output("history"), history)
+    write_json(
+        context.output("metrics"),
+        {
+            "budget": budget,
+            "top1": result.score.top1,  # val top-1 with the supernet's inherited weights
+            "val_loss": result.score.loss,
+            "macs": result.macs,
+            "macs_fraction": round(result.macs / dense, 6),
+            "params": costs.params(ranks),
+            "evaluations": result.evaluations,
+            "evaluations_per_second": round(result.evaluations / search_seconds, 2),
+            "seconds": context.seconds(),
+        },
+    )
+    log.info(
+        "best subnet: val top-1 %.2f%% at %.3f of dense MACs (%d evaluations, %.1f/s)",
+        100 * result.score.top1,
+        result.macs / dense,
+        result.evaluations,
+        result.evaluations / search_seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("search", __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
