@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
-import flora_steps.runtime.models  # noqa: F401  (registers vit_digits with timm)
 import pytest
 import yaml
-from flora_steps.pipeline.catalogue import STAGES, param_value
+
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits with timm)
+from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.schema import budget_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,41 +38,73 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+class Recorder:
+    """A read-only view of params that records every key read through it (``"retrain.lr"``)."""
+
+    def __init__(self, model, seen: set[str], prefix: str = "") -> None:
+        self._model, self._seen, self._prefix = model, seen, prefix
+
+    def __getattr__(self, name: str):
+        from pydantic import BaseModel
+
+        value = getattr(self._model, name)
+        if name not in type(self._model).model_fields:
+            return value  # a method such as model_dump: not a key
+        key = self._prefix + name
+        if isinstance(value, BaseModel):  # a section: record the keys read inside it
+            return Recorder(value, self._seen, key + ".")
+        self._seen.add(key)
+        return value
+
+
 @pytest.fixture(scope="session")
-def smoke_results(tmp_path_factory) -> Path:
-    """``results/`` after pretrain, decompose and filter on the smoke profile (run once; treat as read-only)."""
+def params_reads() -> dict[str, set[str]]:
+    """The params keys each stage read in this session's smoke runs (``smoke_results``, ``smoke_pipeline``)."""
+    return {}
+
+
+def run_recorded(stage, arguments: list[str], params_file: Path, reads: dict[str, set[str]]) -> None:
+    """Run one stage in this process with params that record what it reads into ``reads[stage.name]``."""
+    import flora_steps.runtime.context as context
     from flora_steps.cli import main
 
+    real_load, seen = context.load_params, reads.setdefault(stage.name, set())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(context, "load_params", lambda path: Recorder(real_load(path), seen))
+        assert main([stage.module, *arguments, "--params", str(params_file)]) == 0, (stage.name, arguments)
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory, params_reads) -> Path:
+    """``results/`` after pretrain, decompose and filter on the smoke profile (run once; treat as read-only)."""
     directory = tmp_path_factory.mktemp("smoke")
     params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
         for stage in ("pretrain", "decompose", "filter"):
-            assert main([stage, "--params", str(params)]) == 0, stage
+            run_recorded(STAGES[stage], [], params, params_reads)
     return directory / "results"
 
 
 @pytest.fixture(scope="session")
-def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
+def smoke_pipeline(smoke_results: Path, tmp_path_factory, params_reads) -> Path:
     """A project folder with params.yaml = smoke profile, after every stage up to retrain (run once)."""
-    from flora_steps.cli import main
-
     directory = tmp_path_factory.mktemp("pipeline")
     (directory / "results").mkdir()
     for stage in ("pretrain", "decompose", "filter"):
         (directory / "results" / stage).symlink_to(smoke_results / stage)
     params = yaml.safe_load(SMOKE.read_text())
-    params_file = str(write_params(directory / "params.yaml", params))
-    commands = [  # every other stage but the report, in the layout's order (producers first), every budget
-        [stage.module, *stage.arguments(budget)]
+    params_file = write_params(directory / "params.yaml", params)
+    runs = [  # every other stage but the report, in the catalogue's order (producers first), every budget
+        (stage, budget)
         for stage in STAGES.values()
         if stage.name not in ("pretrain", "decompose", "filter", "report")
         for budget in ([budget_name(b) for b in params["budgets"][stage.foreach]] if stage.foreach else [""])
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)
-        for command in commands:
-            assert main([*command, "--params", params_file]) == 0, command
+        for stage, budget in runs:
+            run_recorded(stage, stage.arguments(budget), params_file, params_reads)
     return directory
 
 
@@ -118,3 +153,22 @@ def copy_project(destination: Path) -> Path:
     for name in ("Snakefile", "dvc.yaml", "params.yaml", "environment.yml", ".dvcignore"):
         shutil.copy(ROOT / name, destination / name)
     return destination
+
+
+#: A guard against a hang, far above any expected time (no test depends on the machine's speed).
+HANG_GUARD = 3600
+
+
+def run_command(command: list[str], guard: int = HANG_GUARD, **options) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with captured text output, in its own process group: past ``guard`` seconds the whole
+    group is killed (a workflow engine's jobs too), and the test fails saying so."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **options
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=guard)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise AssertionError(f"{' '.join(command)}: still running after {guard} s, killed with its processes")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import set_key, write_params
-from flora_steps.pipeline.catalogue import stage_for
 from PIL import Image
 
 from flora_steps.cli import main
+from flora_steps.pipeline.catalogue import stage_for
 
 
 def files_under(folder: Path) -> set[str]:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import timm.data
 import torch
-from flora_steps.runtime.data import SeededSampler, build_splits, make_loader, random_shift, train_loader
-from flora_steps.runtime.distributed import shard
-from flora_steps.runtime.transforms import posterize, training_transform
 from PIL import Image
 
 from flora_steps.errors import UserError
 from flora_steps.params import DataParams
+from flora_steps.runtime.data import SeededSampler, build_splits, make_loader, random_shift, train_loader
+from flora_steps.runtime.distributed import shard
+from flora_steps.runtime.transforms import posterize, training_transform
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
+
+from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.search import (
     EvolutionSettings,
     MacsTable,
@@ -15,8 +17,6 @@ from flora_steps.core.search import (
     random_legal,
     stratified_population,
 )
-
-from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.space import BlockSpace, SearchSpace, full_space
 
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import SMOKE, write_params
-from flora_steps.core.filter import efficiency, keep_efficient, macs_bins
 
 from flora_steps.cli import main
+from flora_steps.core.filter import efficiency, keep_efficient, macs_bins
 from flora_steps.core.space import SearchSpace, rank_grid
 
 

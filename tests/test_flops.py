@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from flora_steps.runtime.artifacts import write_rank_config
-
 from flora_steps.cli import main
 from flora_steps.core import RankConfig
+from flora_steps.runtime.artifacts import write_rank_config
 
 
 def test_dense_model_as_json(capsys) -> None:

@@ -10,11 +10,11 @@ import timm
 import torch
 import yaml
 from conftest import ROOT, SMOKE, set_key, write_params
-from flora_steps.runtime.models import input_shape
 from rehearsal import write_images
 
 from flora_steps.cli import main
 from flora_steps.core import count_macs, factorise, find_linear_layers, trace_costs
+from flora_steps.runtime.models import input_shape
 
 #: FLORA's stages on the smoke profile's first search budget
 FLORA_COMMANDS = (["pretrain"], ["decompose"], ["filter"], ["supernet"], ["search"], ["retrain", "--method", "flora"])
@@ -107,9 +107,8 @@ def test_tiny_vit_macs_equal_flop_counter(name: str) -> None:
 
 def test_a_saved_structure_of_a_model_without_vit_blocks_builds() -> None:
     """A Swin or TinyViT artifact (no ViT-Slim structure) rebuilds with its low-rank layers."""
-    from flora_steps.runtime.models import build_model
-
     from flora_steps.core import LowRankLinear
+    from flora_steps.runtime.models import build_model
 
     with torch.device("meta"):
         model = build_model("swin_tiny_patch4_window7_224", {}, lowrank={"layers.0.blocks.0.mlp.fc1": 96})

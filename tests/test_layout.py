@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SMOKE, write_params
-from flora_steps.pipeline.dvc_yaml import render
+from conftest import ROOT, SMOKE, run_command, run_recorded, write_params
+
+from flora_steps.params import load_params
+from flora_steps.pipeline import schema
 from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, param_value
 from flora_steps.pipeline.code import code_files
-from flora_steps.pipeline.schema import budget_name
-from pydantic import BaseModel
-
-from flora_steps.pipeline import schema
-from flora_steps.params import load_params
+from flora_steps.pipeline.dvc_yaml import render
 
 
 def test_committed_dvc_yaml_is_the_generated_one() -> None:
@@ -67,10 +65,8 @@ for module in sys.argv[1:]:
 def stage_imports() -> dict[str, set[str]]:
     """Package source files that importing ``flora_steps.<module>`` really runs, relative to the repository."""
     modules = sorted({stage.module for stage in STAGES.values()})
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-c", IMPORTS_PER_STAGE, *modules],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": "."},
     )
@@ -87,48 +83,21 @@ def test_code_dependencies_are_exactly_what_the_stage_imports(module: str, stage
     assert {str(path) for path in code_files(module)} == stage_imports[module]
 
 
-class Recorder:
-    """A read-only view of params that records every key read through it (``"retrain.lr"``)."""
-
-    def __init__(self, model, seen: set[str], prefix: str = "") -> None:
-        self._model, self._seen, self._prefix = model, seen, prefix
-
-    def __getattr__(self, name: str):
-        value = getattr(self._model, name)
-        if name not in type(self._model).model_fields:
-            return value  # a method such as model_dump: not a key
-        key = self._prefix + name
-        if isinstance(value, BaseModel):  # a section: record the keys read inside it
-            return Recorder(value, self._seen, key + ".")
-        self._seen.add(key)
-        return value
-
-
 #: Keys a stage tracks but does not read on the digits smoke profile: they matter for real data only.
 REAL_DATA_ONLY = {"data.root", "data.train_transform", "data.crop_pct", "data.skip_unreadable"}
 
 
 def test_each_stage_reads_only_keys_it_tracks_or_that_do_not_change_results(
-    smoke_pipeline: Path, tmp_path: Path, monkeypatch
+    smoke_pipeline: Path, params_reads: dict[str, set[str]], tmp_path: Path, monkeypatch
 ) -> None:
-    """Every stage run once more with params that record what it reads."""
-    import shutil
-
-    import flora_steps.runtime.context
-
-    from flora_steps.cli import main
-
-    shutil.copytree(smoke_pipeline / "results", tmp_path / "results", symlinks=False)
-    params_file = write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    """What every stage read in the session's smoke runs (params that record every key read), and the report."""
+    (tmp_path / "results").mkdir()
+    for folder in (smoke_pipeline / "results").iterdir():
+        (tmp_path / "results" / folder.name).symlink_to(folder)
     monkeypatch.chdir(tmp_path)
-    real_load = flora_steps.runtime.context.load_params
-    reads: dict[str, set[str]] = {}
-    for stage in STAGES.values():
-        seen = reads.setdefault(stage.name, set())
-        monkeypatch.setattr(flora_steps.runtime.context, "load_params", lambda path, seen=seen: Recorder(real_load(path), seen))
-        budget = budget_name(yaml.safe_load(SMOKE.read_text())["budgets"][stage.foreach][0]) if stage.foreach else ""
-        assert main([stage.module, *stage.arguments(budget), "--params", str(params_file)]) == 0, stage.name
-    for name, seen in reads.items():
+    run_recorded(STAGES["report"], [], write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text())), params_reads)
+    assert set(params_reads) == set(STAGES)
+    for name, seen in params_reads.items():
         tracked = set(STAGES[name].params)
         assert seen - tracked <= set(UNTRACKED), (name, sorted(seen - tracked - set(UNTRACKED)))
         assert tracked - seen <= REAL_DATA_ONLY, (name, sorted(tracked - seen))

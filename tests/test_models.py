@@ -6,9 +6,9 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from flora_steps.runtime.models import create_base_model, input_shape
 
 from flora_steps.errors import UserError
+from flora_steps.runtime.models import create_base_model, input_shape
 
 
 def test_embedded_model_is_created_by_name_like_any_timm_model() -> None:

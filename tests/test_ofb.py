@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import itertools
 
-import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 import pytest
 import timm
 import torch
-from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
+
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
+from flora_steps.core import count_macs, trace_costs
 from flora_steps.pruning.ofb import (
     EMBED,
     BiMask,
@@ -23,8 +24,7 @@ from flora_steps.pruning.ofb import (
     slice_parameter,
     survival,
 )
-
-from flora_steps.core import count_macs, trace_costs
+from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
 
 GRIDS = OFBGrids(heads=[0.5, 1.0], head_dim=[0.25, 0.5, 0.75, 1.0], mlp=[0.25, 0.5, 0.75, 1.0], embed=[0.5, 0.75, 1.0])
 

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import kill_after_first_epoch, write_params
-from flora_steps.runtime.artifacts import load_model
 
 from flora_steps.cli import main
 from flora_steps.core import count_macs
+from flora_steps.runtime.artifacts import load_model
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, set_key, write_params
+from conftest import ROOT, run_command, set_key, write_params
 
 from flora_steps.cli import main
 from flora_steps.errors import UserError
@@ -161,12 +161,9 @@ def test_check_builds_the_model_to_try_its_kwargs(tmp_path: Path, smoke_params: 
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_command(
         [sys.executable, "-m", "flora_steps.cli", *args],
         cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
 

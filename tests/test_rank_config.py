@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from flora_steps.runtime.artifacts import read_rank_config, write_rank_config
 
 from flora_steps.core import RankConfig
 from flora_steps.errors import UserError
+from flora_steps.runtime.artifacts import read_rank_config, write_rank_config
 
 
 def test_round_trip_through_a_file(tmp_path) -> None:

@@ -10,10 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flora_steps.report.figures import plot_tradeoff
-from flora_steps.report.tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights, macs_for_accuracy
 
 from flora_steps.cli import main
+from flora_steps.report.figures import plot_tradeoff
+from flora_steps.report.tradeoff import (
+    extra_reduction,
+    extra_reduction_or_bound,
+    interpolation_weights,
+    macs_for_accuracy,
+)
 
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]

@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 from conftest import kill_after_first_epoch, write_params
-from flora_steps.runtime.artifacts import load_model, read_space
-from flora_steps.tools.export import export_onnx, onnx_max_difference
-from flora_steps.runtime.models import input_shape
 
 from flora_steps.cli import main
 from flora_steps.core import count_macs, trace_costs
 from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, uniform_ranks
+from flora_steps.runtime.artifacts import load_model, read_space
+from flora_steps.runtime.models import input_shape
+from flora_steps.tools.export import export_onnx, onnx_max_difference
 
 DENSE_MACS = 3_495_040
 

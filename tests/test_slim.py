@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 import pytest
 import timm
 import torch
+
+import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
+from flora_steps.core import count_macs, trace_costs
 from flora_steps.pruning.slim import (
     ATTENTION,
     MLP,
@@ -18,8 +20,6 @@ from flora_steps.pruning.slim import (
     structure_for_keep,
     zero_pruned,
 )
-
-from flora_steps.core import count_macs, trace_costs
 from flora_steps.pruning.structure import PrunedBlock, prunable_blocks, restructure_blocks
 
 
@@ -130,9 +130,8 @@ def test_sparsity_loss_weighs_each_dimension_type() -> None:
 
 def test_a_slim_model_and_flora_on_it_are_artifacts_torch_timm_and_safetensors_load(tmp_path) -> None:
     """The sliced model saves and loads by its spec; factorising it (FLORA on a slim base) keeps the slim sizes."""
-    from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
-
     from flora_steps.core import factorise, find_linear_layers, lowrank_layers
+    from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
 
     model, images = model_and_input()
     masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}

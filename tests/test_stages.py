@@ -10,10 +10,10 @@ import safetensors.torch
 import timm
 import torch
 from conftest import kill_after_first_epoch, write_params
-from flora_steps.runtime.artifacts import load_model
 
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
+from flora_steps.runtime.artifacts import load_model
 
 
 def run_stage(stage: str, params: Path) -> int:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from flora_steps.report.stats import Estimate, PairedBootstrap, interval, seed_std
 from flora_steps.report.tables import Evaluated, comparison_table, readable_comparison, results_table
 

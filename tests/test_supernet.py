@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, kill_after_first_epoch, write_params
-from flora_steps.runtime.artifacts import load_model
-from flora_steps.stages.supernet import factor_names
-from flora_steps.runtime.training import build_optimizer, distillation_loss
+from conftest import ROOT, kill_after_first_epoch, run_command, write_params
 
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
+from flora_steps.runtime.artifacts import load_model
+from flora_steps.runtime.training import build_optimizer, distillation_loss
+from flora_steps.stages.supernet import factor_names
 
 
 def test_distillation_loss_is_soft_target_cross_entropy() -> None:
@@ -160,12 +159,9 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
 def run_supernet_on_two_processes(workdir: Path, params: Path) -> None:
     """The supernet stage under ``torchrun`` with two gloo processes (CPU), as a user would start it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
+    result = run_command(
         [*command, "-m", "flora_steps.stages.supernet", "--params", str(params)],
         cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,11 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, copy_project
+from conftest import ROOT, copy_project, run_command
+
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import PACKAGE, code_files
 from flora_steps.pipeline.schema import budget_name
@@ -19,9 +22,9 @@ from flora_steps.pipeline.schema import budget_name
 PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
 
-def run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    result = run_command(command, cwd=cwd, env=env)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -61,10 +64,11 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "report/comparison.md",
         "report/search_costs.md",
     ):
-        assert (project / "results" / path).is_file(), path
+        assert (project / "results/smoke" / path).is_file(), path  # a profile's own results folder
+    assert not (project / "results/pretrain").exists()  # params.yaml's results are not touched
     # a stage module's own lines reach its log, not only the library's (``python -m`` names it ``__main__``)
-    assert "best subnet" in (project / "results/on_slim/search/0.4/log.txt").read_text()
-    assert "seed 1: test top-1" in (project / "results/retrain/flora/0.5/log.txt").read_text()
+    assert "best subnet" in (project / "results/smoke/on_slim/search/0.4/log.txt").read_text()
+    assert "seed 1: test top-1" in (project / "results/smoke/retrain/flora/0.5/log.txt").read_text()
     dry = snakemake("-n", "--cores", "2", *config, cwd=project)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
@@ -96,11 +100,18 @@ def downstream(stages: set[str]) -> set[str]:
 RETRAINS = {stage.name for stage in STAGES.values() if stage.module == "retrain"}
 
 
-def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
-    changed = yaml.safe_load((project / "configs/smoke.yaml").read_text())
+@contextmanager
+def changed_profile(project: Path, section: str, key: str, value) -> Iterator[list[str]]:
+    """The smoke profile with one value changed, in place (its results folder stays the same), then restored."""
+    path = project / "configs/smoke.yaml"
+    original = path.read_text()
+    changed = yaml.safe_load(original)
     changed[section][key] = value
-    (project / "configs/changed.yaml").write_text(yaml.safe_dump(changed))
-    return ["--config", "params=configs/changed.yaml"]
+    path.write_text(yaml.safe_dump(changed))
+    try:
+        yield ["--config", "params=configs/smoke.yaml"]
+    finally:
+        path.write_text(original)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +131,8 @@ def changed_profile(project: Path, section: str, key: str, value) -> list[str]:
     ],
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
-    dry = snakemake("-n", "--cores", "2", *changed_profile(project, section, key, value), cwd=project)
+    with changed_profile(project, section, key, value) as config:
+        dry = snakemake("-n", "--cores", "2", *config, cwd=project)
     assert planned_jobs(dry.stdout + dry.stderr) == expected
 
 
@@ -178,9 +190,10 @@ def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> No
 
 def test_a_params_path_with_a_space_reaches_the_shell_quoted(project: Path) -> None:
     shutil.copy(project / "configs/smoke.yaml", project / "configs/my smoke.yaml")
+    shutil.copytree(project / "results/smoke", project / "results/my smoke", symlinks=True)  # its own results
     config = ["--config", "params=configs/my smoke.yaml"]
     snakemake("--cores", "1", "--forcerun", "report", *config, cwd=project)
-    assert "params from configs/my smoke.yaml" in (project / "results/report/log.txt").read_text()
+    assert "params from configs/my smoke.yaml" in (project / "results/my smoke/report/log.txt").read_text()
 
 
 def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) -> None:
@@ -198,13 +211,18 @@ def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) ->
 
 
 def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]]]:
-    """Append a comment to each package module in turn, call ``check(module)``, then restore it exactly.
+    """Append a comment to a package module, call ``check(module)``, then restore it exactly; for one module of
+    each set of stages that import the same modules (every module of such a set reruns the same stages, and
+    ``code_inputs_are_each_stage_s_imports`` checks that every module is an input of exactly its stages).
 
     Returns the modules where ``check`` returned (found, expected) that differ.
     """
-    wrong = {}
+    wrong, seen = {}, set()
     for path in sorted((project / "flora_steps").rglob("*.py")):
         module = str(path.relative_to(project))
+        if frozenset(importers(module)) in seen:
+            continue
+        seen.add(frozenset(importers(module)))
         text, times = path.read_bytes(), os.stat(path)
         path.write_bytes(text + b"\n# edited\n")
         try:
@@ -234,6 +252,19 @@ def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(pro
 
     assert edit_each_module(project, check) == {}
     assert len(list((project / "flora_steps").rglob("*.py"))) == len(list(PACKAGE.rglob("*.py")))
+    # every module is an input of exactly the rules of the stages that import it
+    summary = snakemake("--detailed-summary", "--cores", "1", *config, cwd=project).stdout.splitlines()
+    columns = summary[0].split("\t")
+    for row in (dict(zip(columns, line.split("\t"), strict=False)) for line in summary[1:]):
+        code = {path for path in row["input-file(s)"].split(",") if path.startswith("flora_steps/")}
+        assert code == {str(path) for path in code_files(STAGES[row["rule"]].module)}, row["rule"]
+
+
+def test_each_profile_has_its_own_results_folder_in_snakemake(project: Path) -> None:
+    dry = snakemake("-n", "--forceall", "--cores", "2", "--config", "params=configs/hybrid.yaml", cwd=project)
+    lines = [line.split("output:")[1] for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
+    planned = [path.strip() for line in lines for path in line.split(",")]
+    assert planned and all(path.startswith("results/hybrid/") for path in planned), planned[:5]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -261,13 +292,10 @@ def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path
         ("configs", ["error: configs: is a directory, expected a params YAML file"]),
         ("configs/binary.yaml", ["error: configs/binary.yaml: not UTF-8 text, expected a params YAML file"]),
     ):
-        result = subprocess.run(
+        result = run_command(
             [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", f"params={params}"],
             cwd=project,
-            capture_output=True,
-            text=True,
             env=env,
-            timeout=120,
         )
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == expected
@@ -291,6 +319,11 @@ def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_proje
         return {name.split("@")[0] for name in status}, importers(module)
 
     assert edit_each_module(dvc_project, check) == {}
+    # every module is a dependency of exactly the stages that import it
+    stages = yaml.safe_load((dvc_project / "dvc.yaml").read_text())["stages"]
+    for name, entry in stages.items():
+        deps = (entry.get("do") or entry)["deps"]
+        assert {d for d in deps if d.startswith("flora_steps/")} == {str(p) for p in code_files(STAGES[name].module)}
 
 
 def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None:
@@ -310,6 +343,26 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
             assert {name.split("@")[0] for name in status} == expected, key
     finally:
         (dvc_project / "params.yaml").write_text(original)
+
+
+def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> None:
+    """DVC's way to run another setting without losing the committed run: ``dvc exp run --set-param``."""
+    project = tmp_path / "experiments"
+    shutil.copytree(dvc_project, project, symlinks=True)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(command, cwd=project, check=True, env={**os.environ, **env}, capture_output=True)
+    done = dvc("exp", "run", "--name", "repeats5", "--set-param", "retrain.latency_repeats=5", cwd=project)
+    assert [line for line in done.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'latency':"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    repeats = {
+        (experiment.get("name") or "baseline"): experiment["data"]["params"]["params.yaml"]["data"]["retrain"][
+            "latency_repeats"
+        ]
+        for entry in shown
+        for experiment in [entry, *[e for run in entry.get("experiments") or [] for e in run["revs"]]]
+    }
+    assert repeats["repeats5"] == 5 and 3 in repeats.values()
 
 
 def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:

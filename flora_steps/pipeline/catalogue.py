@@ -369,9 +369,11 @@ UNTRACKED = {
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",
     "data.eval_batch_size": "evaluation batching",
-    **{
-        f"{section}.micro_batch": "memory: gradients accumulate to the same global batch"
-        for section in ("pretrain", "supernet", "retrain", "slim", "ofb")
+    **{  # every section of a training run (one with a batch size)
+        f"{key.removesuffix('.batch_size')}.micro_batch": "memory: gradients accumulate to the same global batch"
+        for stage in STAGES.values()
+        for key in stage.params
+        if key.endswith(".batch_size")
     },
     **{
         budgets_key(stage.foreach): "which budgets run; a per-budget stage only checks that its own is listed"

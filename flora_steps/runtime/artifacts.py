@@ -14,12 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import safetensors.torch
 import torch
-from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -28,6 +26,10 @@ from ..core.space import SearchSpace
 from ..errors import UserError, first_line
 from ..pruning.structure import PrunedBlock
 from .models import build_model
+
+if TYPE_CHECKING:  # pandas and matplotlib load only in the stages that write tables and figures
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 MODEL_FORMAT = "flora-model/2"
 _UMASK = os.umask(0)
