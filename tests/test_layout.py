@@ -17,6 +17,9 @@ from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, param_value
 from flora_steps.pipeline.code import code_files
 from flora_steps.pipeline.dvc_yaml import render
 
+# tests that share the session's smoke runs run on one worker, so those run once
+pytestmark = pytest.mark.xdist_group("smoke")
+
 
 def test_committed_dvc_yaml_is_the_generated_one() -> None:
     assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `flora dvc-yaml`"

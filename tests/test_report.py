@@ -20,6 +20,9 @@ from flora_steps.report.tradeoff import (
     macs_for_accuracy,
 )
 
+# tests that share the session's smoke runs run on one worker, so those run once
+pytestmark = pytest.mark.xdist_group("smoke")
+
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 

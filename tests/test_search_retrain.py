@@ -21,6 +21,9 @@ from flora_steps.runtime.artifacts import load_model, read_space
 from flora_steps.runtime.models import input_shape
 from flora_steps.tools.export import export_onnx, onnx_max_difference
 
+# tests that share the session's smoke runs run on one worker, so those run once
+pytestmark = pytest.mark.xdist_group("smoke")
+
 DENSE_MACS = 3_495_040
 
 

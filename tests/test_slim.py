@@ -22,6 +22,9 @@ from flora_steps.pruning.slim import (
 )
 from flora_steps.pruning.structure import PrunedBlock, prunable_blocks, restructure_blocks
 
+# tests that share the session's smoke runs run on one worker, so those run once
+pytestmark = pytest.mark.xdist_group("smoke")
+
 
 def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)

@@ -1,11 +1,9 @@
-"""Snakefile and dvc.yaml: the same commands, the smoke profile end to end, what reruns after an edit, dry runs."""
+"""Snakemake: the smoke profile end to end, what reruns after an edit or a param change, dry runs, resources."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,27 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_project, run_command
+from workflow import PROFILES, downstream, edit_each_module, importers, planned_jobs, snakemake
 
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import PACKAGE, code_files
-from flora_steps.pipeline.schema import budget_name
 
-PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = run_command(command, cwd=cwd, env=env)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "snakemake", *args], cwd)
-
-
-def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
+pytestmark = pytest.mark.xdist_group("snakemake")
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +61,6 @@ def test_snakemake_report_has_the_figures_and_tables(project: Path) -> None:
     html = (project / "report.html").read_text()
     for name in ("tradeoff.png", "sampling.png", "results.csv", "spectra.png"):
         assert name in html, name
-
-
-def planned_jobs(output: str) -> set[str]:
-    """The rules a Snakemake dry run would run, from its job-stats table (without ``all``)."""
-    table = output.split("Job stats:")[1].split("total")[0] if "Job stats:" in output else ""
-    rows = [line.split()[0] for line in table.splitlines() if line.strip() and not line.startswith(("job ", "-"))]
-    return set(rows) - {"all"}
-
-
-def downstream(stages: set[str]) -> set[str]:
-    """``stages`` and every stage that reads their outputs, directly or not."""
-    found = set(stages)
-    while True:
-        more = {s.name for s in STAGES.values() if any(r.stage in found for r in s.inputs.values())} - found
-        if not more:
-            return found
-        found |= more
 
 
 RETRAINS = {stage.name for stage in STAGES.values() if stage.module == "retrain"}
@@ -196,50 +162,6 @@ def test_a_params_path_with_a_space_reaches_the_shell_quoted(project: Path) -> N
     assert "params from configs/my smoke.yaml" in (project / "results/my smoke/report/log.txt").read_text()
 
 
-def test_both_engines_run_the_same_commands(project: Path, dvc_project: Path) -> None:
-    printed = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
-    snakemake_commands = {
-        line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
-        for line in (printed.stdout + printed.stderr).splitlines()
-        if "Shell command: python" in line
-    }
-    listed = dvc("stage", "list", "--all", cwd=dvc_project)
-    stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
-    dvc_commands = {stage["cmd"] for stage in stages.values()}
-    assert snakemake_commands == dvc_commands
-    assert "retrain_uniform@0.8" in listed.stdout and "retrain_control@0.8" in listed.stdout
-
-
-def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]]]:
-    """Append a comment to a package module, call ``check(module)``, then restore it exactly; for one module of
-    each set of stages that import the same modules (every module of such a set reruns the same stages, and
-    ``code_inputs_are_each_stage_s_imports`` checks that every module is an input of exactly its stages).
-
-    Returns the modules where ``check`` returned (found, expected) that differ.
-    """
-    wrong, seen = {}, set()
-    for path in sorted((project / "flora_steps").rglob("*.py")):
-        module = str(path.relative_to(project))
-        if frozenset(importers(module)) in seen:
-            continue
-        seen.add(frozenset(importers(module)))
-        text, times = path.read_bytes(), os.stat(path)
-        path.write_bytes(text + b"\n# edited\n")
-        try:
-            found, expected = check(module)
-        finally:
-            path.write_bytes(text)
-            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
-        if found != expected:
-            wrong[module] = (found, expected)
-    return wrong
-
-
-def importers(module: str) -> set[str]:
-    """The stages whose code includes ``module``."""
-    return {stage.name for stage in STAGES.values() if Path(module) in code_files(stage.module)}
-
-
 def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(project: Path) -> None:
     config = ["--config", "params=configs/smoke.yaml"]
     (project / "flora_steps/core/__pycache__").mkdir(exist_ok=True)  # as a test run leaves behind
@@ -301,102 +223,3 @@ def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path
         assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == expected
 
 
-@pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory) -> Path:
-    """A git + DVC project with the smoke profile as params.yaml, after one ``dvc repro``."""
-    project = copy_project(tmp_path_factory.mktemp("dvc_project"))
-    shutil.copy(project / "configs/smoke.yaml", project / "params.yaml")
-    run(["git", "init", "-q"], project)
-    dvc("init", "-q", cwd=project)
-    dvc("config", "core.analytics", "false", cwd=project)
-    dvc("repro", cwd=project)
-    return project
-
-
-def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
-    def check(module: str):
-        status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
-        return {name.split("@")[0] for name in status}, importers(module)
-
-    assert edit_each_module(dvc_project, check) == {}
-    # every module is a dependency of exactly the stages that import it
-    stages = yaml.safe_load((dvc_project / "dvc.yaml").read_text())["stages"]
-    for name, entry in stages.items():
-        deps = (entry.get("do") or entry)["deps"]
-        assert {d for d in deps if d.startswith("flora_steps/")} == {str(p) for p in code_files(STAGES[name].module)}
-
-
-def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None:
-    original = (dvc_project / "params.yaml").read_text()
-    try:
-        for section, key, value, expected in (
-            ("data", "eval_batch_size", 100, set()),
-            ("retrain", "latency_repeats", 5, {"latency"}),
-            ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform"}),
-            ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
-            ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
-        ):
-            params = yaml.safe_load(original)
-            params[section][key] = value
-            (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
-            assert {name.split("@")[0] for name in status} == expected, key
-    finally:
-        (dvc_project / "params.yaml").write_text(original)
-
-
-def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> None:
-    """DVC's way to run another setting without losing the committed run: ``dvc exp run --set-param``."""
-    project = tmp_path / "experiments"
-    shutil.copytree(dvc_project, project, symlinks=True)
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        subprocess.run(command, cwd=project, check=True, env={**os.environ, **env}, capture_output=True)
-    done = dvc("exp", "run", "--name", "repeats5", "--set-param", "retrain.latency_repeats=5", cwd=project)
-    assert [line for line in done.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'latency':"]
-    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
-    repeats = {
-        (experiment.get("name") or "baseline"): experiment["data"]["params"]["params.yaml"]["data"]["retrain"][
-            "latency_repeats"
-        ]
-        for entry in shown
-        for experiment in [entry, *[e for run in entry.get("experiments") or [] for e in run["revs"]]]
-    }
-    assert repeats["repeats5"] == 5 and 3 in repeats.values()
-
-
-def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:
-    project = copy_project(tmp_path)
-    params = yaml.safe_load((project / "configs/smoke.yaml").read_text())
-    params["budgets"]["uniform"] = [0.4, 0.5, 0.8, 1.0]
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    run(["git", "init", "-q"], project)
-    listed = dvc("stage", "list", "--all", cwd=project).stdout
-    assert f"retrain_uniform@{budget_name(1.0)}" in listed and "results/retrain/uniform/1.0/" in listed
-    dry = snakemake("-n", "--forceall", "--cores", "1", cwd=project)
-    assert "results/retrain/uniform/1.0/metrics.json" in dry.stdout
-
-
-def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
-    assert (dvc_project / "results/decompose/model.safetensors").is_file()
-    assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
-    assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()
-    # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
-    assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
-    assert "up to date" in dvc("status", cwd=dvc_project).stdout
-    again = dvc("repro", cwd=dvc_project)
-    assert "didn't change, skipping" in again.stdout
-    shown = dvc("plots", "show", "-o", "plots", cwd=dvc_project)
-    page = (dvc_project / "plots/index.html").read_text()
-    assert "index.html" in shown.stdout and "tradeoff.png" in page and "supernet_val_top1" in page
-
-
-@pytest.mark.parametrize("profile", PROFILES)
-def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_path: Path) -> None:
-    project = copy_project(tmp_path)
-    shutil.copy(project / "configs" / profile, project / "params.yaml")
-    shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    run(["git", "init", "-q"], project)
-    result = dvc("repro", "--dry", "--force", cwd=project)
-    assert "python -m flora_steps.stages.pretrain --params params.yaml" in result.stdout

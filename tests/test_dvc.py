@@ -1,0 +1,136 @@
+"""DVC: the smoke profile through dvc repro, the same commands as Snakemake, what reruns, experiments, dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_project
+from workflow import PROFILES, dvc, edit_each_module, importers, run, snakemake
+
+from flora_steps.pipeline.catalogue import STAGES
+from flora_steps.pipeline.code import code_files
+from flora_steps.pipeline.schema import budget_name
+
+pytestmark = pytest.mark.xdist_group("dvc")
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Path:
+    """A git + DVC project with the smoke profile as params.yaml, after one ``dvc repro``."""
+    project = copy_project(tmp_path_factory.mktemp("dvc_project"))
+    shutil.copy(project / "configs/smoke.yaml", project / "params.yaml")
+    run(["git", "init", "-q"], project)
+    dvc("init", "-q", cwd=project)
+    dvc("config", "core.analytics", "false", cwd=project)
+    dvc("repro", cwd=project)
+    return project
+
+
+def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -> None:
+    project = copy_project(tmp_path)  # a dry run: no results needed
+    printed = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
+    snakemake_commands = {
+        line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
+        for line in (printed.stdout + printed.stderr).splitlines()
+        if "Shell command: python" in line
+    }
+    listed = dvc("stage", "list", "--all", cwd=dvc_project)
+    stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
+    dvc_commands = {stage["cmd"] for stage in stages.values()}
+    assert snakemake_commands == dvc_commands
+    assert "retrain_uniform@0.8" in listed.stdout and "retrain_control@0.8" in listed.stdout
+
+
+def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
+    def check(module: str):
+        status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
+        return {name.split("@")[0] for name in status}, importers(module)
+
+    assert edit_each_module(dvc_project, check) == {}
+    # every module is a dependency of exactly the stages that import it
+    stages = yaml.safe_load((dvc_project / "dvc.yaml").read_text())["stages"]
+    for name, entry in stages.items():
+        deps = (entry.get("do") or entry)["deps"]
+        assert {d for d in deps if d.startswith("flora_steps/")} == {str(p) for p in code_files(STAGES[name].module)}
+
+
+def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None:
+    original = (dvc_project / "params.yaml").read_text()
+    try:
+        for section, key, value, expected in (
+            ("data", "eval_batch_size", 100, set()),
+            ("retrain", "latency_repeats", 5, {"latency"}),
+            ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform"}),
+            ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
+            ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
+        ):
+            params = yaml.safe_load(original)
+            params[section][key] = value
+            (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
+            assert {name.split("@")[0] for name in status} == expected, key
+    finally:
+        (dvc_project / "params.yaml").write_text(original)
+
+
+def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> None:
+    """DVC's way to run another setting without losing the committed run: ``dvc exp run --set-param``."""
+    project = tmp_path / "experiments"
+    shutil.copytree(dvc_project, project, symlinks=True)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(command, cwd=project, check=True, env={**os.environ, **env}, capture_output=True)
+    done = dvc("exp", "run", "--name", "repeats5", "--set-param", "retrain.latency_repeats=5", cwd=project)
+    assert [line for line in done.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'latency':"]
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    repeats = {
+        (experiment.get("name") or "baseline"): experiment["data"]["params"]["params.yaml"]["data"]["retrain"][
+            "latency_repeats"
+        ]
+        for entry in shown
+        for experiment in [entry, *[e for run in entry.get("experiments") or [] for e in run["revs"]]]
+    }
+    assert repeats["repeats5"] == 5 and 3 in repeats.values()
+
+
+def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:
+    project = copy_project(tmp_path)
+    params = yaml.safe_load((project / "configs/smoke.yaml").read_text())
+    params["budgets"]["uniform"] = [0.4, 0.5, 0.8, 1.0]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    run(["git", "init", "-q"], project)
+    listed = dvc("stage", "list", "--all", cwd=project).stdout
+    assert f"retrain_uniform@{budget_name(1.0)}" in listed and "results/retrain/uniform/1.0/" in listed
+    dry = snakemake("-n", "--forceall", "--cores", "1", cwd=project)
+    assert "results/retrain/uniform/1.0/metrics.json" in dry.stdout
+
+
+def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
+    assert (dvc_project / "results/decompose/model.safetensors").is_file()
+    assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
+    assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()
+    # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
+    assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
+    assert "up to date" in dvc("status", cwd=dvc_project).stdout
+    again = dvc("repro", cwd=dvc_project)
+    assert "didn't change, skipping" in again.stdout
+    shown = dvc("plots", "show", "-o", "plots", cwd=dvc_project)
+    page = (dvc_project / "plots/index.html").read_text()
+    assert "index.html" in shown.stdout and "tradeoff.png" in page and "supernet_val_top1" in page
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_path: Path) -> None:
+    project = copy_project(tmp_path)
+    shutil.copy(project / "configs" / profile, project / "params.yaml")
+    shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    run(["git", "init", "-q"], project)
+    result = dvc("repro", "--dry", "--force", cwd=project)
+    assert "python -m flora_steps.stages.pretrain --params params.yaml" in result.stdout

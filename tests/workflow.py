@@ -1,0 +1,80 @@
+"""What the workflow tests share: running Snakemake and DVC, the jobs a dry run plans, editing modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, run_command
+
+from flora_steps.pipeline.catalogue import STAGES
+from flora_steps.pipeline.code import code_files
+
+#: Every params profile of configs/.
+PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = run_command(command, cwd=cwd, env=env)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "snakemake", *args], cwd)
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def planned_jobs(output: str) -> set[str]:
+    """The rules a Snakemake dry run would run, from its job-stats table (without ``all``)."""
+    table = output.split("Job stats:")[1].split("total")[0] if "Job stats:" in output else ""
+    rows = [line.split()[0] for line in table.splitlines() if line.strip() and not line.startswith(("job ", "-"))]
+    return set(rows) - {"all"}
+
+
+def downstream(stages: set[str]) -> set[str]:
+    """``stages`` and every stage that reads their outputs, directly or not."""
+    found = set(stages)
+    while True:
+        more = {s.name for s in STAGES.values() if any(r.stage in found for r in s.inputs.values())} - found
+        if not more:
+            return found
+        found |= more
+
+
+def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]]]:
+    """Append a comment to a package module, call ``check(module)``, then restore it exactly; for one module of
+    each set of stages that import the same modules (every module of such a set reruns the same stages; the
+    edit tests also check that every module is a code input of exactly the stages that import it).
+
+    Returns the modules where ``check`` returned (found, expected) that differ.
+    """
+    wrong, seen = {}, set()
+    for path in sorted((project / "flora_steps").rglob("*.py")):
+        module = str(path.relative_to(project))
+        if frozenset(importers(module)) in seen:
+            continue
+        seen.add(frozenset(importers(module)))
+        text, times = path.read_bytes(), os.stat(path)
+        path.write_bytes(text + b"\n# edited\n")
+        try:
+            found, expected = check(module)
+        finally:
+            path.write_bytes(text)
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        if found != expected:
+            wrong[module] = (found, expected)
+    return wrong
+
+
+def importers(module: str) -> set[str]:
+    """The stages whose code includes ``module``."""
+    return {stage.name for stage in STAGES.values() if Path(module) in code_files(stage.module)}
+
+
