@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flora_steps.runtime.data import build_splits, train_loader
 from flora_steps.params import DataParams
+from flora_steps.runtime.data import build_splits, train_loader
 
 PAPER_AUGMENTATION = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}
 DEIT_INPUT = {

@@ -29,8 +29,8 @@ from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, mat
 from flora_steps.core.search import MacsTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
-from flora_steps.stages.latency import interleaved_latency
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
+from flora_steps.stages.latency import interleaved_latency
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 BAND = 0.02

@@ -199,3 +199,46 @@ def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
     assert plot.get_legend() is None and side.get_legend() is not None  # nothing drawn over the curves
     (text,) = (t.get_text() for t in side.texts)
     assert "FLORA on OFB vs OFB" in text and "budget 0.3: -40.0 [−∞, +10.0], within noise" in text
+
+
+def test_a_new_method_is_one_record(monkeypatch) -> None:
+    """A throwaway method added through the public API: the tables, comparisons and figure pick it up."""
+    import numpy as np
+
+    from flora_steps.pipeline import methods
+    from flora_steps.report.stats import PairedBootstrap
+    from flora_steps.report.tables import Evaluated, comparison_table, results_table
+
+    record = methods.Method(
+        "random_ranks",
+        "random ranks, from the supernet",
+        "random ranks",
+        {"color": "tab:gray", "marker": "x"},
+        build="uniform_ranks",
+        source="supernet",
+        budgets="uniform",
+        baselines=("control",),
+        headline="extra_reduction",
+        points=True,
+    )
+    monkeypatch.setitem(methods.METHODS, record.name, record)
+    rng = np.random.default_rng(0)
+
+    def model(method: str, budget: float, macs: int, accuracy: float) -> Evaluated:
+        correct = (rng.random((2, 200)) < accuracy).astype(float)
+        metrics = {"macs": macs, "params": 1000, "top1": correct.mean(), "top5": 1.0, "seeds": [{"top1": 0.5}] * 2}
+        return Evaluated(method, budget, metrics, correct)
+
+    models = [model("dense", 1.0, 100, 0.95), model("control", 0.3, 30, 0.6), model("control", 0.6, 60, 0.85)]
+    models += [model("random_ranks", 0.5, 50, 0.8)]
+    bootstrap = PairedBootstrap(2, 200, 200, np.random.default_rng(1))
+    results = results_table(models, bootstrap)
+    assert list(results["method"]) == ["dense", "control", "control", "random_ranks"]  # the records' order
+    comparison, means = comparison_table(models, bootstrap)
+    assert ("random_ranks", "control") in means
+    assert list(comparison[comparison["method"] == "random_ranks"]["baseline"]) == ["control"]
+    figure = plot_tradeoff(results, comparison)
+    texts = [text.get_text() for axis in figure.axes for text in axis.texts]
+    legend = [text.get_text() for axis in figure.axes if axis.get_legend() for text in axis.get_legend().get_texts()]
+    assert "random ranks, from the supernet" in legend
+    assert any("random ranks vs control" in text for text in texts)

@@ -149,3 +149,37 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next_run(
         in (workdir / "results/decompose/log.txt").read_text()
     )
     assert not list((workdir / "results/decompose").glob(".*"))
+
+
+def test_the_training_loop_runs_without_a_stage(tmp_path: Path, monkeypatch) -> None:
+    """``training.fit`` takes everything as arguments (as bench/training_loop.py calls it): without a checkpoint
+    file it writes nothing; with one, a second call of the same identity resumes instead of training again."""
+    from torch.utils.data import TensorDataset
+
+    from flora_steps.params import TrainingParams
+    from flora_steps.runtime.data import Transformed
+    from flora_steps.runtime.training import fit
+
+    monkeypatch.chdir(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 1, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    data = Transformed(TensorDataset(images, labels), lambda image: image)  # keys carry augmentation seeds
+    cfg = TrainingParams(
+        epochs=2, batch_size=8, lr=1e-3, min_lr=1e-5, weight_decay=0.0, warmup_epochs=0, grad_clip=None, micro_batch=4
+    )
+
+    def train(checkpoint=None, identity=""):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_digits", num_classes=10)
+        loss = lambda model, x, y, rng: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
+        arguments = {"device": torch.device("cpu"), "seed": 3, "checkpoint": checkpoint, "identity": identity}
+        return model, fit(model, data, loss, lambda model: {}, cfg, **arguments)
+
+    model, history = train()
+    assert [row["steps"] for row in history] == [4, 8] and [row["images"] for row in history] == [32, 64]
+    assert list(tmp_path.iterdir()) == []
+    again, _ = train(tmp_path / "checkpoint.pt", "run")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    resumed, history = train(tmp_path / "checkpoint.pt", "run")  # both epochs saved: nothing left to train
+    assert len(history) == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), resumed.state_dict().values()))
