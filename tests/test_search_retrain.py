@@ -131,7 +131,7 @@ def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) 
 
 
 def test_compressed_model_loads_with_torch_timm_and_the_core_library(searched: Path) -> None:
-    """The few lines the README shows for loading a compressed model in one's own code."""
+    """The few lines docs/using-a-model.md shows for loading a compressed model in one's own code."""
     import timm
     from safetensors.torch import load_file
 

@@ -1,7 +1,7 @@
 """Low-rank-aware candidate filtering: which rank tuples of a block are worth keeping.
 
 The paper's filtering code was never released; this is our documented design
-(the README, "filter"). Each of a block's choices is scored, with every other block dense, by
+(docs/methods.md, "filter"). Each of a block's choices is scored, with every other block dense, by
 the damage it does (KL divergence of its logits from the dense model's) per MAC it
 saves. The block's choices are split into equal-width MACs bins, and in every bin
 the best ``keep_ratio`` of its choices survive: damage per MAC saved grows steeply
