@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -57,10 +58,7 @@ class Recorder:
         return value
 
 
-@pytest.fixture(scope="session")
-def params_reads() -> dict[str, set[str]]:
-    """The params keys each stage read in this session's smoke runs (``smoke_results``, ``smoke_pipeline``)."""
-    return {}
+READS = "reads.json"  # beside a shared smoke run: the params keys each of its stages read
 
 
 def run_recorded(stage, arguments: list[str], params_file: Path, reads: dict[str, set[str]]) -> None:
@@ -74,38 +72,72 @@ def run_recorded(stage, arguments: list[str], params_file: Path, reads: dict[str
         assert main([stage.module, *arguments, "--params", str(params_file)]) == 0, (stage.name, arguments)
 
 
-@pytest.fixture(scope="session")
-def smoke_results(tmp_path_factory, params_reads) -> Path:
-    """``results/`` after pretrain, decompose and filter on the smoke profile (run once; treat as read-only)."""
-    directory = tmp_path_factory.mktemp("smoke")
-    params = write_params(directory / "params.yaml", yaml.safe_load(SMOKE.read_text()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        for stage in ("pretrain", "decompose", "filter"):
-            run_recorded(STAGES[stage], [], params, params_reads)
-    return directory / "results"
+def shared_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder that ``make(folder)`` fills once per test session, even over several pytest-xdist workers: the
+    first worker to ask makes it, the others wait for it and reuse it (treat it as read-only)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
 
 
-@pytest.fixture(scope="session")
-def smoke_pipeline(smoke_results: Path, tmp_path_factory, params_reads) -> Path:
-    """A project folder with params.yaml = smoke profile, after every stage up to retrain (run once)."""
-    directory = tmp_path_factory.mktemp("pipeline")
-    (directory / "results").mkdir()
-    for stage in ("pretrain", "decompose", "filter"):
-        (directory / "results" / stage).symlink_to(smoke_results / stage)
-    params = yaml.safe_load(SMOKE.read_text())
-    params_file = write_params(directory / "params.yaml", params)
-    runs = [  # every other stage but the report, in the catalogue's order (producers first), every budget
-        (stage, budget)
-        for stage in STAGES.values()
-        if stage.name not in ("pretrain", "decompose", "filter", "report")
-        for budget in ([budget_name(b) for b in params["budgets"][stage.foreach]] if stage.foreach else [""])
-    ]
+def _record_runs(folder: Path, runs, params_file: Path) -> None:
+    """Run ``(stage, budget)`` pairs in ``folder``, recording the params each reads into ``folder/reads.json``."""
+    reads: dict[str, set[str]] = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
+        patch.chdir(folder)
         for stage, budget in runs:
-            run_recorded(stage, stage.arguments(budget), params_file, params_reads)
-    return directory
+            run_recorded(stage, stage.arguments(budget), params_file, reads)
+    (folder / READS).write_text(json.dumps({name: sorted(keys) for name, keys in reads.items()}))
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory) -> Path:
+    """``results/`` after pretrain, decompose and filter on the smoke profile (run once; treat as read-only)."""
+
+    def make(folder: Path) -> None:
+        params_file = write_params(folder / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+        _record_runs(folder, [(STAGES[name], "") for name in ("pretrain", "decompose", "filter")], params_file)
+
+    return shared_folder(tmp_path_factory, "smoke", make) / "results"
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(smoke_results: Path, tmp_path_factory) -> Path:
+    """A project folder with params.yaml = smoke profile, after every stage up to retrain (run once)."""
+
+    def make(folder: Path) -> None:
+        (folder / "results").mkdir()
+        for stage in ("pretrain", "decompose", "filter"):
+            (folder / "results" / stage).symlink_to(smoke_results / stage)
+        params = yaml.safe_load(SMOKE.read_text())
+        runs = [  # every other stage but the report, in the catalogue's order (producers first), every budget
+            (stage, budget)
+            for stage in STAGES.values()
+            if stage.name not in ("pretrain", "decompose", "filter", "report")
+            for budget in ([budget_name(b) for b in params["budgets"][stage.foreach]] if stage.foreach else [""])
+        ]
+        _record_runs(folder, runs, write_params(folder / "params.yaml", params))
+
+    return shared_folder(tmp_path_factory, "pipeline", make)
+
+
+@pytest.fixture(scope="session")
+def params_reads(smoke_results: Path, smoke_pipeline: Path) -> dict[str, set[str]]:
+    """The params keys each stage read in the session's smoke runs (``smoke_results``, ``smoke_pipeline``)."""
+    reads: dict[str, set[str]] = {}
+    for folder in (smoke_results.parent, smoke_pipeline):
+        for name, keys in json.loads((folder / READS).read_text()).items():
+            reads.setdefault(name, set()).update(keys)
+    return reads
 
 
 def kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch, at: int = 1) -> list[int]:

@@ -23,9 +23,6 @@ from PIL import Image
 from flora_steps.cli import main
 from flora_steps.pipeline.catalogue import stage_for
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}

@@ -17,8 +17,6 @@ from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import code_files
 from flora_steps.pipeline.schema import budget_name
 
-pytestmark = pytest.mark.xdist_group("dvc")
-
 
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory) -> Path:
@@ -44,7 +42,7 @@ def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -
     stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
     dvc_commands = {stage["cmd"] for stage in stages.values()}
     assert snakemake_commands == dvc_commands
-    assert "retrain_uniform@0.8" in listed.stdout and "retrain_control@0.8" in listed.stdout
+    assert "retrain_uniform@0.4" in listed.stdout and "retrain_control@0.4" in listed.stdout
 
 
 def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
@@ -87,7 +85,8 @@ def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> N
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(command, cwd=project, check=True, env={**os.environ, **env}, capture_output=True)
     done = dvc("exp", "run", "--name", "repeats5", "--set-param", "retrain.latency_repeats=5", cwd=project)
-    assert [line for line in done.stdout.splitlines() if line.startswith("Running stage")] == ["Running stage 'latency':"]
+    ran = [line for line in done.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'latency':"]
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     repeats = {
         (experiment.get("name") or "baseline"): experiment["data"]["params"]["params.yaml"]["data"]["retrain"][
@@ -115,7 +114,7 @@ def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path
 def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     assert (dvc_project / "results/decompose/model.safetensors").is_file()
     assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
-    assert (dvc_project / "results/retrain/uniform/0.8/metrics.json").is_file()
+    assert (dvc_project / "results/retrain/uniform/0.4/metrics.json").is_file()
     # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
     assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
     assert "up to date" in dvc("status", cwd=dvc_project).stdout

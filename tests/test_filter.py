@@ -16,9 +16,6 @@ from flora_steps.cli import main
 from flora_steps.core.filter import efficiency, keep_efficient, macs_bins
 from flora_steps.core.space import SearchSpace, rank_grid
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 
 def test_efficiency_is_damage_per_mac_saved() -> None:
     scores = efficiency(np.array([1.0, 2.0, 0.5]), np.array([10.0, 10.0, 0.0]))

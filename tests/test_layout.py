@@ -17,9 +17,6 @@ from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, param_value
 from flora_steps.pipeline.code import code_files
 from flora_steps.pipeline.dvc_yaml import render
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 
 def test_committed_dvc_yaml_is_the_generated_one() -> None:
     assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `flora dvc-yaml`"
@@ -98,7 +95,8 @@ def test_each_stage_reads_only_keys_it_tracks_or_that_do_not_change_results(
     for folder in (smoke_pipeline / "results").iterdir():
         (tmp_path / "results" / folder.name).symlink_to(folder)
     monkeypatch.chdir(tmp_path)
-    run_recorded(STAGES["report"], [], write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text())), params_reads)
+    params_file = write_params(tmp_path / "params.yaml", yaml.safe_load(SMOKE.read_text()))
+    run_recorded(STAGES["report"], [], params_file, params_reads)
     assert set(params_reads) == set(STAGES)
     for name, seen in params_reads.items():
         tracked = set(STAGES[name].params)

@@ -14,9 +14,6 @@ from flora_steps.cli import main
 from flora_steps.core import count_macs
 from flora_steps.runtime.artifacts import load_model
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 
 @pytest.fixture
 def prepared(workdir: Path, smoke_results: Path, smoke_params: dict) -> Path:

@@ -13,7 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, run_command
 from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
 
@@ -21,9 +20,6 @@ from flora_steps.cli import main
 from flora_steps.params import load_params
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.schema import budget_name
-
-# the real-scale rehearsal on a worker of its own
-pytestmark = pytest.mark.xdist_group("rehearsal")
 
 #: The commands that run as several processes under torchrun.
 DISTRIBUTED = list(dict.fromkeys(stage.module for stage in STAGES.values() if stage.distributed))

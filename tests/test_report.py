@@ -20,9 +20,6 @@ from flora_steps.report.tradeoff import (
     macs_for_accuracy,
 )
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 
@@ -101,18 +98,18 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     results = pd.read_csv(out / "results.csv")
     assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
-    methods = ["dense"] + ["uniform"] * 3 + ["control"] * 3 + ["flora"] + ["slim"] * 2 + ["slim_flora"]
+    methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora"] + ["slim", "slim_flora"]
     methods += ["ofb"] * 2 + ["ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.8, 0.4, 0.5, 0.8, 0.5, 0.35, 0.5, 0.4, 0.35, 0.5, 0.4]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.35, 0.4, 0.35, 0.5, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 13
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 10
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
     assert flora["train_steps"] == control["train_steps"] > flora["supernet_steps"] > 0  # supernet + retrain
     assert uniform["train_images"] == flora["train_images"] and uniform["supernet_steps"] == 0  # equal training
-    slim = results[(results["method"] == "slim") & (results["budget"] == 0.5)].iloc[0]
+    slim = results[(results["method"] == "slim") & (results["budget"] == 0.35)].iloc[0]
     on_slim = results[results["method"] == "slim_flora"].iloc[0]
     # FLORA on ViT-Slim's model inherits ViT-Slim's search and its own supernet: as much training as ViT-Slim's
     assert on_slim["supernet_steps"] == slim["supernet_steps"] + flora["supernet_steps"]

@@ -21,9 +21,6 @@ from flora_steps.runtime.artifacts import load_model, read_space
 from flora_steps.runtime.models import input_shape
 from flora_steps.tools.export import export_onnx, onnx_max_difference
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 DENSE_MACS = 3_495_040
 
 
@@ -109,7 +106,6 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("flora", 0.5),
         ("uniform", 0.4),
         ("uniform", 0.5),
-        ("uniform", 0.8),
     ]
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()
     assert table.set_index("method").loc["dense", "speedup"] == 1
@@ -202,9 +198,9 @@ def test_a_killed_retrain_resumes_seed_by_seed_and_matches_an_uninterrupted_run(
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
     params_file = str(write_params(tmp_path / "params.yaml", params))
     monkeypatch.chdir(tmp_path)
-    command = ["retrain", "--method", "uniform", "--budget", "0.8", "--params", params_file]
+    command = ["retrain", "--method", "uniform", "--budget", "0.4", "--params", params_file]
     assert main(command) == 0
-    out = tmp_path / "results/retrain/uniform/0.8"
+    out = tmp_path / "results/retrain/uniform/0.4"
     uninterrupted = {name: (out / name).read_bytes() for name in ("model.safetensors", "predictions.csv")}
     metrics = json.loads((out / "metrics.json").read_text())
     shutil.rmtree(out)
@@ -224,7 +220,7 @@ def test_a_killed_retrain_resumes_seed_by_seed_and_matches_an_uninterrupted_run(
 
 
 def test_each_seed_is_its_own_fine_tuning_from_the_same_start(searched: Path) -> None:
-    out = searched / "results/retrain/uniform/0.8"
+    out = searched / "results/retrain/uniform/0.4"
     history = pd.read_csv(out / "history.csv")
     predictions = pd.read_csv(out / "predictions.csv")
     first, second = (history[history["seed"] == seed] for seed in (0, 1))

@@ -22,9 +22,6 @@ from flora_steps.pruning.slim import (
 )
 from flora_steps.pruning.structure import PrunedBlock, prunable_blocks, restructure_blocks
 
-# tests that share the session's smoke runs run on one worker, so those run once
-pytestmark = pytest.mark.xdist_group("smoke")
-
 
 def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
@@ -166,10 +163,10 @@ def test_slim_stage_and_its_retrain_meet_the_budget_with_the_searched_training(s
     masks = read_masks(results / "slim/masks.safetensors")
     assert set(masks) == {(f"blocks.{i}", kind) for i in range(4) for kind in (ATTENTION, MLP)}
     slim = json.loads((results / "slim/metrics.json").read_text())
-    metrics = json.loads((results / "retrain/slim/0.5/metrics.json").read_text())
+    metrics = json.loads((results / "retrain/slim/0.35/metrics.json").read_text())
     assert 0.45 <= metrics["macs_fraction"] <= 0.5 and metrics["source"].startswith("ViT-Slim")
     assert metrics["training"]["inherited_steps"] == slim["train_steps"] > 0
-    model, spec = load_model(results / "retrain/slim/0.5/model")
+    model, spec = load_model(results / "retrain/slim/0.35/model")
     assert spec.pruned and count_macs(model, (1, 8, 8)) == metrics["macs"]
 
 

@@ -76,5 +76,3 @@ def edit_each_module(project: Path, check) -> dict[str, tuple[set[str], set[str]
 def importers(module: str) -> set[str]:
     """The stages whose code includes ``module``."""
     return {stage.name for stage in STAGES.values() if Path(module) in code_files(stage.module)}
-
-

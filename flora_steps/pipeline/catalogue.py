@@ -215,7 +215,9 @@ _PRETRAIN = _stage(
     folder="pretrain",
     outputs={
         **_MODEL,
-        "history": Output("history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}),
+        "history": Output(
+            "history.csv", plot={"x": "epoch", "y": "val_top1", "title": "Base model, val top-1 per epoch"}
+        ),
         "predictions": Output("predictions.csv"),
         "metrics": Output("metrics.json", "metrics"),
     },
@@ -321,7 +323,9 @@ _REPORT = _stage(
     "report",
     folder="report",
     outputs={
-        **_table("results", {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs (every method)"}),
+        **_table(
+            "results", {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs (every method)"}
+        ),
         **_table("comparison"),
         **_table("ranks"),
         **_table("costs"),

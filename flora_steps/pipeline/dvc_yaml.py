@@ -40,7 +40,9 @@ def _dependencies(stage: Stage) -> list[str]:
         found = resolve(stage, reference, STAGES)
         path = {
             Case.ONCE: lambda: found.producer.path(found.output),
-            Case.PINNED: lambda: found.producer.path(found.output, f"${{{budgets_key(found.budgets)}}}"),  # DVC fills it
+            Case.PINNED: lambda: found.producer.path(
+                found.output, f"${{{budgets_key(found.budgets)}}}"
+            ),  # DVC fills it
             Case.SAME: lambda: found.producer.path(found.output, ITEM),
             Case.EVERY: lambda: found.producer.root(),  # DVC cannot list one dependency per budget
         }[found.case]()
