@@ -138,3 +138,37 @@ def test_layout_module_does_not_import_torch() -> None:
     )
     assert result.stdout.strip() == "False", result.stderr
     assert schema.RESULTS == Path("results")
+
+
+#: What each layer of the package may import (besides itself): arrows only point down, so there is no cycle.
+LAYERS = {
+    "errors": set(),
+    "pipeline": set(),
+    "params": {"errors", "pipeline"},
+    "core": set(),
+    "pruning": {"core"},
+    "report": {"core", "pipeline"},
+    "runtime": {"core", "pruning", "pipeline", "params", "errors"},
+    "stages": {"runtime", "report", "pruning", "core", "pipeline", "params", "errors"},
+    "tools": {"runtime", "core", "errors"},
+    "cli": {"stages", "tools", "runtime", "pipeline", "params", "errors"},
+}
+
+
+def test_the_package_layers_import_only_downwards() -> None:
+    from flora_steps.pipeline.code import PACKAGE, _imports
+
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        layer = relative.parts[0].removesuffix(".py")
+        if layer == "__init__":
+            continue
+        for module in _imports(path):
+            parts = module.split(".")
+            if parts[0] != PACKAGE.name or len(parts) == 1 or parts[1] in ("__version__",):
+                continue
+            target = parts[1]
+            if target != layer and target not in LAYERS[layer]:
+                wrong.append(f"{relative} imports {module}")
+    assert wrong == []
