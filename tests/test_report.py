@@ -114,7 +114,7 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     # FLORA on ViT-Slim's model inherits ViT-Slim's search and its own supernet: as much training as ViT-Slim's
     assert on_slim["supernet_steps"] == slim["supernet_steps"] + flora["supernet_steps"]
     assert on_slim["train_steps"] == slim["train_steps"]
-    assert on_slim["macs"] < slim["macs"]
+    assert on_slim["macs"] <= 0.4 * results.iloc[0]["macs"] < 0.5 * results.iloc[0]["macs"]  # below budgets.slim_base
     ofb = results[(results["method"] == "ofb") & (results["budget"] == 0.5)].iloc[0]  # budgets.ofb_base
     on_ofb = results[results["method"] == "ofb_flora"].iloc[0]
     assert on_ofb["supernet_steps"] == ofb["supernet_steps"] + flora["supernet_steps"]  # equal training again

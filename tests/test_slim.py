@@ -164,7 +164,7 @@ def test_slim_stage_and_its_retrain_meet_the_budget_with_the_searched_training(s
     assert set(masks) == {(f"blocks.{i}", kind) for i in range(4) for kind in (ATTENTION, MLP)}
     slim = json.loads((results / "slim/metrics.json").read_text())
     metrics = json.loads((results / "retrain/slim/0.35/metrics.json").read_text())
-    assert 0.45 <= metrics["macs_fraction"] <= 0.5 and metrics["source"].startswith("ViT-Slim")
+    assert 0.3 <= metrics["macs_fraction"] <= 0.35 and metrics["source"].startswith("ViT-Slim")
     assert metrics["training"]["inherited_steps"] == slim["train_steps"] > 0
     model, spec = load_model(results / "retrain/slim/0.35/model")
     assert spec.pruned and count_macs(model, (1, 8, 8)) == metrics["macs"]
