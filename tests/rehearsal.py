@@ -3,7 +3,7 @@
     python tests/rehearsal.py rehearsal
 
 writes ``rehearsal/deit_tiny.safetensors`` (a randomly initialised timm
-``deit_tiny_patch16_224`` with 4 classes) and ``rehearsal/imagenet/{train,val}/<class>/``
+``deit_tiny_patch16_224`` with 4 classes and 2 blocks) and ``rehearsal/imagenet/{train,val}/<class>/``
 (JPEG noise of varied sizes around 256 px: 8 training and 2 test images per class).
 """
 
@@ -19,13 +19,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 8, 2
+DEPTH = 2  # configs/rehearsal.yaml's model.kwargs
 
 
 def write_rehearsal_inputs(folder: Path) -> None:
     """The checkpoint and the ImageFolder tree ``configs/rehearsal.yaml`` names, under ``folder``."""
     write_images(folder)
     torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", num_classes=CLASSES)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=CLASSES, depth=DEPTH)
     save_file(model.state_dict(), folder / "deit_tiny.safetensors")
 
 
