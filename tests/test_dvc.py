@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import copy_project
-from workflow import PROFILES, dvc, edit_each_module, importers, run, snakemake
+from workflow import PROFILES, dvc, dvc_dry_run, dvc_stages, dvc_status, edit_each_module, importers, run, snakemake
 
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import code_files
@@ -38,17 +38,16 @@ def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -
         for line in (printed.stdout + printed.stderr).splitlines()
         if "Shell command: python" in line
     }
-    listed = dvc("stage", "list", "--all", cwd=dvc_project)
+    listed = dvc_stages(dvc_project)
     stages = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]
     dvc_commands = {stage["cmd"] for stage in stages.values()}
     assert snakemake_commands == dvc_commands
-    assert "retrain_uniform@0.4" in listed.stdout and "retrain_control@0.4" in listed.stdout
+    assert "retrain_uniform@0.4" in listed and "retrain_control@0.4" in listed
 
 
 def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
     def check(module: str):
-        status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
-        return {name.split("@")[0] for name in status}, importers(module)
+        return dvc_status(dvc_project), importers(module)
 
     assert edit_each_module(dvc_project, check) == {}
     # every module is a dependency of exactly the stages that import it
@@ -71,8 +70,7 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
             params = yaml.safe_load(original)
             params[section][key] = value
             (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            status = json.loads(dvc("status", "--json", cwd=dvc_project).stdout or "{}")
-            assert {name.split("@")[0] for name in status} == expected, key
+            assert dvc_status(dvc_project) == expected, key
     finally:
         (dvc_project / "params.yaml").write_text(original)
 
@@ -105,8 +103,8 @@ def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
-    listed = dvc("stage", "list", "--all", cwd=project).stdout
-    assert f"retrain_uniform@{budget_name(1.0)}" in listed and "results/retrain/uniform/1.0/" in listed
+    listed = dvc_stages(project)
+    assert all(path.startswith("results/retrain/uniform/1.0/") for path in listed[f"retrain_uniform@{budget_name(1.0)}"])
     dry = snakemake("-n", "--forceall", "--cores", "1", cwd=project)
     assert "results/retrain/uniform/1.0/metrics.json" in dry.stdout
 
@@ -117,7 +115,7 @@ def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     assert (dvc_project / "results/retrain/uniform/0.4/metrics.json").is_file()
     # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
     assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
-    assert "up to date" in dvc("status", cwd=dvc_project).stdout
+    assert dvc_status(dvc_project) == set()
     again = dvc("repro", cwd=dvc_project)
     assert "didn't change, skipping" in again.stdout
     shown = dvc("plots", "show", "-o", "plots", cwd=dvc_project)
@@ -131,5 +129,4 @@ def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_pa
     shutil.copy(project / "configs" / profile, project / "params.yaml")
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
-    result = dvc("repro", "--dry", "--force", cwd=project)
-    assert "python -m flora_steps.stages.pretrain --params params.yaml" in result.stdout
+    assert dvc_dry_run(project)[0] == "python -m flora_steps.stages.pretrain --params params.yaml"

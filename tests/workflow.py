@@ -31,6 +31,31 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd)
 
 
+def dvc_status(project: Path) -> set[str]:
+    """The stages ``dvc status`` finds changed, without their ``@budget``: DVC's Python API in this process (a
+    ``dvc`` command spends seconds starting for what takes a fraction of one here)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return {name.split("@")[0] for name in repo.status()}
+
+
+def dvc_stages(project: Path) -> dict[str, list[str]]:
+    """Every stage of ``project``'s dvc.yaml as ``dvc stage list --all`` names it, with its outputs."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
+
+
+def dvc_dry_run(project: Path) -> list[str]:
+    """The commands ``dvc repro --dry --force`` would run in ``project``, in order."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return [stage.cmd for stage in repo.reproduce(dry=True, force=True)]
+
+
 def planned_jobs(output: str) -> set[str]:
     """The rules a Snakemake dry run would run, from its job-stats table (without ``all``)."""
     table = output.split("Job stats:")[1].split("total")[0] if "Job stats:" in output else ""

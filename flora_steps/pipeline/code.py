@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 STAGES_PACKAGE = f"{PACKAGE.name}.stages"
 
 
+@cache
 def _module_file(module: str) -> Path | None:
     """The source file of a ``flora_steps`` module name, or ``None`` outside the package."""
     parts = module.split(".")
@@ -50,7 +51,8 @@ def _imports(path: Path) -> frozenset[str]:
     return frozenset(found)
 
 
-def code_files(module: str) -> list[Path]:
+@cache
+def code_files(module: str) -> tuple[Path, ...]:
     """Every package source file that ``python -m flora_steps.stages.<module>`` runs, by its imports (transitively).
 
     Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too, so those
@@ -65,4 +67,4 @@ def code_files(module: str) -> list[Path]:
             if path is not None and path not in seen:
                 seen.add(path)
                 pending.extend(_imports(path))
-    return sorted(path.relative_to(PACKAGE.parent) for path in seen)
+    return tuple(sorted(path.relative_to(PACKAGE.parent) for path in seen))
