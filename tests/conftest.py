@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,16 @@ from flora_steps.pipeline.schema import budget_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+#: The modules that take longest, run first: pytest-xdist hands modules to its workers in this order, so the
+#: short ones fill in beside them instead of one long module running alone at the end.
+LONGEST = ("test_dvc.py", "test_snakemake.py", "test_rehearsal.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -204,3 +219,47 @@ def run_command(command: list[str], guard: int = HANG_GUARD, **options) -> subpr
             process.communicate()
             raise AssertionError(f"{' '.join(command)}: still running after {guard} s, killed with its processes")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_as_two_processes(arguments: list[str]) -> None:
+    """``flora <arguments>`` as two gloo processes with the environment ``torchrun`` gives its workers (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` ...), forked from this one so that neither pays Python's and torch's start-up.
+    Past ``HANG_GUARD`` seconds, or once one fails, both are killed and the test fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    forked = multiprocessing.get_context("fork")
+    workers = [forked.Process(target=_worker, args=(rank, port, arguments)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + HANG_GUARD
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        if any(w.exitcode not in (None, 0) for w in workers):
+            break
+        time.sleep(0.1)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+    assert [w.exitcode for w in workers] == [0, 0], (arguments, [w.exitcode for w in workers])
+
+
+def _worker(rank: int, port: int, arguments: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        from flora_steps.cli import main
+
+        code = main(arguments)
+    except BaseException:  # noqa: BLE001 (a forked test process reports and leaves, whatever happened)
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import copy_project
-from workflow import PROFILES, dvc, dvc_dry_run, dvc_stages, dvc_status, edit_each_module, importers, run, snakemake
+from workflow import (
+    PROFILES,
+    dvc,
+    dvc_dry_run,
+    dvc_stages,
+    dvc_status,
+    edit_each_module,
+    importers,
+    run,
+    snakemake_here,
+)
 
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import code_files
@@ -32,7 +42,9 @@ def dvc_project(tmp_path_factory) -> Path:
 
 def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -> None:
     project = copy_project(tmp_path)  # a dry run: no results needed
-    printed = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
+    printed = snakemake_here(
+        "-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project
+    )
     snakemake_commands = {
         line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
         for line in (printed.stdout + printed.stderr).splitlines()
@@ -104,8 +116,10 @@ def test_a_whole_budget_has_one_name_in_both_engines(dvc_project: Path, tmp_path
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
     listed = dvc_stages(project)
-    assert all(path.startswith("results/retrain/uniform/1.0/") for path in listed[f"retrain_uniform@{budget_name(1.0)}"])
-    dry = snakemake("-n", "--forceall", "--cores", "1", cwd=project)
+    assert all(
+        path.startswith("results/retrain/uniform/1.0/") for path in listed[f"retrain_uniform@{budget_name(1.0)}"]
+    )
+    dry = snakemake_here("-n", "--forceall", "--cores", "1", cwd=project)
     assert "results/retrain/uniform/1.0/metrics.json" in dry.stdout
 
 

@@ -123,23 +123,25 @@ def test_a_misspelt_key_is_reported_once_with_its_hint(tmp_path: Path, smoke_par
     assert error.value.problems == [f"{tmp_path / 'params.yaml'}: pretrain.lrr: unknown key (did you mean 'lr'?)"]
 
 
-def test_check_lists_every_problem_one_line_each_and_never_traces_back(tmp_path: Path, smoke_params: dict) -> None:
+def test_check_lists_every_problem_one_line_each_and_never_traces_back(
+    workdir: Path, smoke_params: dict, capsys
+) -> None:
+    """In this process: ``main`` returns 2 instead of raising (test_check_command runs the real command)."""
     smoke_params["pretrain"]["lrr"] = smoke_params["pretrain"].pop("lr")
     smoke_params["seed"] = -1
     smoke_params["retrain"]["epochs"] = True
-    path = write_params(tmp_path / "params.yaml", smoke_params)
-    result = run_cli("check", "--params", str(path), cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert sorted(result.stderr.splitlines()) == [
+    path = write_params(workdir / "params.yaml", smoke_params)
+    assert main(["check", "--params", str(path)]) == 2
+    assert sorted(capsys.readouterr().err.splitlines()) == [
         f"flora check: error: {path}: pretrain.lrr: unknown key (did you mean 'lr'?)",
         f"flora check: error: {path}: retrain.epochs: a boolean is not accepted here, got True",
         f"flora check: error: {path}: seed: input should be greater than or equal to 0, got -1",
     ]
-    for bad in (tmp_path, tmp_path / "binary.yaml"):
+    for bad in (workdir, workdir / "binary.yaml"):
         if bad.name == "binary.yaml":
             bad.write_bytes(bytes(range(256)))
-        result = run_cli("check", "--params", str(bad), cwd=tmp_path)
-        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert main(["check", "--params", str(bad)]) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -149,11 +151,10 @@ def test_check_lists_every_problem_one_line_each_and_never_traces_back(tmp_path:
         ({"no_such_argument": 1}, "unexpected keyword argument 'no_such_argument'"),
     ],
 )
-def test_check_builds_the_model_to_try_its_kwargs(tmp_path: Path, smoke_params: dict, kwargs, message) -> None:
-    path = write_params(tmp_path / "params.yaml", set_key(smoke_params, "model.kwargs", kwargs))
-    result = run_cli("check", "--params", str(path), cwd=tmp_path)
-    assert result.returncode == 2
-    (line,) = result.stderr.splitlines()
+def test_check_builds_the_model_to_try_its_kwargs(workdir: Path, smoke_params: dict, capsys, kwargs, message) -> None:
+    path = write_params(workdir / "params.yaml", set_key(smoke_params, "model.kwargs", kwargs))
+    assert main(["check", "--params", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
     assert (
         line.startswith(f"flora check: error: {path}: model.kwargs: {kwargs} not accepted by vit_digits")
         and message in line

@@ -9,59 +9,16 @@ the path running end to end, the bookkeeping and the processes agreeing do.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import shutil
-import socket
-import sys
-import time
-import traceback
 from pathlib import Path
 
-from conftest import HANG_GUARD, ROOT
+from conftest import ROOT, run_as_two_processes
 from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
 
 from flora_steps.cli import main
 from flora_steps.params import load_params
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.schema import budget_name
-
-def run_as_two_processes(arguments: list[str]) -> None:
-    """``flora <arguments>`` as two gloo processes with the environment ``torchrun`` gives its workers (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR`` ...), forked from this one so that neither pays Python's and torch's start-up.
-    Past ``HANG_GUARD`` seconds, or once one fails, both are killed and the test fails."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    forked = multiprocessing.get_context("fork")
-    workers = [forked.Process(target=_worker, args=(rank, port, arguments)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    deadline = time.monotonic() + HANG_GUARD
-    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
-        if any(w.exitcode not in (None, 0) for w in workers):
-            break
-        time.sleep(0.1)
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-        worker.join()
-    assert [w.exitcode for w in workers] == [0, 0], (arguments, [w.exitcode for w in workers])
-
-
-def _worker(rank: int, port: int, arguments: list[str]) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    try:
-        code = main(arguments)
-    except BaseException:  # noqa: BLE001 (a forked test process reports and leaves, whatever happened)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path, monkeypatch) -> None:

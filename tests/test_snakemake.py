@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_project, run_command
-from workflow import PROFILES, downstream, edit_each_module, importers, planned_jobs, snakemake
+from workflow import PROFILES, downstream, edit_each_module, importers, planned_jobs, snakemake, snakemake_here
 
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import PACKAGE, code_files
@@ -50,7 +50,7 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
     # a stage module's own lines reach its log, not only the library's (``python -m`` names it ``__main__``)
     assert "best subnet" in (project / "results/smoke/on_slim/search/0.4/log.txt").read_text()
     assert "seed 1: test top-1" in (project / "results/smoke/retrain/flora/0.5/log.txt").read_text()
-    dry = snakemake("-n", "--cores", "2", *config, cwd=project)
+    dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
@@ -96,13 +96,13 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
     with changed_profile(project, section, key, value) as config:
-        dry = snakemake("-n", "--cores", "2", *config, cwd=project)
+        dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
     assert planned_jobs(dry.stdout + dry.stderr) == expected
 
 
 def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> None:
     config = ["--config", "params=configs/deit_b_imagenet.yaml"]
-    dry = snakemake("-n", "--forceall", "--cores", "16", "--resources", "gpu=1", *config, cwd=project)
+    dry = snakemake_here("-n", "--forceall", "--cores", "16", "--resources", "gpu=1", *config, cwd=project)
     rule, gpu_rules, other_rules = None, set(), set()
     for line in dry.stdout.splitlines():
         if line.startswith(("rule ", "localrule ")):
@@ -139,7 +139,7 @@ def test_the_slurm_profile_dry_runs_with_per_rule_resources(project: Path) -> No
     """Needs the optional Slurm executor plugin (requirements-slurm.txt); skipped without it."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     config = ["--config", "params=configs/deit_b_imagenet.yaml"]
-    dry = snakemake("-n", "--profile", str(ROOT / "cluster/slurm"), *config, cwd=project)
+    dry = snakemake_here("-n", "--profile", str(ROOT / "cluster/slurm"), *config, cwd=project)
     resources = {}
     for line in dry.stdout.splitlines():
         if line.startswith("rule "):
@@ -164,16 +164,16 @@ def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(pro
     config = ["--config", "params=configs/smoke.yaml"]
     (project / "flora_steps/core/__pycache__").mkdir(exist_ok=True)  # as a test run leaves behind
     (project / "flora_steps/core/__pycache__/stale.pyc").write_bytes(b"")
-    assert planned_jobs(snakemake("-n", "--cores", "2", *config, cwd=project).stdout) == set()
+    assert planned_jobs(snakemake_here("-n", "--cores", "2", *config, cwd=project).stdout) == set()
 
     def check(module: str):
-        dry = snakemake("-n", "--cores", "2", *config, cwd=project)
+        dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
         return planned_jobs(dry.stdout + dry.stderr), downstream(importers(module))
 
     assert edit_each_module(project, check) == {}
     assert len(list((project / "flora_steps").rglob("*.py"))) == len(list(PACKAGE.rglob("*.py")))
     # every module is an input of exactly the rules of the stages that import it
-    summary = snakemake("--detailed-summary", "--cores", "1", *config, cwd=project).stdout.splitlines()
+    summary = snakemake_here("--detailed-summary", "--cores", "1", *config, cwd=project).stdout.splitlines()
     columns = summary[0].split("\t")
     for row in (dict(zip(columns, line.split("\t"), strict=False)) for line in summary[1:]):
         code = {path for path in row["input-file(s)"].split(",") if path.startswith("flora_steps/")}
@@ -181,7 +181,7 @@ def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(pro
 
 
 def test_each_profile_has_its_own_results_folder_in_snakemake(project: Path) -> None:
-    dry = snakemake("-n", "--forceall", "--cores", "2", "--config", "params=configs/hybrid.yaml", cwd=project)
+    dry = snakemake_here("-n", "--forceall", "--cores", "2", "--config", "params=configs/hybrid.yaml", cwd=project)
     lines = [line.split("output:")[1] for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
     planned = [path.strip() for line in lines for path in line.split(",")]
     assert planned and all(path.startswith("results/hybrid/") for path in planned), planned[:5]
@@ -189,7 +189,7 @@ def test_each_profile_has_its_own_results_folder_in_snakemake(project: Path) -> 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_dry_runs_with_snakemake(project: Path, profile: str) -> None:
-    result = snakemake("-n", "--forceall", "--cores", "2", "--config", f"params=configs/{profile}", cwd=project)
+    result = snakemake_here("-n", "--forceall", "--cores", "2", "--config", f"params=configs/{profile}", cwd=project)
     assert "rule pretrain:" in result.stdout + result.stderr
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, kill_after_first_epoch, run_command, write_params
+from conftest import kill_after_first_epoch, run_as_two_processes, write_params
 
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
@@ -156,22 +154,11 @@ def test_missing_search_space_is_one_clear_line(workdir: Path, upstream: Path, s
     )
 
 
-def run_supernet_on_two_processes(workdir: Path, params: Path) -> None:
-    """The supernet stage under ``torchrun`` with two gloo processes (CPU), as a user would start it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_command(
-        [*command, "-m", "flora_steps.stages.supernet", "--params", str(params)],
-        cwd=workdir,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_two_process_gloo_ddp_run_keeps_weights_identical(workdir: Path, upstream: Path, smoke_params: dict) -> None:
     smoke_params["supernet"]["epochs"] = 1
     smoke_params["compute"]["device"] = "cpu"
     params = prepare(workdir, upstream, smoke_params)
-    run_supernet_on_two_processes(workdir, params)
+    run_as_two_processes(["supernet", "--params", str(params)])
     log = (workdir / "results/supernet/log.txt").read_text()
     assert "weights identical on all 2 processes" in log
     metrics = json.loads((workdir / "results/supernet/metrics.json").read_text())
@@ -225,7 +212,7 @@ def test_a_one_process_run_resumes_under_torchrun_with_two(
     params = prepare(workdir, upstream, smoke_params)
     kill_after_first_epoch(monkeypatch)
     assert main(["supernet", "--params", str(params)]) == 130  # one process, 2 micro-batches per step
-    run_supernet_on_two_processes(workdir, params)
+    run_as_two_processes(["supernet", "--params", str(params)])
     log = (workdir / "results/supernet/log.txt").read_text()
     assert "resuming from results/supernet/checkpoint.pt after epoch 1" in log
     assert "weights identical on all 2 processes" in log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -27,6 +29,22 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "snakemake", *args], cwd)
 
 
+def snakemake_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``snakemake <args>`` in ``cwd`` by Snakemake's own ``main`` in this process, for dry runs and summaries: a
+    fraction of a second here, seconds as a command (its start-up). Real runs go through ``snakemake``."""
+    from snakemake.cli import main
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), None
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    result = subprocess.CompletedProcess(["snakemake", *args], code, stdout.getvalue(), stderr.getvalue())
+    assert code == 0, f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd)
 
@@ -36,7 +54,7 @@ def dvc_status(project: Path) -> set[str]:
     ``dvc`` command spends seconds starting for what takes a fraction of one here)."""
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with contextlib.chdir(project), Repo() as repo:
         return {name.split("@")[0] for name in repo.status()}
 
 
@@ -44,7 +62,7 @@ def dvc_stages(project: Path) -> dict[str, list[str]]:
     """Every stage of ``project``'s dvc.yaml as ``dvc stage list --all`` names it, with its outputs."""
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with contextlib.chdir(project), Repo() as repo:
         return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
 
 
@@ -52,7 +70,7 @@ def dvc_dry_run(project: Path) -> list[str]:
     """The commands ``dvc repro --dry --force`` would run in ``project``, in order."""
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    with contextlib.chdir(project), Repo() as repo:
         return [stage.cmd for stage in repo.reproduce(dry=True, force=True)]
 
 
