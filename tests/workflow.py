@@ -50,8 +50,8 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def dvc_status(project: Path) -> set[str]:
-    """The stages ``dvc status`` finds changed, without their ``@budget``: DVC's Python API in this process (a
-    ``dvc`` command spends seconds starting for what takes a fraction of one here)."""
+    """The stages ``dvc status`` finds changed, without their ``@budget``, by DVC's Python API in this process: the
+    same answer without a ``dvc`` command's start-up on every call."""
     from dvc.repo import Repo
 
     with contextlib.chdir(project), Repo() as repo:
