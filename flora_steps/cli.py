@@ -8,13 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 from . import __version__
 from .errors import UserError
 from .params import load_params
 from .pipeline.catalogue import STAGES
 from .pipeline.code import STAGES_PACKAGE
-from .runtime.context import add_params_argument, add_stage_arguments, run_from_args
+from .runtime.context import add_params_argument, add_stage_arguments, run_as_program, run_from_args
 
 #: Stage commands in pipeline order (``retrain`` runs every retrain stage, by ``--method``).
 COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
@@ -94,5 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console() -> NoReturn:
+    """The ``flora`` console script: ``main`` as the whole process."""
+    run_as_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

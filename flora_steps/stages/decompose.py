@@ -25,7 +25,7 @@ from ..core import CostModel, factorise, find_linear_layers, trace_costs
 from ..errors import UserError
 from ..report.figures import plot_spectra
 from ..runtime.artifacts import load_model, save_figure, save_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

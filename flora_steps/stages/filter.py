@@ -36,7 +36,7 @@ from ..core.filter import efficiency, keep_efficient
 from ..core.space import BlockSpace, SearchSpace, full_space
 from ..report.figures import plot_sensitivity, single_layer_kl
 from ..runtime.artifacts import load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, fixed_subset, make_loader
 from ..runtime.distributed import is_first, sum_over_processes
 from ..runtime.models import data_config, input_shape
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

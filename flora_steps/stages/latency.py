@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..runtime.artifacts import load_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..params import OFBParams
 from ..pruning.ofb import ATTENTION, EMBED, MLP, OFBCosts, OFBGrids, OFBSearch, module_kind, ramp
 from ..runtime.artifacts import load_model, save_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config, input_shape
@@ -238,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core import trace_costs
 from ..runtime.artifacts import ModelSpec, save_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.models import create_base_model, data_config, input_shape
 from ..runtime.training import HISTORY_COLUMNS, PREDICTION_COLUMNS, evaluate, finish, fit, prediction_table
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -78,7 +78,7 @@ from ..runtime.artifacts import (
     write_json,
     write_text,
 )
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape
 
 log = logging.getLogger(__name__)
@@ -354,4 +354,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -31,7 +31,7 @@ from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from ..core.search import EvolutionSettings, Genome, MacsTable, evolve, genome_choices
 from ..errors import UserError
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, fixed_subset, make_loader
 from ..runtime.distributed import is_first, sum_over_processes
 from ..runtime.models import data_config, input_shape
@@ -209,4 +209,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import UserError
 from ..pruning.slim import ATTENTION, MLP, attach_masks, detach_masks, sparsity_loss
 from ..runtime.artifacts import load_model, save_masks, save_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config
@@ -113,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

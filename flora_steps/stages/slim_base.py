@@ -21,7 +21,7 @@ from ..core import count_macs, trace_costs
 from ..errors import UserError
 from ..pruning.slim import slice_to_budget
 from ..runtime.artifacts import load_model, read_json, read_masks, save_model, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.models import data_config, input_shape
 from ..runtime.training import evaluate
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -31,7 +31,7 @@ from ..core import CostModel, lowrank_layers, set_ranks, trace_costs
 from ..core.space import Choice, SearchSpace, SubnetSampler
 from ..params import Params
 from ..runtime.artifacts import load_model, read_space, save_model, write_csv, write_json
-from ..runtime.context import StageContext, stage_main
+from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first, world
 from ..runtime.models import data_config, input_shape
@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

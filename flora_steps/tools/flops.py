@@ -17,6 +17,7 @@ import torch
 from ..core import trace_costs
 from ..errors import UserError
 from ..runtime.artifacts import read_rank_config
+from ..runtime.context import run_as_program
 from ..runtime.models import input_shape, is_known_model
 
 
@@ -95,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)
