@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import kill_after_first_epoch, write_params
+from conftest import SMOKE, kill_after_first_epoch, write_params
 
 from flora_steps.cli import main
 from flora_steps.core import count_macs, trace_costs
@@ -89,7 +89,9 @@ def test_retrain_writes_a_plain_model_whose_macs_flop_counter_confirms(searched:
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     ranks = json.loads((out / "ranks.json").read_text())["ranks"]
     assert {name: rank for name, rank in ranks.items()} == spec.factorised
-    epochs = [1, 2, 3] if method == "uniform" else [1]  # uniform: supernet.epochs + retrain.epochs
+    smoke = yaml.safe_load(SMOKE.read_text())
+    trained = smoke["retrain"]["epochs"] + (smoke["supernet"]["epochs"] if method == "uniform" else 0)
+    epochs = list(range(1, trained + 1))  # uniform: supernet.epochs + retrain.epochs, from the SVD factors
     history = pd.read_csv(out / "history.csv")
     assert list(history["seed"]) == [0] * len(epochs) + [1] * len(epochs) and list(history["epoch"]) == epochs * 2
     supernet = json.loads((searched / "results/supernet/metrics.json").read_text())

@@ -45,6 +45,7 @@ def prepare(workdir: Path, upstream: Path, smoke_params: dict) -> Path:
 
 
 def test_supernet_stage_trains_and_reports_extreme_subnets(workdir: Path, upstream: Path, smoke_params: dict) -> None:
+    smoke_params["supernet"]["epochs"] = 2  # the history of more than one epoch
     params = prepare(workdir, upstream, smoke_params)
     assert main(["supernet", "--params", str(params)]) == 0
     out = workdir / "results/supernet"
@@ -108,6 +109,7 @@ def test_a_checkpoint_is_resumed_only_with_the_same_inputs(
     (workdir / "results").mkdir()
     for stage in ("pretrain", "decompose", "filter"):
         shutil.copytree(upstream / stage, workdir / "results" / stage)
+    smoke_params["supernet"]["epochs"] = 2  # killed after the first
     params = write_params(workdir / "params.yaml", smoke_params)
     saves = kill_after_first_epoch(monkeypatch)
     assert main(["supernet", "--params", str(params)]) == 130
