@@ -207,6 +207,30 @@ def test_check_command(tmp_path: Path) -> None:
     assert result.returncode == 2 and "seed: input should be a valid integer" in result.stderr
 
 
+#: Run by a fresh interpreter: ``main`` with the given arguments, then the heavy libraries it had to import.
+LOADED_AFTER = """
+import sys
+from flora_steps.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(code, sorted(name for name in ("torch", "timm", "sklearn", "pandas") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["retrain", "--help"], ["check", "--params", "bad.yaml"]])
+def test_help_and_a_rejected_params_file_answer_without_loading_torch(tmp_path: Path, arguments: list[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("seed: x\n")
+    result = run_command(
+        [sys.executable, "-c", LOADED_AFTER, *arguments],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    code, loaded = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert (code, loaded) == ("0" if "--help" in arguments else "2", "[]"), result.stderr
+
+
 def test_params_page_documents_every_param() -> None:
     def leaves(data: dict, prefix: str = "") -> list[str]:
         keys = []

@@ -28,6 +28,14 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def docstring(module: str) -> str:
+    """A package module's docstring, read from its source: the module is not imported."""
+    path = _module_file(module)
+    if path is None:
+        raise KeyError(module)
+    return ast.get_docstring(ast.parse(path.read_text(), str(path))) or ""
+
+
 def _module_name(path: Path) -> str:
     relative = path.relative_to(PACKAGE.parent).with_suffix("")
     parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..params import Params, load_params
 from ..pipeline.catalogue import STAGES, param_value, stage_for, tracked_params
 from ..pipeline.code import STAGES_PACKAGE
+from ..pipeline.commands import add_stage_arguments
 from ..pipeline.schema import RESULTS, Stage, budget_name, budgets_key, input_paths, results_root
 from . import distributed
 from .artifacts import remove_temporaries
@@ -295,28 +296,6 @@ def run_stage(
             file_handler.close()
         if failed and created is not None:
             shutil.rmtree(created, ignore_errors=True)
-
-
-def add_params_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-
-
-def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
-    """``--params``, and ``--method``/``--base``/``--budget`` where the module runs per method, base or budget."""
-    add_params_argument(parser)
-    stages = [stage for stage in STAGES.values() if stage.module == module]
-    methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
-    if methods:
-        parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
-    bases = list(dict.fromkeys(stage.base for stage in stages))
-    if len(bases) > 1:
-        parser.add_argument(
-            "--base", choices=bases, default="dense", help="the model FLORA compresses (default: dense, the base model)"
-        )
-    if any(stage.foreach for stage in stages):
-        parser.add_argument(
-            "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
-        )
 
 
 def run_from_args(module: str, run: Callable[[StageContext], None], args: argparse.Namespace) -> int:

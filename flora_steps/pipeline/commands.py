@@ -1,0 +1,35 @@
+"""The command line of every stage, from the catalogue: ``--params``, and ``--method``, ``--base`` and ``--budget``.
+
+Both ``python -m flora_steps.stages.<module>`` and ``flora <module>`` build their
+arguments here. Nothing heavy is imported, so ``flora --help`` and a rejected params
+file answer without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .catalogue import STAGES
+
+
+def add_params_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    """``--params``, and ``--method``/``--base``/``--budget`` where the module runs per method, base or budget."""
+    add_params_argument(parser)
+    stages = [stage for stage in STAGES.values() if stage.module == module]
+    methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
+    if methods:
+        parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
+    bases = list(dict.fromkeys(stage.base for stage in stages))
+    if len(bases) > 1:
+        parser.add_argument(
+            "--base", choices=bases, default="dense", help="the model FLORA compresses (default: dense, the base model)"
+        )
+    if any(stage.foreach for stage in stages):
+        parser.add_argument(
+            "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+        )
