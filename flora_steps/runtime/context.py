@@ -322,7 +322,7 @@ def run_as_program(main: Callable[[], int]) -> NoReturn:
 
     What is imported by then (torch, timm, the package: about a million objects) lives as
     long as the process, so it is frozen out of the garbage collector's sight first: later
-    full collections, and the one at exit, no longer walk it. That takes about 3 s off
+    full collections, and the one at exit, no longer walk it. That takes 1.5 to 3 s off
     every job on a slow 2-core machine (``bench/startup.py``), where most of a small job
     is start-up. Only a process of its own may do this: frozen objects are never collected.
     """
