@@ -26,17 +26,17 @@ COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
 TOOLS = ("flops", "export")
 
 
-def _module_name(command: str) -> str:
+def _command_module(command: str) -> str:
     return f"{__package__}.tools.{command}" if command in TOOLS else f"{STAGES_PACKAGE}.{command}"
 
 
 def stage_module(name: str) -> ModuleType:
     """The module of a command, found by name: ``flora_steps.stages.<name>`` or ``flora_steps.tools.<name>``."""
-    return importlib.import_module(_module_name(name))
+    return importlib.import_module(_command_module(name))
 
 
 def _add_command(commands: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    description = docstring(_module_name(name))  # read from the source: the module is imported only to run
+    description = docstring(_command_module(name))  # read from the source: the module is imported only to run
     return commands.add_parser(
         name,
         help=description.splitlines()[0],

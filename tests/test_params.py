@@ -213,8 +213,8 @@ import sys
 from flora_steps.cli import main
 try:
     code = main(sys.argv[1:])
-except SystemExit as exit:
-    code = exit.code
+except SystemExit as stop:
+    code = stop.code
 print(code, sorted(name for name in ("torch", "timm", "sklearn", "pandas") if name in sys.modules))
 """
 

@@ -318,7 +318,7 @@ def stage_main(module: str, description: str, run: Callable[[StageContext], None
 
 
 def run_as_program(main: Callable[[], int]) -> NoReturn:
-    """Run a command's ``main`` as the whole process and exit with its code (``python -m``, ``flora``).
+    """Run a command's ``main`` as the whole process and exit with its code (``python -m flora_steps.stages.<stage>``).
 
     What is imported by then (torch, timm, the package: about a million objects) lives as
     long as the process, so it is frozen out of the garbage collector's sight first: later
