@@ -197,6 +197,9 @@ class SlimParams(TrainingParams):
     """
 
     epochs: PositiveInt
+    mask_lr: PositiveFloat  # the masks' learning rate (released: the weights', 5e-4), on lr's schedule
+    mask_weight_decay: NonNegativeFloat  # AdamW decay of the masks (released: 1e-3, one AdamW for everything)
+    released_steps: PositiveInt | None  # mask_lr is for a search of this many steps; rescaled to this one's
     attention_weight: NonNegativeFloat  # L1 weight on the attention head-channel masks (released: 2e-4)
     mlp_weight: NonNegativeFloat  # L1 weight on the MLP hidden-unit masks (released: 5e-5)
     temperature: PositiveFloat  # distillation temperature
@@ -214,7 +217,11 @@ class OFBParams(TrainingParams):
     """
 
     epochs: PositiveInt
-    arch_lr: PositiveFloat  # learning rate of the scores and width logits, on lr's schedule (released: lr)
+    score_lr: PositiveFloat  # learning rate of the unit scores S, in the weights' AdamW, undecayed (released: lr)
+    arch_lr: PositiveFloat  # learning rate of the width logits α, in their own AdamW (released: 2.5e-4 x batch/256)
+    arch_betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
+    arch_weight_decay: NonNegativeFloat  # AdamW decay of the width logits (released: 1e-3)
+    released_steps: PositiveInt | None  # score_lr and arch_lr are for a search of this many steps; rescaled
     temperature: PositiveFloat  # distillation temperature
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation from the base model
     head_ratios: Ratios  # attention heads kept (released: every even head count)
@@ -233,6 +240,7 @@ class OFBParams(TrainingParams):
     prune_threshold: Annotated[float, Field(gt=0, lt=1)]  # a candidate dies at probability <= this / K (released: 0.2)
     prunes_per_epoch: PositiveInt  # progressive pruning checks per epoch (released: 3)
     target_window: Annotated[int, Field(ge=3)]  # PMIM target: local normalisation window, odd (released: 47 at 224 px)
+    cut_to_budget: bool  # not released: narrow a model above its budget by importance into the search.band
 
     @field_validator("target_window")
     @classmethod

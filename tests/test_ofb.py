@@ -226,15 +226,61 @@ def test_slice_parameter_gathers_a_two_axis_parameter_and_its_state() -> None:
     assert torch.equal(optimizer.state[module.scores]["exp_avg"], old_state[heads].gather(1, channels))
 
 
-def test_fit_to_budget_moves_the_most_probable_structure_into_the_band() -> None:
+def test_a_cut_narrows_by_importance_into_the_band() -> None:
     search, costs, _ = search_model()
     random_logits(search)
     dense = float(costs.macs(64, {n: (64, 256) for n in costs.tokens}))
-    for budget in (0.2, 0.3, 0.5):
-        cells = search.fit_to_budget(costs, (budget - 0.02) * dense, budget * dense)
+    chosen = costs.structure_macs(*search.structure(search.choice()))
+    assert search.cut_to_budget(costs, 0.0, chosen) == search.choice()  # at or below its budget: no cut
+    for budget in (0.15, 0.2, 0.25):
+        assert budget * dense < chosen
+        cells = search.cut_to_budget(costs, (budget - 0.02) * dense, budget * dense)
         assert (budget - 0.02) * dense <= costs.structure_macs(*search.structure(cells)) <= budget * dense
-    with pytest.raises(ValueError, match="no structure of the widths left"):
-        search.fit_to_budget(costs, 0.0, 0.001 * dense)
+        assert all(c <= chosen for key, cell in cells.items() for c, chosen in zip(cell, search.choice()[key]))
+    with pytest.raises(ValueError, match="no narrowing of the searched widths"):
+        search.cut_to_budget(costs, 0.0, 0.001 * dense)
+
+
+def test_the_cut_removes_the_least_important_units_first() -> None:
+    search, costs, _ = search_model(grids=OFBGrids(heads=[1.0], head_dim=[1.0], mlp=[0.5, 1.0], embed=[1.0]))
+    with torch.no_grad():
+        for key, mask in search.masks.items():
+            mask.logits.fill_(0.0)
+            mask.logits[-1] = 10.0  # every module chooses its widest
+            mask.scores.fill_(5.0 if key.startswith("blocks_0") else -5.0)  # block 0's MLP units matter most
+    dense = costs.structure_macs(*search.structure(search.choice()))
+    one_mlp_halved = dense - costs.structure_macs(*search.structure({**search.choice(), "blocks_0__mlp": (0,)}))
+    cells = search.cut_to_budget(costs, dense - 1.5 * one_mlp_halved, dense - 0.5 * one_mlp_halved)
+    narrowed = [key for key, cell in cells.items() if cell != search.choice()[key]]
+    assert len(narrowed) == 1 and narrowed[0] != "blocks_0__mlp"
+
+
+def test_a_module_that_decides_freezes_its_lambda() -> None:
+    search, _, images = search_model()
+    with torch.no_grad():
+        for mask in search.masks.values():
+            mask.logits.fill_(-30.0).view(-1)[mask.logits.numel() // 2] = 30.0  # all but one improbable
+    search.weight = 0.6
+    search.prune(0.99, None)
+    assert search.decided and search.undecided() == 0
+    for mask in search.masks.values():
+        assert float(mask.frozen_weight) == pytest.approx(0.6)
+    search.weight = 0.1  # the schedule moves on; decided modules keep their λ
+    mask = search.masks["blocks_0__mlp"]
+    assert torch.allclose(mask(0.1), 0.6 * mask.scores.sigmoid() + 0.4)
+    frozen = search(images)
+    model, _, _ = search.finalise(search.choice())
+    assert torch.allclose(model(images), frozen, atol=1e-5)  # the sliced model is the decided masked model
+
+
+def test_the_onehot_loss_has_a_gradient_at_a_near_uniform_start() -> None:
+    mask = BiMask([64], [list(range(8, 65, 4))], torch.Generator().manual_seed(0))  # 15 candidates
+    with torch.no_grad():
+        mask.logits.copy_(torch.linspace(0, 0.05, 15))  # ρ far below 0.01
+    live = mask.probabilities()
+    assert ((live - live.mean()) ** 2).sum() / (1 - 1 / 15) < 1e-3
+    mask.onehot_loss().backward()
+    assert mask.logits.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize(("name", "shape"), [("vit_digits", (1, 8, 8)), ("deit_tiny_patch16_224", (3, 224, 224))])
@@ -279,15 +325,3 @@ def test_models_that_are_not_plain_vits_are_refused() -> None:
         swin = timm.create_model("swin_tiny_patch4_window7_224")
     with pytest.raises(ValueError, match="VisionTransformer"):
         OFBSearch(swin, GRIDS, 3, 3, 0)
-
-
-def test_pruning_keeps_the_lower_edge_of_the_budget_band_reachable() -> None:
-    search, costs, _ = search_model()
-    random_logits(search, spread=10.0)
-    dense = search.largest_macs(costs)
-    search.prune(0.99, None, costs, 0.9 * dense)
-    assert search.largest_macs(costs) >= 0.9 * dense
-    unguarded, _, _ = search_model()
-    random_logits(unguarded, spread=10.0)
-    unguarded.prune(0.99, None)
-    assert unguarded.largest_macs(costs) < 0.9 * dense  # without the guard, the same pruning goes below

@@ -1,4 +1,4 @@
-"""The ofb stage on the smoke profile: progressive pruning mid-run, the MACs band, resume after a kill."""
+"""The ofb stage on the smoke profile: progressive pruning mid-run, the decided model, the cut, resume after a kill."""
 
 from __future__ import annotations
 
@@ -23,13 +23,24 @@ def prepared(workdir: Path, smoke_results: Path, smoke_params: dict) -> Path:
     return write_params(workdir / "params.yaml", smoke_params)
 
 
-def test_the_ofb_search_prunes_as_it_goes_and_lands_in_the_budget_band(workdir: Path, prepared: Path) -> None:
+def test_the_ofb_search_prunes_as_it_goes_and_keeps_its_best_decided_epoch(workdir: Path, prepared: Path) -> None:
     assert main(["ofb", "--params", str(prepared), "--budget", "0.35"]) == 0
     out = workdir / "results/ofb/0.35"
     history = pd.read_csv(out / "history.csv")
-    assert history["live_candidates"].iloc[-1] < 89  # of the 89 candidate widths, some died during the search
+    assert history["live_candidates"].iloc[-1] < 73  # of the 73 candidate widths, some died during the search
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.33 <= metrics["macs_fraction"] <= 0.35
+    decided = metrics["decided_epoch"]
+    assert decided is not None and metrics["undecided_modules"] == 0
+    assert history["undecided"].iloc[decided - 1] == 0 and (history["mask_ratio"].iloc[decided - 1 :] == 0).all()
+    after = history.iloc[decided - 1 :]
+    best = after["val_top1"].max()
+    assert metrics["val_top1_masked"] == pytest.approx(best, abs=1e-5)
+    assert metrics["kept_epoch"] == int(after.loc[(after["val_top1"] - best).abs() < 1e-5, "epoch"].iloc[-1])
+    if metrics["cut"]:  # landed above the budget: narrowed into [0.33, 0.35]
+        assert metrics["searched_macs_fraction"] > 0.35 and 0.33 <= metrics["macs_fraction"] <= 0.35
+    else:  # the decided model itself, sliced: it computes what the masked model computed
+        assert metrics["searched_macs_fraction"] == metrics["macs_fraction"] <= 0.35
+        assert abs(metrics["val_top1_sliced"] - metrics["val_top1_masked"]) < 0.01
     model, spec = load_model(out / "model")
     assert count_macs(model, (1, 8, 8)) == metrics["macs"] == json.loads((out / "structure.json").read_text())["macs"]
     assert spec.embed_dim == model.embed_dim and set(spec.pruned) == {f"blocks.{i}" for i in range(4)}

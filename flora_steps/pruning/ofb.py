@@ -22,17 +22,22 @@ at the input only, so its blocks write into channels that slicing then removes; 
 the searched model is the model that gets sliced.)
 
 Losses: the adaptive one-hot loss per unfinished module (``BiMask.onehot_loss``), entropy of
-``p`` plus ``cot(π·ρ)/K`` (ρ: the variance of ``p`` scaled to [0, 1], clamped to
-[0.01, 0.99] to keep it finite), with L1 on its σ(S); the MACs loss
+``p`` plus ``cot(π·ρ)/K`` (ρ: the variance of ``p`` scaled to [0, 1]; clamped to
+[1e-6, 1 − 1e-6] only to stay finite, so it has a gradient from the start), with L1
+on its σ(S); the MACs loss
 ``((E[MACs] − target) / dense)²``, where ``E[MACs]`` (``OFBSearch.expected_macs``) is the cost model at the
 expected widths (exact: MACs are multilinear in independent modules' widths).
 
 Progressive pruning (``OFBSearch.prune``): a candidate whose probability falls to
 ``threshold / K`` or below dies; units no live candidate keeps are sliced out
-physically, with their AdamW state (``slice_parameter``). ``finalise`` picks each
-module's most probable width (moved to fit a MACs band if needed), slices, folds the
-mask values and the original attention temperature into the weights and returns a
-plain, smaller timm ViT that computes exactly what the masked model computes.
+physically, with their AdamW state (``slice_parameter``). A module with one candidate
+left has decided: its λ is frozen at that moment (``BiMask.frozen_weight``), so its mask
+is a trainable per-unit gain from then on, as in the released code. ``finalise`` takes
+each module's only (or most probable) width, slices, folds the mask values and the
+original attention temperature into the weights and returns a plain, smaller timm ViT
+that computes exactly what the masked model computes. No rule moves a width towards a
+MACs target after the search: the MACs loss alone steers the widths, and the model
+lands where progressive pruning leaves it.
 
 PMIM: a share of patch tokens (rising from 5% to 25%) is replaced by a learnt mask
 token before the position embedding (as SimMIM does); a light decoder (1x1 conv and
@@ -95,6 +100,7 @@ class BiMask(nn.Module):
         for axis, grid in enumerate(grids):
             self.register_buffer(f"grid{axis}", torch.tensor(list(grid)), persistent=True)
         self.register_buffer("alive", torch.ones(shape, dtype=torch.bool), persistent=True)
+        self.register_buffer("frozen_weight", torch.tensor(float("nan")), persistent=True)
 
     @property
     def grids(self) -> list[torch.Tensor]:
@@ -138,16 +144,26 @@ class BiMask(nn.Module):
         return values[ranks[0]] if self.scores.dim() == 1 else values[ranks[0], ranks[1]]
 
     def forward(self, weight: float) -> torch.Tensor:
-        """The bi-mask ``weight·σ(S) + (1 − weight)·V(α)`` (``weight`` is λ), one value per unit."""
+        """The bi-mask ``λ·σ(S) + (1 − λ)·V(α)``, one value per unit; λ is ``weight``, or the module's own λ
+        frozen when it decided (``decide``)."""
+        if not torch.isnan(self.frozen_weight):
+            weight = float(self.frozen_weight)
         return weight * self.scores.sigmoid() + (1 - weight) * self.prefix_mask()
 
+    def decide(self, weight: float) -> None:
+        """Freeze λ at ``weight``: the module has one candidate left (the released code's per-module ``w_p``)."""
+        self.frozen_weight.fill_(weight)
+
     def onehot_loss(self) -> torch.Tensor:
-        """The adaptive one-hot loss: entropy of p plus cot(π·ρ)/K, ρ = variance of p scaled to [0, 1]."""
+        """The adaptive one-hot loss: entropy of p plus cot(π·ρ)/K, ρ = variance of p scaled to [0, 1].
+
+        The released code does not clamp ρ; here it is clamped to [1e-6, 1 − 1e-6] only to
+        keep the cotangent finite (it has a gradient from the first step on any grid)."""
         live = self.probabilities()[self.alive]
         count = len(live)
         entropy = -(live * live.clamp_min(1e-12).log()).sum()
         spread = ((live - 1 / count) ** 2).sum() / (1 - 1 / count)
-        spread = spread.clamp(0.01, 0.99)
+        spread = spread.clamp(1e-6, 1 - 1e-6)
         return entropy + torch.tan(math.pi / 2 - math.pi * spread) / count
 
     def live_limits(self) -> tuple[int, ...]:
@@ -159,10 +175,6 @@ class BiMask(nn.Module):
     def most_probable(self) -> tuple[int, ...]:
         """The grid cell of the largest probability."""
         return self._cell_of_max(self.probabilities())
-
-    def widest_live(self) -> tuple[int, ...]:
-        """The grid cell of the live candidate that keeps the most units."""
-        return self._cell_of_max(self.sizes().masked_fill(~self.alive, -1))
 
     def _cell_of_max(self, values: torch.Tensor) -> tuple[int, ...]:
         flat = int(values.flatten().argmax())
@@ -460,13 +472,10 @@ class OFBSearch(nn.Module):
     # --- progressive pruning and the final model ------------------------------------------------
 
     @torch.no_grad()
-    def prune(
-        self, threshold: float, optimizer: torch.optim.Optimizer | None, costs: OFBCosts | None = None, floor: float = 0
-    ) -> bool:
+    def prune(self, threshold: float, optimizer: torch.optim.Optimizer | None) -> bool:
         """Kill every live candidate whose probability is at most ``threshold / K`` (never the most probable),
-        then slice out the units no live candidate keeps. With ``costs``, a module keeps its widest candidate
-        while killing it would leave no structure of at least ``floor`` MACs (the budget band's lower edge
-        stays reachable). Returns whether any parameter was replaced."""
+        slice out the units no live candidate keeps, and freeze λ of each module that has just decided.
+        Returns whether any parameter was replaced."""
         replaced = False
         for key, mask in self.masks.items():
             if mask.finished:
@@ -474,19 +483,23 @@ class OFBSearch(nn.Module):
             probabilities = mask.probabilities()
             dead = mask.alive & (probabilities <= threshold / mask.live)
             dead[mask.most_probable()] = False
-            widest = mask.widest_live()
             mask.alive &= ~dead
-            if costs is not None and self.largest_macs(costs) < floor:
-                mask.alive[widest] = True
+            if mask.finished:
+                mask.decide(self.weight)
             limits = mask.live_limits()
             if limits != tuple(mask.scores.shape):
                 self._slice(key, limits, optimizer)
                 replaced = True
         return replaced
 
-    def largest_macs(self, costs: OFBCosts) -> int:
-        """MACs of the largest structure the live candidates allow."""
-        return costs.structure_macs(*self.structure({key: mask.widest_live() for key, mask in self.masks.items()}))
+    @property
+    def decided(self) -> bool:
+        """Whether every module has one candidate left (the released code's ``finish_search``)."""
+        return all(mask.finished for mask in self.masks.values())
+
+    def undecided(self) -> int:
+        """How many modules still have more than one candidate."""
+        return sum(not mask.finished for mask in self.masks.values())
 
     def smallest_macs(self, costs: OFBCosts) -> int:
         """MACs of the smallest structure the candidate grids allow (live or not: pruning keeps the narrow end)."""
@@ -572,40 +585,49 @@ class OFBSearch(nn.Module):
         return embed, blocks
 
     @torch.no_grad()
-    def fit_to_budget(self, costs: OFBCosts, low: float, high: float) -> dict[str, tuple[int, ...]]:
-        """The most probable cells, moved one module at a time until their MACs lie in [``low``, ``high``].
+    def cut_to_budget(self, costs: OFBCosts, low: float, high: float) -> dict[str, tuple[int, ...]]:
+        """The chosen cells (``choice``), narrowed by importance until their MACs are at most ``high``.
 
-        A move changes one module's cell (any candidate the physical widths still hold);
-        a move into the band wins, the most probable first; otherwise the move towards
-        it, not past it, that loses the least log-probability per MAC. ``ValueError``
-        when no move gets closer.
+        Not part of OFB: for a search that lands above its budget. Each move narrows one
+        module to a smaller cell of its grid and removes the units of the lowest ranks;
+        its cost is the summed mask value (λ·σ(S) + (1 − λ)·V) of those units. A move
+        that lands in [``low``, ``high``] wins, the cheapest first; otherwise the move with
+        the least mask value per MAC saved that stays at or above ``low``. ``ValueError``
+        when no move gets there.
         """
         cells = self.choice()
-        log_p = {key: mask.probabilities().clamp_min(1e-30).log() for key, mask in self.masks.items()}
+        values = {key: mask(self.weight) for key, mask in self.masks.items()}
 
         def macs(choice: Mapping[str, tuple[int, ...]]) -> int:
             return costs.structure_macs(*self.structure(choice))
 
+        def kept(key: str, cell: tuple[int, ...]) -> torch.Tensor:
+            ranks, widths = self.masks[key].ranks(), self.masks[key].widths(cell)
+            inside = ranks[0] < widths[0]
+            return inside if len(widths) == 1 else inside & (ranks[1] < widths[1])
+
         current = macs(cells)
-        while not low <= current <= high:
+        while current > high:
             landing, towards = [], []
             for key, mask in self.masks.items():
                 for cell in map(tuple, torch.nonzero(torch.ones_like(mask.alive)).tolist()):
+                    if cell == cells[key] or any(c > now for c, now in zip(cell, cells[key])):
+                        continue
                     trial = {**cells, key: cell}
                     after = macs(trial)
-                    loss = float(log_p[key][cells[key]] - log_p[key][cell])
-                    if low <= after <= high:
-                        landing.append((loss, after, trial))
-                    elif (after < current and after > high) or (after > current and after < low):
-                        towards.append((loss / abs(after - current), after, trial))
+                    if after < low:
+                        continue
+                    lost = float(values[key][kept(key, cells[key]) & ~kept(key, cell)].sum())
+                    if after <= high:
+                        landing.append((lost, -after, trial))
+                    else:
+                        towards.append((lost / (current - after), -after, trial))
             if not landing and not towards:
-                smallest = self.smallest_macs(costs)
-                largest = macs({key: tuple(len(g) - 1 for g in mask.grids) for key, mask in self.masks.items()})
                 raise ValueError(
-                    f"no structure of the widths left after pruning has MACs in [{low:.0f}, {high:.0f}] "
-                    f"(they reach {smallest} to {largest}, and single moves from the most probable do not get closer)"
+                    f"no narrowing of the searched widths ({current} MACs) lands in [{low:.0f}, {high:.0f}] MACs"
                 )
-            _, current, cells = min(landing or towards, key=lambda option: option[:2])
+            _, after, cells = min(landing or towards, key=lambda option: option[:2])
+            current = -after
         return cells
 
     @torch.no_grad()

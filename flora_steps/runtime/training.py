@@ -15,6 +15,8 @@ import os
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,29 +78,69 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """AdamW options of a set of parameters that differ from the model's: a multiple of the learning rate
+    (timm's schedulers apply a group's ``lr_scale``), their own weight decay and betas.
+
+    ``reference_steps``: the rate is meant for a run of that many optimizer steps; ``fit``
+    multiplies ``lr_scale`` by ``reference_steps / its own steps``, so that the parameters
+    can move as far in a shorter run (AdamW moves a parameter by about its rate per
+    step). None: no rescaling.
+    """
+
+    lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    reference_steps: int | None = None
+
+    def for_steps(self, steps: int) -> GroupOptions:
+        """These options for a run of ``steps`` optimizer steps (``reference_steps`` applied)."""
+        if self.reference_steps is None:
+            return self
+        return replace(self, lr_scale=self.lr_scale * rate_multiple(self.reference_steps, steps), reference_steps=None)
+
+
+def rate_multiple(reference_steps: int | None, steps: int) -> float:
+    """What a rate meant for ``reference_steps`` optimizer steps is multiplied by in a run of ``steps`` (1: None)."""
+    return 1.0 if reference_steps is None else reference_steps / max(steps, 1)
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
     weight_decay: float,
     no_decay: Collection[str] = (),
-    lr_scales: Mapping[str, float] | None = None,
+    groups: Mapping[str, GroupOptions] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases, norms, the model's ``no_weight_decay`` tokens and ``no_decay``.
+    """AdamW with no weight decay on biases, norms (every 1-d parameter), the model's ``no_weight_decay``
+    tokens and ``no_decay`` (names or ``fnmatch`` patterns).
 
-    ``no_decay`` holds parameter names (or ``fnmatch`` patterns) to leave undecayed too.
-    ``lr_scales`` maps parameter names to a multiple of the learning rate (timm's
-    schedulers apply a group's ``lr_scale``); those are never weight-decayed.
+    ``groups`` maps parameter names to their own ``GroupOptions`` (one param group per
+    distinct options). Frozen parameters are in the groups too, so that a run whose
+    hook freezes some mid-way resumes into an optimizer of the same shape (AdamW skips
+    parameters without a gradient).
     """
-    skip = set(getattr(model, "no_weight_decay", set)()) | set(no_decay)
-    scales = dict(lr_scales or {})
-    scaled = {id(p) for name, p in model.named_parameters() if name in scales}
-    groups = timm.optim.param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    groups = [group | {"params": [p for p in group["params"] if id(p) not in scaled]} for group in groups]
-    groups = [group for group in groups if group["params"]]
-    for scale in sorted(set(scales.values())):
-        chosen = [p for name, p in model.named_parameters() if scales.get(name) == scale]
-        groups.append({"params": chosen, "weight_decay": 0.0, "lr_scale": scale})
-    return timm.optim.create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay)
+    skip = [*getattr(model, "no_weight_decay", set)(), *no_decay]
+    options = dict(groups or {})
+    decayed, undecayed, special = [], [], {option: [] for option in dict.fromkeys(options.values())}
+    for name, parameter in model.named_parameters():
+        if name in options:
+            special[options[name]].append(parameter)
+        elif parameter.ndim <= 1 or name.endswith(".bias") or any(fnmatch(name, pattern) for pattern in skip):
+            undecayed.append(parameter)
+        else:
+            decayed.append(parameter)
+    param_groups = [
+        {"params": params, "weight_decay": decay}
+        for params, decay in ((undecayed, 0.0), (decayed, weight_decay))
+        if params
+    ]
+    for option, params in special.items():
+        param_groups.append(
+            {"params": params, "lr_scale": option.lr_scale, "weight_decay": option.weight_decay, "betas": option.betas}
+        )
+    return timm.optim.create_optimizer_v2(param_groups, opt="adamw", lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(
@@ -275,7 +317,7 @@ def fit(
     no_decay: Collection[str] = (),
     on_device: OnDevice | None = None,
     hook: TrainingHook | None = None,
-    lr_scales: Mapping[str, float] | None = None,
+    groups: Mapping[str, GroupOptions] | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``dataset`` for ``epochs`` (default ``cfg.epochs``) and return the history, one row per epoch.
 
@@ -287,7 +329,7 @@ def fit(
     the same ``identity`` (a hash of everything the results depend on) resumes from it and
     ends with the same weights as an uninterrupted run. ``section`` names the params
     section in error messages. ``no_decay`` names parameters AdamW must not weight-decay,
-    ``lr_scales`` those with a multiple of the learning rate (``build_optimizer``);
+    ``groups`` those with their own learning-rate multiple, decay and betas (``build_optimizer``);
     ``on_device`` is the data's device-side loading (``DataSplits.on_device``); ``hook``
     (``TrainingHook``) runs around every optimizer step and keeps its state in the checkpoint.
     """
@@ -305,7 +347,8 @@ def fit(
             hook.load_state_dict(state["hook"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise UserError(_unresumable(checkpoint, error)) from error
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay, lr_scales)
+    groups = {name: option.for_steps(epochs * steps_per_epoch) for name, option in (groups or {}).items()}
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, no_decay, groups)
     scheduler = build_scheduler(optimizer, epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
     start_epoch, history = resume(checkpoint, state, model, optimizer, reshaped)
     network = DistributedDataParallel(model) if world_size > 1 else model

@@ -5,35 +5,53 @@
 OFB (Once for Both, Ye et al., CVPR 2024; `flora_steps.pruning.ofb`) gives every
 attention (a joint grid of head counts x channels per head), MLP and the shared
 embedding width of the base model a bi-mask `λ·σ(S) + (1 − λ)·V(α)` and trains it with
-the weights in one stage: distillation from the base model on images whose patch
-tokens are partly masked, plus the PMIM reconstruction loss (scaled to the task loss's
-value, times `ofb.reconstruction_weight`), the MACs loss `ofb.macs_weight ·
-((E[MACs] − budget) / dense MACs)²`, and per unfinished module the adaptive one-hot
-loss (`ofb.onehot_weight`) and L1 on σ(S) (`ofb.attention_weight`, `mlp_weight`,
-`embed_weight`). λ (`ofb.score_weight`) and the masked share of tokens
-(`ofb.mask_ratio`) move linearly over `ofb.ramp_epochs`. `ofb.prunes_per_epoch` times an
-epoch, progressive pruning kills the width candidates at probability `≤
-ofb.prune_threshold / K` (keeping a module's widest while the budget band would
-otherwise become unreachable) and slices away the units no live candidate keeps, their
-AdamW state with them. At the end each module takes its most probable width, moved
-if needed into the MACs band `[budget − search.band, budget]`; the model is sliced,
-the mask values are folded into its weights, and it is a plain, smaller timm ViT.
+the weights in one stage, as the released code does: distillation from the base model
+on images whose patch tokens are partly masked, plus the PMIM reconstruction loss
+(scaled to the task loss's value, times `ofb.reconstruction_weight`), the MACs loss
+`ofb.macs_weight · ((E[MACs] − budget) / dense MACs)²`, and per undecided module the
+adaptive one-hot loss (`ofb.onehot_weight`) and L1 on σ(S) (`ofb.attention_weight`,
+`mlp_weight`, `embed_weight`). λ (`ofb.score_weight`) and the masked share of tokens
+(`ofb.mask_ratio`) move linearly over `ofb.ramp_epochs`. `ofb.prunes_per_epoch` times
+an epoch, progressive pruning kills the width candidates at probability
+`≤ ofb.prune_threshold / K` and slices away the units no live candidate keeps, their
+AdamW state with them; a module left with one candidate has decided (its λ frozen).
 
-One AdamW for weights, scores and logits; scores and logits learn at `ofb.arch_lr`
-(following the weights' schedule) and are never weight-decayed, nor are tokens and
-position embedding (the released code gives the logits their own AdamW, betas (0.5,
-0.999)). Under `torchrun` (DDP) every process takes the same pruning decisions (the
-logits stay in sync). PMIM's token masks are drawn per micro-batch, so
-`ofb.micro_batch` changes which tokens are masked. Checkpoints every epoch with the
-pruned shapes and resumes after a kill. The `retrain` stage's `ofb` method fine-tunes
-the model. Writes `results/ofb/<budget>/`:
+Once every module has decided (the release's `finish_search`), PMIM masking stops, the
+decoder and mask token freeze and the search losses go: the weights and the per-unit
+gains train on the task loss alone, and the epoch with the best val top-1 from then on
+is the model (the release's `best.pth`). The model lands at the MACs progressive
+pruning converged to, steered only by the MACs loss; nothing moves a width afterwards.
+If some module has not decided by the last epoch, the last epoch's most probable
+widths are sliced and the log and `metrics.json` say how many were undecided.
+
+Not in the release: with `ofb.cut_to_budget`, a model that lands above its budget is
+narrowed, module by module, removing the units of the smallest mask values
+(λ·σ(S) + (1 − λ)), until it lies in `[budget − search.band, budget]`
+(`OFBSearch.cut_to_budget`). On the embedded default the released dynamics decide
+every module within a few epochs, led by the one-hot loss, and land near half the
+dense MACs whatever the budget; the cut is what gives OFB models at lower budgets
+(docs/methods.md measures what it costs).
+
+Optimisers as released: the weights and the scores S in one AdamW (S at `ofb.score_lr`,
+undecayed), the width logits α in their own group (`ofb.arch_lr`, betas
+`ofb.arch_betas`, decay `ofb.arch_weight_decay`), all on lr's schedule. The released
+rates are for a search of `ofb.released_steps` optimizer steps; a shorter search
+multiplies both by `released_steps / its steps` (null: no rescaling), as ViT-Slim's
+`slim.mask_lr` is. Under `torchrun` (DDP) every process takes the same pruning
+decisions (the logits stay in sync). PMIM's token masks are drawn per micro-batch, so
+`ofb.micro_batch` changes which tokens are masked. Checkpoints every epoch (with the
+pruned shapes and the best epoch's weights) and resumes after a kill. The `retrain`
+stage's `ofb` method fine-tunes the model. Writes `results/ofb/<budget>/`:
 
 - `model.safetensors` + `model.json`: the sliced model (plain timm, embedding width and block sizes)
 - `structure.json`: the embedding width, each block's heads, channels per head and MLP
   units, and its MACs (checked against `torch.utils.flop_counter`)
 - `history.csv`: per epoch, train loss, lr, steps, images, val top-1 of the masked
-  model, its expected MACs as a fraction of dense, the live width candidates, λ and the mask ratio
-- `metrics.json`: MACs, parameters, val top-1 before and after slicing, optimizer steps and training images
+  model, its expected MACs as a fraction of dense, the live width candidates, the
+  undecided modules, λ and the mask ratio
+- `metrics.json`: the MACs the search reached and the model's (after a cut), parameters,
+  the epoch every module had decided and the epoch kept, val top-1 masked (that epoch)
+  and sliced, the rates' rescaling, optimizer steps and training images
 """
 
 from __future__ import annotations
@@ -56,34 +74,78 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, distillation_loss, evaluate, finish, fit
+from ..runtime.training import (
+    HISTORY_COLUMNS,
+    GroupOptions,
+    distillation_loss,
+    evaluate,
+    finish,
+    fit,
+    rate_multiple,
+)
 
 log = logging.getLogger(__name__)
-HISTORY = [*HISTORY_COLUMNS, "val_top1", "expected_macs_fraction", "live_candidates", "score_weight", "mask_ratio"]
+HISTORY = [
+    *HISTORY_COLUMNS,
+    "val_top1",
+    "expected_macs_fraction",
+    "live_candidates",
+    "undecided",
+    "score_weight",
+    "mask_ratio",
+]
 
 
 class Schedule:
     """OFB's schedule around each optimizer step (``training.TrainingHook``): λ and the mask ratio move with
-    the epochs, and progressive pruning runs ``prunes_per_epoch`` times an epoch."""
+    the epochs, progressive pruning runs ``prunes_per_epoch`` times an epoch, and once every module has
+    decided PMIM stops and the decoder freezes. Keeps the best val epoch after that (``keep_if_best``)."""
 
-    def __init__(self, search: OFBSearch, cfg: OFBParams, costs: OFBCosts, floor: float) -> None:
+    def __init__(self, search: OFBSearch, cfg: OFBParams) -> None:
         self.search, self.cfg, self.mask_ratio = search, cfg, cfg.mask_ratio[0]
-        self.costs, self.floor = costs, floor  # pruning keeps a structure of at least ``floor`` MACs possible
+        self.epoch = 0  # the epoch being trained, from 1
+        self.decided_epoch: int | None = None
+        self.best: dict[str, Any] | None = None  # epoch, val_top1 and weights of the best epoch once decided
+
+    @property
+    def decided(self) -> bool:
+        return self.decided_epoch is not None
 
     def before_step(self, progress: float) -> None:
+        self.epoch = int(progress) + 1
         self.search.weight = ramp(progress, self.cfg.ramp_epochs, *self.cfg.score_weight)
-        self.mask_ratio = ramp(progress, self.cfg.ramp_epochs, *self.cfg.mask_ratio)
+        self.mask_ratio = 0.0 if self.decided else ramp(progress, self.cfg.ramp_epochs, *self.cfg.mask_ratio)
 
     def after_step(self, optimizer: torch.optim.Optimizer, steps: int, steps_per_epoch: int) -> bool:
-        if steps % max(1, steps_per_epoch // self.cfg.prunes_per_epoch):
+        if self.decided or steps % max(1, steps_per_epoch // self.cfg.prunes_per_epoch):
             return False
-        return self.search.prune(self.cfg.prune_threshold, optimizer, self.costs, self.floor)
+        replaced = self.search.prune(self.cfg.prune_threshold, optimizer)
+        if not self.search.decided:
+            return replaced
+        self.decided_epoch = self.epoch
+        self._freeze_decoder()
+        log.info("every module has decided in epoch %d: PMIM off, decoder frozen", self.decided_epoch)
+        return True  # DDP must be rebuilt without the frozen parameters
+
+    def _freeze_decoder(self) -> None:
+        self.search.decoder.requires_grad_(False)
+        self.search.mask_token.requires_grad_(False)
+        self.mask_ratio = 0.0
+
+    def keep_if_best(self, top1: float) -> None:
+        """At an epoch's end: keep its weights if every module has decided and its val top-1 is the best since."""
+        if self.decided and (self.best is None or top1 >= self.best["val_top1"]):
+            weights = {name: value.detach().clone() for name, value in self.search.state_dict().items()}
+            self.best = {"epoch": self.epoch, "val_top1": top1, "weights": weights}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shapes": self.search.shapes()}
+        return {"shapes": self.search.shapes(), "decided_epoch": self.decided_epoch, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.search.restore_shapes(state["shapes"])
+        self.decided_epoch, self.best = state["decided_epoch"], state["best"]
+        if self.decided:
+            self._freeze_decoder()
 
 
 def search_terms(search: OFBSearch, costs: OFBCosts, target: float, dense: float, cfg: OFBParams) -> torch.Tensor:
@@ -98,6 +160,25 @@ def search_terms(search: OFBSearch, costs: OFBCosts, target: float, dense: float
                 + sparsity[module_kind(key)] * mask.scores.sigmoid().sum()
             )
     return total
+
+
+def optimizer_groups(search: OFBSearch, cfg: OFBParams) -> dict[str, GroupOptions]:
+    """The released optimisers as param groups: the scores S with the weights (their own rate, undecayed),
+    the width logits α with their own rate, betas and decay; both rates rescaled to the search's steps."""
+    scores = GroupOptions(lr_scale=cfg.score_lr / cfg.lr, reference_steps=cfg.released_steps)
+    logits = GroupOptions(
+        lr_scale=cfg.arch_lr / cfg.lr,
+        weight_decay=cfg.arch_weight_decay,
+        betas=tuple(cfg.arch_betas),
+        reference_steps=cfg.released_steps,
+    )
+    groups = {}
+    for name, _ in search.named_parameters():
+        if name.startswith("masks.") and name.endswith(".scores"):
+            groups[name] = scores
+        elif name.startswith("masks.") and name.endswith(".logits"):
+            groups[name] = logits
+    return groups
 
 
 def token_masks(rng: np.random.Generator, images: int, tokens: int, ratio: float) -> torch.Tensor:
@@ -119,7 +200,7 @@ def run(context: StageContext) -> None:
     except ValueError as error:
         raise UserError(f"model.name: OFB cannot prune {spec.model}: {error}") from None
     dense_macs = costs_dense.dense_macs
-    target, low = budget * dense_macs, (budget - params.search.band) * dense_macs  # the band [low, target]
+    target = budget * dense_macs
     smallest = search.smallest_macs(costs)
     if smallest > target:
         raise UserError(
@@ -139,14 +220,17 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(base), base.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    schedule = Schedule(search, cfg, costs, low)
+    schedule = Schedule(search, cfg)
     tokens = base.patch_embed.num_patches
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
-        masked = token_masks(rng, len(images), tokens, schedule.mask_ratio).to(images.device)
-        logits, reconstruction = network(images, masked)
         with torch.no_grad():
             targets = teacher(images).float()
+        if schedule.decided:  # the weights and gains alone, on the task
+            logits = network(images)
+            return distillation_loss(logits.float(), targets, labels, cfg.temperature, cfg.hard_label_weight)
+        masked = token_masks(rng, len(images), tokens, schedule.mask_ratio).to(images.device)
+        logits, reconstruction = network(images, masked)
         task = distillation_loss(logits.float(), targets, labels, cfg.temperature, cfg.hard_label_weight)
         total = task + search_terms(search, costs, target, dense_macs, cfg)
         if cfg.reconstruction_weight:
@@ -156,17 +240,18 @@ def run(context: StageContext) -> None:
 
     def validate(network: nn.Module) -> dict[str, float]:
         top1 = evaluate(network, val_loader, device, params.compute.amp, "val")["top1"]
+        schedule.keep_if_best(top1)
         with torch.no_grad():
             expected = float(search.expected_macs(costs)) / dense_macs
         return {
             "val_top1": top1,
             "expected_macs_fraction": expected,
             "live_candidates": search.live_candidates(),
+            "undecided": search.undecided(),
             "score_weight": search.weight,
             "mask_ratio": schedule.mask_ratio,
         }
 
-    architecture = {name: cfg.arch_lr / cfg.lr for name, _ in search.named_parameters() if name.startswith("masks.")}
     undecayed = ["mask_token", *(f"vit.{name}" for name in base.no_weight_decay())]
     history = fit(
         search,
@@ -178,13 +263,35 @@ def run(context: StageContext) -> None:
         no_decay=undecayed,
         on_device=splits.on_device,
         hook=schedule,
-        lr_scales=architecture,
+        groups=optimizer_groups(search, cfg),
         **context.fit_arguments(),
     )
-    try:
-        cells = search.fit_to_budget(costs, low, target)
-    except ValueError as error:
-        raise UserError(f"budgets.ofb: {budget}: {error}") from None
+    if schedule.best is not None:
+        search.load_state_dict(schedule.best["weights"])
+        kept, masked_top1 = schedule.best["epoch"], schedule.best["val_top1"]
+        log.info("every module decided in epoch %d; keeping epoch %d (best val top-1)", schedule.decided_epoch, kept)
+    else:
+        kept, masked_top1 = len(history), history[-1]["val_top1"]
+        log.warning(
+            "%d of %d modules still undecided after %d epochs: slicing the last epoch's most probable widths "
+            "(more ofb.epochs or a larger ofb.onehot_weight let the search finish)",
+            search.undecided(),
+            len(search.masks),
+            len(history),
+        )
+    undecided = search.undecided()
+    cells = search.choice()
+    searched_macs = costs.structure_macs(*search.structure(cells))
+    if cfg.cut_to_budget and searched_macs > target:
+        low = (budget - params.search.band) * dense_macs
+        try:
+            cells = search.cut_to_budget(costs, low, target)
+        except ValueError as error:
+            raise UserError(f"budgets.ofb: {budget}: {error}") from None
+        log.info(
+            "the search landed at %.3f of dense MACs, above the budget: cut by importance (ofb.cut_to_budget)",
+            searched_macs / dense_macs,
+        )
     model, embed_dim, structure = search.finalise(cells)
     macs = costs.structure_macs(embed_dim, structure)
     counted = count_macs(model, shape)
@@ -223,8 +330,14 @@ def run(context: StageContext) -> None:
             "macs": macs,
             "macs_fraction": round(macs / dense_macs, 6),
             "params": sum(p.numel() for p in model.parameters()),
-            "val_top1_masked": last["val_top1"],
+            "searched_macs_fraction": round(searched_macs / dense_macs, 6),
+            "cut": macs != searched_macs,
+            "decided_epoch": schedule.decided_epoch,
+            "undecided_modules": undecided,
+            "kept_epoch": kept,
+            "val_top1_masked": masked_top1,
             "val_top1_sliced": sliced_top1,
+            "rate_multiple": rate_multiple(cfg.released_steps, last["steps"]),
             "train_steps": last["steps"],
             "train_images": last["images"],
             "seconds": context.seconds(),

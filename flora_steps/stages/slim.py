@@ -6,8 +6,12 @@ ViT-Slim (Chavan et al., CVPR 2022) puts a learnable mask, initialised to 1, on 
 attention head channel (shared by q, k and v) and every MLP hidden unit of the base
 model (`flora_steps.pruning.slim`), and trains masks and weights with distillation from
 the base model plus an L1 term on the masks, one weight per dimension type
-(`slim.attention_weight`, `slim.mlp_weight`). AdamW without decay on the masks,
-constant learning rate as in the released code (`slim.min_lr` = `slim.lr`), gradient
+(`slim.attention_weight`, `slim.mlp_weight`). AdamW with a constant learning rate as in
+the released code (`slim.min_lr` = `slim.lr`); the masks in their own group
+(`slim.mask_lr`, decayed by `slim.mask_weight_decay` as the release decays everything).
+The released mask rate is for a search of `slim.released_steps` optimizer steps; a
+shorter search multiplies it by `released_steps / its steps` (null: no rescaling), as
+OFB's search rates are, so that the masks can travel as far as in the release. Gradient
 clipping; DDP under `torchrun`, where the L1 term is added once per step (the released
 code divides it by the number of processes). Checkpoints every epoch and resumes
 after a kill. The `retrain` stage's `slim` method then slices this model at each
@@ -17,7 +21,8 @@ budget of `budgets.slim` and fine-tunes it. Writes `results/slim/`:
 - `masks.safetensors`: every mask's values, one tensor per `<block>/<type>`
 - `history.csv`: per epoch, train loss, lr, steps, images, val top-1 of the masked
   model, and the share of attention and MLP masks below 0.01
-- `metrics.json`: final val top-1, the mask shares, optimizer steps and training images
+- `metrics.json`: final val top-1, the mask shares, the mask rate's rescaling, optimizer
+  steps and training images
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config
-from ..runtime.training import HISTORY_COLUMNS, distillation, evaluate, finish, fit
+from ..runtime.training import HISTORY_COLUMNS, GroupOptions, distillation, evaluate, finish, fit, rate_multiple
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "attention_below_0.01", "mlp_below_0.01"]
@@ -76,6 +81,9 @@ def run(context: StageContext) -> None:
         top1 = evaluate(network, val_loader, device, params.compute.amp, "val")["top1"]
         return {"val_top1": top1} | {f"{kind}_below_0.01": share_below(masks, kind) for kind in (ATTENTION, MLP)}
 
+    mask_options = GroupOptions(
+        lr_scale=cfg.mask_lr / cfg.lr, weight_decay=cfg.mask_weight_decay, reference_steps=cfg.released_steps
+    )
     history = fit(
         model,
         splits.train,
@@ -83,7 +91,7 @@ def run(context: StageContext) -> None:
         validate,
         cfg,
         section="slim",
-        no_decay=mask_names,
+        groups=dict.fromkeys(mask_names, mask_options),
         on_device=splits.on_device,
         **context.fit_arguments(),
     )
@@ -100,6 +108,7 @@ def run(context: StageContext) -> None:
             "val_top1": last["val_top1"],
             "attention_below_0.01": last["attention_below_0.01"],
             "mlp_below_0.01": last["mlp_below_0.01"],
+            "mask_rate_multiple": rate_multiple(cfg.released_steps, last["steps"]),
             "train_steps": last["steps"],
             "train_images": last["images"],
             "seconds": context.seconds(),
