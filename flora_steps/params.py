@@ -122,6 +122,12 @@ class DecomposeParams(Section):
     targets: Annotated[list[str], Field(min_length=1)]  # glob patterns on module paths
 
 
+class LocalSupernetParams(TrainingParams):
+    """Block-local supernet training before candidate scoring (the released code's search-space search)."""
+
+    share: Annotated[float, Field(gt=0, le=1)]  # share of the train split each block's local supernet trains on
+
+
 class FilterParams(Section):
     """Candidate filtering: rank grids and the keep rule (see flora_steps/filter.py)."""
 
@@ -129,6 +135,7 @@ class FilterParams(Section):
     images: PositiveInt  # size of the fixed filter subset of the train split
     keep_ratio: Annotated[float, Field(gt=0, le=1)]  # share of each MACs bin's tuples kept
     bins: PositiveInt  # equal-width MACs bins per block, each keeping its best keep_ratio share
+    local: LocalSupernetParams  # block-local supernets trained before scoring (epochs 0: score the SVD weights)
 
 
 class SupernetParams(TrainingParams):
@@ -279,8 +286,9 @@ class RetrainParams(TrainingParams):
 
     seeds: Annotated[list[Seed], Field(min_length=1)]  # one fine-tuning per seed; tables give mean, std, interval
     uniform_epochs: NonNegativeInt | None  # SVD uniform; null: supernet.epochs + epochs (equal training)
-    slim_epochs: NonNegativeInt | None  # ViT-Slim; null: supernet.epochs + epochs (equal to FLORA on its model)
-    ofb_epochs: NonNegativeInt | None  # OFB; null: supernet.epochs + epochs (equal to FLORA on its model)
+    base_epochs: NonNegativeInt  # fine-tuning of a pruning method's model at its base budget, before FLORA
+    slim_epochs: NonNegativeInt | None  # ViT-Slim; null: base_epochs + supernet.epochs + epochs (FLORA on its model)
+    ofb_epochs: NonNegativeInt | None  # OFB; null: base_epochs + supernet.epochs + epochs (FLORA on its model)
     temperature: PositiveFloat
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)

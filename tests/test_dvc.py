@@ -127,7 +127,7 @@ def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     assert (dvc_project / "results/decompose/model.safetensors").is_file()
     assert (dvc_project / "results/retrain/flora/0.5/metrics.json").is_file()
     assert (dvc_project / "results/retrain/uniform/0.4/metrics.json").is_file()
-    # FLORA on ViT-Slim's model: its inputs name ${budgets.slim_base}, which DVC fills in from params.yaml
+    # FLORA on ViT-Slim's fine-tuned model (results/on_slim/base/), which reads ViT-Slim's search
     assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
     assert dvc_status(dvc_project) == set()
     again = dvc("repro", cwd=dvc_project)

@@ -13,6 +13,7 @@ from flora_steps.core.search import (
     MacsTable,
     crossover,
     evolve,
+    layer_crossover,
     mutate,
     random_legal,
     stratified_population,
@@ -63,10 +64,27 @@ def test_random_legal_and_stratified_population_stay_in_the_band() -> None:
 
 def test_mutation_and_crossover_only_mix_existing_choices() -> None:
     rng = np.random.default_rng(0)
-    child = mutate(rng, (0, 1, 2, 3), [4, 4, 4, 4], probability=1.0)
+    uniform = [np.full(4, 0.25)] * 4
+    child = mutate(rng, (0, 1, 2, 3), uniform, probability=1.0)
     assert all(0 <= gene < 4 for gene in child)
-    assert mutate(rng, (0, 1, 2, 3), [4, 4, 4, 4], probability=0.0) == (0, 1, 2, 3)
+    assert mutate(rng, (0, 1, 2, 3), uniform, probability=0.0) == (0, 1, 2, 3)
     assert all(gene in pair for gene, pair in zip(crossover(rng, (0, 0, 0), (1, 1, 1)), [(0, 1)] * 3, strict=True))
+
+
+def test_mutation_draws_by_the_sampling_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    weights = [np.array([0.7, 0.2, 0.1, 0.0])]
+    draws = np.array([mutate(rng, (3,), weights, probability=1.0)[0] for _ in range(4000)])
+    assert np.allclose(np.bincount(draws, minlength=4) / 4000, weights[0], atol=0.03)
+
+
+def test_layer_crossover_mixes_ranks_per_layer_within_the_filtered_choices() -> None:
+    choices = [((1, 1), (1, 2), (2, 1), (2, 2))]
+    rng = np.random.default_rng(0)
+    children = {layer_crossover(rng, (0,), (3,), choices) for _ in range(200)}
+    assert children == {(0,), (1,), (2,), (3,)}  # (1,1) x (2,2): each layer from either parent
+    without_mixes = [((1, 1), (2, 2))]
+    assert {layer_crossover(rng, (0,), (1,), without_mixes) for _ in range(200)} == {(0,), (1,), None}
 
 
 @pytest.mark.parametrize("band", [(250, 270), (300, 330), (360, 380)])

@@ -18,6 +18,7 @@ from flora_steps.report.tradeoff import (
     extra_reduction_or_bound,
     interpolation_weights,
     macs_for_accuracy,
+    segment_span,
 )
 
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
@@ -79,7 +80,7 @@ def test_out_of_range_replicates_become_unbounded_ends() -> None:
 def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
     (directory / "results").mkdir()
-    stages = ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "slim_base", "on_slim")
+    stages = ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "on_slim")
     for stage in (*stages, "ofb", "on_ofb"):
         (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
@@ -111,13 +112,15 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert uniform["train_images"] == flora["train_images"] and uniform["supernet_steps"] == 0  # equal training
     slim = results[(results["method"] == "slim") & (results["budget"] == 0.35)].iloc[0]
     on_slim = results[results["method"] == "slim_flora"].iloc[0]
-    # FLORA on ViT-Slim's model inherits ViT-Slim's search and its own supernet: as much training as ViT-Slim's
-    assert on_slim["supernet_steps"] == slim["supernet_steps"] + flora["supernet_steps"]
+    # FLORA on ViT-Slim's model inherits ViT-Slim's search, its base's fine-tuning and its own supernet: as much
+    # training as ViT-Slim's own models
+    base_steps = json.loads((reported / "results/on_slim/base/metrics.json").read_text())["finetune_steps"]
+    assert base_steps > 0 and on_slim["supernet_steps"] == slim["supernet_steps"] + base_steps + flora["supernet_steps"]
     assert on_slim["train_steps"] == slim["train_steps"]
     assert on_slim["macs"] <= 0.4 * results.iloc[0]["macs"] < 0.5 * results.iloc[0]["macs"]  # below budgets.slim_base
     ofb = results[(results["method"] == "ofb") & (results["budget"] == 0.5)].iloc[0]  # budgets.ofb_base
     on_ofb = results[results["method"] == "ofb_flora"].iloc[0]
-    assert on_ofb["supernet_steps"] == ofb["supernet_steps"] + flora["supernet_steps"]  # equal training again
+    assert on_ofb["supernet_steps"] == ofb["supernet_steps"] + base_steps + flora["supernet_steps"]  # equal again
     assert on_ofb["train_steps"] == ofb["train_steps"] and on_ofb["macs"] < ofb["macs"]
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert "| method" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
@@ -188,7 +191,7 @@ def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
     comparison = pd.DataFrame(
         [
             {"method": "ofb_flora", "budget": 0.3, "baseline": "ofb", "extra_reduction": -0.4, "extra_low": -np.inf}
-            | {"extra_high": 0.1, "extra_verdict": "within noise", "extra_bound": np.nan}
+            | {"extra_high": 0.1, "extra_verdict": "within noise", "extra_bound": np.nan, "extra_span": 2.5}
         ]
     )
     figure = plot_tradeoff(results, comparison)
@@ -196,6 +199,14 @@ def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
     assert plot.get_legend() is None and side.get_legend() is not None  # nothing drawn over the curves
     (text,) = (t.get_text() for t in side.texts)
     assert "FLORA on OFB vs OFB" in text and "budget 0.3: -40.0 [−∞, +10.0], within noise" in text
+    assert "ofb interpolated across 2.5× MACs" in text  # a segment wider than 1.5x is named
+
+
+def test_segment_span_is_the_width_of_the_segment_an_interpolation_uses() -> None:
+    assert segment_span([20, 40, 100], 25) == 2.0
+    assert segment_span([20, 40, 100], 40) == 1.0  # a measured point
+    assert segment_span([100, 20, 40], 60) == 2.5
+    assert segment_span([20, 40, 100], 10) is None
 
 
 def test_a_new_method_is_one_record(monkeypatch) -> None:

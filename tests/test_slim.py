@@ -188,17 +188,22 @@ def test_a_slim_budget_below_the_smallest_slice_is_one_line(smoke_pipeline, tmp_
 
 
 def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(smoke_pipeline) -> None:
-    """``slim_base`` slices the searched model at budgets.slim_base; FLORA's stages run on it unchanged (``--base
-    slim``); its models end with as much training as ViT-Slim's own (``retrain.slim_epochs: null``)."""
+    """``base --base slim`` slices the searched model at budgets.slim_base and fine-tunes it; FLORA's stages run on
+    it unchanged (``--base slim``); its models end with as much training as ViT-Slim's own
+    (``retrain.slim_epochs: null``)."""
     import json
 
     from flora_steps.runtime.artifacts import load_model
 
     results = smoke_pipeline / "results"
     read = lambda path: json.loads((results / path).read_text())  # noqa: E731
-    base = read("slim_base/metrics.json")
-    assert base["macs_fraction"] <= 0.5 and base["train_steps"] == read("slim/metrics.json")["train_steps"]
-    _, base_spec = load_model(results / "slim_base/model")
+    base = read("on_slim/base/metrics.json")
+    smoke = yaml.safe_load(SMOKE.read_text())
+    assert base["macs_fraction"] <= 0.5 and base["finetune_epochs"] == smoke["retrain"]["base_epochs"]
+    assert base["train_steps"] == read("slim/metrics.json")["train_steps"] + base["finetune_steps"] > 0
+    history = (results / "on_slim/base/history.csv").read_text().splitlines()
+    assert len(history) == 1 + smoke["retrain"]["base_epochs"]  # a header and one row per epoch
+    _, base_spec = load_model(results / "on_slim/base/model")
     decomposed, spec = load_model(results / "on_slim/decompose/model")
     assert spec.pruned == base_spec.pruned and spec.lowrank  # the sliced shapes, factorised
     assert decomposed.blocks[0].mlp.fc1.out_features == base_spec.pruned["blocks.0"].mlp_hidden
@@ -209,6 +214,5 @@ def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(s
     inherited = read("on_slim/supernet/metrics.json")["train_steps"] + base["train_steps"]
     assert combined["training"]["inherited_steps"] == inherited
     slim = read("retrain/slim/0.35/metrics.json")["training"]
-    smoke = yaml.safe_load(SMOKE.read_text())
     assert combined["training"]["total_steps"] == slim["total_steps"]
-    assert slim["epochs"] == smoke["supernet"]["epochs"] + smoke["retrain"]["epochs"]
+    assert slim["epochs"] == smoke["retrain"]["base_epochs"] + smoke["supernet"]["epochs"] + smoke["retrain"]["epochs"]

@@ -4,8 +4,10 @@ A *genome* is one index per block into that block's allowed choices. A genome is
 *legal* when its MACs lie in the budget band ``[low, high]``. The search follows
 the paper (and AutoFormer, whose search it reuses): a stratified random initial
 population, then per generation the ``top_k`` best genomes seen so far, new genomes
-by mutation (each block resampled with probability ``mutation_prob``) and by
-crossover (each block taken from one of two top-k parents), and random legal
+by mutation (each block resampled with probability ``mutation_prob``, by the
+supernet's sampling probabilities as the released code does) and by crossover (each
+layer's rank taken from one of two top-k parents, as released; a child whose mixed
+tuple is not in its block's filtered choices is drawn again), and random legal
 genomes to fill the population. Every genome is evaluated once (a cache of visited
 genomes); fitness is any comparable score, higher is better.
 """
@@ -128,16 +130,45 @@ def stratified_population(
     return population
 
 
-def mutate(rng: np.random.Generator, genome: Genome, choices: Sequence[int], probability: float) -> Genome:
-    """Each block resampled uniformly from its choices with ``probability``."""
+def mutate(rng: np.random.Generator, genome: Genome, weights: Sequence[np.ndarray], probability: float) -> Genome:
+    """Each block resampled with ``probability``, its choice drawn by that block's ``weights`` (probabilities)."""
     return tuple(
-        int(rng.integers(n)) if rng.random() < probability else gene for gene, n in zip(genome, choices, strict=True)
+        int(rng.choice(len(p), p=p)) if rng.random() < probability else gene
+        for gene, p in zip(genome, weights, strict=True)
     )
 
 
 def crossover(rng: np.random.Generator, first: Genome, second: Genome) -> Genome:
     """Each block taken from either parent with equal probability."""
     return tuple(a if rng.random() < 0.5 else b for a, b in zip(first, second, strict=True))
+
+
+def layer_crossover(
+    rng: np.random.Generator, first: Genome, second: Genome, choices: Sequence[Sequence[Choice]]
+) -> Genome | None:
+    """Each layer's rank taken from either parent with equal probability (the released code's crossover);
+    ``None`` when a block's mixed rank tuple is not one of its ``choices``."""
+    child = []
+    for a, b, block in zip(first, second, choices, strict=True):
+        mixed = tuple(x if rng.random() < 0.5 else y for x, y in zip(block[a], block[b], strict=True))
+        try:
+            child.append(block.index(mixed))
+        except ValueError:
+            return None
+    return tuple(child)
+
+
+@dataclass(frozen=True)
+class Operators:
+    """What mutation and crossover draw from: each block's choice probabilities (mutation) and rank tuples
+    (crossover per layer). ``None``: uniform mutation, crossover per block."""
+
+    weights: tuple[np.ndarray, ...] | None = None
+    choices: tuple[tuple[Choice, ...], ...] | None = None
+
+    @classmethod
+    def from_space(cls, space: SearchSpace, weights: Sequence[np.ndarray]) -> Operators:
+        return cls(tuple(weights), tuple(tuple(block.choices) for block in space.blocks))
 
 
 def evolve(
@@ -148,6 +179,7 @@ def evolve(
     settings: EvolutionSettings,
     rng: np.random.Generator,
     on_generation: Callable[[dict], None] | None = None,
+    operators: Operators = Operators(),
 ) -> SearchResult[Score]:
     """Search the genome with the highest ``fitness`` among those with MACs in ``[low, high]``.
 
@@ -158,20 +190,26 @@ def evolve(
             f"no subnet lies in the MACs band [{low:.0f}, {high:.0f}]; "
             f"the space spans [{table.smallest}, {table.largest}]"
         )
-    choices = [len(t) for t in table.block_macs]
+    weights = operators.weights or tuple(np.full(len(t), 1 / len(t)) for t in table.block_macs)
     cache: dict[Genome, Score] = {}
 
     def legal(genome: Genome) -> bool:
         return low <= table.macs(genome) <= high
 
-    def add_new(candidates: list[Genome], count: int, make: Callable[[], Genome]) -> None:
+    def add_new(candidates: list[Genome], count: int, make: Callable[[], Genome | None]) -> None:
         """Append up to ``count`` legal genomes from ``make``, each new to the cache and to ``candidates``."""
         for _ in range(count):
             for _ in range(settings.tries):
                 genome = make()
-                if genome not in cache and genome not in candidates and legal(genome):
+                if genome is not None and genome not in cache and genome not in candidates and legal(genome):
                     candidates.append(genome)
                     break
+
+    def cross(parents: list[Genome]) -> Genome | None:
+        first, second = (parents[i] for i in rng.choice(len(parents), 2, replace=False))
+        if operators.choices is None:
+            return crossover(rng, first, second)
+        return layer_crossover(rng, first, second, operators.choices)
 
     candidates = stratified_population(rng, table, low, high, settings.population, settings.tries)
     if not candidates:
@@ -195,14 +233,10 @@ def evolve(
         add_new(
             candidates,
             settings.mutations,
-            lambda parents=top: mutate(rng, parents[rng.integers(len(parents))], choices, settings.mutation_prob),
+            lambda parents=top: mutate(rng, parents[rng.integers(len(parents))], weights, settings.mutation_prob),
         )
         if len(top) > 1:
-            add_new(
-                candidates,
-                settings.crossovers,
-                lambda parents=top: crossover(rng, *(parents[i] for i in rng.choice(len(parents), 2, replace=False))),
-            )
+            add_new(candidates, settings.crossovers, lambda parents=top: cross(parents))
         add_new(
             candidates,
             settings.population - len(candidates),

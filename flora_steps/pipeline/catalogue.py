@@ -40,8 +40,8 @@ RESOURCES = {
     "search": Resources(8000, 240),
     "retrain": TRAINS,
     "slim": TRAINS,
-    "slim_base": SMALL,
     "ofb": TRAINS,
+    "base": TRAINS,
     "latency": Resources(8000, 60),
     "report": Resources(2000, 10, device=False, threads=1),
 }
@@ -111,9 +111,10 @@ def retrain_stage(method: Method) -> Stage:
     if method.inherits:
         inputs["inherited"] = Input(method.inherits, "metrics")
     if base.name != "dense":
-        inputs["base_training"] = Input(base.model, "metrics", base.budget if base.pinned else None)
+        inputs["base_training"] = Input(base.model, "metrics")
     inputs |= _BUILD_INPUTS.get(method.build, lambda _: {})(method)
     epochs = (method.epochs, "supernet.epochs") if method.epochs else ()
+    epochs += ("retrain.base_epochs",) if method.epochs and method.name in BASES else ()
     return _stage(
         base.stage(f"retrain_{method.option}"),
         "retrain",
@@ -145,7 +146,7 @@ def flora_stages(base: Base) -> list[Stage]:
                 "plot": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
                 "metrics": Output("metrics.json", "metrics"),
             },
-            inputs=_model_of(base.model, budget=base.budget if base.pinned else None),
+            inputs=_model_of(base.model),
             params=("seed", "decompose.targets"),  # a base's budget is in its input's path
         ),
         _stage(
@@ -160,7 +161,13 @@ def flora_stages(base: Base) -> list[Stage]:
                 "metrics": Output("metrics.json", "metrics"),
             },
             inputs=_model_of(name("decompose")),
-            params=("seed", *DEVICE, *DATA, *_keys("filter", ("ratios", "images", "keep_ratio", "bins"))),
+            params=(
+                "seed",
+                *DEVICE,
+                *DATA,
+                *_keys("filter", ("ratios", "images", "keep_ratio", "bins")),
+                *_keys("filter.local", (*TRAINING, "share")),
+            ),
             distributed=True,
         ),
         _stage(
@@ -199,6 +206,7 @@ def flora_stages(base: Base) -> list[Stage]:
                 *DEVICE,
                 *DATA,
                 "supernet.temperature",
+                "supernet.sampling",
                 *_keys(
                     "search",
                     ("band", "population", "top_k", "mutations", "mutation_prob", "crossovers", "generations"),
@@ -257,13 +265,6 @@ _PRUNING = [
         distributed=True,
     ),
     _stage(
-        "slim_base",
-        folder="slim_base",
-        outputs={**_MODEL, "metrics": Output("metrics.json", "metrics")},
-        inputs={**_model_of("slim"), "masks": Input("slim", "masks"), "inherited": Input("slim", "metrics")},
-        params=("seed", *DEVICE, *DATA, budgets_key("slim_base")),
-    ),
-    _stage(
         "ofb",
         folder="ofb/{budget}",
         foreach="ofb",
@@ -296,8 +297,38 @@ _PRUNING = [
     ),
 ]
 
-_SEARCHES = [_PRETRAIN, *flora_stages(BASES["dense"]), *_PRUNING, *flora_stages(BASES["slim"])]
-_SEARCHES += flora_stages(BASES["ofb"])
+
+def base_stage(base: Base) -> Stage:
+    """``base --base``: the pruning method's model at its base budget, fine-tuned: what FLORA compresses on
+    ``base``."""
+    method = METHODS[base.name]
+    pinned = base.budget if base.pinned else None  # a search per budget: its run at the base budget
+    inputs = {**_model_of(method.source, budget=pinned), **_TEACHER}
+    inputs["inherited"] = Input(method.inherits, "metrics", pinned)
+    if method.build == "sliced":
+        inputs["masks"] = Input(method.source, "masks")
+    return _stage(
+        base.stage("base"),
+        "base",
+        base=base.name,
+        folder=base.folder("base"),
+        outputs={**_MODEL, "history": Output("history.csv"), "metrics": Output("metrics.json", "metrics")},
+        inputs=inputs,
+        params=(
+            "seed",
+            *DEVICE,
+            *DATA,
+            budgets_key(base.budget),
+            budgets_key(base.budgets),
+            *_keys("retrain", (*TRAINING, "base_epochs", "seeds", "temperature", "hard_label_weight")),
+        ),
+        distributed=True,
+    )
+
+
+_SEARCHES = [_PRETRAIN, *flora_stages(BASES["dense"]), *_PRUNING]
+for _base in (BASES["slim"], BASES["ofb"]):
+    _SEARCHES += [base_stage(_base), *flora_stages(_base)]
 _RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
 #: The stage that makes each method's models.
 METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}

@@ -25,10 +25,12 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     if methods:
         parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
     bases = list(dict.fromkeys(stage.base for stage in stages))
-    if len(bases) > 1:
+    if len(bases) > 1 and "dense" in bases:
         parser.add_argument(
             "--base", choices=bases, default="dense", help="the model FLORA compresses (default: dense, the base model)"
         )
+    elif len(bases) > 1:
+        parser.add_argument("--base", choices=bases, required=True, help="the pruning method whose model to fine-tune")
     if any(stage.foreach for stage in stages):
         parser.add_argument(
             "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"

@@ -34,7 +34,7 @@ class Base:
     model: str  # the stage whose model is the base (its metrics count the training the base had)
     budgets: str  # the list of the params' budgets section with FLORA's budgets on this base
     budget: str | None = None  # the budgets key of the base model's own budget
-    pinned: bool = False  # ``model`` runs per budget: the base is its run at ``budget``
+    pinned: bool = False  # the pruning method searches per budget: its base comes from its run at ``budget``
 
     def stage(self, name: str) -> str:
         """A FLORA stage's name on this base: ``search``, or ``search_on_slim``."""
@@ -49,8 +49,9 @@ BASES = {
     base.name: base
     for base in (
         Base("dense", "pretrain", "search"),
-        Base("slim", "slim_base", "slim_flora", "slim_base"),  # ViT-Slim's searched model, sliced at budgets.slim_base
-        Base("ofb", "ofb", "ofb_flora", "ofb_base", pinned=True),  # OFB's model searched at budgets.ofb_base
+        # the pruning method's model at its base budget, fine-tuned (``stages/base.py``)
+        Base("slim", "base_on_slim", "slim_flora", "slim_base"),  # ViT-Slim's searched model, sliced at slim_base
+        Base("ofb", "base_on_ofb", "ofb_flora", "ofb_base", pinned=True),  # OFB's model searched at ofb_base
     )
 }
 

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from ..core.space import SearchSpace
 from ..pipeline.methods import METHODS
+from .tradeoff import WIDE_SEGMENT
 
 
 def plot_spectra(table: pd.DataFrame, patterns: list[str]) -> Figure:
@@ -84,7 +85,8 @@ def _signed(value: float) -> str:
 
 def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str) -> list[str]:
     """One line per budget of ``method`` against ``baseline``: ``number`` (delta_top1 in points, or
-    extra_reduction in percent) with its interval and verdict."""
+    extra_reduction in percent) with its interval and verdict, and where the baseline's curve was
+    interpolated across a segment wider than ``WIDE_SEGMENT`` in MACs, how wide."""
     prefix = {"delta_top1": "delta", "extra_reduction": "extra"}[number]
     lines = []
     for _, row in comparison[(comparison["method"] == method) & (comparison["baseline"] == baseline)].iterrows():
@@ -95,6 +97,8 @@ def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str)
         else:
             low, high, value = (_signed(100 * row[key]) for key in (f"{prefix}_low", f"{prefix}_high", number))
             verdict = f"{value} [{low}, {high}], {row[f'{prefix}_verdict']}"
+            if row[f"{prefix}_span"] > WIDE_SEGMENT:
+                verdict += f"; {baseline} interpolated across {row[f'{prefix}_span']:.3g}× MACs"
         lines.append(f"budget {row['budget']:g}: {verdict}")
     return lines
 

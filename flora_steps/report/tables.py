@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..pipeline.methods import METHODS, comparisons
 from .stats import Estimate, PairedBootstrap, estimate, seed_std
-from .tradeoff import extra_reduction, extra_reduction_or_bound, interpolation_weights
+from .tradeoff import WIDE_SEGMENT, extra_reduction, extra_reduction_or_bound, interpolation_weights, segment_span
 
 RESULT_COLUMNS = [
     "method",
@@ -46,12 +46,14 @@ COMPARISON_COLUMNS = [
     "delta_low",
     "delta_high",
     "delta_verdict",
+    "delta_span",
     "baseline_macs",
     "extra_reduction",
     "extra_low",
     "extra_high",
     "extra_verdict",
     "extra_bound",
+    "extra_span",
 ]
 
 
@@ -126,6 +128,7 @@ def _compare(
     """One point against one baseline curve: the table row and the replicates of delta and extra reduction."""
     row: dict = {"macs": int(point.metrics["macs"]), "top1": float(point.correct.mean())}
     weights = interpolation_weights(curve.macs, point.macs)
+    row["delta_span"] = segment_span(curve.macs, point.macs) or np.nan
     delta_samples = None
     if weights is None:
         row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
@@ -152,6 +155,7 @@ def _compare(
         extra = estimate(value, extra_samples)
         row |= {"baseline_macs": point.macs / (1 - value), "extra_reduction": value}
         row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
+    row["extra_span"] = np.nan if value is None else segment_span(curve.macs, row["baseline_macs"]) or np.nan
     return row, delta_samples, extra_samples
 
 
@@ -302,15 +306,18 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
             "baseline": table["baseline"],
             macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
             "top-1 %": table["top1"].map(_percent),
-            "baseline top-1 % at equal MACs": table["baseline_top1"].map(_percent),
+            "baseline top-1 % at equal MACs": [
+                f"{_percent(value)}{_wide(span)}" for value, span in zip(table["baseline_top1"], table["delta_span"])
+            ],
             "Δ top-1 [95% interval]": [
                 "out of range" if pd.isna(d) else f"{_percent(d, True)} {_bracket(lo, hi, True)}"
                 for d, lo, hi in zip(table["delta_top1"], table["delta_low"], table["delta_high"], strict=True)
             ],
             "Δ verdict": table["delta_verdict"],
-            f"baseline {macs_unit} at equal top-1": (table["baseline_macs"] / macs_divisor).map(
-                lambda v: "out of range" if pd.isna(v) else f"{v:.3f}"
-            ),
+            f"baseline {macs_unit} at equal top-1": [
+                "out of range" if pd.isna(v) else f"{v / macs_divisor:.3f}{_wide(span)}"
+                for v, span in zip(table["baseline_macs"], table["extra_span"])
+            ],
             "extra MACs reduction % [95% interval]": [
                 _reduction(e, lo, hi, bound)
                 for e, lo, hi, bound in zip(
@@ -320,6 +327,11 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
             "reduction verdict": table["extra_verdict"],
         }
     )
+
+
+def _wide(span: float) -> str:
+    """A note on an interpolation across a segment wider than ``WIDE_SEGMENT`` in MACs; empty otherwise."""
+    return f" (interpolated across {span:.3g}× in MACs)" if not pd.isna(span) and span > WIDE_SEGMENT else ""
 
 
 def _reduction(value: float, low: float, high: float, bound: float) -> str:

@@ -10,7 +10,10 @@ point, both by linear interpolation between a curve's own points, never beyond t
   where ``baseline_macs`` is the least MACs at which the curve's *envelope* (the best
   top-1 reachable with at most given MACs, a running maximum) reaches FLORA's top-1.
 
-A FLORA point outside a curve's range gets no number (``None``).
+A FLORA point outside a curve's range gets no number (``None``). An interpolation
+across a segment wider than ``WIDE_SEGMENT`` in MACs (its upper end over its lower)
+rests on a straight line over a long stretch; ``segment_span`` measures it so that
+tables and figures can say so.
 """
 
 from __future__ import annotations
@@ -18,6 +21,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+#: A segment whose upper MACs exceed its lower by more than this factor is flagged where it is used.
+WIDE_SEGMENT = 1.5
+
+
+def segment_span(macs: Sequence[float], at: float) -> float | None:
+    """Upper over lower MACs of the curve segment an interpolation at ``at`` MACs uses (1 at a point of the
+    curve); ``None`` out of range."""
+    weights = interpolation_weights(macs, at)
+    if weights is None:
+        return None
+    ends = [float(macs[i]) for i in weights]
+    return max(ends) / min(ends)
 
 
 def interpolation_weights(macs: Sequence[float], at: float) -> dict[int, float] | None:

@@ -370,12 +370,35 @@ def _build_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits
     )
 
 
+class KeyedSubset(Dataset):
+    """``Subset`` for any ``Key``: the index maps into ``indices``, an augmentation seed passes through."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _key(self, key: Key) -> Key:
+        return (self.indices[key[0]], key[1]) if isinstance(key, tuple) else self.indices[key]
+
+    def __getitem__(self, key: Key) -> tuple[Any, Any]:
+        return self.dataset[self._key(key)]
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, Any]]:
+        mapped = [self._key(key) for key in keys]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(mapped)
+        return [self.dataset[key] for key in mapped]
+
+
 def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-    """``size`` images of ``dataset`` drawn once with ``seed`` (all of it when smaller)."""
+    """``size`` images of ``dataset`` drawn once with ``seed`` (all of it when smaller); a training split's
+    subset keeps its per-image augmentation seeds."""
     if size >= len(dataset):
         return dataset
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size, replace=False))
-    return Subset(dataset, indices.tolist())
+    return KeyedSubset(dataset, indices.tolist())
 
 
 def default_workers() -> int:

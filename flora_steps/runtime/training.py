@@ -419,6 +419,16 @@ def fit(
     return history
 
 
+def validation(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp: bool) -> EvaluateFn:
+    """The ``evaluate_fn`` of a plain training run: val top-1 and loss on ``loader``."""
+
+    def validate(network: nn.Module) -> dict[str, float]:
+        val = evaluate(network, loader, device, amp, "val")
+        return {"val_top1": val["top1"], "val_loss": val["loss"]}
+
+    return validate
+
+
 def finish(folder: Path) -> None:
     """Remove a run's checkpoints (one per seed where it trains per seed) from ``folder`` once its results
     are written. Only the first process does (the one that wrote them)."""

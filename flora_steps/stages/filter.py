@@ -7,7 +7,12 @@ tuple of its layers' ranks is scored on a fixed subset of the training images
 dense model's, and the MACs it saves. In each of `filter.bins` equal-width MACs
 bins of the block, the best `filter.keep_ratio` of its tuples by KL per MAC saved
 are kept, plus the dense and the cheapest tuple (see `flora_steps.core.filter`).
-Writes `results/filter/`:
+With `filter.local.epochs` above 0, each block's tuples are scored instead with
+the weights of a block-local supernet, as the released code's search-space search
+does: a copy of the decomposed model trained for that many epochs on
+`filter.local.share` of the train split (AdamW by `filter.local`), distilled from the
+model at full rank, each step at a tuple of this block drawn uniformly (every other
+block dense). 0 scores the SVD weights zero-shot. Writes `results/filter/`:
 
 - `space.json`: per block, its layers, full ranks and the kept rank tuples
 - `sensitivity.csv`: every scored tuple (ranks, MACs, top-1, KL, score, kept)
@@ -23,6 +28,7 @@ of the images.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -30,10 +36,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..core import lowrank_layers, set_ranks, trace_costs
 from ..core.filter import efficiency, keep_efficient
-from ..core.space import BlockSpace, SearchSpace, full_space
+from ..core.space import BlockSpace, SearchSpace, full_space, sampling_probabilities
 from ..report.figures import plot_sensitivity, single_layer_kl
 from ..runtime.artifacts import load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
 from ..runtime.context import StageContext, run_as_program, stage_main
@@ -41,7 +48,7 @@ from ..runtime.data import build_splits, fixed_subset, make_loader
 from ..runtime.distributed import is_first, sum_over_processes
 from ..runtime.models import data_config, input_shape
 from ..runtime.progress import progress
-from ..runtime.training import CHECKPOINT, autocast, finish, own_checkpoint
+from ..runtime.training import CHECKPOINT, autocast, distillation, finish, fit, own_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,28 @@ def score_block(
         scores.append((correct / count, kl / count))
     set_ranks(model, {})
     return scores
+
+
+def train_local_supernet(
+    context: StageContext, model: torch.nn.Module, block: BlockSpace, train: Dataset, on_device
+) -> torch.nn.Module:
+    """A copy of ``model`` trained as ``block``'s local supernet (the released code's block-local training):
+    distilled from ``model`` at full rank, each step at one of ``block``'s tuples drawn uniformly, the other
+    blocks dense."""
+    params = context.params
+    teacher = model  # at full rank the decomposed model is the dense one
+    local = copy.deepcopy(model).train()
+    probabilities = sampling_probabilities(block, "uniform")
+    distil = distillation(teacher, temperature=1.0, hard_weight=0.0)
+
+    def loss(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
+        set_ranks(local, block.ranks(block.choices[rng.choice(len(block.choices), p=probabilities)]))
+        return distil(network, images, labels, rng)
+
+    arguments = context.fit_arguments() | {"checkpoint": None}  # a killed run scores this block again
+    fit(local, train, loss, lambda _: {}, params.filter.local, section="filter.local", on_device=on_device, **arguments)
+    set_ranks(local, {})
+    return local.eval()
 
 
 def scored_so_far(context: StageContext, identity: str) -> dict[str, list[tuple[float, float]]]:
@@ -112,8 +141,15 @@ def run(context: StageContext) -> None:
     identity = context.identity()
     done = scored_so_far(context, identity)
     rows, kept_blocks = [], []
+    local_train = None
+    if cfg.local.epochs:
+        local_train = fixed_subset(splits.train, round(cfg.local.share * len(splits.train)), params.seed)
+        log.info("block-local supernets: %d epochs on %d training images each", cfg.local.epochs, len(local_train))
     for block in progress(space.blocks, desc="filter"):
-        scores = done.get(block.name) or score_block(model, block, batches, dense_logits, params.compute.amp, device)
+        scorer = model
+        if block.name not in done and local_train is not None:
+            scorer = train_local_supernet(context, model, block, local_train, splits.on_device)
+        scores = done.get(block.name) or score_block(scorer, block, batches, dense_logits, params.compute.amp, device)
         if block.name not in done:
             done[block.name] = scores
             if is_first():

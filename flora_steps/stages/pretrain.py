@@ -27,7 +27,7 @@ from ..runtime.artifacts import ModelSpec, save_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.models import create_base_model, data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, PREDICTION_COLUMNS, evaluate, finish, fit, prediction_table
+from ..runtime.training import HISTORY_COLUMNS, PREDICTION_COLUMNS, evaluate, finish, fit, prediction_table, validation
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "val_loss"]
@@ -62,10 +62,7 @@ def run(context: StageContext) -> None:
             def loss(network, images, labels, rng):
                 return criterion(network(images), labels)
 
-            def validate(network) -> dict[str, float]:
-                val = evaluate(network, val_loader, device, amp, "val")
-                return {"val_top1": val["top1"], "val_loss": val["loss"]}
-
+            validate = validation(val_loader, device, amp)
             history = fit(
                 model,
                 splits.train,

@@ -189,10 +189,12 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
                 "delta_top1": _clean(row["delta_top1"]),
                 "delta_top1_interval": _interval(row["delta_low"], row["delta_high"]),
                 "delta_top1_verdict": row["delta_verdict"],
+                "delta_top1_segment": _clean(row["delta_span"]),  # upper over lower MACs of the curve segment used
                 "extra_macs_reduction": _clean(row["extra_reduction"]),
                 "extra_macs_reduction_interval": _interval(row["extra_low"], row["extra_high"]),
                 "extra_macs_reduction_verdict": row["extra_verdict"],
                 "extra_macs_reduction_below": _clean(row["extra_bound"]),  # when out of range below the curve
+                "extra_macs_reduction_segment": _clean(row["extra_span"]),
             }
         entries.append(entry)
     return entries

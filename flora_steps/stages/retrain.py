@@ -21,17 +21,21 @@ Five kinds of compressed model, so that a comparison isolates one thing:
 - `slim`: ViT-Slim's model (`slim` stage: masks and weights searched together),
   physically sliced at the largest keep share whose MACs fit the budget
   (`flora_steps.pruning.slim`), fine-tuned for `retrain.slim_epochs` (null:
-  `supernet.epochs + retrain.epochs`, the training FLORA on a ViT-Slim model gets
-  after the same search); it inherits the search's training.
+  `retrain.base_epochs + supernet.epochs + retrain.epochs`, the training FLORA on a
+  ViT-Slim model gets after the same search); it inherits the search's training.
 - `ofb`: OFB's model searched at the budget (`ofb` stage, already sliced), fine-tuned
-  for `retrain.ofb_epochs` (null: `supernet.epochs + retrain.epochs`, the training FLORA
-  on an OFB model gets after the same search); it inherits the search's training.
+  for `retrain.ofb_epochs` (null: `retrain.base_epochs + supernet.epochs +
+  retrain.epochs`, the training FLORA on an OFB model gets after the same search); it
+  inherits the search's training.
 
-`--base slim` runs FLORA on ViT-Slim's searched model sliced at `budgets.slim_base`
-(`slim_base` stage) instead of the dense one, with its own decompose, filter, supernet
-and search stages under `results/on_slim/`; it inherits ViT-Slim's search too.
-`--base ofb` does the same on OFB's model searched at `budgets.ofb_base`, under
-`results/on_ofb/`. Budgets are always fractions of the dense model's MACs.
+`--base slim` runs FLORA on ViT-Slim's model at `budgets.slim_base`, fine-tuned for
+`retrain.base_epochs` (`base` stage), instead of the dense one, with its own
+decompose, filter, supernet and search stages under `results/on_slim/`; it inherits
+ViT-Slim's search and that fine-tuning too. `--base ofb` does the same on OFB's model
+searched at `budgets.ofb_base`, under `results/on_ofb/`. ViT-Slim's and OFB's own
+models fine-tune for `retrain.base_epochs + supernet.epochs + retrain.epochs` (their
+keys null): the training FLORA on their model has in all. Budgets are always fractions
+of the dense model's MACs.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
@@ -69,7 +73,7 @@ from torch import nn
 from ..core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
 from ..core.uniform import fit_uniform_ratio
 from ..errors import UserError
-from ..pipeline.methods import RETRAINED, Method
+from ..pipeline.methods import BASES, RETRAINED, Method
 from ..pipeline.schema import budgets_key
 from ..pruning.slim import slice_to_budget
 from ..runtime.artifacts import (
@@ -95,6 +99,7 @@ from ..runtime.training import (
     finish,
     fit,
     prediction_table,
+    validation,
 )
 
 log = logging.getLogger(__name__)
@@ -194,12 +199,15 @@ def method_of(context: StageContext) -> Method:
 def fine_tuning_epochs(context: StageContext, method: Method) -> int:
     """Epochs of each seed's fine-tuning: ``retrain.epochs``, or the method's own key (``Method.epochs``),
     whose ``null`` gives ``supernet.epochs + retrain.epochs``: as many training images as FLORA's supernet
-    plus its fine-tuning (the SVD uniform baseline), or as FLORA on the method's model after the same search."""
+    plus its fine-tuning (the SVD uniform baseline); for a pruning method FLORA also runs on, plus
+    ``retrain.base_epochs``: as much as FLORA on its fine-tuned model gets after the same search."""
     cfg = context.params.retrain
     if method.epochs is None:
         return cfg.epochs
     chosen = getattr(cfg, method.epochs.removeprefix("retrain."))
-    return context.params.supernet.epochs + cfg.epochs if chosen is None else chosen
+    if chosen is not None:
+        return chosen
+    return context.params.supernet.epochs + cfg.epochs + (cfg.base_epochs if method.name in BASES else 0)
 
 
 def inherited_training(context: StageContext) -> dict[str, int]:
@@ -246,10 +254,7 @@ def run(context: StageContext) -> None:
     before = evaluate(start, test_loader, device, amp, "test")
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
-    def validate(network) -> dict[str, float]:
-        val = evaluate(network, val_loader, device, amp, "val")
-        return {"val_top1": val["top1"], "val_loss": val["loss"]}
-
+    validate = validation(val_loader, device, amp)
     loss = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
     runs, histories, predictions = [], [], []
     for seed in params.retrain.seeds:

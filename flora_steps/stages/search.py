@@ -8,7 +8,9 @@ model's MACs). Fitness is val top-1 of the trained supernet (`supernet`) at the
 subnet's ranks, ties broken by the distillation loss to the dense base model, on
 the val split or a fixed `search.val_images` subset of it. The search itself
 (stratified initial population, mutation, crossover, random fill, a cache of
-visited subnets) is `flora_steps.core.search`. Under `torchrun` (`compute.processes`)
+visited subnets) is `flora_steps.core.search`; as in the released code, a mutation
+draws a block's new rank tuple by the supernet's sampling rule (`supernet.sampling`:
+p ∝ 1/∏ratio) and a crossover takes each layer's rank from either parent. Under `torchrun` (`compute.processes`)
 every process scores each subnet on its share of the images. Writes `results/search/<budget>/`:
 
 - `ranks.json`: the best subnet as a rank config
@@ -28,7 +30,8 @@ import pandas as pd
 import torch
 
 from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
-from ..core.search import EvolutionSettings, Genome, MacsTable, evolve, genome_choices
+from ..core.search import EvolutionSettings, Genome, MacsTable, Operators, evolve, genome_choices
+from ..core.space import sampling_probabilities
 from ..errors import UserError
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
 from ..runtime.context import StageContext, run_as_program, stage_main
@@ -135,6 +138,8 @@ def run(context: StageContext) -> None:
         crossovers=cfg.crossovers,
         generations=cfg.generations,
     )
+    weights = [sampling_probabilities(block, params.supernet.sampling) for block in space.blocks]
+    operators = Operators.from_space(space, weights)  # mutation by the supernet's sampling, crossover per layer
     bar = progress(desc=f"search {context.budget_name}", total=cfg.generations)
 
     def fitness(genome: Genome) -> Fitness:
@@ -154,7 +159,8 @@ def run(context: StageContext) -> None:
 
     search_started = time.perf_counter()
     try:
-        result = evolve(table, fitness, low, high, settings, np.random.default_rng(params.seed), report)
+        rng = np.random.default_rng(params.seed)
+        result = evolve(table, fitness, low, high, settings, rng, report, operators)
     except ValueError as error:
         raise UserError(f"budgets.search: {budget}: {error}") from None
     finally:
