@@ -121,7 +121,7 @@ def test_a_stage_that_is_not_distributed_refuses_several_processes(
     path = write_params(workdir / "params.yaml", smoke_params)
     message = (
         "decompose runs as one process, but torchrun started 2 (WORLD_SIZE=2); "
-        "only filter, supernet, search, slim, ofb, retrain run under torchrun"
+        "only filter, supernet, search, slim, ofb, base, retrain run under torchrun"
     )
     run_rejected(["decompose", "--params", str(path)], workdir, capsys, message)
 

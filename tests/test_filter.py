@@ -59,12 +59,16 @@ def test_filter_stage_writes_a_space_inside_the_grid(filtered: Path) -> None:
         rows = table[table["block"] == block.name]
         assert rows["kept"].sum() == len(block.choices) >= math.ceil(0.3 * 27)
         dense = rows[(rows["attn.qkv"] == 64) & (rows["mlp.fc1"] == 64) & (rows["mlp.fc2"] == 64)]
-        assert dense["kl"].abs().max() < 1e-6 and dense["saved_macs"].item() == 0
+        assert dense["saved_macs"].item() == 0
+        # the smoke profile scores on block-local supernets (filter.local.epochs: 1): trained weights, not the
+        # SVD's, so even the dense tuple's logits move off the dense model's
+        assert dense["kl"].item() > 0
     smallest = table[(table["attn.qkv"] == 16) & (table["mlp.fc1"] == 16) & (table["mlp.fc2"] == 16)]
     assert (smallest["kl"] > 0).all() and smallest["kept"].all()  # the cheapest tuple always survives
     metrics = json.loads((filtered / "metrics.json").read_text())
     assert metrics["scored"] == 108 and metrics["kept"] == int(table["kept"].sum())
     assert (filtered / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "block-local supernets: 1 epochs on " in (filtered / "log.txt").read_text()
 
 
 def test_a_killed_filter_resumes_after_its_last_scored_block(smoke_results: Path, tmp_path: Path, monkeypatch):

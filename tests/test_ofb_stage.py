@@ -94,16 +94,3 @@ def test_a_budget_below_the_smallest_candidate_structure_stops_before_training(
         "budgets.ofb: 0.05 is below the smallest structure the candidate widths allow (0.1" in capsys.readouterr().err
     )
     assert not (workdir / "results/ofb/0.05/checkpoint.pt").exists()
-
-
-def test_a_base_model_below_the_budgets_of_flora_on_it_stops_with_one_line(
-    workdir: Path, smoke_pipeline: Path, smoke_params: dict, capsys
-) -> None:
-    (workdir / "results/ofb").mkdir(parents=True)
-    (workdir / "results/pretrain").symlink_to(smoke_pipeline / "results/pretrain")
-    (workdir / "results/ofb/0.5").symlink_to(smoke_pipeline / "results/ofb/0.35")  # a model at 0.35 for 0.5
-    params = write_params(workdir / "params.yaml", smoke_params)
-    assert main(["base", "--base", "ofb", "--params", str(params)]) == 2
-    error = capsys.readouterr().err
-    assert "budgets.ofb_flora: 0.4 is not below the MACs of OFB's model at budgets.ofb_base 0.5 (0.3" in error
-    assert not (workdir / "results/on_ofb/base/model.safetensors").exists()

@@ -16,9 +16,12 @@ from conftest import SMOKE, kill_after_first_epoch, write_params
 from flora_steps.cli import main
 from flora_steps.core import count_macs, trace_costs
 from flora_steps.core.macs import CostModel, LinearCost
+from flora_steps.core.search import MacsTable
 from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, uniform_ranks
+from flora_steps.errors import UserError
 from flora_steps.runtime.artifacts import load_model, read_space
 from flora_steps.runtime.models import input_shape
+from flora_steps.stages.search import check_reachable
 from flora_steps.tools.export import export_onnx, onnx_max_difference
 
 DENSE_MACS = 3_495_040
@@ -77,6 +80,13 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
     monkeypatch.chdir(tmp_path)
     assert main(["search", "--budget", "0.1", "--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
     assert "budgets.search: 0.1 is below the smallest subnet of the filtered space" in capsys.readouterr().err
+
+
+def test_a_flora_budget_above_its_pruned_base_model_is_one_clear_line() -> None:
+    table = MacsTable(10, (np.array([5, 10, 20]), np.array([5, 10, 20])))  # a pruned base: at most 50 of 100 MACs
+    with pytest.raises(UserError, match=r"budgets.ofb_flora: 0.6 is not below the MACs of the model FLORA compresses "):
+        check_reachable(table, 58, 60, 100, "budgets.ofb_flora", 0.6)
+    check_reachable(table, 48, 50, 100, "budgets.ofb_flora", 0.5)  # reachable: no error
 
 
 @pytest.mark.parametrize("method", ["flora", "control", "uniform"])

@@ -62,6 +62,7 @@ def test_snakemake_report_has_the_figures_and_tables(project: Path) -> None:
 
 
 RETRAINS = {stage.name for stage in STAGES.values() if stage.module == "retrain"}
+BASES = {stage.name for stage in STAGES.values() if stage.module == "base"}
 
 
 @contextmanager
@@ -82,8 +83,9 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
     ("section", "key", "value", "expected"),
     [
         ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"})),
-        ("retrain", "lr", 0.001, downstream(RETRAINS)),  # every retrain (FLORA on ViT-Slim's too), latency, report
-        ("retrain", "seeds", [0, 2], downstream(RETRAINS)),
+        # every retrain and both bases' fine-tuning (so FLORA on them), latency, report
+        ("retrain", "lr", 0.001, downstream(RETRAINS | BASES)),
+        ("retrain", "seeds", [0, 2], downstream(RETRAINS | BASES)),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns

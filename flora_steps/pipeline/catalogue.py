@@ -319,8 +319,7 @@ def base_stage(base: Base) -> Stage:
             *DEVICE,
             *DATA,
             budgets_key(base.budget),
-            budgets_key(base.budgets),
-            *_keys("retrain", (*TRAINING, "base_epochs", "seeds", "temperature", "hard_label_weight")),
+            *_keys("retrain", ("base_epochs", *TRAINING[1:], "seeds", "temperature", "hard_label_weight")),
         ),
         distributed=True,
     )

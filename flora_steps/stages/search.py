@@ -33,6 +33,7 @@ from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from ..core.search import EvolutionSettings, Genome, MacsTable, Operators, evolve, genome_choices
 from ..core.space import sampling_probabilities
 from ..errors import UserError
+from ..pipeline.schema import budgets_key
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, fixed_subset, make_loader
@@ -94,6 +95,20 @@ class SubnetScorer:
         return Fitness(correct / count, loss / count)
 
 
+def check_reachable(table: MacsTable, low: float, high: float, dense: int, key: str, budget: float) -> None:
+    """One clear line (``UserError`` naming the budgets ``key``) when no subnet can land in [``low``, ``high``]."""
+    if table.smallest > high:
+        raise UserError(
+            f"{key}: {budget} is below the smallest subnet of the filtered space "
+            f"({table.smallest / dense:.3f} of dense MACs); add smaller filter.ratios or raise the budget"
+        )
+    if table.largest < low:
+        raise UserError(
+            f"{key}: {budget} is not below the MACs of the model FLORA compresses ({table.largest / dense:.4f} of "
+            "dense, less search.band): FLORA can only make it smaller; lower the budget"
+        )
+
+
 def run(context: StageContext) -> None:
     params, device, budget = context.params, context.device, context.budget
     cfg = params.search
@@ -104,11 +119,7 @@ def run(context: StageContext) -> None:
     table = MacsTable.from_space(space, costs)
     dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
     low, high = (budget - cfg.band) * dense, budget * dense
-    if table.smallest > high:
-        raise UserError(
-            f"budgets.search: {budget} is below the smallest subnet of the filtered space "
-            f"({table.smallest / dense:.3f} of dense MACs); add smaller filter.ratios or raise the budget"
-        )
+    check_reachable(table, low, high, dense, budgets_key(context.stage.foreach), budget)
 
     splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
     val = splits.val if cfg.val_images is None else fixed_subset(splits.val, cfg.val_images, params.seed)
@@ -162,7 +173,7 @@ def run(context: StageContext) -> None:
         rng = np.random.default_rng(params.seed)
         result = evolve(table, fitness, low, high, settings, rng, report, operators)
     except ValueError as error:
-        raise UserError(f"budgets.search: {budget}: {error}") from None
+        raise UserError(f"{budgets_key(context.stage.foreach)}: {budget}: {error}") from None
     finally:
         bar.close()
     search_seconds = time.perf_counter() - search_started
