@@ -12,13 +12,14 @@ fine-tuned with distillation from the dense model like `retrain` fine-tunes, for
 models then fine-tune for `retrain.base_epochs + supernet.epochs + retrain.epochs`
 (`retrain.slim_epochs`, `retrain.ofb_epochs`: null), as much as FLORA on this base
 gets in all (a budget of FLORA at or above this model's MACs stops its `search` with
-one line). Checkpoints every epoch and resumes after a kill.
-Writes `results/<base>_base/`:
+one line). Checkpoints every epoch and resumes after a kill. Writes
+`results/on_<base>/base/`:
 
 - `model.safetensors` + `model.json`: the fine-tuned model (a plain, smaller timm model)
 - `history.csv`: per epoch, train loss, lr, steps, images, val top-1 and loss
-- `metrics.json`: its MACs (checked against `torch.utils.flop_counter`), parameters, test
-  top-1 before and after fine-tuning, and its training: the search's and its own
+- `metrics.json`: its MACs (`torch.utils.flop_counter`; for ViT-Slim checked against the
+  cost model, and its keep share), parameters, test top-1 before and after fine-tuning,
+  and its training: the search's and its own
 """
 
 from __future__ import annotations
@@ -49,15 +50,18 @@ def run(context: StageContext) -> None:
     shape = input_shape(teacher)
     dense = trace_costs(teacher, shape)
     model, spec = load_model(context.input("model"))
+    sliced = {}
     if "masks" in context.stage.inputs:  # ViT-Slim: slice its searched model at the base budget
         try:
-            model, structure, keep, macs = slice_to_budget(
+            model, structure, keep, predicted = slice_to_budget(
                 model, read_masks(context.input("masks")), dense, budget * dense.dense_macs
             )
         except ValueError as error:
             raise UserError(f"budgets.{base.budget}: {budget}: {error}") from None
-        spec = spec.model_copy(update={"pruned": structure})
+        spec, sliced = spec.model_copy(update={"pruned": structure}), {"keep": round(keep, 6)}
     macs = count_macs(model, shape)
+    if sliced and macs != predicted:
+        raise RuntimeError(f"MACs mismatch: the cost model says {predicted}, flop_counter counts {macs}")
     fraction = macs / dense.dense_macs
     cfg, epochs, seed = params.retrain, params.retrain.base_epochs, params.retrain.seeds[0]
     splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
@@ -103,6 +107,7 @@ def run(context: StageContext) -> None:
             "budget": budget,
             "macs": macs,
             "macs_fraction": round(fraction, 6),
+            **sliced,
             "params": sum(p.numel() for p in model.parameters()),
             "top1_before_finetune": before,
             "top1": after,
