@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import timm
 import torch
 import yaml
+from torch import nn
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.params import DataParams, TrainingParams
@@ -39,9 +41,12 @@ skip_unreadable: false
 """
 
 
-def images_per_second(epochs: int, batch: int, micro_batch: int) -> float:
+def images_per_second(
+    epochs: int, batch: int, micro_batch: int, wrap: Callable[[nn.Module], nn.Module] = lambda teacher: teacher
+) -> float:
+    """Training images per second of one ``fit`` run; ``wrap`` puts something around the teacher."""
     torch.manual_seed(0)
-    student, teacher = timm.create_model("vit_digits"), timm.create_model("vit_digits").eval()
+    student, teacher = timm.create_model("vit_digits"), wrap(timm.create_model("vit_digits").eval())
     splits = build_splits(DataParams(**yaml.safe_load(DATA)), data_config(student), student.num_classes)
     cfg = TrainingParams(
         epochs=epochs,

@@ -58,6 +58,7 @@ class ComputeParams(Section):
     workers: NonNegativeInt | None  # DataLoader workers per process; 0: the main process; None: CPUs given - 1
     processes: PositiveInt  # processes a distributed stage starts under torchrun, one per GPU
     amp: bool  # bfloat16 autocast on CUDA (ignored on CPU)
+    teacher_cache: NonNegativeInt  # distinct input images whose teacher logits are remembered; 0: none
 
 
 class ModelParams(Section):

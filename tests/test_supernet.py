@@ -15,7 +15,7 @@ from conftest import kill_after_first_epoch, run_as_two_processes, write_params
 from flora_steps.cli import main
 from flora_steps.core import LowRankLinear
 from flora_steps.runtime.artifacts import load_model
-from flora_steps.runtime.training import build_optimizer, distillation_loss
+from flora_steps.runtime.training import CachedTeacher, build_optimizer, distillation_loss
 from flora_steps.stages.supernet import factor_names
 
 
@@ -30,6 +30,23 @@ def test_distillation_loss_is_soft_target_cross_entropy() -> None:
     assert mixed == pytest.approx(0.75 * expected.item() + 0.25 * F.cross_entropy(student, labels).item(), rel=1e-6)
     # The loss is smallest when the student matches the teacher.
     assert distillation_loss(teacher, teacher, labels, 1.0, 0.0) < distillation_loss(student, teacher, labels, 1.0, 0.0)
+
+
+def test_the_cached_teacher_answers_repeated_images_from_memory_with_the_teachers_logits() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    seen: list[int] = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    cache = CachedTeacher(teacher, capacity=6)
+    first, second = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    expected = teacher(torch.cat([first, second])).detach()
+    seen.clear()
+    assert torch.allclose(cache(first), expected[:4], atol=1e-6) and seen == [4]
+    mixed = torch.cat([first[:2], second, first[:1]])  # two known, four new, one known twice
+    assert torch.allclose(cache(mixed), torch.cat([expected[:2], expected[4:], expected[:1]]), atol=1e-6)
+    assert seen == [4, 4] and len(cache.logits) == 6  # the teacher saw only the new ones; the cache is full
+    third = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(cache(third), teacher(third), atol=1e-6) and len(cache.logits) == 6  # past capacity
 
 
 @pytest.fixture

@@ -407,6 +407,7 @@ UNTRACKED = {
     "compute.threads": "CPU threads: speed",
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",
+    "compute.teacher_cache": "speed: a hit is the teacher's logits for the same image, equal up to rounding",
     "data.eval_batch_size": "evaluation batching",
     **{  # every section of a training run (one with a batch size)
         f"{key.removesuffix('.batch_size')}.micro_batch": "memory: gradients accumulate to the same global batch"

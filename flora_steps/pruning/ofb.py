@@ -631,16 +631,25 @@ class OFBSearch(nn.Module):
         return cells
 
     @torch.no_grad()
-    def finalise(self, cells: Mapping[str, tuple[int, ...]]) -> tuple[VisionTransformer, int, dict[str, PrunedBlock]]:
-        """Slice every module to its cell, fold the masks and the original attention temperature into the
-        weights, and return the plain timm ViT with its (embedding width, per-block sizes)."""
+    def narrow(self, cells: Mapping[str, tuple[int, ...]], optimizer: torch.optim.Optimizer | None) -> bool:
+        """Make each module's cell in ``cells`` its only live candidate and slice the module to it (its AdamW
+        state with it). Returns whether any parameter was replaced."""
+        replaced = False
         for key, cell in cells.items():
             mask = self.masks[key]
             mask.alive.zero_()
             mask.alive[cell] = True
             widths = mask.widths(cell)
             if widths != tuple(mask.scores.shape):
-                self._slice(key, widths, None)
+                self._slice(key, widths, optimizer)
+                replaced = True
+        return replaced
+
+    @torch.no_grad()
+    def finalise(self, cells: Mapping[str, tuple[int, ...]]) -> tuple[VisionTransformer, int, dict[str, PrunedBlock]]:
+        """Slice every module to its cell, fold the masks and the original attention temperature into the
+        weights, and return the plain timm ViT with its (embedding width, per-block sizes)."""
+        self.narrow(cells, None)
         vit, stream = self.vit, self.masks[EMBED](self.weight)
         proj = vit.patch_embed.proj
         proj.weight.mul_(stream[:, None, None, None])

@@ -37,7 +37,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, distillation, evaluate, finish, fit, validation
+from ..runtime.training import HISTORY_COLUMNS, cached, distillation, evaluate, finish, fit, validation
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "val_loss"]
@@ -85,7 +85,7 @@ def run(context: StageContext) -> None:
     history = fit(
         model,
         splits.train,
-        distillation(teacher, cfg.temperature, cfg.hard_label_weight),
+        distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight),
         validate,
         cfg,
         section="retrain",

@@ -24,13 +24,14 @@ pruning converged to, steered only by the MACs loss; nothing moves a width after
 If some module has not decided by the last epoch, the last epoch's most probable
 widths are sliced and the log and `metrics.json` say how many were undecided.
 
-Not in the release: with `ofb.cut_to_budget`, a model that lands above its budget is
-narrowed, module by module, removing the units of the smallest mask values
-(λ·σ(S) + (1 − λ)), until it lies in `[budget − search.band, budget]`
-(`OFBSearch.cut_to_budget`). On the embedded default the released dynamics decide
-every module within a few epochs, led by the one-hot loss, and land near half the
-dense MACs whatever the budget; the cut is what gives OFB models at lower budgets
-(docs/methods.md measures what it costs).
+Not in the release: with `ofb.cut_to_budget`, a model that decides above its budget is
+narrowed at that moment, module by module, removing the units of the smallest mask
+values (λ·σ(S) + (1 − λ)), until it lies in `[budget − search.band, budget]`
+(`OFBSearch.cut_to_budget`); the rest of the search trains the cut model and its best
+val epoch is kept, so the sliced model is the one that was validated. On the embedded
+default the released dynamics decide every module within a few epochs, led by the
+one-hot loss, and land near half the dense MACs whatever the budget; the cut is what
+gives OFB models at lower budgets (docs/methods.md measures what it costs).
 
 Optimisers as released: the weights and the scores S in one AdamW (S at `ofb.score_lr`,
 undecayed), the width logits α in their own group (`ofb.arch_lr`, betas
@@ -49,7 +50,7 @@ stage's `ofb` method fine-tunes the model. Writes `results/ofb/<budget>/`:
 - `history.csv`: per epoch, train loss, lr, steps, images, val top-1 of the masked
   model, its expected MACs as a fraction of dense, the live width candidates, the
   undecided modules, λ and the mask ratio
-- `metrics.json`: the MACs the search reached and the model's (after a cut), parameters,
+- `metrics.json`: the MACs the search decided at and the model's (after a cut), parameters,
   the epoch every module had decided and the epoch kept, val top-1 masked (that epoch)
   and sliced, the rates' rescaling, optimizer steps and training images
 """
@@ -77,6 +78,7 @@ from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
     GroupOptions,
+    cached,
     distillation_loss,
     evaluate,
     finish,
@@ -99,12 +101,19 @@ HISTORY = [
 class Schedule:
     """OFB's schedule around each optimizer step (``training.TrainingHook``): λ and the mask ratio move with
     the epochs, progressive pruning runs ``prunes_per_epoch`` times an epoch, and once every module has
-    decided PMIM stops and the decoder freezes. Keeps the best val epoch after that (``keep_if_best``)."""
+    decided PMIM stops and the decoder freezes. Keeps the best val epoch after that (``keep_if_best``).
 
-    def __init__(self, search: OFBSearch, cfg: OFBParams) -> None:
-        self.search, self.cfg, self.mask_ratio = search, cfg, cfg.mask_ratio[0]
+    ``band`` (low, high MACs; ``ofb.cut_to_budget``): a model that decides above ``high`` is cut by importance
+    into the band at that moment, so the rest of the search trains the structure that is kept."""
+
+    def __init__(
+        self, search: OFBSearch, cfg: OFBParams, costs: OFBCosts, band: tuple[float, float] | None = None
+    ) -> None:
+        self.search, self.cfg, self.costs, self.band = search, cfg, costs, band
+        self.mask_ratio = cfg.mask_ratio[0]
         self.epoch = 0  # the epoch being trained, from 1
         self.decided_epoch: int | None = None
+        self.decided_macs: int | None = None  # the MACs progressive pruning converged to
         self.best: dict[str, Any] | None = None  # epoch, val_top1 and weights of the best epoch once decided
 
     @property
@@ -123,9 +132,17 @@ class Schedule:
         if not self.search.decided:
             return replaced
         self.decided_epoch = self.epoch
+        self.decided_macs = structure_macs(self.search, self.costs)
         self._freeze_decoder()
         log.info("every module has decided in epoch %d: PMIM off, decoder frozen", self.decided_epoch)
-        return True  # DDP must be rebuilt without the frozen parameters
+        if self.band is not None and self.decided_macs > self.band[1]:
+            self.search.narrow(cut(self.search, self.costs, self.band), optimizer)
+            log.info(
+                "cut by importance from %d to %d MACs (ofb.cut_to_budget); the search trains the cut model on",
+                self.decided_macs,
+                structure_macs(self.search, self.costs),
+            )
+        return True  # DDP must be rebuilt without the frozen parameters (and the cut ones)
 
     def _freeze_decoder(self) -> None:
         self.search.decoder.requires_grad_(False)
@@ -139,13 +156,31 @@ class Schedule:
             self.best = {"epoch": self.epoch, "val_top1": top1, "weights": weights}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shapes": self.search.shapes(), "decided_epoch": self.decided_epoch, "best": self.best}
+        return {
+            "shapes": self.search.shapes(),
+            "decided_epoch": self.decided_epoch,
+            "decided_macs": self.decided_macs,
+            "best": self.best,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.search.restore_shapes(state["shapes"])
-        self.decided_epoch, self.best = state["decided_epoch"], state["best"]
+        self.decided_epoch, self.decided_macs, self.best = state["decided_epoch"], state["decided_macs"], state["best"]
         if self.decided:
             self._freeze_decoder()
+
+
+def structure_macs(search: OFBSearch, costs: OFBCosts) -> int:
+    """MACs of the search's chosen widths (``OFBSearch.choice``)."""
+    return costs.structure_macs(*search.structure(search.choice()))
+
+
+def cut(search: OFBSearch, costs: OFBCosts, band: tuple[float, float]) -> dict[str, tuple[int, ...]]:
+    """``OFBSearch.cut_to_budget`` into ``band``, its failure as one line naming the budgets key."""
+    try:
+        return search.cut_to_budget(costs, *band)
+    except ValueError as error:
+        raise UserError(f"budgets.ofb: {error}; raise the budget or search.band") from None
 
 
 def search_terms(search: OFBSearch, costs: OFBCosts, target: float, dense: float, cfg: OFBParams) -> torch.Tensor:
@@ -209,7 +244,7 @@ def run(context: StageContext) -> None:
             "head_ratios, head_dim_ratios, mlp_ratios"
         )
     search.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = cached(teacher.to(device).eval().requires_grad_(False), params.compute.teacher_cache)
     log.info(
         "OFB at budget %s: %d candidate widths over %d modules, %d score units",
         context.budget_name,
@@ -220,7 +255,8 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(base), base.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    schedule = Schedule(search, cfg)
+    band = ((budget - params.search.band) * dense_macs, target) if cfg.cut_to_budget else None
+    schedule = Schedule(search, cfg, costs, band)
     tokens = base.patch_embed.num_patches
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
@@ -280,18 +316,11 @@ def run(context: StageContext) -> None:
             len(history),
         )
     undecided = search.undecided()
+    searched_macs = schedule.decided_macs or structure_macs(search, costs)
     cells = search.choice()
-    searched_macs = costs.structure_macs(*search.structure(cells))
-    if cfg.cut_to_budget and searched_macs > target:
-        low = (budget - params.search.band) * dense_macs
-        try:
-            cells = search.cut_to_budget(costs, low, target)
-        except ValueError as error:
-            raise UserError(f"budgets.ofb: {budget}: {error}") from None
-        log.info(
-            "the search landed at %.3f of dense MACs, above the budget: cut by importance (ofb.cut_to_budget)",
-            searched_macs / dense_macs,
-        )
+    if band is not None and structure_macs(search, costs) > target:  # undecided to the end: cut untrained
+        cells = cut(search, costs, band)
+        log.warning("the undecided search's widths are above the budget: cut by importance with no training after")
     model, embed_dim, structure = search.finalise(cells)
     macs = costs.structure_macs(embed_dim, structure)
     counted = count_macs(model, shape)

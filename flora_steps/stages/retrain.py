@@ -94,6 +94,7 @@ from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
     PREDICTION_COLUMNS,
+    cached,
     distillation,
     evaluate,
     finish,
@@ -255,7 +256,7 @@ def run(context: StageContext) -> None:
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
     validate = validation(val_loader, device, amp)
-    loss = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
+    loss = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
     runs, histories, predictions = [], [], []
     for seed in params.retrain.seeds:
         model = copy.deepcopy(start)

@@ -40,7 +40,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config
-from ..runtime.training import HISTORY_COLUMNS, GroupOptions, distillation, evaluate, finish, fit, rate_multiple
+from ..runtime.training import HISTORY_COLUMNS, GroupOptions, cached, distillation, evaluate, finish, fit, rate_multiple
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "attention_below_0.01", "mlp_below_0.01"]
@@ -71,7 +71,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(model), model.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    distil = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
+    distil = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
     weights = {ATTENTION: cfg.attention_weight, MLP: cfg.mlp_weight}
 
     def loss(network: nn.Module, images, labels, rng) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first, world
 from ..runtime.models import data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, distillation, evaluate, finish, fit
+from ..runtime.training import HISTORY_COLUMNS, cached, distillation, evaluate, finish, fit
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1_smallest", "val_top1_largest"]
@@ -91,7 +91,7 @@ def run(context: StageContext) -> None:
         100 * truncation["largest"],
     )
 
-    distil = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
+    distil = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
 
     def loss(network, images, labels, rng):
         """One subnet per step, the same on every process (``rng`` is seeded per epoch)."""
