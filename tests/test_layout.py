@@ -83,6 +83,14 @@ def test_code_dependencies_are_exactly_what_the_stage_imports(module: str, stage
     assert {str(path) for path in code_files(module)} == stage_imports[module]
 
 
+def test_only_the_report_depends_on_the_comparison_maths() -> None:
+    """Editing how the report compares methods reruns the report, never a stage that trains or searches."""
+    maths = {f"flora_steps/report/{name}.py" for name in ("tradeoff", "stats", "tables", "figures")}
+    for stage in STAGES.values():
+        if stage.module != "report":
+            assert not maths & {str(path) for path in code_files(stage.module)}, stage.name
+
+
 #: Keys a stage tracks but does not read on the digits smoke profile: they matter for real data only.
 REAL_DATA_ONLY = {"data.root", "data.train_transform", "data.crop_pct", "data.skip_unreadable"}
 

@@ -14,25 +14,27 @@ import pytest
 from flora_steps.cli import main
 from flora_steps.report.figures import plot_tradeoff
 from flora_steps.report.tradeoff import (
+    envelope,
     extra_reduction,
     extra_reduction_or_bound,
-    interpolation_weights,
     macs_for_accuracy,
+    pareto_front,
     segment_span,
+    top1_at_macs,
 )
 
 TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 
 
-def test_macs_for_accuracy_interpolates_on_the_envelope() -> None:
+def test_macs_for_accuracy_interpolates_on_the_pareto_front() -> None:
     macs, top1 = [30, 50, 70, 100], [0.80, 0.90, 0.92, 0.95]
     assert macs_for_accuracy(macs, top1, 0.85) == pytest.approx(40)
     assert macs_for_accuracy(macs, top1, 0.91) == pytest.approx(60)
     assert macs_for_accuracy(macs, top1, 0.80) == 30  # exactly the cheapest point
     assert macs_for_accuracy(macs, top1, 0.70) is None  # below the curve: never extrapolated
     assert macs_for_accuracy(macs, top1, 0.96) is None  # above dense
-    # A dip does not count: the envelope is the best top-1 with at most that many MACs.
+    # A dip does not count: a dominated point is off the front.
     assert macs_for_accuracy([30, 50, 70, 100], [0.80, 0.90, 0.85, 0.95], 0.90) == pytest.approx(50)
     assert macs_for_accuracy([100, 30], [0.95, 0.80], 0.875) == pytest.approx(65)  # order does not matter
 
@@ -51,8 +53,10 @@ def test_extra_reduction_on_a_hand_made_curve() -> None:
         (([30, 60, 100], [0.9, 0.9, 0.9]), (40, 0.905), None),  # flat curve, point above it: out of range
         (([30, 60, 100], [0.8, 0.9, 0.95]), (20, 0.7), None),  # point below the cheapest uniform model
         (([30, 60, 100], [0.8, 0.9, 0.95]), (50, 0.96), None),  # point above dense
-        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.9), 1 - 50 / 55),  # non-monotone: the envelope
-        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.93), 1 - 50 / (80 + 20 / 3)),  # from the best so far
+        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.9), 1 - 50 / 55),  # non-monotone: the front
+        # the dominated 80-MACs point is dropped: 0.93 lies a third of the way from (60, 0.92) to (100, 0.95)
+        (([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]), (50, 0.93), 1 - 50 / (60 + 40 / 3)),
+        (([30, 30, 100], [0.7, 0.8, 0.95]), (25, 0.8), 1 - 25 / 30),  # equal MACs: the better model stands
     ],
 )
 def test_extra_reduction_edge_cases(curve, point, expected) -> None:
@@ -60,13 +64,23 @@ def test_extra_reduction_edge_cases(curve, point, expected) -> None:
     assert result == (None if expected is None else pytest.approx(expected))
 
 
-def test_interpolation_weights_mix_the_neighbouring_points_and_never_extrapolate() -> None:
-    assert interpolation_weights([20, 40, 100], 25) == pytest.approx({0: 0.75, 1: 0.25})
-    assert interpolation_weights([100, 20, 40], 40) == {2: 1.0}  # a measured point: itself, whatever the order
-    assert interpolation_weights([20, 40, 100], 100) == {2: 1.0}
-    assert interpolation_weights([20, 40, 100], 19.9) is None  # below the cheapest point
-    assert interpolation_weights([20, 40, 100], 101) is None
-    assert interpolation_weights([], 50) is None
+def test_the_pareto_front_drops_dominated_points_and_keeps_the_best_of_equal_macs() -> None:
+    assert pareto_front([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95]) == [0, 1, 3]
+    assert pareto_front([100, 30, 30], [0.95, 0.7, 0.8]) == [2, 0]  # MACs order, whatever the input order
+    assert pareto_front([30, 60], [0.9, 0.9]) == [0]  # no more top-1 for more MACs: off the front
+    xs, ys = envelope([30, 60, 100], [0.8, 0.96, 0.95])  # a model above dense: flat up to dense's MACs
+    assert xs.tolist() == [30, 60, 100] and ys.tolist() == [0.8, 0.96, 0.96]
+
+
+def test_top1_at_macs_reads_the_front_and_never_extrapolates() -> None:
+    curve = ([20, 40, 100], [0.8, 0.9, 0.95])
+    assert top1_at_macs(*curve, 25) == pytest.approx(0.825)
+    assert top1_at_macs(*curve, 40) == pytest.approx(0.9) and top1_at_macs(*curve, 100) == pytest.approx(0.95)
+    assert top1_at_macs(*curve, 19.9) is None and top1_at_macs(*curve, 101) is None
+    assert top1_at_macs([], [], 50) is None
+    # A worse model added to the curve does not lower it: 80 MACs reads the (60, 0.92)-(100, 0.95) segment.
+    assert top1_at_macs([30, 60, 80, 100], [0.8, 0.92, 0.88, 0.95], 80) == pytest.approx(0.935)
+    assert top1_at_macs([30, 60, 100], [0.8, 0.96, 0.95], 80) == pytest.approx(0.96)
 
 
 def test_out_of_range_replicates_become_unbounded_ends() -> None:
@@ -203,10 +217,13 @@ def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
 
 
 def test_segment_span_is_the_width_of_the_segment_an_interpolation_uses() -> None:
-    assert segment_span([20, 40, 100], 25) == 2.0
-    assert segment_span([20, 40, 100], 40) == 1.0  # a measured point
-    assert segment_span([100, 20, 40], 60) == 2.5
-    assert segment_span([20, 40, 100], 10) is None
+    edges = np.array([20.0, 40.0, 100.0])
+    assert segment_span(edges, 25) == 2.0
+    assert segment_span(edges, 40) == 1.0  # a measured point
+    assert segment_span(edges, 60) == 2.5
+    assert segment_span(edges, 10) is None
+    # on the front: the dominated 60-MACs point does not split the 40-100 segment
+    assert segment_span(envelope([20, 40, 60, 100], [0.8, 0.9, 0.85, 0.95])[0], 70) == 2.5
 
 
 def test_a_new_method_is_one_record(monkeypatch) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flora_steps.report.stats import Estimate, PairedBootstrap, interval, seed_std
-from flora_steps.report.tables import Evaluated, comparison_table, readable_comparison, results_table
+from flora_steps.report.tables import Curve, Evaluated, _compare, comparison_table, readable_comparison, results_table
 
 
 def correct(rng: np.random.Generator, seeds: int, images: int, top1: float) -> np.ndarray:
@@ -105,6 +105,36 @@ def test_comparison_at_equal_macs_and_at_equal_top1_on_hand_made_curves() -> Non
     uniform = table[table["baseline"] == "uniform"].set_index("budget")
     assert uniform.loc[0.3, "delta_top1"] == pytest.approx(0.8 - 0.55)
     assert uniform.loc[0.5, "baseline_macs"] == pytest.approx(60 + 40 * (170 - 140) / (190 - 140))
+
+
+def test_the_replicates_of_a_difference_are_the_differences_of_the_replicates() -> None:
+    """Paired: with a stable front, each replicate's difference at equal MACs is the point's top-1 minus the
+    curve's, and equals the per-image difference from the mix of the curve's two neighbours."""
+    bootstrap = PairedBootstrap(3, 200, 300, np.random.default_rng(0))
+    models = hand_made_models()
+    table, _ = comparison_table(models, bootstrap, [("flora", "control")])
+    dense = models[0]
+    curve = Curve.of([m for m in models if m.method == "control"], dense, bootstrap)
+    flora = next(m for m in models if m.method == "flora" and m.budget == 0.3)
+    point_samples = bootstrap.top1(flora.correct)
+    row, delta_samples, _ = _compare(flora, point_samples, curve)
+    by_replicate = point_samples - np.array([np.interp(30, curve.macs, replicate) for replicate in curve.samples])
+    assert np.allclose(delta_samples, by_replicate)
+    control = {m.macs: m.correct for m in models if m.method == "control"}
+    assert np.allclose(delta_samples, bootstrap.top1(flora.correct - 0.5 * control[20] - 0.5 * control[40]))
+    assert row["delta_top1"] == pytest.approx(table.iloc[0]["delta_top1"])
+
+
+def test_a_dominated_baseline_model_changes_neither_comparison() -> None:
+    models = hand_made_models()
+    table, _ = comparison_table(models, PairedBootstrap(3, 200, 300, np.random.default_rng(0)), [("flora", "control")])
+    worse = Evaluated("control", 0.5, {"macs": 50, "params": 50, "top5": 1.0}, np.zeros((3, 200)))
+    worse.correct[:, :150] = 1  # 75% at 50 MACs: below the 40-MACs model
+    with_worse, _ = comparison_table(
+        [*models, worse], PairedBootstrap(3, 200, 300, np.random.default_rng(0)), [("flora", "control")]
+    )
+    for column in ("baseline_top1", "delta_top1", "baseline_macs", "extra_reduction"):
+        assert with_worse[column].tolist() == pytest.approx(table[column].tolist())
 
 
 def test_a_flora_point_outside_the_baseline_curve_gets_no_number() -> None:

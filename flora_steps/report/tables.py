@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..pipeline.methods import METHODS, comparisons
 from .stats import Estimate, PairedBootstrap, estimate, seed_std
-from .tradeoff import WIDE_SEGMENT, extra_reduction, extra_reduction_or_bound, interpolation_weights, segment_span
+from .tradeoff import WIDE_SEGMENT, envelope, extra_reduction, extra_reduction_or_bound, segment_span, top1_at_macs
 
 RESULT_COLUMNS = [
     "method",
@@ -107,38 +107,34 @@ def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd
 
 @dataclass(frozen=True)
 class Curve:
-    """A baseline's points, closed by the dense model, in MACs order: ``correct`` matrices and bootstrap top-1s."""
+    """A baseline's points, closed by the dense model, in MACs order: their top-1s and bootstrap top-1s."""
 
     macs: np.ndarray
-    correct: list[np.ndarray]
     top1: list[float]
     samples: np.ndarray  # (replicates, points)
 
     @classmethod
     def of(cls, baseline: Sequence[Evaluated], dense: Evaluated, bootstrap: PairedBootstrap) -> Curve:
         points = sorted([*baseline, dense], key=lambda m: m.macs)
-        correct = [m.correct for m in points]
-        samples = np.stack([bootstrap.top1(c) for c in correct], axis=1)
-        return cls(np.array([m.macs for m in points]), correct, [float(c.mean()) for c in correct], samples)
+        samples = np.stack([bootstrap.top1(m.correct) for m in points], axis=1)
+        return cls(np.array([m.macs for m in points]), [float(m.correct.mean()) for m in points], samples)
 
 
-def _compare(
-    point: Evaluated, point_samples: np.ndarray, curve: Curve, bootstrap: PairedBootstrap
-) -> tuple[dict, np.ndarray | None, np.ndarray]:
+def _compare(point: Evaluated, point_samples: np.ndarray, curve: Curve) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """One point against one baseline curve: the table row and the replicates of delta and extra reduction."""
     row: dict = {"macs": int(point.metrics["macs"]), "top1": float(point.correct.mean())}
-    weights = interpolation_weights(curve.macs, point.macs)
-    row["delta_span"] = segment_span(curve.macs, point.macs) or np.nan
+    edges = envelope(curve.macs, curve.top1)[0]
+    row["delta_span"] = segment_span(edges, point.macs) or np.nan
+    baseline = top1_at_macs(curve.macs, curve.top1, point.macs)
     delta_samples = None
-    if weights is None:
+    if baseline is None:
         row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
         row["delta_verdict"] = "out of range"
-    else:  # the curve at the point's MACs, per seed and image: the weighted mix of its two neighbouring points
-        baseline = sum(weight * curve.correct[i] for i, weight in weights.items())
-        difference = point.correct - baseline
-        delta_samples = bootstrap.top1(difference)
-        delta = estimate(float(difference.mean()), delta_samples)
-        row |= {"baseline_top1": float(baseline.mean()), "delta_top1": delta.value}
+    else:  # each replicate reads its own curve's Pareto front at the point's MACs: paired, point minus curve
+        curve_samples = np.array([top1_at_macs(curve.macs, replicate, point.macs) for replicate in curve.samples])
+        delta_samples = point_samples - curve_samples
+        delta = estimate(row["top1"] - baseline, delta_samples)
+        row |= {"baseline_top1": baseline, "delta_top1": delta.value}
         row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
 
     value = extra_reduction(point.macs, row["top1"], curve.macs, curve.top1)
@@ -155,7 +151,7 @@ def _compare(
         extra = estimate(value, extra_samples)
         row |= {"baseline_macs": point.macs / (1 - value), "extra_reduction": value}
         row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
-    row["extra_span"] = np.nan if value is None else segment_span(curve.macs, row["baseline_macs"]) or np.nan
+    row["extra_span"] = np.nan if value is None else segment_span(edges, row["baseline_macs"]) or np.nan
     return row, delta_samples, extra_samples
 
 
@@ -177,7 +173,7 @@ def comparison_table(
         curve = Curve.of([m for m in models if m.method == baseline], dense, bootstrap)
         deltas, extras, delta_values, extra_values = [], [], [], []
         for point in points:
-            row, delta_samples, extra_samples = _compare(point, bootstrap.top1(point.correct), curve, bootstrap)
+            row, delta_samples, extra_samples = _compare(point, bootstrap.top1(point.correct), curve)
             rows.append({"method": method, "budget": point.budget, "baseline": baseline, **row})
             if delta_samples is not None:
                 deltas.append(delta_samples)

@@ -1,19 +1,22 @@
 """Accuracy-vs-MACs curves: a baseline's top-1 at given MACs, the MACs it needs for a given top-1.
 
-A baseline (the uniform-rank control, the SVD uniform model) is a set of (MACs,
-top-1) points, closed at the top by the dense model. Two comparisons with a FLORA
-point, both by linear interpolation between a curve's own points, never beyond them:
+A baseline (the uniform-rank control, the SVD uniform model, a pruning method) is a
+set of (MACs, top-1) points, closed at the top by the dense model. Both comparisons
+with a compressed model read the curve on its *Pareto front*: the points that no
+cheaper (or equally cheap) point matches in top-1. A dominated point (more MACs, less
+top-1 than some point of the curve) is dropped, so adding a worse baseline model never
+makes the baseline look worse. Between front points the curve is a straight line;
+beyond the front's last point, up to the curve's largest MACs, it stays flat (a
+cheaper model already reaches that top-1). Nothing is extrapolated:
 
-- *equal MACs*: the baseline's top-1 at FLORA's MACs (``interpolation_weights``
-  mixes the two neighbouring points, so per-image results mix the same way);
-- *equal top-1*: FLORA's extra MACs reduction ``1 - flora_macs / baseline_macs``,
-  where ``baseline_macs`` is the least MACs at which the curve's *envelope* (the best
-  top-1 reachable with at most given MACs, a running maximum) reaches FLORA's top-1.
+- *equal MACs* (``top1_at_macs``): the front's top-1 at the model's MACs;
+- *equal top-1* (``extra_reduction``): ``1 - model_macs / baseline_macs``, where
+  ``baseline_macs`` is where the front reaches the model's top-1.
 
-A FLORA point outside a curve's range gets no number (``None``). An interpolation
-across a segment wider than ``WIDE_SEGMENT`` in MACs (its upper end over its lower)
-rests on a straight line over a long stretch; ``segment_span`` measures it so that
-tables and figures can say so.
+A point outside a curve's range gets no number (``None``). An interpolation across a
+segment wider than ``WIDE_SEGMENT`` in MACs (its upper end over its lower) rests on a
+straight line over a long stretch; ``segment_span`` measures it so that tables and
+figures can say so.
 """
 
 from __future__ import annotations
@@ -26,46 +29,59 @@ import numpy as np
 WIDE_SEGMENT = 1.5
 
 
-def segment_span(macs: Sequence[float], at: float) -> float | None:
-    """Upper over lower MACs of the curve segment an interpolation at ``at`` MACs uses (1 at a point of the
-    curve); ``None`` out of range."""
-    weights = interpolation_weights(macs, at)
-    if weights is None:
-        return None
-    ends = [float(macs[i]) for i in weights]
-    return max(ends) / min(ends)
+def pareto_front(macs: Sequence[float], top1: Sequence[float]) -> list[int]:
+    """Indices of the curve's non-dominated points in MACs order: each more accurate than every cheaper one
+    (at equal MACs the most accurate stands for them)."""
+    order = sorted(range(len(macs)), key=lambda i: (float(macs[i]), -float(top1[i])))
+    front: list[int] = []
+    for index in order:
+        if not front or top1[index] > top1[front[-1]]:
+            front.append(index)
+    return front
 
 
-def interpolation_weights(macs: Sequence[float], at: float) -> dict[int, float] | None:
-    """Weights of the curve points (by index) whose mix is the curve at ``at`` MACs; ``None`` out of range."""
-    xs = np.asarray(macs, dtype=float)
-    if len(xs) == 0 or at < xs.min() or at > xs.max():
+def envelope(macs: Sequence[float], top1: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(MACs, top-1) of the curve as read: its Pareto front, held flat up to its largest MACs."""
+    front = pareto_front(macs, top1)
+    xs = [float(macs[i]) for i in front]
+    ys = [float(top1[i]) for i in front]
+    if front and max(map(float, macs)) > xs[-1]:
+        xs.append(max(map(float, macs)))
+        ys.append(ys[-1])
+    return np.asarray(xs), np.asarray(ys)
+
+
+def top1_at_macs(macs: Sequence[float], top1: Sequence[float], at: float) -> float | None:
+    """The curve's top-1 at ``at`` MACs (read on ``envelope``); ``None`` out of its MACs range."""
+    xs, ys = envelope(macs, top1)
+    if len(xs) == 0 or at < xs[0] or at > xs[-1]:
         return None
-    order = np.argsort(xs, kind="stable")
-    upper = int(np.searchsorted(xs[order], at, side="left"))
-    if xs[order[upper]] == at:
-        return {int(order[upper]): 1.0}
-    below, above = int(order[upper - 1]), int(order[upper])
-    fraction = (at - xs[below]) / (xs[above] - xs[below])
-    return {below: float(1.0 - fraction), above: float(fraction)}
+    return float(np.interp(at, xs, ys))
+
+
+def segment_span(xs: np.ndarray, at: float) -> float | None:
+    """Upper over lower MACs of the segment of ``xs`` (an envelope's MACs, ascending) that holds ``at``
+    (1 at one of its points); ``None`` out of range."""
+    if len(xs) == 0 or at < xs[0] or at > xs[-1]:
+        return None
+    if np.isclose(xs, at, rtol=1e-12, atol=0).any():
+        return 1.0
+    upper = int(np.searchsorted(xs, at))
+    return float(xs[upper] / xs[upper - 1])
 
 
 def macs_for_accuracy(macs: Sequence[float], top1: Sequence[float], target: float) -> float | None:
-    """Least MACs at which the interpolated envelope of the points reaches ``target`` top-1.
+    """Least MACs at which the curve's Pareto front reaches ``target`` top-1.
 
-    ``None`` when ``target`` lies outside the envelope's range: above every point, or
+    ``None`` when ``target`` lies outside the front's range: above every point, or
     below the cheapest one (whose MACs would only be an upper bound).
     """
-    order = np.argsort(macs, kind="stable")
-    xs = np.asarray(macs, dtype=float)[order]
-    ys = np.maximum.accumulate(np.asarray(top1, dtype=float)[order])
-    if len(xs) == 0 or ys[-1] < target or ys[0] > target:
+    front = pareto_front(macs, top1)
+    xs = np.asarray([float(macs[i]) for i in front])
+    ys = np.asarray([float(top1[i]) for i in front])
+    if len(xs) == 0 or target > ys[-1] or target < ys[0]:
         return None
-    first = int(np.argmax(ys >= target))
-    if first == 0 or ys[first] == ys[first - 1]:
-        return float(xs[first])
-    fraction = (target - ys[first - 1]) / (ys[first] - ys[first - 1])
-    return float(xs[first - 1] + fraction * (xs[first] - xs[first - 1]))
+    return float(np.interp(target, ys, xs))  # the front's top-1 rises strictly: one MACs per top-1
 
 
 def extra_reduction(flora_macs: float, flora_top1: float, macs: Sequence[float], top1: Sequence[float]) -> float | None:

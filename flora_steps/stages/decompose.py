@@ -23,7 +23,7 @@ import torch
 
 from ..core import CostModel, factorise, find_linear_layers, trace_costs
 from ..errors import UserError
-from ..report.figures import plot_spectra
+from ..report.layer_figures import plot_spectra
 from ..runtime.artifacts import load_model, save_figure, save_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from ..core import lowrank_layers, set_ranks, trace_costs
 from ..core.filter import efficiency, keep_efficient
 from ..core.space import BlockSpace, SearchSpace, full_space, sampling_probabilities
-from ..report.figures import plot_sensitivity, single_layer_kl
+from ..report.layer_figures import plot_sensitivity, single_layer_kl
 from ..runtime.artifacts import load_model, save_checkpoint, save_figure, write_csv, write_json, write_text
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, fixed_subset, make_loader

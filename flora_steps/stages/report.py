@@ -43,16 +43,8 @@ from ..errors import UserError
 from ..pipeline.catalogue import METHOD_STAGES, SEARCH_STAGES, STAGES, choosing_stages
 from ..pipeline.methods import METHODS, RETRAINED
 from ..pipeline.schema import budget_name
-from ..report.figures import (
-    macs_unit,
-    plot_ranks,
-    plot_sampling,
-    plot_search,
-    plot_sensitivity,
-    plot_spectra,
-    plot_tradeoff,
-    single_layer_kl,
-)
+from ..report.figures import macs_unit, plot_ranks, plot_sampling, plot_search, plot_tradeoff
+from ..report.layer_figures import plot_sensitivity, plot_spectra, single_layer_kl
 from ..report.stats import CONFIDENCE, PairedBootstrap
 from ..report.tables import (
     Evaluated,
