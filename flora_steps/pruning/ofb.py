@@ -631,10 +631,9 @@ class OFBSearch(nn.Module):
         return cells
 
     @torch.no_grad()
-    def narrow(self, cells: Mapping[str, tuple[int, ...]], optimizer: torch.optim.Optimizer | None) -> bool:
+    def narrow(self, cells: Mapping[str, tuple[int, ...]], optimizer: torch.optim.Optimizer | None) -> None:
         """Make each module's cell in ``cells`` its only live candidate and slice the module to it (its AdamW
-        state with it). Returns whether any parameter was replaced."""
-        replaced = False
+        state with it)."""
         for key, cell in cells.items():
             mask = self.masks[key]
             mask.alive.zero_()
@@ -642,8 +641,6 @@ class OFBSearch(nn.Module):
             widths = mask.widths(cell)
             if widths != tuple(mask.scores.shape):
                 self._slice(key, widths, optimizer)
-                replaced = True
-        return replaced
 
     @torch.no_grad()
     def finalise(self, cells: Mapping[str, tuple[int, ...]]) -> tuple[VisionTransformer, int, dict[str, PrunedBlock]]:

@@ -204,9 +204,11 @@ class CachedTeacher(nn.Module):
         return torch.stack([self.logits.get(key, computed.get(key)) for key in keys])
 
 
-def cached(teacher: nn.Module, capacity: int) -> nn.Module:
-    """``teacher`` behind a ``CachedTeacher`` of ``capacity`` images (``compute.teacher_cache``); 0: as it is."""
-    return CachedTeacher(teacher, capacity) if capacity else teacher
+def frozen_teacher(teacher: nn.Module, device: torch.device, cache: int) -> nn.Module:
+    """``teacher`` on ``device``, in eval mode, without gradients, behind a ``CachedTeacher`` of ``cache`` images
+    (``compute.teacher_cache``; 0: none)."""
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return CachedTeacher(teacher, cache) if cache else teacher
 
 
 def distillation(teacher: nn.Module, temperature: float, hard_weight: float) -> LossFn:

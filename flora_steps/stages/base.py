@@ -37,7 +37,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, cached, distillation, evaluate, finish, fit, validation
+from ..runtime.training import HISTORY_COLUMNS, distillation, evaluate, finish, fit, frozen_teacher, validation
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "val_loss"]
@@ -66,7 +66,7 @@ def run(context: StageContext) -> None:
     cfg, epochs, seed = params.retrain, params.retrain.base_epochs, params.retrain.seeds[0]
     splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
     model.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
     batch, amp = params.data.eval_batch_size, params.compute.amp
     test_loader = make_loader(splits.test, batch, device, context.workers, splits.on_device)
     val_loader = make_loader(splits.val, batch, device, context.workers, splits.on_device)
@@ -85,7 +85,7 @@ def run(context: StageContext) -> None:
     history = fit(
         model,
         splits.train,
-        distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight),
+        distillation(teacher, cfg.temperature, cfg.hard_label_weight),
         validate,
         cfg,
         section="retrain",

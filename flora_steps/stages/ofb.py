@@ -78,11 +78,11 @@ from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
     GroupOptions,
-    cached,
     distillation_loss,
     evaluate,
     finish,
     fit,
+    frozen_teacher,
     rate_multiple,
 )
 
@@ -244,7 +244,7 @@ def run(context: StageContext) -> None:
             "head_ratios, head_dim_ratios, mlp_ratios"
         )
     search.to(device)
-    teacher = cached(teacher.to(device).eval().requires_grad_(False), params.compute.teacher_cache)
+    teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
     log.info(
         "OFB at budget %s: %d candidate widths over %d modules, %d score units",
         context.budget_name,

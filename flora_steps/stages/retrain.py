@@ -94,11 +94,11 @@ from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
     PREDICTION_COLUMNS,
-    cached,
     distillation,
     evaluate,
     finish,
     fit,
+    frozen_teacher,
     prediction_table,
     validation,
 )
@@ -248,7 +248,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(teacher), teacher.num_classes)
     start.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
     batch, amp = params.data.eval_batch_size, params.compute.amp
     test_loader = make_loader(splits.test, batch, device, context.workers, splits.on_device)
     val_loader = make_loader(splits.val, batch, device, context.workers, splits.on_device)
@@ -256,7 +256,7 @@ def run(context: StageContext) -> None:
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
     validate = validation(val_loader, device, amp)
-    loss = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
+    loss = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
     runs, histories, predictions = [], [], []
     for seed in params.retrain.seeds:
         model = copy.deepcopy(start)

@@ -40,7 +40,16 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
 from ..runtime.models import data_config
-from ..runtime.training import HISTORY_COLUMNS, GroupOptions, cached, distillation, evaluate, finish, fit, rate_multiple
+from ..runtime.training import (
+    HISTORY_COLUMNS,
+    GroupOptions,
+    distillation,
+    evaluate,
+    finish,
+    fit,
+    frozen_teacher,
+    rate_multiple,
+)
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1", "attention_below_0.01", "mlp_below_0.01"]
@@ -62,7 +71,7 @@ def run(context: StageContext) -> None:
         raise UserError(f"model.name: ViT-Slim cannot slim {spec.model}: {error}") from None
     mask_names = [name for name, parameter in model.named_parameters() if name.endswith(".mask")]
     model.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
     log.info(
         "%d mask values on attention head channels, %d on MLP hidden units",
         sum(m.numel() for (_, kind), m in masks.items() if kind == ATTENTION),
@@ -71,7 +80,7 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(model), model.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    distil = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
+    distil = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
     weights = {ATTENTION: cfg.attention_weight, MLP: cfg.mlp_weight}
 
     def loss(network: nn.Module, images, labels, rng) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first, world
 from ..runtime.models import data_config, input_shape
-from ..runtime.training import HISTORY_COLUMNS, cached, distillation, evaluate, finish, fit
+from ..runtime.training import HISTORY_COLUMNS, distillation, evaluate, finish, fit, frozen_teacher
 
 log = logging.getLogger(__name__)
 HISTORY = [*HISTORY_COLUMNS, "val_top1_smallest", "val_top1_largest"]
@@ -80,7 +80,7 @@ def run(context: StageContext) -> None:
     subnets = extreme_subnets(space, costs)
     sampler = SubnetSampler(space, cfg.sampling)
     student.to(device)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
 
     splits = build_splits(params.data, data_config(student), student.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
@@ -91,7 +91,7 @@ def run(context: StageContext) -> None:
         100 * truncation["largest"],
     )
 
-    distil = distillation(cached(teacher, params.compute.teacher_cache), cfg.temperature, cfg.hard_label_weight)
+    distil = distillation(teacher, cfg.temperature, cfg.hard_label_weight)
 
     def loss(network, images, labels, rng):
         """One subnet per step, the same on every process (``rng`` is seeded per epoch)."""
