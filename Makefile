@@ -19,7 +19,7 @@ test: $(STAMP)  ## run the test suite
 dvc: $(STAMP)  ## run the default pipeline with DVC instead
 	dvc repro
 
-REPORTED := tradeoff.png results.md comparison.md search_costs.md summary.json
+REPORTED := tradeoff.png results.md comparison.md means.md search_costs.md summary.json
 
 docs: $(STAMP)  ## run the default pipeline if needed, then copy its headline figure and tables into docs/default/
 	snakemake --cores $(CORES)

@@ -23,7 +23,7 @@ from flora_steps.report.tradeoff import (
     top1_at_macs,
 )
 
-TABLES = ["results", "comparison", "ranks", "costs", "search_costs"]
+TABLES = ["results", "comparison", "means", "ranks", "costs", "search_costs"]
 FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
 
 
@@ -142,7 +142,14 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert list(comparison["method"]) == ["flora", "flora", "slim_flora", "ofb_flora"]
     assert list(comparison["baseline"]) == ["control", "uniform", "slim", "ofb"]
     assert list(comparison["budget"]) == [0.5, 0.5, 0.4, 0.4]
-    assert comparison["delta_verdict"].isin(["better", "worse", "within noise", "out of range"]).all()
+    verdicts = ["better", "worse", "within noise", "identical model", "undetermined", "out of range"]
+    assert comparison[["delta_verdict", "delta_sim_verdict", "extra_sim_verdict"]].isin(verdicts).all(axis=None)
+    assert ((comparison["delta_sim_low"] <= comparison["delta_low"]) | comparison["delta_low"].isna()).all()
+    means = pd.read_csv(out / "means.csv")
+    assert list(means["method"]) == ["flora", "flora", "slim_flora", "ofb_flora"] and means["budgets"].eq(1).all()
+    assert means["delta_top1"].tolist() == pytest.approx(comparison["delta_top1"].tolist())  # one budget each
+    for name in ("results", "comparison", "means"):  # one run: the tables say first what their intervals omit
+        assert (out / f"{name}.md").read_text().startswith("Intervals omit run-to-run variance")
     ranks = pd.read_csv(out / "ranks.csv")
     assert len(ranks) == 12 and list(ranks.columns) == ["layer", "full_rank", "0.5"]
     costs = pd.read_csv(out / "costs.csv")
@@ -157,8 +164,15 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     entry = summary["budgets"][0]
     assert entry["flora"]["top1"] == pytest.approx(flora["top1"], abs=1e-6) and entry["flora"]["macs"] == flora["macs"]
     assert set(entry) == {"budget", "flora", "vs_control", "vs_uniform"}
-    assert entry["vs_control"]["delta_top1_verdict"] == comparison["delta_verdict"].iloc[0]
+    assert entry["vs_control"]["delta_top1"]["verdict"] == comparison["delta_verdict"].iloc[0]
+    assert entry["vs_control"]["delta_top1"]["interval"] == pytest.approx(
+        comparison.iloc[0][["delta_low", "delta_high"]]
+    )
     assert summary["protocol"]["seeds"] == [0, 1] and summary["protocol"]["test_images"] == 360
+    assert summary["protocol"]["runs"] == 1 and "run-to-run variance" in summary["protocol"]["omitted_variance"]
+    assert summary["mean_over_budgets"]["vs_control"]["delta_top1"]["value"] == pytest.approx(
+        means["delta_top1"][0], abs=1e-6
+    )
     assert "max_extra_macs_reduction" not in summary  # never a maximum over budgets
     assert set(summary["mean_over_budgets"]) == {"vs_control", "vs_uniform"}
     assert [entry["budget"] for entry in summary["slim_flora"]["budgets"]] == [0.4]
@@ -260,7 +274,7 @@ def test_a_new_method_is_one_record(monkeypatch) -> None:
     results = results_table(models, bootstrap)
     assert list(results["method"]) == ["dense", "control", "control", "random_ranks"]  # the records' order
     comparison, means = comparison_table(models, bootstrap)
-    assert ("random_ranks", "control") in means
+    assert means[["method", "baseline"]].values.tolist() == [["random_ranks", "control"]]
     assert list(comparison[comparison["method"] == "random_ranks"]["baseline"]) == ["control"]
     figure = plot_tradeoff(results, comparison)
     texts = [text.get_text() for axis in figure.axes for text in axis.texts]

@@ -362,6 +362,7 @@ _REPORT = _stage(
             "results", {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs (every method)"}
         ),
         **_table("comparison"),
+        **_table("means"),
         **_table("ranks"),
         **_table("costs"),
         **_table("search_costs"),

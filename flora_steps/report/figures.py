@@ -23,9 +23,11 @@ def macs_unit(macs: float) -> tuple[float, str]:
     return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
 
 
-def _signed(value: float) -> str:
-    """A signed number with one decimal; an infinite interval end as ±∞."""
-    return ("+∞" if value > 0 else "−∞") if np.isinf(value) else f"{value:+.1f}"
+def _signed(value: float, reduction: bool = False) -> str:
+    """A signed number with one decimal; an infinite interval end as ±∞, a reduction's upper one as < 100."""
+    if np.isinf(value):
+        return "−∞" if value < 0 else "< 100" if reduction else "+∞"
+    return f"{value:+.1f}"
 
 
 def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str) -> list[str]:
@@ -40,7 +42,10 @@ def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str)
         elif row[f"{prefix}_verdict"] == "out of range":
             verdict = f"out of {baseline}'s range"
         else:
-            low, high, value = (_signed(100 * row[key]) for key in (f"{prefix}_low", f"{prefix}_high", number))
+            reduction = number == "extra_reduction"
+            low, high, value = (
+                _signed(100 * row[key], reduction) for key in (f"{prefix}_low", f"{prefix}_high", number)
+            )
             verdict = f"{value} [{low}, {high}], {row[f'{prefix}_verdict']}"
             if row[f"{prefix}_span"] > WIDE_SEGMENT:
                 verdict += f"; {baseline} interpolated across {row[f'{prefix}_span']:.3g}× MACs"
@@ -89,7 +94,7 @@ def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
         )
     sections = [
         (
-            f"{method.short} vs {METHODS[method.baselines[0]].short},\n{HEADLINES[method.headline]}",
+            f"{method.short} vs {METHODS[method.baselines[0]].short},\n{HEADLINES[method.headline]} (unadjusted)",
             _verdicts(comparison, method.name, method.baselines[0], method.headline),
         )
         for method in METHODS.values()

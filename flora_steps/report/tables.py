@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..pipeline.methods import METHODS, comparisons
-from .stats import Estimate, PairedBootstrap, estimate, seed_std
+from .stats import Estimate, PairedBootstrap, interval, seed_std, simultaneous
 from .tradeoff import WIDE_SEGMENT, envelope, extra_reduction, extra_reduction_or_bound, segment_span, top1_at_macs
 
 RESULT_COLUMNS = [
@@ -35,6 +35,15 @@ RESULT_COLUMNS = [
     "train_images",
     "supernet_steps",
 ]
+NUMBERS = {"delta": "delta_top1", "extra": "extra_reduction"}  # each compared number's column prefix and name
+
+
+def number_columns(prefix: str) -> list[str]:
+    """A compared number's columns: value, interval and verdict (unadjusted), simultaneous interval and verdict."""
+    parts = ("low", "high", "verdict", "sim_low", "sim_high", "sim_verdict")
+    return [NUMBERS[prefix], *(f"{prefix}_{part}" for part in parts)]
+
+
 COMPARISON_COLUMNS = [
     "method",
     "budget",
@@ -42,19 +51,14 @@ COMPARISON_COLUMNS = [
     "macs",
     "top1",
     "baseline_top1",
-    "delta_top1",
-    "delta_low",
-    "delta_high",
-    "delta_verdict",
+    *number_columns("delta"),
     "delta_span",
     "baseline_macs",
-    "extra_reduction",
-    "extra_low",
-    "extra_high",
-    "extra_verdict",
+    *number_columns("extra"),
     "extra_bound",
     "extra_span",
 ]
+MEAN_COLUMNS = ["method", "baseline", "budgets", *number_columns("delta"), *number_columns("extra")]
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,9 @@ def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd
 
 @dataclass(frozen=True)
 class Curve:
-    """A baseline's points, closed by the dense model, in MACs order: their top-1s and bootstrap top-1s."""
+    """A baseline's models, closed by the dense model, in MACs order: their MACs, top-1s and bootstrap top-1s."""
 
+    models: list[Evaluated]
     macs: np.ndarray
     top1: list[float]
     samples: np.ndarray  # (replicates, points)
@@ -117,78 +122,120 @@ class Curve:
     def of(cls, baseline: Sequence[Evaluated], dense: Evaluated, bootstrap: PairedBootstrap) -> Curve:
         points = sorted([*baseline, dense], key=lambda m: m.macs)
         samples = np.stack([bootstrap.top1(m.correct) for m in points], axis=1)
-        return cls(np.array([m.macs for m in points]), [float(m.correct.mean()) for m in points], samples)
+        return cls(points, np.array([m.macs for m in points]), [float(m.correct.mean()) for m in points], samples)
+
+    def holds(self, model: Evaluated) -> bool:
+        """Whether one of the curve's models is ``model`` itself: same MACs, same predictions."""
+        return any(
+            m.macs == model.macs and m.correct.shape == model.correct.shape and np.array_equal(m.correct, model.correct)
+            for m in self.models
+        )
 
 
-def _compare(point: Evaluated, point_samples: np.ndarray, curve: Curve) -> tuple[dict, np.ndarray | None, np.ndarray]:
-    """One point against one baseline curve: the table row and the replicates of delta and extra reduction."""
+@dataclass
+class Compared:
+    """One compared number (a difference at equal MACs, an extra reduction) of one row: its value and replicates
+    (``None`` out of range), and whether both sides are the same model."""
+
+    value: float | None
+    samples: np.ndarray | None
+    identical: bool = False
+
+    def columns(self, prefix: str, simultaneous: tuple[float, float] | None) -> dict:
+        """The row's columns for this number (``number_columns``)."""
+        if self.value is None or self.samples is None:
+            nothing = dict.fromkeys(number_columns(prefix), np.nan)
+            return nothing | {f"{prefix}_verdict": "out of range", f"{prefix}_sim_verdict": "out of range"}
+        marginal = Estimate(self.value, *interval(self.samples), self.identical)
+        joint = Estimate(self.value, *(simultaneous or (marginal.low, marginal.high)), self.identical)
+        return {
+            NUMBERS[prefix]: self.value,
+            f"{prefix}_low": marginal.low,
+            f"{prefix}_high": marginal.high,
+            f"{prefix}_verdict": marginal.verdict,
+            f"{prefix}_sim_low": joint.low,
+            f"{prefix}_sim_high": joint.high,
+            f"{prefix}_sim_verdict": joint.verdict,
+        }
+
+
+def _compare(point: Evaluated, point_samples: np.ndarray, curve: Curve) -> tuple[dict, Compared, Compared]:
+    """One point against one baseline curve: the row's plain columns, and its two compared numbers."""
     row: dict = {"macs": int(point.metrics["macs"]), "top1": float(point.correct.mean())}
+    identical = curve.holds(point)
     edges = envelope(curve.macs, curve.top1)[0]
     row["delta_span"] = segment_span(edges, point.macs) or np.nan
     baseline = top1_at_macs(curve.macs, curve.top1, point.macs)
-    delta_samples = None
-    if baseline is None:
-        row |= {"baseline_top1": np.nan, "delta_top1": np.nan, "delta_low": np.nan, "delta_high": np.nan}
-        row["delta_verdict"] = "out of range"
-    else:  # each replicate reads its own curve's Pareto front at the point's MACs: paired, point minus curve
+    row["baseline_top1"] = np.nan if baseline is None else baseline
+    delta = Compared(None, None, identical)
+    if baseline is not None:  # each replicate reads its own curve's Pareto front at the point's MACs: paired
         curve_samples = np.array([top1_at_macs(curve.macs, replicate, point.macs) for replicate in curve.samples])
-        delta_samples = point_samples - curve_samples
-        delta = estimate(row["top1"] - baseline, delta_samples)
-        row |= {"baseline_top1": baseline, "delta_top1": delta.value}
-        row |= {"delta_low": delta.low, "delta_high": delta.high, "delta_verdict": delta.verdict}
+        delta = Compared(row["top1"] - baseline, point_samples - curve_samples, identical)
 
     value = extra_reduction(point.macs, row["top1"], curve.macs, curve.top1)
-    extra_samples = np.array(
-        [extra_reduction_or_bound(point.macs, f, curve.macs, c) for f, c in zip(point_samples, curve.samples)]
-    )
+    extra = Compared(value, None, identical)
     row["extra_bound"] = np.nan
     if value is None:
-        row |= {"baseline_macs": np.nan, "extra_reduction": np.nan, "extra_low": np.nan, "extra_high": np.nan}
-        row["extra_verdict"] = "out of range"
         if row["top1"] < curve.top1[0]:  # the baseline's cheapest model is already more accurate: a bound
             row["extra_bound"] = 1 - point.macs / curve.macs[0]
     else:
-        extra = estimate(value, extra_samples)
-        row |= {"baseline_macs": point.macs / (1 - value), "extra_reduction": value}
-        row |= {"extra_low": extra.low, "extra_high": extra.high, "extra_verdict": extra.verdict}
+        extra.samples = np.array(
+            [extra_reduction_or_bound(point.macs, f, curve.macs, c) for f, c in zip(point_samples, curve.samples)]
+        )
+    row["baseline_macs"] = np.nan if value is None else point.macs / (1 - value)
     row["extra_span"] = np.nan if value is None else segment_span(edges, row["baseline_macs"]) or np.nan
-    return row, delta_samples, extra_samples
+    return row, delta, extra
+
+
+def _mean(numbers: Sequence[Compared]) -> Compared:
+    """The mean over budgets of one comparison's numbers, from the same replicates; out of range when a budget is.
+    A replicate with an unboundedly low and an unboundedly high budget has no value (NaN)."""
+    if any(n.value is None for n in numbers):
+        return Compared(None, None)
+    with np.errstate(invalid="ignore"):
+        samples = np.mean([n.samples for n in numbers], axis=0)
+    return Compared(float(np.mean([n.value for n in numbers])), samples, all(n.identical for n in numbers))
+
+
+def _table(rows: list[dict], numbers: list[dict[str, Compared]], columns: list[str]) -> pd.DataFrame:
+    """Rows with each compared number's columns; simultaneous intervals over the table's rows, per number."""
+    for prefix in NUMBERS:
+        present = [index for index, row in enumerate(numbers) if row[prefix].value is not None]
+        ends = dict(zip(present, simultaneous(np.array([numbers[i][prefix].samples for i in present])), strict=True))
+        for index, (row, compared) in enumerate(zip(rows, numbers, strict=True)):
+            row |= compared[prefix].columns(prefix, ends.get(index))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def comparison_table(
     models: Sequence[Evaluated], bootstrap: PairedBootstrap, compared: Sequence[tuple[str, str]] | None = None
-) -> tuple[pd.DataFrame, dict[tuple[str, str], dict[str, Estimate]]]:
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per comparison (method, baseline) and budget of the method: top-1 difference at equal MACs, extra MACs
-    reduction at equal top-1.
+    reduction at equal top-1; and per comparison, their means over the method's budgets (the primary result).
 
     ``compared`` defaults to every method against each of its baselines (``methods.comparisons``).
-    Returns the table and, per comparison, the means over the method's budgets of both
-    numbers with their intervals (from the same replicates; a budget out of the curve's
-    range leaves that mean out). Every number is paired on the same seeds and test images.
+    Every number is paired on the same runs, seeds and test images and has its 95%
+    interval and verdict (unadjusted: each taken alone) and its simultaneous interval and
+    verdict (holding together with every other number of its kind in the same table).
+    A mean over budgets is out of range when one of its budgets is. A method without
+    models has no rows.
     """
     dense = next(m for m in models if m.method == "dense")
-    rows, means = [], {}
+    rows, numbers, mean_rows, mean_numbers = [], [], [], []
     for method, baseline in comparisons() if compared is None else compared:
         points = sorted((m for m in models if m.method == method), key=lambda m: m.budget)
+        if not points:
+            continue
         curve = Curve.of([m for m in models if m.method == baseline], dense, bootstrap)
-        deltas, extras, delta_values, extra_values = [], [], [], []
+        own = []
         for point in points:
-            row, delta_samples, extra_samples = _compare(point, bootstrap.top1(point.correct), curve)
+            row, delta, extra = _compare(point, bootstrap.top1(point.correct), curve)
             rows.append({"method": method, "budget": point.budget, "baseline": baseline, **row})
-            if delta_samples is not None:
-                deltas.append(delta_samples)
-                delta_values.append(row["delta_top1"])
-            if not np.isnan(row["extra_reduction"]):
-                extras.append(extra_samples)
-                extra_values.append(row["extra_reduction"])
-        mean = means[method, baseline] = {}
-        if points and len(deltas) == len(points):
-            mean["delta_top1"] = estimate(float(np.mean(delta_values)), np.mean(deltas, axis=0))
-        if points and len(extras) == len(points):
-            with np.errstate(invalid="ignore"):  # +inf and -inf replicates of two budgets: unbounded both ways
-                samples = np.nan_to_num(np.mean(extras, axis=0), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
-            mean["extra_reduction"] = estimate(float(np.mean(extra_values)), samples)
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), means
+            own.append({"delta": delta, "extra": extra})
+        numbers += own
+        mean_rows.append({"method": method, "baseline": baseline, "budgets": len(points)})
+        mean_numbers.append({prefix: _mean([n[prefix] for n in own]) for prefix in NUMBERS})
+    return _table(rows, numbers, COMPARISON_COLUMNS), _table(mean_rows, mean_numbers, MEAN_COLUMNS)
 
 
 def ranks_table(layers: pd.DataFrame, configs: Mapping[float, Mapping[str, int]]) -> pd.DataFrame:
@@ -251,10 +298,11 @@ def readable_search_costs(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _percent(value: float, signed: bool = False) -> str:
+    """A fraction in percent; an unbounded end as ±∞, except an unsigned one (a reduction), which stays below 100."""
     if pd.isna(value):
         return "—"
     if np.isinf(value):
-        return "−∞" if value < 0 else "+∞"
+        return "−∞" if value < 0 else "+∞" if signed else "< 100"
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
@@ -294,7 +342,8 @@ def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -
 
 
 def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
-    """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent."""
+    """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent; per number,
+    its 95% interval and verdict taken alone (unadjusted), then its simultaneous interval and verdict."""
     return pd.DataFrame(
         {
             "method": table["method"],
@@ -305,24 +354,56 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
             "baseline top-1 % at equal MACs": [
                 f"{_percent(value)}{_wide(span)}" for value, span in zip(table["baseline_top1"], table["delta_span"])
             ],
-            "Δ top-1 [95% interval]": [
-                "out of range" if pd.isna(d) else f"{_percent(d, True)} {_bracket(lo, hi, True)}"
-                for d, lo, hi in zip(table["delta_top1"], table["delta_low"], table["delta_high"], strict=True)
-            ],
-            "Δ verdict": table["delta_verdict"],
+            "Δ top-1 [95% interval]": _numbers(table, "delta"),
+            "Δ verdict (unadjusted)": table["delta_verdict"],
+            "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
             f"baseline {macs_unit} at equal top-1": [
                 "out of range" if pd.isna(v) else f"{v / macs_divisor:.3f}{_wide(span)}"
                 for v, span in zip(table["baseline_macs"], table["extra_span"])
             ],
             "extra MACs reduction % [95% interval]": [
-                _reduction(e, lo, hi, bound)
-                for e, lo, hi, bound in zip(
-                    table["extra_reduction"], table["extra_low"], table["extra_high"], table["extra_bound"], strict=True
-                )
+                _bounded(number, bound) for number, bound in zip(_numbers(table, "extra"), table["extra_bound"])
             ],
-            "reduction verdict": table["extra_verdict"],
+            "reduction verdict (unadjusted)": table["extra_verdict"],
+            "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
         }
     )
+
+
+def readable_means(table: pd.DataFrame) -> pd.DataFrame:
+    """The means over budgets (the primary result) for Markdown/LaTeX."""
+    return pd.DataFrame(
+        {
+            "method": table["method"],
+            "baseline": table["baseline"],
+            "budgets": table["budgets"].map(_count),
+            "mean Δ top-1 [95% interval]": _numbers(table, "delta"),
+            "Δ verdict": table["delta_verdict"],
+            "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
+            "mean extra MACs reduction % [95% interval]": _numbers(table, "extra"),
+            "reduction verdict": table["extra_verdict"],
+            "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
+        }
+    )
+
+
+def _numbers(table: pd.DataFrame, prefix: str) -> list[str]:
+    """A compared number with its 95% interval (differences signed, in points; reductions in percent)."""
+    signed = prefix == "delta"
+    return [
+        "out of range" if pd.isna(value) else f"{_percent(value, signed)} {_bracket(low, high, signed)}"
+        for value, low, high in zip(table[NUMBERS[prefix]], table[f"{prefix}_low"], table[f"{prefix}_high"])
+    ]
+
+
+def _simultaneous(table: pd.DataFrame, prefix: str) -> list[str]:
+    signed = prefix == "delta"
+    return [
+        verdict if pd.isna(low) else f"{_bracket(low, high, signed)}: {verdict}"
+        for low, high, verdict in zip(
+            table[f"{prefix}_sim_low"], table[f"{prefix}_sim_high"], table[f"{prefix}_sim_verdict"], strict=True
+        )
+    ]
 
 
 def _wide(span: float) -> str:
@@ -330,13 +411,11 @@ def _wide(span: float) -> str:
     return f" (interpolated across {span:.3g}× in MACs)" if not pd.isna(span) and span > WIDE_SEGMENT else ""
 
 
-def _reduction(value: float, low: float, high: float, bound: float) -> str:
-    """An extra MACs reduction with its interval; out of range, the bound it obeys when there is one."""
-    if not pd.isna(value):
-        return f"{_percent(value)} {_bracket(low, high, False)}"
-    if not pd.isna(bound):
+def _bounded(number: str, bound: float) -> str:
+    """An extra MACs reduction; out of range below the baseline's cheapest model, the bound it obeys."""
+    if number == "out of range" and not pd.isna(bound):
         return f"out of range: below {_percent(bound)} (the baseline's cheapest model is more accurate)"
-    return "out of range"
+    return number
 
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:

@@ -11,18 +11,24 @@ subnet sizes and the bootstrap) and writes `results/report/`:
 - `comparison.{csv,md,tex}`: per FLORA budget, against the control and against SVD
   uniform, and per budget of FLORA on ViT-Slim's (OFB's) model, against ViT-Slim (OFB) alone: the
   top-1 difference at equal MACs (the baseline's curve interpolated at the point's
-  MACs) and the extra MACs reduction at equal top-1, each with its 95% interval and a
-  verdict (better / worse / within noise / out of range)
+  MACs) and the extra MACs reduction at equal top-1, each with its 95% interval and
+  verdict taken alone (unadjusted: better / worse / within noise / identical model /
+  undetermined / out of range), and its simultaneous interval and verdict
+- `means.{csv,md,tex}`: per comparison, both numbers' means over the method's budgets:
+  the report's primary result
 - `ranks.{csv,md,tex}`: every target layer's rank in every searched subnet
 - `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
 - `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
   that choose its model (once, and per budget), fine-tuning excluded
 - `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
   `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
-- `summary.json`: every budget's comparison and the means over budgets, with intervals
+- `summary.json`: the means over budgets and every budget's comparison, with intervals;
+  an interval end is a number, ``"unbounded"``, or (an extra reduction's upper end)
+  ``"< 1"``; an out-of-range number is ``null`` with the verdict ``out of range``
 
-Intervals: a paired bootstrap over seeds and test images (`flora_steps.report.stats`), the
-same replicates for every number. Outputs are deterministic: the same results give
+Intervals: a paired, hierarchical bootstrap over runs, fine-tuning seeds and test images
+(`flora_steps.report.stats`), the same replicates for every number. A report from one run
+says (in its log and `summary.json`) that its intervals omit run-to-run variance. Outputs are deterministic: the same results give
 byte-identical files.
 """
 
@@ -47,6 +53,7 @@ from ..report.figures import macs_unit, plot_ranks, plot_sampling, plot_search, 
 from ..report.layer_figures import plot_sensitivity, plot_spectra, single_layer_kl
 from ..report.stats import CONFIDENCE, PairedBootstrap
 from ..report.tables import (
+    NUMBERS,
     Evaluated,
     comparison_table,
     costs_table,
@@ -55,6 +62,7 @@ from ..report.tables import (
     ranks_table,
     readable,
     readable_comparison,
+    readable_means,
     readable_results,
     readable_search_costs,
     results_table,
@@ -76,6 +84,10 @@ from ..runtime.models import input_shape
 log = logging.getLogger(__name__)
 SAMPLED_SUBNETS = 4000
 REPLICATES = 2000  # bootstrap replicates of every interval
+OMITTED_RUNS = (
+    "run-to-run variance: the supernet, the searches and the pruning ran once, so these intervals cover "
+    "fine-tuning seeds and test images only"
+)
 
 
 def read_csv(path) -> pd.DataFrame:
@@ -85,11 +97,13 @@ def read_csv(path) -> pd.DataFrame:
         raise UserError(f"{path}: not found (run the stage that writes it first)") from None
 
 
-def write_table(context: StageContext, name: str, table: pd.DataFrame, shown: pd.DataFrame) -> None:
-    """``<name>.csv`` (raw numbers), ``<name>.md`` and ``<name>.tex`` (readable)."""
+def write_table(
+    context: StageContext, name: str, table: pd.DataFrame, shown: pd.DataFrame, note: str | None = None
+) -> None:
+    """``<name>.csv`` (raw numbers), ``<name>.md`` and ``<name>.tex`` (readable, ``note`` in their first line)."""
     write_csv(context.output(f"{name}_csv"), table)
-    write_text(context.output(f"{name}_md"), markdown(shown))
-    write_text(context.output(f"{name}_tex"), latex(shown))
+    write_text(context.output(f"{name}_md"), (f"{note}\n\n" if note else "") + markdown(shown))
+    write_text(context.output(f"{name}_tex"), (f"% {note}\n" if note else "") + latex(shown))
 
 
 def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> tuple[dict[str, np.ndarray], int]:
@@ -153,12 +167,30 @@ def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]
     return models, shared or []
 
 
-def _interval(low: float, high: float) -> list[float | None]:
-    return [None if not math.isfinite(v) else float(v) for v in (low, high)]
-
-
 def _clean(value: float) -> float | None:
     return None if pd.isna(value) else float(value)
+
+
+def _end(value: float, prefix: str) -> float | str:
+    """An interval end for JSON: a number; ``"unbounded"``; an extra reduction's unbounded upper end ``"< 1"``."""
+    if math.isfinite(value):
+        return float(value)
+    return "< 1" if prefix == "extra" and value > 0 else "unbounded"
+
+
+def compared_number(row: pd.Series, prefix: str) -> dict:
+    """One compared number of a table row for JSON: value (``None`` out of range), interval and verdict
+    (unadjusted), simultaneous interval and verdict (``interval`` ``None`` out of range)."""
+    value = _clean(row[NUMBERS[prefix]])
+    ends = (None, None) if value is None else (row[f"{prefix}_low"], row[f"{prefix}_high"])
+    joint = (None, None) if value is None else (row[f"{prefix}_sim_low"], row[f"{prefix}_sim_high"])
+    return {
+        "value": value,
+        "interval": None if value is None else [_end(end, prefix) for end in ends],
+        "verdict": row[f"{prefix}_verdict"],
+        "simultaneous_interval": None if value is None else [_end(end, prefix) for end in joint],
+        "simultaneous_verdict": row[f"{prefix}_sim_verdict"],
+    }
 
 
 def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame) -> list[dict]:
@@ -172,19 +204,16 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
                 "macs": int(point["macs"]),
                 "top1": float(point["top1"]),
                 "top1_std": _clean(point["top1_std"]),
-                "top1_interval": _interval(point["top1_low"], point["top1_high"]),
+                "top1_interval": [float(point["top1_low"]), float(point["top1_high"])],
             },
         }
         for _, row in rows.iterrows():
             entry[f"vs_{row['baseline']}"] = {
                 "top1_at_equal_macs": _clean(row["baseline_top1"]),
-                "delta_top1": _clean(row["delta_top1"]),
-                "delta_top1_interval": _interval(row["delta_low"], row["delta_high"]),
-                "delta_top1_verdict": row["delta_verdict"],
+                "delta_top1": compared_number(row, "delta"),
                 "delta_top1_segment": _clean(row["delta_span"]),  # upper over lower MACs of the curve segment used
-                "extra_macs_reduction": _clean(row["extra_reduction"]),
-                "extra_macs_reduction_interval": _interval(row["extra_low"], row["extra_high"]),
-                "extra_macs_reduction_verdict": row["extra_verdict"],
+                "baseline_macs_at_equal_top1": _clean(row["baseline_macs"]),
+                "extra_macs_reduction": compared_number(row, "extra"),
                 "extra_macs_reduction_below": _clean(row["extra_bound"]),  # when out of range below the curve
                 "extra_macs_reduction_segment": _clean(row["extra_span"]),
             }
@@ -192,8 +221,11 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
     return entries
 
 
-def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: dict, seeds) -> dict:
-    """The report's numbers as JSON: every budget's comparisons and the means over budgets, with intervals.
+def summary(
+    models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: pd.DataFrame, seeds, runs: int
+) -> dict:
+    """The report's numbers as JSON: per compared method, the means over budgets (the primary result) and every
+    budget's comparisons, with intervals.
 
     The first compared method's (FLORA's) at the top level, every other compared method's under its name.
     """
@@ -202,9 +234,12 @@ def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataF
 
     def mean_over_budgets(method: str) -> dict:
         return {
-            f"vs_{baseline}": {name: value.as_dict() for name, value in numbers.items()}
-            for (compared, baseline), numbers in means.items()
-            if compared == method
+            f"vs_{row['baseline']}": {
+                "budgets": int(row["budgets"]),
+                "delta_top1": compared_number(row, "delta"),
+                "extra_macs_reduction": compared_number(row, "extra"),
+            }
+            for _, row in means[means["method"] == method].iterrows()
         }
 
     training = {
@@ -214,18 +249,22 @@ def summary(models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataF
     return {
         "dense": {"top1": dense.metrics["top1"], "macs": dense.metrics["macs"], "params": dense.metrics["params"]},
         "protocol": {
+            "runs": runs,
             "seeds": seeds,
             "test_images": int(dense.correct.shape[1]),
-            "interval": f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over seeds and test "
-            f"images ({REPLICATES} replicates)",
+            "interval": f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over "
+            f"{'runs' if runs > 1 else 'fine-tuning seeds'} (t-corrected) and test images ({REPLICATES} replicates)",
+            "omitted_variance": OMITTED_RUNS if runs == 1 else None,
+            "primary": "mean_over_budgets; per-budget verdicts are unadjusted, simultaneous ones hold together "
+            "over each table's numbers of one kind",
         },
         "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
-        "budgets": budget_entries(primary, results, comparison),
         "mean_over_budgets": mean_over_budgets(primary),
+        "budgets": budget_entries(primary, results, comparison),
         **{
             other: {
-                "budgets": budget_entries(other, results, comparison),
                 "mean_over_budgets": mean_over_budgets(other),
+                "budgets": budget_entries(other, results, comparison),
             }
             for other in others
         },
@@ -274,11 +313,15 @@ def run(context: StageContext) -> None:
     bootstrap = PairedBootstrap(
         max(len(seeds), 1), dense.correct.shape[1], REPLICATES, np.random.default_rng(params.seed)
     )
+    note = f"Intervals omit {OMITTED_RUNS}." if bootstrap.omits_runs else None
+    if note:
+        log.warning(note)
     results = results_table(models, bootstrap)
     comparison, means = comparison_table(models, bootstrap)
     divisor, unit = macs_unit(dense.macs)
-    write_table(context, "results", results, readable_results(results, divisor, unit))
-    write_table(context, "comparison", comparison, readable_comparison(comparison, divisor, unit))
+    write_table(context, "results", results, readable_results(results, divisor, unit), note)
+    write_table(context, "comparison", comparison, readable_comparison(comparison, divisor, unit), note)
+    write_table(context, "means", means, readable_means(means), note)
 
     layers = read_csv(context.input("layers"))
     configs = {
@@ -316,31 +359,16 @@ def run(context: StageContext) -> None:
     save_figure(context.output("ranks_figure"), plot_ranks(fractions))
     save_figure(context.output("sampling"), plot_sampling(*sampled_macs(context, space)))
 
-    numbers = summary(models, results, comparison, means, seeds)
+    numbers = summary(models, results, comparison, means, seeds, bootstrap.runs)
     numbers["pipeline_seconds"] = round(float(costs["seconds"].iloc[-1]), 2)
     write_json(context.output("summary"), numbers)
-    for (method, baseline), values in means.items():
-        delta, extra = values.get("delta_top1"), values.get("extra_reduction")
-        if delta is not None:
-            log.info(
-                "%s vs %s at equal MACs, mean over budgets: %+.2f points of top-1 [%+.2f, %+.2f], %s",
-                method,
-                baseline,
-                100 * delta.value,
-                100 * delta.low,
-                100 * delta.high,
-                delta.verdict,
-            )
-        if extra is not None:
-            log.info(
-                "%s vs %s at equal top-1, mean over budgets: %.1f%% fewer MACs [%.1f, %.1f], %s",
-                method,
-                baseline,
-                100 * extra.value,
-                100 * extra.low,
-                100 * extra.high,
-                extra.verdict,
-            )
+    shown = readable_means(means)
+    for _, row in shown.iterrows():
+        log.info(
+            "%s vs %s, mean over %s budgets (primary): top-1 at equal MACs %s, %s; fewer MACs at equal top-1 %s, %s",
+            *row[["method", "baseline", "budgets", "mean Δ top-1 [95% interval]", "Δ verdict"]],
+            *row[["mean extra MACs reduction % [95% interval]", "reduction verdict"]],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
