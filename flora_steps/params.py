@@ -268,7 +268,8 @@ class SearchParams(Section):
     mutation_prob: Annotated[float, Field(gt=0, le=1)]
     crossovers: NonNegativeInt
     generations: PositiveInt
-    val_images: PositiveInt | None  # fitness on this many val images; null: the whole val split
+    val_images: PositiveInt | None  # evolution's fitness on this many val images; null: all but the held-out ones
+    held_out: PositiveInt  # val images that choose nothing: the chosen subnet's reported val top-1
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> SearchParams:

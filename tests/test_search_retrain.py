@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, unifor
 from flora_steps.errors import UserError
 from flora_steps.runtime.artifacts import load_model, read_space
 from flora_steps.runtime.models import input_shape
-from flora_steps.stages.search import check_reachable
+from flora_steps.stages.search import check_reachable, choose, val_parts
 from flora_steps.tools.export import export_onnx, onnx_max_difference
 
 DENSE_MACS = 3_495_040
@@ -50,6 +51,58 @@ def test_search_returns_a_legal_subnet_of_the_filtered_space(searched: Path) -> 
     assert list(history["generation"]) == [1, 2, 3]
     assert history["best_top1"].is_monotonic_increasing
     assert metrics["evaluations"] == history["evaluations"].iloc[-1] > 10
+    # The evolution's best candidates re-ranked on every choosing image; the held-out ones measure the chosen one.
+    candidates = pd.read_csv(out / "candidates.csv")
+    assert len(candidates) == 4 and candidates["chosen"].sum() == 1  # smoke: search.top_k
+    assert list(candidates["search_rank"]) == [1, 2, 3, 4] and candidates["search_top1"].is_monotonic_decreasing
+    chosen = candidates[candidates["chosen"]].iloc[0]
+    assert chosen["choosing_top1"] == candidates["choosing_top1"].max()
+    assert metrics["top1"] == pytest.approx(chosen["held_out_top1"]) and metrics["macs"] == chosen["macs"]
+    assert metrics["held_out_images"] == 32 and metrics["choosing_images"] == 144 - 32
+
+
+class Tallies:
+    """A stand-in scorer: a preset tally (right, loss, images) per subnet."""
+
+    def __init__(self, tallies: dict[str, tuple[float, float, int]]) -> None:
+        self.tallies = tallies
+
+    def tally(self, ranks: dict[str, int]) -> np.ndarray:
+        return np.array(self.tallies[ranks["name"]], dtype=float)
+
+
+def test_the_choice_rests_on_every_choosing_image_and_never_on_the_held_out_ones() -> None:
+    """``b`` wins the evolution's 100 images by one, ``a`` wins the 200 choosing images; ``c`` is best held out."""
+    evolution = {
+        ("a",): np.array([80.0, 40.0, 100]),
+        ("b",): np.array([81.0, 40.0, 100]),
+        ("c",): np.array([70, 50, 100]),
+    }
+    rest = Tallies({"a": (90, 40, 100), "b": (85, 40, 100), "c": (70, 50, 100)})
+    held_out = Tallies({"a": (30, 20, 50), "b": (31, 20, 50), "c": (45, 10, 50)})
+    table = SimpleNamespace(macs=lambda genome: 10)
+    ranks = lambda genome: {"name": genome[0]}
+    top = [("b",), ("a",), ("c",)]
+    candidates = choose(top, evolution, ranks, rest, held_out, table)
+    assert candidates["chosen"].tolist() == [False, True, False]
+    assert candidates["choosing_top1"].tolist() == pytest.approx([0.83, 0.85, 0.70])
+    assert candidates["held_out_top1"].tolist() == pytest.approx([0.62, 0.60, 0.90])
+    alone = choose(top, evolution, ranks, None, held_out, table)  # nothing beyond the evolution's images
+    assert alone["chosen"].tolist() == [True, False, False]
+
+
+def test_the_val_split_falls_into_three_disjoint_parts() -> None:
+    val = torch.utils.data.TensorDataset(torch.arange(100))
+    settings = SimpleNamespace(val_images=50, held_out=30)
+    evolution, rest, held_out = val_parts(val, settings, seed=0)
+    assert (len(evolution), len(rest), len(held_out)) == (50, 20, 30)
+    seen = [int(part[i][0]) for part in (evolution, rest, held_out) for i in range(len(part))]
+    assert sorted(seen) == list(range(100))
+    again = val_parts(val, settings, seed=0)
+    assert [int(again[2][i][0]) for i in range(30)] == [int(held_out[i][0]) for i in range(30)]
+    assert [len(part) for part in val_parts(val, SimpleNamespace(val_images=None, held_out=30), 0)] == [70, 0, 30]
+    with pytest.raises(UserError, match="search.held_out: 100 leaves no val image to search on"):
+        val_parts(val, SimpleNamespace(val_images=None, held_out=100), 0)
 
 
 def test_search_gives_the_same_result_for_the_same_seed(searched: Path, tmp_path: Path, monkeypatch) -> None:

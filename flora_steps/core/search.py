@@ -72,12 +72,14 @@ class MacsTable:
 
 @dataclass
 class SearchResult(Generic[Score]):
-    """The best genome, its score and MACs, and one summary row per generation."""
+    """The best genome, its score and MACs, the ``top_k`` best genomes seen (best first), and one summary row per
+    generation."""
 
     best: Genome
     score: Score
     macs: int
     evaluations: int
+    top: list[Genome] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
 
@@ -243,4 +245,4 @@ def evolve(
             lambda best=top[0]: random_legal(rng, table, low, high) or best,
         )
     best = top[0]
-    return SearchResult(best, cache[best], table.macs(best), len(cache), history)
+    return SearchResult(best, cache[best], table.macs(best), len(cache), top, history)

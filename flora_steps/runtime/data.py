@@ -401,6 +401,12 @@ def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return KeyedSubset(dataset, indices.tolist())
 
 
+def partition(dataset: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """``size`` images of ``dataset`` drawn once with ``seed`` (all of it when smaller), and the others."""
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return tuple(KeyedSubset(dataset, np.sort(part).tolist()) for part in (order[:size], order[size:]))
+
+
 def default_workers() -> int:
     """Loader workers per process when ``compute.workers`` is null: the CPUs this job was given, shared
     by the processes ``torchrun`` started on this node, less one each for the training loop."""

@@ -5,23 +5,32 @@
 A subnet picks one rank tuple per block from the filtered space (`filter`); it is
 legal when its MACs lie in [budget - search.band, budget] (fractions of the dense
 model's MACs). Fitness is val top-1 of the trained supernet (`supernet`) at the
-subnet's ranks, ties broken by the distillation loss to the dense base model, on
-the val split or a fixed `search.val_images` subset of it. The search itself
+subnet's ranks, ties broken by the distillation loss to the dense base model. The
+val split is drawn once (`seed`) into three disjoint parts, so that the choice does
+not rest on the noise of a few images and the reported top-1 is not the one that
+chose: the evolution scores subnets on `search.val_images` of them; its `search.top_k`
+best candidates are re-ranked on every val image but the held-out ones (the
+evolution's and the rest), and the fittest there is chosen; `search.held_out`
+images, which choose nothing, measure it. The search itself
 (stratified initial population, mutation, crossover, random fill, a cache of
 visited subnets) is `flora_steps.core.search`; as in the released code, a mutation
 draws a block's new rank tuple by the supernet's sampling rule (`supernet.sampling`:
 p ∝ 1/∏ratio) and a crossover takes each layer's rank from either parent. Under `torchrun` (`compute.processes`)
 every process scores each subnet on its share of the images. Writes `results/search/<budget>/`:
 
-- `ranks.json`: the best subnet as a rank config
+- `ranks.json`: the chosen subnet as a rank config
 - `history.csv`: per generation, evaluations so far, best and top-k mean fitness, best MACs
-- `metrics.json`: the best subnet's val top-1 and loss, MACs, parameters; evaluations per second
+- `candidates.csv`: the best candidates, in the evolution's order: MACs, val top-1 on the
+  evolution's images, on every choosing image, and on the held-out images; which was chosen
+- `metrics.json`: the chosen subnet's val top-1 on the held-out images (`top1`) and on the
+  images that chose it, MACs, parameters; evaluations per second
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import total_ordering
 
@@ -36,7 +45,7 @@ from ..errors import UserError
 from ..pipeline.schema import budgets_key
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.data import build_splits, fixed_subset, make_loader
+from ..runtime.data import build_splits, make_loader, partition
 from ..runtime.distributed import is_first, sum_over_processes
 from ..runtime.models import data_config, input_shape
 from ..runtime.progress import progress
@@ -54,6 +63,12 @@ class Fitness:
     top1: float
     loss: float
 
+    @classmethod
+    def of(cls, tally: np.ndarray) -> Fitness:
+        """From a tally (correct, summed loss, images)."""
+        correct, loss, images = tally
+        return cls(correct / images, loss / images)
+
     def __lt__(self, other: Fitness) -> bool:
         return (self.top1, -self.loss) < (other.top1, -other.loss)
 
@@ -61,28 +76,22 @@ class Fitness:
 class SubnetScorer:
     """Scores subnets of a supernet on fixed batches against the dense model's logits.
 
-    Under ``torchrun`` each process holds its share of the images and every score
+    Under ``torchrun`` each process holds its share of the images and every tally
     combines all shares, so every process runs the same evolution.
     """
 
-    def __init__(
-        self,
-        supernet: torch.nn.Module,
-        batches: list,
-        teacher_logits: list,
-        temperature: float,
-        amp: bool,
-        device: torch.device,
-    ):
+    def __init__(self, supernet: torch.nn.Module, teacher: torch.nn.Module, loader, params, device: torch.device):
         self.supernet = supernet.eval()
-        self.batches = batches
-        self.teacher_logits = teacher_logits
-        self.temperature = temperature
-        self.amp = amp
+        self.batches = [(images.to(device), labels.to(device)) for images, labels in loader]
+        with torch.no_grad(), autocast(device, params.compute.amp):
+            self.teacher_logits = [teacher(images).float() for images, _ in self.batches]
+        self.temperature = params.supernet.temperature
+        self.amp = params.compute.amp
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, ranks: dict[str, int]) -> Fitness:
+    def tally(self, ranks: dict[str, int]) -> np.ndarray:
+        """(images right, summed distillation loss, images) of the subnet at ``ranks``, over every process."""
         set_ranks(self.supernet, ranks)
         correct, loss, count = 0, 0.0, 0
         for (images, labels), targets in zip(self.batches, self.teacher_logits, strict=True):
@@ -91,8 +100,19 @@ class SubnetScorer:
             correct += (logits.argmax(1) == labels).sum().item()
             loss += distillation_loss(logits, targets, labels, self.temperature, 0.0).item() * len(labels)
             count += len(labels)
-        correct, loss, count = sum_over_processes([correct, loss, count], self.device)
-        return Fitness(correct / count, loss / count)
+        return np.array(sum_over_processes([correct, loss, count], self.device))
+
+
+def val_parts(val, cfg, seed: int) -> tuple:
+    """The val split in three disjoint parts: the evolution's (``search.val_images``), the rest of the images
+    that choose among its best candidates, and ``search.held_out`` images that only measure the chosen one."""
+    if cfg.held_out >= len(val):
+        raise UserError(
+            f"search.held_out: {cfg.held_out} leaves no val image to search on (the val split has {len(val)})"
+        )
+    held_out, choosing = partition(val, cfg.held_out, seed)
+    evolution, rest = partition(choosing, cfg.val_images or len(choosing), seed)
+    return evolution, rest, held_out
 
 
 def check_reachable(table: MacsTable, low: float, high: float, dense: int, key: str, budget: float) -> None:
@@ -109,6 +129,35 @@ def check_reachable(table: MacsTable, low: float, high: float, dense: int, key: 
         )
 
 
+def choose(
+    top: list[Genome],
+    tallies: dict[Genome, np.ndarray],
+    ranks_of: Callable[[Genome], dict[str, int]],
+    rest: SubnetScorer | None,
+    held_out: SubnetScorer,
+    table: MacsTable,
+) -> pd.DataFrame:
+    """The evolution's best candidates (``top``, best first), re-ranked on every choosing image (the evolution's and
+    ``rest``'s, if any): the fittest there is chosen; each is also measured on the held-out images, which choose
+    nothing."""
+    rows = []
+    for index, genome in enumerate(top):
+        ranks = ranks_of(genome)
+        choosing = tallies[genome] + (0 if rest is None else rest.tally(ranks))
+        rows.append(
+            {
+                "search_rank": index + 1,
+                "macs": table.macs(genome),
+                "search_top1": Fitness.of(tallies[genome]).top1,
+                "choosing_top1": Fitness.of(choosing).top1,
+                "choosing_loss": Fitness.of(choosing).loss,
+                "held_out_top1": Fitness.of(held_out.tally(ranks)).top1,
+            }
+        )
+    best = max(range(len(rows)), key=lambda i: Fitness(rows[i]["choosing_top1"], rows[i]["choosing_loss"]))
+    return pd.DataFrame(rows).assign(chosen=lambda t: t.index == best)
+
+
 def run(context: StageContext) -> None:
     params, device, budget = context.params, context.device, context.budget
     cfg = params.search
@@ -122,23 +171,29 @@ def run(context: StageContext) -> None:
     check_reachable(table, low, high, dense, budgets_key(context.stage.foreach), budget)
 
     splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
-    val = splits.val if cfg.val_images is None else fixed_subset(splits.val, cfg.val_images, params.seed)
-    loader = make_loader(val, params.data.eval_batch_size, device, context.workers, splits.on_device)
+    parts = val_parts(splits.val, cfg, params.seed)
     supernet.to(device)
     teacher.to(device).eval()
-    batches = [(images.to(device), labels.to(device)) for images, labels in loader]
-    with torch.no_grad(), autocast(device, params.compute.amp):
-        teacher_logits = [teacher(images).float() for images, _ in batches]
-    scorer = SubnetScorer(supernet, batches, teacher_logits, params.supernet.temperature, params.compute.amp, device)
+    evolution, rest, held_out = (
+        SubnetScorer(
+            supernet,
+            teacher,
+            make_loader(part, params.data.eval_batch_size, device, context.workers, splits.on_device),
+            params,
+            device,
+        )
+        for part in parts
+    )
     log.info(
-        "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images",
+        "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images, the best %d "
+        "candidates chosen on %d more, the chosen one measured on %d held out",
         context.budget_name,
         low,
         high,
         dense,
         table.smallest,
         table.largest,
-        len(val),
+        *(len(parts[0]), cfg.top_k, len(parts[1]), len(parts[2])),
     )
 
     settings = EvolutionSettings(
@@ -153,8 +208,11 @@ def run(context: StageContext) -> None:
     operators = Operators.from_space(space, weights)  # mutation by the supernet's sampling, crossover per layer
     bar = progress(desc=f"search {context.budget_name}", total=cfg.generations)
 
+    tallies: dict[Genome, np.ndarray] = {}
+
     def fitness(genome: Genome) -> Fitness:
-        return scorer(space.ranks(genome_choices(space, genome)))
+        tallies[genome] = evolution.tally(space.ranks(genome_choices(space, genome)))
+        return Fitness.of(tallies[genome])
 
     def report(row: dict) -> None:
         bar.update()
@@ -177,9 +235,18 @@ def run(context: StageContext) -> None:
     finally:
         bar.close()
     search_seconds = time.perf_counter() - search_started
+    candidates = choose(
+        result.top,
+        tallies,
+        lambda g: space.ranks(genome_choices(space, g)),
+        rest if len(parts[1]) else None,
+        held_out,
+        table,
+    )
     set_ranks(supernet, {})
-
-    ranks = space.ranks(genome_choices(space, result.best))
+    chosen = candidates[candidates["chosen"]].iloc[0]
+    genome = result.top[int(chosen["search_rank"]) - 1]
+    ranks = space.ranks(genome_choices(space, genome))
     history = pd.DataFrame(
         [
             {
@@ -198,14 +265,18 @@ def run(context: StageContext) -> None:
         return
     write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
     write_csv(context.output("history"), history)
+    write_csv(context.output("candidates"), candidates)
     write_json(
         context.output("metrics"),
         {
             "budget": budget,
-            "top1": result.score.top1,  # val top-1 with the supernet's inherited weights
-            "val_loss": result.score.loss,
-            "macs": result.macs,
-            "macs_fraction": round(result.macs / dense, 6),
+            "top1": float(chosen["held_out_top1"]),  # val top-1, supernet weights, on images that did not choose it
+            "held_out_images": len(parts[2]),
+            "search_top1": float(chosen["search_top1"]),  # on the evolution's images: optimistic (it chose)
+            "choosing_top1": float(chosen["choosing_top1"]),  # on every image that chose it
+            "choosing_images": len(parts[0]) + len(parts[1]),
+            "macs": int(chosen["macs"]),
+            "macs_fraction": round(int(chosen["macs"]) / dense, 6),
             "params": costs.params(ranks),
             "evaluations": result.evaluations,
             "evaluations_per_second": round(result.evaluations / search_seconds, 2),
@@ -213,9 +284,14 @@ def run(context: StageContext) -> None:
         },
     )
     log.info(
-        "best subnet: val top-1 %.2f%% at %.3f of dense MACs (%d evaluations, %.1f/s)",
-        100 * result.score.top1,
-        result.macs / dense,
+        "chosen subnet (search's #%d): val top-1 %.2f%% on %d held-out images (%.2f%% on the evolution's, %.2f%% "
+        "on every image that chose it) at %.3f of dense MACs (%d evaluations, %.1f/s)",
+        chosen["search_rank"],
+        100 * chosen["held_out_top1"],
+        len(parts[2]),
+        100 * chosen["search_top1"],
+        100 * chosen["choosing_top1"],
+        chosen["macs"] / dense,
         result.evaluations,
         result.evaluations / search_seconds,
     )
