@@ -111,8 +111,15 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
             assert (out / f"{name}.{suffix}").stat().st_size > 0, f"{name}.{suffix}"
     for name in FIGURES:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    results = pd.read_csv(out / "results.csv")
-    assert {"method", "budget", "macs", "params", "top1"} <= set(results.columns)
+    both = pd.read_csv(out / "results.csv")
+    assert {"protocol", "method", "budget", "macs", "params", "top1"} <= set(both.columns)
+    results = both[both["protocol"] == "fine-tuned"].reset_index(drop=True)
+    # The paper's protocol: the same models as their fine-tuning starts, evaluated once, with only what they inherit.
+    before = both[both["protocol"] == "inherited"].reset_index(drop=True)
+    assert list(before["method"]) == list(results["method"]) and before["seeds"].isna().all()
+    flora_metrics = json.loads((reported / "results/retrain/flora/0.5/metrics.json").read_text())
+    assert before[before["method"] == "flora"]["top1"].item() == pytest.approx(flora_metrics["top1_before_finetune"])
+    assert (before["train_steps"] == before["supernet_steps"]).iloc[1:].all()
     methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora"] + ["slim", "slim_flora"]
     methods += ["ofb"] * 2 + ["ofb_flora"]
     assert list(results["method"]) == methods
@@ -138,7 +145,9 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert on_ofb["train_steps"] == ofb["train_steps"] and on_ofb["macs"] < ofb["macs"]
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert "| method" in (out / "results.md").read_text() and " ± " in (out / "results.md").read_text()
-    comparison = pd.read_csv(out / "comparison.csv")
+    every = pd.read_csv(out / "comparison.csv")
+    assert list(every["protocol"]) == ["fine-tuned"] * 4 + ["inherited"] * 4
+    comparison = every[every["protocol"] == "fine-tuned"]
     assert list(comparison["method"]) == ["flora", "flora", "slim_flora", "ofb_flora"]
     assert list(comparison["baseline"]) == ["control", "uniform", "slim", "ofb"]
     assert list(comparison["budget"]) == [0.5, 0.5, 0.4, 0.4]
@@ -146,6 +155,8 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert comparison[["delta_verdict", "delta_sim_verdict", "extra_sim_verdict"]].isin(verdicts).all(axis=None)
     assert ((comparison["delta_sim_low"] <= comparison["delta_low"]) | comparison["delta_low"].isna()).all()
     means = pd.read_csv(out / "means.csv")
+    assert list(means["protocol"]) == ["fine-tuned"] * 4 + ["inherited"] * 4
+    means = means[means["protocol"] == "fine-tuned"]
     assert list(means["method"]) == ["flora", "flora", "slim_flora", "ofb_flora"] and means["budgets"].eq(1).all()
     assert means["delta_top1"].tolist() == pytest.approx(comparison["delta_top1"].tolist())  # one budget each
     for name in ("results", "comparison", "means"):  # one run: the tables say first what their intervals omit
@@ -160,25 +171,27 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file
-    assert [entry["budget"] for entry in summary["budgets"]] == [0.5]
-    entry = summary["budgets"][0]
+    fine_tuned = summary["fine-tuned"]
+    assert set(summary["inherited"]) == set(fine_tuned) == {"flora", "slim_flora", "ofb_flora"}
+    assert [entry["budget"] for entry in fine_tuned["flora"]["budgets"]] == [0.5]
+    entry = fine_tuned["flora"]["budgets"][0]
     assert entry["flora"]["top1"] == pytest.approx(flora["top1"], abs=1e-6) and entry["flora"]["macs"] == flora["macs"]
     assert set(entry) == {"budget", "flora", "vs_control", "vs_uniform"}
     assert entry["vs_control"]["delta_top1"]["verdict"] == comparison["delta_verdict"].iloc[0]
     assert entry["vs_control"]["delta_top1"]["interval"] == pytest.approx(
         comparison.iloc[0][["delta_low", "delta_high"]]
     )
-    assert summary["protocol"]["seeds"] == [0, 1] and summary["protocol"]["test_images"] == 360
-    assert summary["protocol"]["runs"] == 1 and "run-to-run variance" in summary["protocol"]["omitted_variance"]
-    assert summary["mean_over_budgets"]["vs_control"]["delta_top1"]["value"] == pytest.approx(
+    assert summary["statistics"]["seeds"] == [0, 1] and summary["statistics"]["test_images"] == 360
+    assert summary["statistics"]["runs"] == 1 and "run-to-run variance" in summary["statistics"]["omitted_variance"]
+    assert fine_tuned["flora"]["mean_over_budgets"]["vs_control"]["delta_top1"]["value"] == pytest.approx(
         means["delta_top1"][0], abs=1e-6
     )
     assert "max_extra_macs_reduction" not in summary  # never a maximum over budgets
-    assert set(summary["mean_over_budgets"]) == {"vs_control", "vs_uniform"}
-    assert [entry["budget"] for entry in summary["slim_flora"]["budgets"]] == [0.4]
-    assert set(summary["slim_flora"]["budgets"][0]) == {"budget", "slim_flora", "vs_slim"}
-    assert set(summary["slim_flora"]["mean_over_budgets"]) == {"vs_slim"}
-    assert set(summary["ofb_flora"]["budgets"][0]) == {"budget", "ofb_flora", "vs_ofb"}
+    assert set(fine_tuned["flora"]["mean_over_budgets"]) == {"vs_control", "vs_uniform"}
+    assert [entry["budget"] for entry in fine_tuned["slim_flora"]["budgets"]] == [0.4]
+    assert set(fine_tuned["slim_flora"]["budgets"][0]) == {"budget", "slim_flora", "vs_slim"}
+    assert set(summary["inherited"]["slim_flora"]["mean_over_budgets"]) == {"vs_slim"}
+    assert set(summary["inherited"]["ofb_flora"]["budgets"][0]) == {"budget", "ofb_flora", "vs_ofb"}
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
     assert list(search_costs.index) == ["uniform", "control", "flora", "slim", "slim_flora", "ofb", "ofb_flora"]
     assert search_costs.loc["ofb", "budgets"] == 2 and search_costs.loc["ofb", "one_off_seconds"] == 0

@@ -48,7 +48,7 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         assert (project / "results/smoke" / path).is_file(), path  # a profile's own results folder
     assert not (project / "results/pretrain").exists()  # params.yaml's results are not touched
     # a stage module's own lines reach its log, not only the library's (``python -m`` names it ``__main__``)
-    assert "best subnet" in (project / "results/smoke/on_slim/search/0.4/log.txt").read_text()
+    assert "chosen subnet" in (project / "results/smoke/on_slim/search/0.4/log.txt").read_text()
     assert "seed 1: test top-1" in (project / "results/smoke/retrain/flora/0.5/log.txt").read_text()
     dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
     assert "Nothing to be done" in dry.stdout + dry.stderr

@@ -85,6 +85,7 @@ _RETRAIN_OUTPUTS = {
     "ranks": Output("ranks.json"),
     "history": Output("history.csv"),
     "predictions": Output("predictions.csv"),
+    "inherited_predictions": Output("predictions_inherited.csv"),
     "metrics": Output("metrics.json", "metrics"),
 }
 _RETRAIN_PARAMS = (
@@ -391,7 +392,11 @@ _REPORT = _stage(
         **{
             f"{method}{suffix}": Input(stage, output)
             for method, stage in METHOD_STAGES.items()
-            for suffix, output in (("", "metrics"), ("_predictions", "predictions"))
+            for suffix, output in (
+                ("", "metrics"),
+                ("_predictions", "predictions"),
+                ("_inherited_predictions", "inherited_predictions"),
+            )
         },
     },
     params=(

@@ -59,6 +59,25 @@ COMPARISON_COLUMNS = [
     "extra_span",
 ]
 MEAN_COLUMNS = ["method", "baseline", "budgets", *number_columns("delta"), *number_columns("extra")]
+#: How the compared models were evaluated: every table holds both, every claim names one.
+PROTOCOLS = {
+    "fine-tuned": "every compressed model fine-tuned the same way, once per seed (ours, stricter)",
+    "inherited": "the paper's: every compressed model as its fine-tuning starts (the supernet's, the pruning "
+    "search's or the SVD's weights), evaluated once without fine-tuning",
+}
+
+
+def by_protocol(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One table per protocol stacked into one, with a first column ``protocol``."""
+    return pd.concat(
+        [table.assign(protocol=protocol)[["protocol", *table.columns]] for protocol, table in tables.items()],
+        ignore_index=True,
+    )
+
+
+def _protocol_first(table: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
+    """A readable table with the raw table's protocol column first, when it has one."""
+    return shown.assign(protocol=table["protocol"])[["protocol", *shown.columns]] if "protocol" in table else shown
 
 
 @dataclass(frozen=True)
@@ -316,74 +335,84 @@ def _count(value: float | None) -> str:
 
 def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
     """The results table for Markdown/LaTeX: top-1 as mean ± std over seeds with its 95% interval, in percent."""
-    return pd.DataFrame(
-        {
-            "method": table["method"],
-            "budget": table["budget"].map(lambda b: f"{b:g}"),
-            f"macs ({macs_unit})": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
-            "params": (table["params"] / 1e6).map(lambda v: f"{v:.3f} M"),
-            "MACs reduction": table["macs_reduction"].map(lambda v: f"{_percent(v)}%"),
-            "top-1 % (mean ± std)": [
-                _percent(top1) + ("" if pd.isna(std) else f" ± {_percent(std)}")
-                for top1, std in zip(table["top1"], table["top1_std"], strict=True)
-            ],
-            "95% interval": [
-                _bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
-            ],
-            "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
-            "seeds": table["seeds"].map(_count),
-            "training steps (inherited)": [
-                "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
-                for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)
-            ],
-            "training images": table["train_images"].map(_count),
-        }
+    return _protocol_first(
+        table,
+        pd.DataFrame(
+            {
+                "method": table["method"],
+                "budget": table["budget"].map(lambda b: f"{b:g}"),
+                f"macs ({macs_unit})": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+                "params": (table["params"] / 1e6).map(lambda v: f"{v:.3f} M"),
+                "MACs reduction": table["macs_reduction"].map(lambda v: f"{_percent(v)}%"),
+                "top-1 % (mean ± std)": [
+                    _percent(top1) + ("" if pd.isna(std) else f" ± {_percent(std)}")
+                    for top1, std in zip(table["top1"], table["top1_std"], strict=True)
+                ],
+                "95% interval": [
+                    _bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
+                ],
+                "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
+                "seeds": table["seeds"].map(_count),
+                "training steps (inherited)": [
+                    "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
+                    for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)
+                ],
+                "training images": table["train_images"].map(_count),
+            }
+        ),
     )
 
 
 def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -> pd.DataFrame:
     """The comparison table for Markdown/LaTeX: differences in points of top-1, reductions in percent; per number,
     its 95% interval and verdict taken alone (unadjusted), then its simultaneous interval and verdict."""
-    return pd.DataFrame(
-        {
-            "method": table["method"],
-            "budget": table["budget"].map(lambda b: f"{b:g}"),
-            "baseline": table["baseline"],
-            macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
-            "top-1 %": table["top1"].map(_percent),
-            "baseline top-1 % at equal MACs": [
-                f"{_percent(value)}{_wide(span)}" for value, span in zip(table["baseline_top1"], table["delta_span"])
-            ],
-            "Δ top-1 [95% interval]": _numbers(table, "delta"),
-            "Δ verdict (unadjusted)": table["delta_verdict"],
-            "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
-            f"baseline {macs_unit} at equal top-1": [
-                "out of range" if pd.isna(v) else f"{v / macs_divisor:.3f}{_wide(span)}"
-                for v, span in zip(table["baseline_macs"], table["extra_span"])
-            ],
-            "extra MACs reduction % [95% interval]": [
-                _bounded(number, bound) for number, bound in zip(_numbers(table, "extra"), table["extra_bound"])
-            ],
-            "reduction verdict (unadjusted)": table["extra_verdict"],
-            "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
-        }
+    return _protocol_first(
+        table,
+        pd.DataFrame(
+            {
+                "method": table["method"],
+                "budget": table["budget"].map(lambda b: f"{b:g}"),
+                "baseline": table["baseline"],
+                macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
+                "top-1 %": table["top1"].map(_percent),
+                "baseline top-1 % at equal MACs": [
+                    f"{_percent(value)}{_wide(span)}"
+                    for value, span in zip(table["baseline_top1"], table["delta_span"])
+                ],
+                "Δ top-1 [95% interval]": _numbers(table, "delta"),
+                "Δ verdict (unadjusted)": table["delta_verdict"],
+                "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
+                f"baseline {macs_unit} at equal top-1": [
+                    "out of range" if pd.isna(v) else f"{v / macs_divisor:.3f}{_wide(span)}"
+                    for v, span in zip(table["baseline_macs"], table["extra_span"])
+                ],
+                "extra MACs reduction % [95% interval]": [
+                    _bounded(number, bound) for number, bound in zip(_numbers(table, "extra"), table["extra_bound"])
+                ],
+                "reduction verdict (unadjusted)": table["extra_verdict"],
+                "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
+            }
+        ),
     )
 
 
 def readable_means(table: pd.DataFrame) -> pd.DataFrame:
     """The means over budgets (the primary result) for Markdown/LaTeX."""
-    return pd.DataFrame(
-        {
-            "method": table["method"],
-            "baseline": table["baseline"],
-            "budgets": table["budgets"].map(_count),
-            "mean Δ top-1 [95% interval]": _numbers(table, "delta"),
-            "Δ verdict": table["delta_verdict"],
-            "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
-            "mean extra MACs reduction % [95% interval]": _numbers(table, "extra"),
-            "reduction verdict": table["extra_verdict"],
-            "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
-        }
+    return _protocol_first(
+        table,
+        pd.DataFrame(
+            {
+                "method": table["method"],
+                "baseline": table["baseline"],
+                "budgets": table["budgets"].map(_count),
+                "mean Δ top-1 [95% interval]": _numbers(table, "delta"),
+                "Δ verdict": table["delta_verdict"],
+                "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
+                "mean extra MACs reduction % [95% interval]": _numbers(table, "extra"),
+                "reduction verdict": table["extra_verdict"],
+                "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
+            }
+        ),
     )
 
 

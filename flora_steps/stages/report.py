@@ -1,7 +1,11 @@
 """Paper-style tables and figures from the finished pipeline, with intervals, and a summary of the results.
 
 Reads the other stages' results (nothing is recomputed but a few thousand sampled
-subnet sizes and the bootstrap) and writes `results/report/`:
+subnet sizes and the bootstrap) and writes `results/report/`. The results, comparison
+and means tables hold both protocols (`protocol` column, `tables.PROTOCOLS`):
+"fine-tuned" (every compressed model fine-tuned the same way, once per seed) and
+"inherited" (the paper's: every compressed model as its fine-tuning starts, evaluated
+once: FLORA's searched subnet and the control with the supernet's weights).
 
 - `results.{csv,md,tex}`: every model (dense; SVD uniform, the uniform-rank control,
   FLORA, ViT-Slim, FLORA on ViT-Slim's model, OFB and FLORA on OFB's model, per budget): MACs, parameters, MACs
@@ -22,14 +26,16 @@ subnet sizes and the bootstrap) and writes `results/report/`:
   that choose its model (once, and per budget), fine-tuning excluded
 - `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
   `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
-- `summary.json`: the means over budgets and every budget's comparison, with intervals;
-  an interval end is a number, ``"unbounded"``, or (an extra reduction's upper end)
-  ``"< 1"``; an out-of-range number is ``null`` with the verdict ``out of range``
+- `summary.json`: per protocol and compared method, the means over budgets and every
+  budget's comparison, with intervals; an interval end is a number, ``"unbounded"``,
+  or (an extra reduction's upper end) ``"< 1"``; an out-of-range number is ``null``
+  with the verdict ``out of range``
 
 Intervals: a paired, hierarchical bootstrap over runs, fine-tuning seeds and test images
-(`flora_steps.report.stats`), the same replicates for every number. A report from one run
-says (in its log and `summary.json`) that its intervals omit run-to-run variance. Outputs are deterministic: the same results give
-byte-identical files.
+(`flora_steps.report.stats`), the same replicates for every number. A report from one
+run says (first in its tables, its log and `summary.json`) that its intervals omit
+run-to-run variance. Outputs are deterministic: the same results give byte-identical
+files.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ from ..report.layer_figures import plot_sensitivity, plot_spectra, single_layer_
 from ..report.stats import CONFIDENCE, PairedBootstrap
 from ..report.tables import (
     NUMBERS,
+    PROTOCOLS,
     Evaluated,
+    by_protocol,
     comparison_table,
     costs_table,
     latex,
@@ -144,26 +152,51 @@ def correct_matrix(path: Path, labels: np.ndarray | None) -> tuple[np.ndarray, l
     return correct, [int(s) for s in seeds if s >= 0], own_labels
 
 
-def evaluated_models(context: StageContext) -> tuple[list[Evaluated], list[int]]:
-    """Dense and every compressed model with its per-seed, per-image results; the seeds they share."""
+def inherited(model: Evaluated, path: Path, labels: np.ndarray) -> Evaluated:
+    """``model`` as its fine-tuning started (the inherited protocol): its predictions then, evaluated once, and only
+    the training it inherited."""
+    correct, _, _ = correct_matrix(path, labels)
+    metrics, training = model.metrics, model.metrics.get("training", {})
+    own = {"inherited_steps": training.get("inherited_steps"), "inherited_images": training.get("inherited_images")}
+    return Evaluated(
+        model.method,
+        model.budget,
+        {
+            **metrics,
+            "top1": metrics["top1_before_finetune"],
+            "top5": metrics["top5_before_finetune"],
+            "seeds": [],
+            "training": own | {"total_steps": own["inherited_steps"], "total_images": own["inherited_images"]},
+        },
+        correct,
+    )
+
+
+def evaluated_models(context: StageContext) -> tuple[dict[str, list[Evaluated]], list[int]]:
+    """Per protocol (``PROTOCOLS``), dense and every compressed model with its per-seed, per-image results; the
+    seeds they share."""
     budgets = context.params.budgets
     base = context.input("pretrain_metrics")
     dense_metrics = read_json(base, "base model metrics")
     if dense_metrics.get("top1") is None:
         raise UserError(f"{base}: the base model was not evaluated (data.root missing?)")
     dense_correct, _, labels = correct_matrix(context.input("dense_predictions"), None)
-    models = [Evaluated("dense", 1.0, dense_metrics, dense_correct)]
+    dense = Evaluated("dense", 1.0, dense_metrics, dense_correct)
+    models = {protocol: [dense] for protocol in PROTOCOLS}
     shared: list[int] | None = None
     for method, stage in METHOD_STAGES.items():
         values = getattr(budgets, STAGES[stage].foreach)
         predictions = by_budget(context, f"{method}_predictions", values)
+        before = by_budget(context, f"{method}_inherited_predictions", values)
         for budget, path in by_budget(context, method, values).items():
             correct, seeds, _ = correct_matrix(predictions[budget], labels)
             if shared is None:
                 shared = seeds
             elif seeds != shared:
                 raise UserError(f"{predictions[budget]}: seeds {seeds}, but other models have {shared} (rerun)")
-            models.append(Evaluated(method, budget, read_json(path, "metrics"), correct))
+            model = Evaluated(method, budget, read_json(path, "metrics"), correct)
+            models["fine-tuned"].append(model)
+            models["inherited"].append(inherited(model, before[budget], labels))
     return models, shared or []
 
 
@@ -222,33 +255,30 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
 
 
 def summary(
-    models: list[Evaluated], results: pd.DataFrame, comparison: pd.DataFrame, means: pd.DataFrame, seeds, runs: int
+    dense: Evaluated, results: pd.DataFrame, comparison: pd.DataFrame, means: pd.DataFrame, seeds, runs: int
 ) -> dict:
-    """The report's numbers as JSON: per compared method, the means over budgets (the primary result) and every
-    budget's comparisons, with intervals.
+    """The report's numbers as JSON: per protocol and compared method, the means over budgets (the primary result)
+    and every budget's comparisons, with intervals; and how they were computed."""
+    compared = [method.name for method in METHODS.values() if method.baselines]
 
-    The first compared method's (FLORA's) at the top level, every other compared method's under its name.
-    """
-    dense = models[0]
-    primary, *others = [method.name for method in METHODS.values() if method.baselines]
-
-    def mean_over_budgets(method: str) -> dict:
+    def mean_over_budgets(rows: pd.DataFrame) -> dict:
         return {
             f"vs_{row['baseline']}": {
                 "budgets": int(row["budgets"]),
                 "delta_top1": compared_number(row, "delta"),
                 "extra_macs_reduction": compared_number(row, "extra"),
             }
-            for _, row in means[means["method"] == method].iterrows()
+            for _, row in rows.iterrows()
         }
 
+    fine_tuned = results[(results["protocol"] == "fine-tuned") & (results["method"] != "dense")]
     training = {
         method: {k: rows.iloc[0][k] for k in ("train_steps", "train_images", "supernet_steps")}
-        for method, rows in results[results["method"] != "dense"].groupby("method", sort=True)
+        for method, rows in fine_tuned.groupby("method", sort=True)
     }
     return {
         "dense": {"top1": dense.metrics["top1"], "macs": dense.metrics["macs"], "params": dense.metrics["params"]},
-        "protocol": {
+        "statistics": {
             "runs": runs,
             "seeds": seeds,
             "test_images": int(dense.correct.shape[1]),
@@ -256,17 +286,25 @@ def summary(
             f"{'runs' if runs > 1 else 'fine-tuning seeds'} (t-corrected) and test images ({REPLICATES} replicates)",
             "omitted_variance": OMITTED_RUNS if runs == 1 else None,
             "primary": "mean_over_budgets; per-budget verdicts are unadjusted, simultaneous ones hold together "
-            "over each table's numbers of one kind",
+            "over each table's numbers of one kind and protocol",
         },
+        "protocols": PROTOCOLS,
         "training": {m: {k: None if pd.isna(v) else int(v) for k, v in t.items()} for m, t in training.items()},
-        "mean_over_budgets": mean_over_budgets(primary),
-        "budgets": budget_entries(primary, results, comparison),
         **{
-            other: {
-                "mean_over_budgets": mean_over_budgets(other),
-                "budgets": budget_entries(other, results, comparison),
+            protocol: {
+                method: {
+                    "mean_over_budgets": mean_over_budgets(
+                        means[(means["protocol"] == protocol) & (means["method"] == method)]
+                    ),
+                    "budgets": budget_entries(
+                        method,
+                        results[results["protocol"] == protocol],
+                        comparison[comparison["protocol"] == protocol],
+                    ),
+                }
+                for method in compared
             }
-            for other in others
+            for protocol in PROTOCOLS
         },
     }
 
@@ -308,7 +346,8 @@ def method_search_costs(context: StageContext, once: dict[str, float], per_budge
 
 def run(context: StageContext) -> None:
     params, budgets = context.params, context.params.budgets
-    models, seeds = evaluated_models(context)
+    protocols, seeds = evaluated_models(context)
+    models = protocols["fine-tuned"]
     dense = models[0]
     bootstrap = PairedBootstrap(
         max(len(seeds), 1), dense.correct.shape[1], REPLICATES, np.random.default_rng(params.seed)
@@ -316,8 +355,10 @@ def run(context: StageContext) -> None:
     note = f"Intervals omit {OMITTED_RUNS}." if bootstrap.omits_runs else None
     if note:
         log.warning(note)
-    results = results_table(models, bootstrap)
-    comparison, means = comparison_table(models, bootstrap)
+    results = by_protocol({protocol: results_table(group, bootstrap) for protocol, group in protocols.items()})
+    compared = {protocol: comparison_table(group, bootstrap) for protocol, group in protocols.items()}
+    comparison = by_protocol({protocol: tables[0] for protocol, tables in compared.items()})
+    means = by_protocol({protocol: tables[1] for protocol, tables in compared.items()})
     divisor, unit = macs_unit(dense.macs)
     write_table(context, "results", results, readable_results(results, divisor, unit), note)
     write_table(context, "comparison", comparison, readable_comparison(comparison, divisor, unit), note)
@@ -349,7 +390,10 @@ def run(context: StageContext) -> None:
     fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
         ranks.set_index("layer")["full_rank"], axis=0
     )
-    save_figure(context.output("tradeoff"), plot_tradeoff(results, comparison))
+    save_figure(
+        context.output("tradeoff"),
+        plot_tradeoff(results[results["protocol"] == "fine-tuned"], comparison[comparison["protocol"] == "fine-tuned"]),
+    )
     save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
     save_figure(
         context.output("sensitivity"),
@@ -359,14 +403,14 @@ def run(context: StageContext) -> None:
     save_figure(context.output("ranks_figure"), plot_ranks(fractions))
     save_figure(context.output("sampling"), plot_sampling(*sampled_macs(context, space)))
 
-    numbers = summary(models, results, comparison, means, seeds, bootstrap.runs)
+    numbers = summary(dense, results, comparison, means, seeds, bootstrap.runs)
     numbers["pipeline_seconds"] = round(float(costs["seconds"].iloc[-1]), 2)
     write_json(context.output("summary"), numbers)
     shown = readable_means(means)
     for _, row in shown.iterrows():
         log.info(
-            "%s vs %s, mean over %s budgets (primary): top-1 at equal MACs %s, %s; fewer MACs at equal top-1 %s, %s",
-            *row[["method", "baseline", "budgets", "mean Δ top-1 [95% interval]", "Δ verdict"]],
+            "%s, %s vs %s, mean over %s budgets: top-1 at equal MACs %s, %s; fewer MACs at equal top-1 %s, %s",
+            *row[["protocol", "method", "baseline", "budgets", "mean Δ top-1 [95% interval]", "Δ verdict"]],
             *row[["mean extra MACs reduction % [95% interval]", "reduction verdict"]],
         )
 

@@ -51,8 +51,10 @@ each evaluating its share of the val and test images. Writes `results/retrain/<m
   val top-1 and loss
 - `predictions.csv`: per seed, every test image's label and predicted class (the
   report's paired statistics compare methods on the same images)
+- `predictions_inherited.csv`: the same for the model as fine-tuning starts (the
+  supernet's, the search's or the SVD's weights): the report's "inherited" protocol
 - `metrics.json`: test top-1 (mean and std over seeds), top-5 and val top-1 (means),
-  each seed's test and val numbers, top-1 before fine-tuning, MACs (checked against
+  each seed's test and val numbers, top-1 and top-5 before fine-tuning, MACs (checked against
   `torch.utils.flop_counter`), parameters, and the training each seed had: its own
   optimizer steps and images, and those inherited from the supernet
 
@@ -252,7 +254,7 @@ def run(context: StageContext) -> None:
     batch, amp = params.data.eval_batch_size, params.compute.amp
     test_loader = make_loader(splits.test, batch, device, context.workers, splits.on_device)
     val_loader = make_loader(splits.val, batch, device, context.workers, splits.on_device)
-    before = evaluate(start, test_loader, device, amp, "test")
+    before = evaluate(start, test_loader, device, amp, "test", keep_predictions=True)
     log.info("test top-1 before fine-tuning %.2f%%", 100 * before["top1"])
 
     validate = validation(val_loader, device, amp)
@@ -300,6 +302,7 @@ def run(context: StageContext) -> None:
         "top5": statistics.fmean(r["top5"] for r in runs),
         "val_top1": statistics.fmean(r["val_top1"] for r in runs),
         "top1_before_finetune": before["top1"],
+        "top5_before_finetune": before["top5"],
         "seeds": runs,
         "macs": macs,
         "macs_fraction": round(macs / costs.dense_macs, 6),
@@ -321,6 +324,7 @@ def run(context: StageContext) -> None:
     write_rank_config(context.output("ranks"), RankConfig(model=spec.model, ranks=ranks))
     write_csv(context.output("history"), pd.concat(histories, ignore_index=True))
     write_csv(context.output("predictions"), pd.concat(predictions, ignore_index=True)[["seed", *PREDICTION_COLUMNS]])
+    write_csv(context.output("inherited_predictions"), prediction_table(before)[PREDICTION_COLUMNS])
     write_json(context.output("metrics"), metrics)
     finish(context.out)
     log.info(
