@@ -221,26 +221,44 @@ def test_report_without_retrain_results_is_one_clear_line(smoke_pipeline: Path, 
     assert "results/retrain/uniform/0.4/predictions.csv: not found" in capsys.readouterr().err
 
 
-def test_the_tradeoff_figure_keeps_its_verdicts_beside_the_axes() -> None:
-    results = pd.DataFrame(
-        {
-            "method": ["dense", "ofb", "ofb", "ofb_flora"],
-            "macs": [100.0, 20.0, 40.0, 30.0],
-            "top1": [0.95, 0.80, 0.90, 0.81],
-        }
-    ).assign(top1_low=lambda t: t["top1"] - 0.02, top1_high=lambda t: t["top1"] + 0.02)
+def test_the_headline_figure_has_a_panel_per_comparison_and_protocol_and_one_of_differences() -> None:
+    """Each panel fits its own comparison: an outlier of the baseline far below is marked at the edge, not drawn;
+    coincident MACs are moved apart; the differences panel lists the mean over budgets first."""
+    rows = [
+        ("dense", 1.0, 100.0, 0.95),
+        ("ofb", 0.2, 20.0, 0.40),  # 40%: far below everything compared
+        ("ofb", 0.3, 30.0, 0.80),
+        ("ofb", 0.5, 50.0, 0.90),
+        ("ofb", 0.6, 60.0, 0.88),  # dominated: the 50-MACs model is more accurate
+        ("ofb_flora", 0.3, 30.0, 0.82),  # the same MACs as OFB's 0.3 model
+        ("ofb_flora", 0.45, 45.0, 0.86),
+    ]
+    one = pd.DataFrame(rows, columns=["method", "budget", "macs", "top1"])
+    one = one.assign(top1_low=one["top1"] - 0.02, top1_high=one["top1"] + 0.02)
+    results = pd.concat([one.assign(protocol=p) for p in ("fine-tuned", "inherited")], ignore_index=True)
+    number = {"delta_low": -0.01, "delta_high": 0.05, "delta_sim_low": -0.02, "delta_sim_high": 0.06}
     comparison = pd.DataFrame(
         [
-            {"method": "ofb_flora", "budget": 0.3, "baseline": "ofb", "extra_reduction": -0.4, "extra_low": -np.inf}
-            | {"extra_high": 0.1, "extra_verdict": "within noise", "extra_bound": np.nan, "extra_span": 2.5}
+            {"protocol": p, "method": "ofb_flora", "baseline": "ofb", "budget": b, "delta_top1": d}
+            | number
+            | {"delta_verdict": "within noise"}
+            for p in ("fine-tuned", "inherited")
+            for b, d in ((0.3, 0.02), (0.45, 0.0))
         ]
     )
-    figure = plot_tradeoff(results, comparison)
-    plot, side = figure.axes
-    assert plot.get_legend() is None and side.get_legend() is not None  # nothing drawn over the curves
-    (text,) = (t.get_text() for t in side.texts)
-    assert "FLORA on OFB vs OFB" in text and "budget 0.3: -40.0 [−∞, +10.0], within noise" in text
-    assert "ofb interpolated across 2.5× MACs" in text  # a segment wider than 1.5x is named
+    means = comparison.groupby(["protocol", "method", "baseline"], as_index=False).first().assign(delta_top1=0.01)
+    figure = plot_tradeoff(results, comparison, means)
+    assert len(figure.axes) == 4  # 2 protocols x (one comparison + the differences)
+    curve, differences = figure.axes[:2]
+    assert curve.get_title() == "FLORA on OFB vs OFB" and curve.get_ylabel() == "fine-tuned\ntest top-1 (%)"
+    low, high = curve.get_ylim()
+    assert 70 < low < 78 and 95 < high < 100  # fits 78-97, not the 40% outlier
+    assert [text.get_text() for text in curve.texts] == ["40.0"]  # the outlier's value at the edge
+    xs = sorted(x for line in curve.lines for x in np.atleast_1d(line.get_xdata()) if 29e-6 < x < 31e-6)  # MMACs
+    assert xs[0] < 30e-6 < xs[-1]  # OFB's and FLORA on OFB's 30-MACs points side by side
+    labels = [tick.get_text() for tick in differences.get_yticklabels()]
+    assert labels == ["FLORA on OFB − OFB: mean", "budget 0.3", "budget 0.45"]
+    assert figure.axes[2].get_ylabel() == "inherited\ntest top-1 (%)"
 
 
 def test_segment_span_is_the_width_of_the_segment_an_interpolation_uses() -> None:
@@ -270,8 +288,6 @@ def test_a_new_method_is_one_record(monkeypatch) -> None:
         source="supernet",
         budgets="uniform",
         baselines=("control",),
-        headline="extra_reduction",
-        points=True,
     )
     monkeypatch.setitem(methods.METHODS, record.name, record)
     rng = np.random.default_rng(0)
@@ -289,8 +305,11 @@ def test_a_new_method_is_one_record(monkeypatch) -> None:
     comparison, means = comparison_table(models, bootstrap)
     assert means[["method", "baseline"]].values.tolist() == [["random_ranks", "control"]]
     assert list(comparison[comparison["method"] == "random_ranks"]["baseline"]) == ["control"]
-    figure = plot_tradeoff(results, comparison)
-    texts = [text.get_text() for axis in figure.axes for text in axis.texts]
-    legend = [text.get_text() for axis in figure.axes if axis.get_legend() for text in axis.get_legend().get_texts()]
+    figure = plot_tradeoff(
+        results.assign(protocol="fine-tuned"),
+        comparison.assign(protocol="fine-tuned"),
+        means.assign(protocol="fine-tuned"),
+    )
+    legend = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
     assert "random ranks, from the supernet" in legend
-    assert any("random ranks vs control" in text for text in texts)
+    assert figure.axes[0].get_title() == "random ranks vs control"

@@ -17,8 +17,6 @@ from typing import Any, Literal
 #: on every target layer, the largest that fits the budget; ``sliced`` the source model sliced by its masks at the
 #: budget; ``as_searched`` the source's model as its search left it (already at the budget).
 Build = Literal["searched_ranks", "uniform_ranks", "sliced", "as_searched"]
-#: What the figure's verdict box shows of a method against its first baseline.
-Headline = Literal["delta_top1", "extra_reduction"]
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,12 @@ class Method:
     means ``supernet.epochs + retrain.epochs`` (equal training); ``None`` takes
     ``retrain.epochs``. ``inherits`` is the stage whose training its model inherits
     (counted in its total). ``baselines`` are the methods whose curves it is compared
-    with (the first one in the figure's verdict box, as ``headline``).
+    with: one panel of the headline figure each.
     """
 
     name: str
     label: str  # in the figure's legend and the docs
-    short: str  # in the figure's verdict titles
+    short: str  # in the figure's panel titles
     style: Mapping[str, Any] = field(default_factory=dict)  # matplotlib marker style
     build: Build | None = None  # None: the dense base model, which is not retrained
     origin: str = ""  # where its model comes from, in words (``metrics.json``'s ``source``)
@@ -79,10 +77,8 @@ class Method:
     epochs: str | None = None
     inherits: str | None = None
     baselines: tuple[str, ...] = ()
-    headline: Headline = "delta_top1"
     base: str = "dense"  # the model FLORA compresses (``BASES``), for FLORA's methods
     command: str = ""  # ``retrain --method``: the name, or ``flora`` for FLORA on any base
-    points: bool = False  # searched per budget: drawn as points, not as a curve
 
     @property
     def retrained(self) -> bool:
@@ -108,7 +104,6 @@ def _flora(name: str, base: Base, label: str, short: str, style: Mapping[str, An
         inherits=base.stage("supernet"),
         base=base.name,
         command="flora",
-        points=True,
         **compared,
     )
 
@@ -167,7 +162,6 @@ METHODS = {
             "FLORA on ViT-Slim",
             {"color": "tab:orange", "marker": "P", "markersize": 8},
             baselines=("slim",),
-            headline="extra_reduction",
         ),
         Method(
             "ofb",
@@ -188,7 +182,6 @@ METHODS = {
             "FLORA on OFB",
             {"color": "tab:pink", "marker": "X", "markersize": 8},
             baselines=("ofb",),
-            headline="extra_reduction",
         ),
     )
 }

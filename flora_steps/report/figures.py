@@ -13,9 +13,10 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from ..pipeline.methods import METHODS
-from .tradeoff import WIDE_SEGMENT
+from ..pipeline.methods import METHODS, comparisons
+from .tradeoff import envelope, pareto_front, top1_at_macs
 
 
 def macs_unit(macs: float) -> tuple[float, str]:
@@ -23,99 +24,163 @@ def macs_unit(macs: float) -> tuple[float, str]:
     return (1e9, "GMACs") if macs >= 1e8 else (1e6, "MMACs")
 
 
-def _signed(value: float, reduction: bool = False) -> str:
-    """A signed number with one decimal; an infinite interval end as ±∞, a reduction's upper one as < 100."""
-    if np.isinf(value):
-        return "−∞" if value < 0 else "< 100" if reduction else "+∞"
-    return f"{value:+.1f}"
+#: Off-scale points are drawn at the panel's edge with this marker (below, above).
+OFF_SCALE = ("v", "^")
 
 
-def _verdicts(comparison: pd.DataFrame, method: str, baseline: str, number: str) -> list[str]:
-    """One line per budget of ``method`` against ``baseline``: ``number`` (delta_top1 in points, or
-    extra_reduction in percent) with its interval and verdict, and where the baseline's curve was
-    interpolated across a segment wider than ``WIDE_SEGMENT`` in MACs, how wide."""
-    prefix = {"delta_top1": "delta", "extra_reduction": "extra"}[number]
-    lines = []
-    for _, row in comparison[(comparison["method"] == method) & (comparison["baseline"] == baseline)].iterrows():
-        if row[f"{prefix}_verdict"] == "out of range" and number == "extra_reduction" and pd.notna(row["extra_bound"]):
-            verdict = f"below {100 * row['extra_bound']:+.1f} ({baseline}'s cheapest model is more accurate)"
-        elif row[f"{prefix}_verdict"] == "out of range":
-            verdict = f"out of {baseline}'s range"
-        else:
-            reduction = number == "extra_reduction"
-            low, high, value = (
-                _signed(100 * row[key], reduction) for key in (f"{prefix}_low", f"{prefix}_high", number)
-            )
-            verdict = f"{value} [{low}, {high}], {row[f'{prefix}_verdict']}"
-            if row[f"{prefix}_span"] > WIDE_SEGMENT:
-                verdict += f"; {baseline} interpolated across {row[f'{prefix}_span']:.3g}× MACs"
-        lines.append(f"budget {row['budget']:g}: {verdict}")
-    return lines
+def _dodged(own: np.ndarray, others: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """x positions of two series with the points that share a MACs value (within ``step``) moved ``step`` apart."""
+    own, others = own.astype(float).copy(), others.astype(float).copy()
+    for i, x in enumerate(own):
+        close = np.abs(others - x) < step
+        if close.any():
+            own[i] += step / 2
+            others[close] -= step / 2
+    return own, others
 
 
-#: The figure's words for each headline number (``methods.Headline``).
-HEADLINES = {"delta_top1": "top-1 at equal MACs (points)", "extra_reduction": "fewer MACs at equal top-1 (%)"}
+def _fitted_range(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+    """A y-range over ``values`` (finite ones), padded by ``pad`` of its span (at least a point)."""
+    finite = [v for v in values if np.isfinite(v)]
+    low, high = min(finite), max(finite)
+    margin = max(pad * (high - low), 0.5)
+    return low - margin, high + margin
 
 
-def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
-    """Test top-1 against MACs with 95% error bars: every method side by side, the dense model as a line.
+def _points(axis, x: np.ndarray, rows: pd.DataFrame, limits: tuple[float, float], style: dict, **kwargs) -> None:
+    """Error-bar points in percent; a point off the y-range is drawn at the edge (a triangle) with its value."""
+    top1, low, high = (100 * rows[column].to_numpy() for column in ("top1", "top1_low", "top1_high"))
+    inside = (top1 >= limits[0]) & (top1 <= limits[1])
+    axis.errorbar(
+        x[inside],
+        top1[inside],
+        yerr=[top1[inside] - low[inside], high[inside] - top1[inside]],
+        capsize=2,
+        linestyle="none",
+        **style,
+        **kwargs,
+    )
+    for xi, value in zip(x[~inside], top1[~inside], strict=True):
+        below = value < limits[0]
+        edge, marker = (limits[0], OFF_SCALE[0]) if below else (limits[1], OFF_SCALE[1])
+        axis.plot([xi], [edge], marker=marker, color=style.get("color"), linestyle="none", clip_on=False)
+        axis.annotate(
+            f"{value:.1f}",
+            (xi, edge),
+            textcoords="offset points",
+            xytext=(3, 3 if below else -9),
+            fontsize=6,
+            color=style.get("color"),
+        )
 
-    ``results`` has columns method, macs, top1, top1_low, top1_high; ``comparison``
-    has, per method, budget and baseline, ``delta_top1`` and ``extra_reduction`` with
-    their intervals and verdicts. The dense model is the dotted line (its interval
-    shaded), so that the axis spans the compressed models. Beside the axes, under the
-    legend, a box lists each compared method's headline against its first baseline
-    (``methods.Method.headline``: the top-1 difference at equal MACs, or the extra MACs
-    reduction at equal top-1), each with its interval.
+
+def plot_comparison(axis, results: pd.DataFrame, method: str, baseline: str, divisor: float) -> None:
+    """One comparison of one protocol: the baseline's points and its curve as the analysis reads it (the Pareto
+    front, closed by the dense model, flat beyond its last point; dominated points hollow), the method's points,
+    each with its 95% interval, in a y-range that fits the method, the dense model and the baseline's points from
+    the front point at or below the method's cheapest to the one at or above its largest; the others off it are
+    drawn at its edge."""
+    dense = results[results["method"] == "dense"]
+    own = results[results["method"] == method].sort_values("macs")
+    curve = pd.concat([results[results["method"] == baseline].sort_values("macs"), dense], ignore_index=True)
+    macs, top1 = curve["macs"].astype(float).to_numpy(), curve["top1"].astype(float).to_numpy()
+    xs, ys = envelope(macs, top1)
+    front = set(pareto_front(macs, top1))
+    read = [top1_at_macs(macs, top1, m) for m in own["macs"]]
+    below, above = xs[xs <= own["macs"].min()], xs[xs >= own["macs"].max()]
+    window = curve["macs"].between(below.max() if len(below) else xs[0], above.min() if len(above) else xs[-1])
+    limits = _fitted_range(
+        [
+            *(100 * pd.concat([own, curve[window]])[["top1_low", "top1_high"]].to_numpy().ravel()),
+            *(100 * v for v in read if v is not None),
+            100 * float(dense["top1"].iloc[0]),
+        ]
+    )
+    style, base_style = METHODS[method].style, METHODS[baseline].style
+    axis.plot(xs / divisor, 100 * ys, color=base_style["color"], linewidth=1, zorder=1)
+    step = 0.02 * float(macs.max() - min(macs.min(), own["macs"].min())) / divisor
+    own_x, base_x = _dodged(own["macs"].to_numpy() / divisor, curve["macs"].to_numpy() / divisor, step)
+    dominated = np.array([i not in front for i in range(len(curve))])
+    is_dense = (curve["method"] == "dense").to_numpy()
+    for mask, fill in ((~dominated & ~is_dense, {}), (dominated & ~is_dense, {"markerfacecolor": "white"})):
+        if mask.any():
+            _points(axis, base_x[mask], curve[mask], limits, base_style, **fill)
+    _points(axis, base_x[is_dense], curve[is_dense], limits, METHODS["dense"].style)
+    _points(axis, own_x, own, limits, style)
+    axis.set_ylim(*limits)
+    axis.set_title(f"{METHODS[method].short} vs {METHODS[baseline].short}", fontsize=9)
+    axis.grid(alpha=0.3)
+
+
+def plot_differences(axis, comparison: pd.DataFrame, means: pd.DataFrame) -> None:
+    """The paired top-1 differences at equal MACs of one protocol: per comparison its mean over budgets first (the
+    primary result), then each budget; thick: 95% interval, thin: simultaneous over the rows of its kind."""
+    rows = []
+    for _, mean in means.iterrows():
+        rows.append((f"{METHODS[mean['method']].short} − {METHODS[mean['baseline']].short}: mean", mean, True))
+        own = comparison[(comparison["method"] == mean["method"]) & (comparison["baseline"] == mean["baseline"])]
+        rows += [(f"budget {row['budget']:g}", row, False) for _, row in own.iterrows()]
+    finite = [100 * v for _, row, _ in rows for v in (row["delta_sim_low"], row["delta_sim_high"], row["delta_top1"])]
+    low, high = _fitted_range([*finite, 0.0])
+    for y, (_, row, primary) in enumerate(rows):
+        colour = METHODS[row["method"]].style["color"]
+        if pd.isna(row["delta_top1"]):
+            axis.text(0, y, row["delta_verdict"], fontsize=6, va="center", ha="center")
+            continue
+        sim = np.clip(100 * np.array([row["delta_sim_low"], row["delta_sim_high"]], dtype=float), low, high)
+        marginal = np.clip(100 * np.array([row["delta_low"], row["delta_high"]], dtype=float), low, high)
+        axis.plot(sim, [y, y], color=colour, linewidth=0.8)
+        axis.plot(marginal, [y, y], color=colour, linewidth=3 if primary else 2, solid_capstyle="butt")
+        axis.plot(
+            [100 * row["delta_top1"]],
+            [y],
+            marker="D" if primary else "o",
+            color=colour,
+            markerfacecolor=colour if primary else "white",
+            markersize=5,
+        )
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=6)
+    for tick, (_, _, primary) in zip(axis.get_yticklabels(), rows, strict=True):
+        tick.set_fontweight("bold" if primary else "normal")
+    axis.set_ylim(len(rows) - 0.5, -0.5)
+    axis.set_xlim(low, high)
+    axis.set_xlabel("Δ top-1 at equal MACs (points)", fontsize=8)
+    axis.set_title("paired differences: 95% (thick), simultaneous (thin)", fontsize=8)
+    axis.grid(alpha=0.3, axis="x")
+
+
+def plot_tradeoff(results: pd.DataFrame, comparison: pd.DataFrame, means: pd.DataFrame) -> Figure:
+    """The headline figure: per protocol (a row), one panel per comparison (test top-1 against MACs, with 95%
+    intervals and the baseline's curve as interpolated) and a panel of the paired differences.
+
+    ``results``, ``comparison`` and ``means`` are the report's tables (``tables.results_table``,
+    ``comparison_table``), with a ``protocol`` column.
     """
     divisor, unit = macs_unit(results["macs"].max())
-    figure = Figure(figsize=(10, 4.8), layout="tight")
-    axis, side = figure.subplots(1, 2, width_ratios=[2.7, 1.3])
-    side.axis("off")
-    dense = results[results["method"] == "dense"]
-    if len(dense):
-        row = dense.iloc[0]
-        axis.axhline(100 * row["top1"], color="black", linewidth=0.8, linestyle=":")
-        axis.axhspan(100 * row["top1_low"], 100 * row["top1_high"], color="black", alpha=0.06, linewidth=0)
-        axis.plot([], [], color="black", linestyle=":", label=f"dense ({row['macs'] / divisor:.3g} {unit})")
-    for method in METHODS.values():
-        rows = results[results["method"] == method.name].sort_values("macs")
-        if not method.retrained or rows.empty:
-            continue
-        top1 = 100 * rows["top1"]
-        axis.errorbar(
-            rows["macs"] / divisor,
-            top1,
-            yerr=[top1 - 100 * rows["top1_low"], 100 * rows["top1_high"] - top1],
-            linestyle="none" if method.points else "-",
-            capsize=2,
-            label=method.label,
-            **method.style,
+    protocols = list(dict.fromkeys(results["protocol"]))
+    pairs = [(m, b) for m, b in comparisons() if (results["method"] == m).any()]
+    figure = Figure(figsize=(2.9 * len(pairs) + 4.2, 3.3 * len(protocols) + 0.6), layout="constrained")
+    grid = figure.subplots(len(protocols), len(pairs) + 1, squeeze=False, width_ratios=[1] * len(pairs) + [1.45])
+    for row, protocol in enumerate(protocols):
+        shown = results[results["protocol"] == protocol]
+        for column, (method, baseline) in enumerate(pairs):
+            plot_comparison(grid[row, column], shown, method, baseline, divisor)
+            grid[row, column].set_xlabel(unit, fontsize=8)
+        plot_differences(
+            grid[row, -1], comparison[comparison["protocol"] == protocol], means[means["protocol"] == protocol]
         )
-    sections = [
-        (
-            f"{method.short} vs {METHODS[method.baselines[0]].short},\n{HEADLINES[method.headline]} (unadjusted)",
-            _verdicts(comparison, method.name, method.baselines[0], method.headline),
-        )
-        for method in METHODS.values()
-        if method.baselines
+        grid[row, 0].set_ylabel(f"{protocol}\ntest top-1 (%)", fontsize=9)
+    handles = [
+        Line2D([], [], linestyle="none", **METHODS[name].style, label=METHODS[name].label)
+        for name in dict.fromkeys(name for pair in pairs for name in pair)
     ]
-    text = "\n\n".join(f"{title}\n" + "\n".join(lines) for title, lines in sections if lines)
-    if text:
-        side.text(
-            0.02,
-            0.0,
-            text,
-            transform=side.transAxes,
-            fontsize=7,
-            va="bottom",
-            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"},
-        )
-    axis.set_xlabel(unit)
-    axis.set_ylabel("test top-1 (%): mean over seeds, 95% interval")
-    axis.set_title("Accuracy vs MACs: every method")
-    axis.grid(alpha=0.3)
-    side.legend(*axis.get_legend_handles_labels(), fontsize=7, loc="upper left", frameon=False)
+    handles += [
+        Line2D([], [], color="gray", linewidth=1, label="baseline as interpolated (Pareto front, closed by dense)"),
+        Line2D([], [], linestyle="none", marker="o", color="gray", markerfacecolor="white", label="dominated"),
+        Line2D([], [], linestyle="none", marker=OFF_SCALE[0], color="gray", label="off scale (its top-1 beside)"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
     return figure
 
 

@@ -24,7 +24,9 @@ once: FLORA's searched subnet and the control with the supernet's weights).
 - `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
 - `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
   that choose its model (once, and per budget), fine-tuning excluded
-- `tradeoff.png` (the headline figure: top-1 vs MACs with error bars), `spectra.png`,
+- `tradeoff.png` (the headline figure: per protocol, one panel per comparison, top-1 vs
+  MACs with 95% intervals and the baseline's curve as interpolated, and a panel of the
+  paired differences, means over budgets first), `spectra.png`,
   `sensitivity.png`, `search.png`, `ranks.png`, `sampling.png`
 - `summary.json`: per protocol and compared method, the means over budgets and every
   budget's comparison, with intervals; an interval end is a number, ``"unbounded"``,
@@ -390,10 +392,7 @@ def run(context: StageContext) -> None:
     fractions = ranks.set_index("layer")[[str(b) for b in sorted(configs)]].div(
         ranks.set_index("layer")["full_rank"], axis=0
     )
-    save_figure(
-        context.output("tradeoff"),
-        plot_tradeoff(results[results["protocol"] == "fine-tuned"], comparison[comparison["protocol"] == "fine-tuned"]),
-    )
+    save_figure(context.output("tradeoff"), plot_tradeoff(results, comparison, means))
     save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
     save_figure(
         context.output("sensitivity"),
