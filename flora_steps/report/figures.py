@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from ..pipeline.methods import METHODS, comparisons
 from .tradeoff import envelope, pareto_front, top1_at_macs
@@ -28,14 +29,19 @@ def macs_unit(macs: float) -> tuple[float, str]:
 OFF_SCALE = ("v", "^")
 
 
-def _dodged(own: np.ndarray, others: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """x positions of two series with the points that share a MACs value (within ``step``) moved ``step`` apart."""
+#: On the log MACs axis, points of two series closer than this factor are moved this far apart.
+DODGE = 1.04
+
+
+def _dodged(own: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x positions of two series on a log axis, with points that share a MACs value (within ``DODGE``) moved
+    apart: ``own`` to the right, ``others`` to the left."""
     own, others = own.astype(float).copy(), others.astype(float).copy()
     for i, x in enumerate(own):
-        close = np.abs(others - x) < step
+        close = np.abs(np.log(others / x)) < np.log(DODGE)
         if close.any():
-            own[i] += step / 2
-            others[close] -= step / 2
+            own[i] *= np.sqrt(DODGE)
+            others[close] /= np.sqrt(DODGE)
     return own, others
 
 
@@ -77,7 +83,7 @@ def _points(axis, x: np.ndarray, rows: pd.DataFrame, limits: tuple[float, float]
 def plot_comparison(axis, results: pd.DataFrame, method: str, baseline: str, divisor: float) -> None:
     """One comparison of one protocol: the baseline's points and its curve as the analysis reads it (the Pareto
     front, closed by the dense model, flat beyond its last point; dominated points hollow), the method's points,
-    each with its 95% interval, in a y-range that fits the method, the dense model and the baseline's points from
+    each with its 95% interval, on a log MACs axis, in a y-range that fits the method, the dense model and the baseline's points from
     the front point at or below the method's cheapest to the one at or above its largest; the others off it are
     drawn at its edge."""
     dense = results[results["method"] == "dense"]
@@ -98,8 +104,7 @@ def plot_comparison(axis, results: pd.DataFrame, method: str, baseline: str, div
     )
     style, base_style = METHODS[method].style, METHODS[baseline].style
     axis.plot(xs / divisor, 100 * ys, color=base_style["color"], linewidth=1, zorder=1)
-    step = 0.02 * float(macs.max() - min(macs.min(), own["macs"].min())) / divisor
-    own_x, base_x = _dodged(own["macs"].to_numpy() / divisor, curve["macs"].to_numpy() / divisor, step)
+    own_x, base_x = _dodged(own["macs"].to_numpy() / divisor, curve["macs"].to_numpy() / divisor)
     dominated = np.array([i not in front for i in range(len(curve))])
     is_dense = (curve["method"] == "dense").to_numpy()
     for mask, fill in ((~dominated & ~is_dense, {}), (dominated & ~is_dense, {"markerfacecolor": "white"})):
@@ -108,6 +113,9 @@ def plot_comparison(axis, results: pd.DataFrame, method: str, baseline: str, div
     _points(axis, base_x[is_dense], curve[is_dense], limits, METHODS["dense"].style)
     _points(axis, own_x, own, limits, style)
     axis.set_ylim(*limits)
+    axis.set_xscale("log")  # the compressed models spread out; the segment to dense stays drawn
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set_title(f"{METHODS[method].short} vs {METHODS[baseline].short}", fontsize=9)
     axis.grid(alpha=0.3)
 
