@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from ..pipeline.methods import METHODS, comparisons
 from .tradeoff import envelope, pareto_front, top1_at_macs
@@ -114,6 +114,7 @@ def plot_comparison(axis, results: pd.DataFrame, method: str, baseline: str, div
     _points(axis, own_x, own, limits, style)
     axis.set_ylim(*limits)
     axis.set_xscale("log")  # the compressed models spread out; the segment to dense stays drawn
+    axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     axis.xaxis.set_major_formatter(ScalarFormatter())
     axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set_title(f"{METHODS[method].short} vs {METHODS[baseline].short}", fontsize=9)
