@@ -143,29 +143,37 @@ class PairedBootstrap:
         """Whether run-to-run variance is missing from the intervals (one run)."""
         return self.runs == 1
 
-    def _levels(self, correct: np.ndarray) -> np.ndarray:
-        """``correct`` as (units weighed per replicate, images): runs' means over seeds, one run's seeds, or one row."""
-        if correct.ndim == 2:
-            correct = correct[None]
-        shape = correct.shape
-        if correct.ndim == 3 and shape[2] == self.images:
-            if self.runs > 1 and shape[0] == self.runs:
-                return correct.mean(axis=1)
-            if shape[0] == 1 and (shape[1] == 1 or (self.runs == 1 and shape[1] == self.seeds)):
-                return correct[0]
-        raise ValueError(
-            f"expected (1 or {self.runs} runs, 1 or {self.seeds} seeds, {self.images}) test images, got {shape}"
-        )
-
-    def top1(self, correct: np.ndarray) -> np.ndarray:
-        """Top-1 of a model in every replicate: ``correct`` is (runs, seeds, images) or (seeds, images)."""
-        units = self._levels(correct)
+    def in_run(self, correct: np.ndarray) -> np.ndarray:
+        """One run's top-1 of a model in every replicate, from its ``correct`` (seeds, images): test images by the
+        replicate's counts; seeds by its t-weights when there is one run, else by their mean (with several runs
+        the seeds enter through the runs)."""
+        if correct.ndim != 2 or correct.shape[1] != self.images or correct.shape[0] not in (1, self.seeds):
+            raise ValueError(f"expected (1 or {self.seeds} seeds, {self.images} test images), got {correct.shape}")
+        units = correct if self.runs == 1 and len(correct) > 1 else correct.mean(axis=0, keepdims=True)
         samples = np.empty(self.replicates)
         for start in range(0, self.replicates, self.CHUNK):
             chunk = slice(start, start + self.CHUNK)
             per_image = units if len(units) == 1 else self.weights[chunk] @ units
             samples[chunk] = (per_image * self.image_counts[chunk]).sum(axis=1) / self.images
         return samples
+
+    def combine(self, per_run: np.ndarray) -> np.ndarray:
+        """The mean over runs of a number in every replicate, from its replicates in each run (runs, replicates):
+        weighed by the replicate's run t-weights (one run: as it is). Linear, so that the replicates of a mean of
+        differences are the mean of the differences' replicates; an infinite value stays infinite."""
+        if len(per_run) == 1:
+            return np.asarray(per_run[0], dtype=float)
+        if len(per_run) != self.runs:
+            raise ValueError(f"expected 1 or {self.runs} runs, got {len(per_run)}")
+        with np.errstate(invalid="ignore"):  # +inf and -inf in one replicate: no value (NaN)
+            return np.sum(self.weights.T * np.asarray(per_run, dtype=float), axis=0)
+
+    def top1(self, correct: np.ndarray) -> np.ndarray:
+        """Top-1 of a model in every replicate: ``correct`` is (runs, seeds, images), or (seeds, images) for one run."""
+        runs = correct[None] if correct.ndim == 2 else correct
+        if runs.ndim != 3:
+            raise ValueError(f"expected (runs, seeds, {self.images} test images), got {correct.shape}")
+        return self.combine(np.array([self.in_run(run) for run in runs]))
 
     def estimate(self, correct: np.ndarray, confidence: float = CONFIDENCE) -> Estimate:
         """Top-1 (mean over runs, seeds and images) with its interval, within [0, 1]."""

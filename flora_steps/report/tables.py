@@ -31,6 +31,7 @@ RESULT_COLUMNS = [
     "macs_reduction",
     "delta_top1",
     "seeds",
+    "runs",
     "train_steps",
     "train_images",
     "supernet_steps",
@@ -82,39 +83,55 @@ def _protocol_first(table: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Evaluated:
-    """One model of the report: its method and budget, its metrics, and ``correct[seed, test image]`` (0/1)."""
+    """One model of the report: its method and budget, its metrics, ``correct[seed, test image]`` (0/1), and the
+    run of the pipeline it comes from (the dense model is in every run's comparisons)."""
 
     method: str
     budget: float
     metrics: Mapping
     correct: np.ndarray
+    run: int = 0
 
     @property
     def macs(self) -> float:
         return float(self.metrics["macs"])
 
 
+def by_model(models: Sequence[Evaluated]) -> dict[tuple[str, float], list[Evaluated]]:
+    """Each method's model at each budget, in every run (by run), dense first, then in the records' order."""
+    order = {method: index for index, method in enumerate(METHODS)}
+    grouped: dict[tuple[str, float], list[Evaluated]] = {}
+    for model in sorted(models, key=lambda m: (order[m.method], m.budget, m.run)):
+        grouped.setdefault((model.method, model.budget), []).append(model)
+    return grouped
+
+
 def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd.DataFrame:
-    """Every model, dense first, then each method by budget: size, top-1 with its spread and interval, training."""
+    """Every model, dense first, then each method by budget: size, top-1 with its spread and interval, training.
+
+    With several runs, a method's models at one budget are one row: MACs and parameters
+    are their means (a search may land elsewhere in each run), the spread is over every
+    run's seeds, the interval over runs, seeds and images.
+    """
     dense = next(m for m in models if m.method == "dense")
-    order = {method: index for index, method in enumerate(METHODS)}  # the records' order
     rows = []
-    for model in sorted(models, key=lambda m: (order[m.method], m.budget)):
-        top1 = bootstrap.estimate(model.correct)
-        seeds = model.metrics.get("seeds", [])
-        training = model.metrics.get("training", {})
+    for (method, budget), runs in by_model(models).items():
+        top1 = bootstrap.estimate(np.stack([m.correct for m in runs]))
+        seeds = [s["top1"] for m in runs for s in m.metrics.get("seeds", [])]
+        training = runs[0].metrics.get("training", {})
         rows.append(
             {
-                "method": model.method,
-                "budget": model.budget,
-                "macs": int(model.metrics["macs"]),
-                "params": int(model.metrics["params"]),
+                "method": method,
+                "budget": budget,
+                "macs": round(float(np.mean([m.macs for m in runs]))),
+                "params": round(float(np.mean([m.metrics["params"] for m in runs]))),
                 "top1": top1.value,
-                "top1_std": seed_std([s["top1"] for s in seeds]),
+                "top1_std": seed_std(seeds),
                 "top1_low": top1.low,
                 "top1_high": top1.high,
-                "top5": model.metrics["top5"],
-                "seeds": len(seeds) or None,  # none for the dense model: it is not fine-tuned
+                "top5": float(np.mean([m.metrics["top5"] for m in runs])),
+                "seeds": len(runs[0].metrics.get("seeds", [])) or None,  # none for the dense model: not fine-tuned
+                "runs": len(runs),
                 "train_steps": training.get("total_steps"),
                 "train_images": training.get("total_images"),
                 "supernet_steps": training.get("inherited_steps"),
@@ -130,7 +147,8 @@ def results_table(models: Sequence[Evaluated], bootstrap: PairedBootstrap) -> pd
 
 @dataclass(frozen=True)
 class Curve:
-    """A baseline's models, closed by the dense model, in MACs order: their MACs, top-1s and bootstrap top-1s."""
+    """A baseline's models in one run, closed by the dense model, in MACs order: their MACs, top-1s and bootstrap
+    top-1s in that run."""
 
     models: list[Evaluated]
     macs: np.ndarray
@@ -140,7 +158,7 @@ class Curve:
     @classmethod
     def of(cls, baseline: Sequence[Evaluated], dense: Evaluated, bootstrap: PairedBootstrap) -> Curve:
         points = sorted([*baseline, dense], key=lambda m: m.macs)
-        samples = np.stack([bootstrap.top1(m.correct) for m in points], axis=1)
+        samples = np.stack([bootstrap.in_run(m.correct) for m in points], axis=1)
         return cls(points, np.array([m.macs for m in points]), [float(m.correct.mean()) for m in points], samples)
 
     def holds(self, model: Evaluated) -> bool:
@@ -206,6 +224,37 @@ def _compare(point: Evaluated, point_samples: np.ndarray, curve: Curve) -> tuple
     return row, delta, extra
 
 
+def _over_runs(numbers: Sequence[Compared], bootstrap: PairedBootstrap) -> Compared:
+    """One number of one row from its value in each run: the mean, and the replicates combined by the runs'
+    weights (``PairedBootstrap.combine``); out of range when it is in a run; identical when it is in every run."""
+    if any(n.value is None or n.samples is None for n in numbers):
+        return Compared(None, None, all(n.identical for n in numbers))
+    samples = bootstrap.combine(np.array([n.samples for n in numbers]))
+    return Compared(float(np.mean([n.value for n in numbers])), samples, all(n.identical for n in numbers))
+
+
+def _row_over_runs(rows: Sequence[dict]) -> dict:
+    """A row's plain columns from each run's: means (MACs, top-1s, the bound a reduction obeys in every run; NaN
+    when a run has none) and the widest interpolation of any run."""
+
+    def mean(key: str) -> float:
+        return float(np.mean([row[key] for row in rows]))
+
+    def widest(key: str) -> float:
+        spans = [row[key] for row in rows if not np.isnan(row[key])]
+        return max(spans) if spans else np.nan
+
+    return {
+        "macs": round(mean("macs")),
+        "top1": mean("top1"),
+        "baseline_top1": mean("baseline_top1"),
+        "delta_span": widest("delta_span"),
+        "baseline_macs": mean("baseline_macs"),
+        "extra_bound": mean("extra_bound"),
+        "extra_span": widest("extra_span"),
+    }
+
+
 def _mean(numbers: Sequence[Compared]) -> Compared:
     """The mean over budgets of one comparison's numbers, from the same replicates; out of range when a budget is.
     A replicate with an unboundedly low and an unboundedly high budget has no value (NaN)."""
@@ -233,6 +282,8 @@ def comparison_table(
     reduction at equal top-1; and per comparison, their means over the method's budgets (the primary result).
 
     ``compared`` defaults to every method against each of its baselines (``methods.comparisons``).
+    Each run compares its own models with its own baseline curve (closed by the shared
+    dense model); a row is the mean over runs, and its replicates combine the runs'.
     Every number is paired on the same runs, seeds and test images and has its 95%
     interval and verdict (unadjusted: each taken alone) and its simultaneous interval and
     verdict (holding together with every other number of its kind in the same table).
@@ -240,19 +291,30 @@ def comparison_table(
     models has no rows.
     """
     dense = next(m for m in models if m.method == "dense")
+    grouped = by_model(models)
     rows, numbers, mean_rows, mean_numbers = [], [], [], []
     for method, baseline in comparisons() if compared is None else compared:
-        points = sorted((m for m in models if m.method == method), key=lambda m: m.budget)
-        if not points:
+        budgets = sorted(budget for name, budget in grouped if name == method)
+        if not budgets:
             continue
-        curve = Curve.of([m for m in models if m.method == baseline], dense, bootstrap)
+        runs = sorted({model.run for model in models if model.method == method})
+        curves = {  # each run's baseline curve, closed by the shared dense model
+            run: Curve.of([m for m in models if m.method == baseline and m.run == run], dense, bootstrap)
+            for run in runs
+        }
         own = []
-        for point in points:
-            row, delta, extra = _compare(point, bootstrap.top1(point.correct), curve)
-            rows.append({"method": method, "budget": point.budget, "baseline": baseline, **row})
-            own.append({"delta": delta, "extra": extra})
+        for budget in budgets:
+            plain, deltas, extras = zip(
+                *(
+                    _compare(point, bootstrap.in_run(point.correct), curves[point.run])
+                    for point in grouped[method, budget]
+                ),
+                strict=True,
+            )
+            rows.append({"method": method, "budget": budget, "baseline": baseline, **_row_over_runs(plain)})
+            own.append({"delta": _over_runs(deltas, bootstrap), "extra": _over_runs(extras, bootstrap)})
         numbers += own
-        mean_rows.append({"method": method, "baseline": baseline, "budgets": len(points)})
+        mean_rows.append({"method": method, "baseline": baseline, "budgets": len(budgets)})
         mean_numbers.append({prefix: _mean([n[prefix] for n in own]) for prefix in NUMBERS})
     return _table(rows, numbers, COMPARISON_COLUMNS), _table(mean_rows, mean_numbers, MEAN_COLUMNS)
 
@@ -353,6 +415,7 @@ def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -
                 ],
                 "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
                 "seeds": table["seeds"].map(_count),
+                "runs": table["runs"].map(_count),
                 "training steps (inherited)": [
                     "—" if pd.isna(steps) else f"{_count(steps)} ({_count(share)})"
                     for steps, share in zip(table["train_steps"], table["supernet_steps"], strict=True)

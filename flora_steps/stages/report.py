@@ -352,7 +352,11 @@ def run(context: StageContext) -> None:
     models = protocols["fine-tuned"]
     dense = models[0]
     bootstrap = PairedBootstrap(
-        max(len(seeds), 1), dense.correct.shape[1], REPLICATES, np.random.default_rng(params.seed)
+        max(len(seeds), 1),
+        dense.correct.shape[1],
+        REPLICATES,
+        np.random.default_rng(params.seed),
+        runs=len({model.run for model in models}),
     )
     note = f"Intervals omit {OMITTED_RUNS}." if bootstrap.omits_runs else None
     if note:
