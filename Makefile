@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test env dvc docs docs-hybrid clean
+.PHONY: run test env dvc docs docs-hybrid docs-runs clean
 
 run: $(STAMP)  ## run the default pipeline with Snakemake
 	snakemake --cores $(CORES)
@@ -30,6 +30,11 @@ docs-hybrid: $(STAMP)  ## the same for the hybrid profile (configs/hybrid.yaml, 
 	snakemake --cores $(CORES) --config params=configs/hybrid.yaml
 	mkdir -p docs/hybrid
 	cd results/hybrid/report && cp $(REPORTED) ../../../docs/hybrid/
+
+docs-runs: $(STAMP)  ## the published numbers: the default with five runs after the dense model (configs/default_5_runs.yaml), into docs/runs/
+	snakemake --cores $(CORES) --config params=configs/default_5_runs.yaml
+	mkdir -p docs/runs
+	cd results/default_5_runs/report && cp $(REPORTED) ../../../docs/runs/
 
 env: $(STAMP)  ## only create the environment
 

@@ -21,7 +21,7 @@ from flora_steps.errors import UserError
 from flora_steps.params import load_params
 from flora_steps.pipeline.catalogue import STAGES, param_value, priority, tracked_params
 from flora_steps.pipeline.code import STAGES_PACKAGE, code_files
-from flora_steps.pipeline.schema import Case, budget_values, resolve, results_root
+from flora_steps.pipeline.schema import Case, budget_values, resolve, results_root, runs_of
 
 PARAMS_FILE = config.get("params", "params.yaml")
 try:
@@ -37,6 +37,10 @@ THREADS = PARAMS["compute"]["threads"] or 8
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
 # a distributed stage starts compute.processes processes under torchrun itself, one per GPU
 PROCESSES = PARAMS["compute"]["processes"]
+# runs: 1 runs everything once; with more, every stage after the dense model (all but pretrain, latency, report)
+# is one rule per run, `<stage>_run<k>`, writing under results/.../runs/<k>/; the report reads every run
+RUNS = PARAMS["runs"]
+RUN_NUMBERS = [None] if RUNS == 1 else list(range(RUNS))
 # on a cluster, a GPU job gets this many CPUs per GPU for its loader workers (Slurm's cpus_per_task);
 # compute.workers: null turns them into workers. Change with --config cpus_per_gpu=16
 CPUS_PER_GPU = int(config.get("cpus_per_gpu", 8))
@@ -46,26 +50,39 @@ wildcard_constraints:
     budget=r"\d*\.\d+",
 
 
-def outputs(stage):
+def rule_name(stage, run):
+    """The rule of a stage in a run of the pipeline: the stage's name, `<stage>_run<k>` with several runs."""
+    return stage if run is None or not STAGES[stage].replicated else f"{stage}_run{run}"
+
+
+def runs_of_stage(stage):
+    """The runs of the pipeline a stage has a rule for: each run for a replicated stage, else one."""
+    return RUN_NUMBERS if STAGES[stage].replicated else [None]
+
+
+def outputs(stage, run):
     """The stage's output files by name; those flagged in the catalogue also go into `snakemake --report`."""
     files = {}
     for key, output in STAGES[stage].outputs.items():
-        path = str(STAGES[stage].path(key, root=ROOT))
+        path = str(STAGES[stage].path(key, root=ROOT, run=run))
         files[key] = report(path, category=output.category, caption=output.caption) if output.category else path
     return files
 
 
-def inputs(stage):
+def inputs(stage, run):
     """The stage's code files and its inputs as the outputs of the rules that make them, case by case
     (`resolve`): a run of a per-budget rule at the same budget is the rule's own pattern; every run, or the
-    one at a params key, is expanded over those budgets."""
+    one at a params key, is expanded over those budgets; each in the run of the pipeline the input reads
+    (`runs_of`: the stage's own, every run, or the first)."""
     files = {"code": [str(path) for path in code_files(STAGES[stage].module)]}
     for key, reference in STAGES[stage].inputs.items():
         found = resolve(STAGES[stage], reference, STAGES)
-        made = getattr(getattr(rules, found.producer.name).output, found.output)
-        if found.case in (Case.PINNED, Case.EVERY):
-            made = expand(made, budget=budget_values(PARAMS["budgets"], found.budgets))
-        files[key] = made
+        files[key] = []
+        for each in runs_of(STAGES[stage], reference, found.producer, run, RUNS):
+            made = getattr(getattr(rules, rule_name(found.producer.name, each)).output, found.output)
+            if found.case in (Case.PINNED, Case.EVERY):
+                made = expand(made, budget=budget_values(PARAMS["budgets"], found.budgets))
+            files[key] += [made] if isinstance(made, str) else list(made)
     for key in STAGES[stage].file_params:  # e.g. model.checkpoint: a local weights file, once it is there
         value = param_value(PARAMS, key)  # (a missing one is the stage's error, and must not stop dry runs)
         if value is not None and Path(value).is_file():
@@ -73,18 +90,19 @@ def inputs(stage):
     return files
 
 
-def options(stage):
-    """The stage's command-line options after ``--params``, for a job's wildcards (its budget).
+def options(stage, run):
+    """The stage's command-line options after ``--params``, for a job's wildcards (its budget) and its run.
 
     A function given to ``params:``: a rule made in a loop formats ``shell:`` only when a job runs, so
     the shell string must not depend on the loop's ``stage``.
     """
-    return lambda wildcards: shlex.join(STAGES[stage].arguments(getattr(wildcards, "budget", "")))
+    number = None if run is None else str(run)
+    return lambda wildcards: shlex.join(STAGES[stage].arguments(getattr(wildcards, "budget", ""), number))
 
 
-def every_run(stage, output):
-    """One output of a stage for each of its runs (every budget of a per-budget stage)."""
-    made = getattr(getattr(rules, stage).output, output)
+def every_run(stage, run, output):
+    """One output of a stage in a run of the pipeline for each of its budgets (a per-budget stage)."""
+    made = getattr(getattr(rules, rule_name(stage, run)).output, output)
     foreach = STAGES[stage].foreach
     return expand(made, budget=budget_values(PARAMS["budgets"], foreach)) if foreach else made
 
@@ -98,36 +116,43 @@ def resources(stage):
     return {**devices, "mem_mb": needs.mem_mb, "runtime": needs.runtime}
 
 
-# One rule per stage of the catalogue (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's)
+# One rule per stage of the catalogue (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's),
+# and per run of the pipeline for a replicated stage
 for stage in STAGES:
+    for run in runs_of_stage(stage):
 
-    rule:
-        name:
-            stage
-        input:
-            **inputs(stage),
-        output:
-            **outputs(stage),
-        log:
-            str(STAGES[stage].path("log", root=ROOT)),
-        benchmark:
-            str(STAGES[stage].path("benchmark", root=ROOT))
-        params:
-            tracked=tracked_params(stage, PARAMS),
-            module=STAGES[stage].module,
-            options=options(stage),
-        priority: priority(stage)
-        threads: STAGES[stage].resources.threads or THREADS
-        resources:
-            **resources(stage),
-        conda:
-            "environment.yml"
-        shell:
-            "python -m {STAGES_PACKAGE}.{params.module} --params {PARAMS_FILE:q} {params.options}"
+        rule:
+            name:
+                rule_name(stage, run)
+            input:
+                **inputs(stage, run),
+            output:
+                **outputs(stage, run),
+            log:
+                str(STAGES[stage].path("log", root=ROOT, run=run)),
+            benchmark:
+                str(STAGES[stage].path("benchmark", root=ROOT, run=run))
+            params:
+                tracked=tracked_params(stage, PARAMS),
+                module=STAGES[stage].module,
+                options=options(stage, run),
+            priority: priority(stage)
+            threads: STAGES[stage].resources.threads or THREADS
+            resources:
+                **resources(stage),
+            conda:
+                "environment.yml"
+            shell:
+                "python -m {STAGES_PACKAGE}.{params.module} --params {PARAMS_FILE:q} {params.options}"
 
 
 rule all:
     default_target: True
     input:
-        [every_run(stage, "metrics") for stage in STAGES if "metrics" in STAGES[stage].outputs],
+        [
+            every_run(stage, run, "metrics")
+            for stage in STAGES
+            if "metrics" in STAGES[stage].outputs
+            for run in runs_of_stage(stage)
+        ],
         rules.report.output.summary,

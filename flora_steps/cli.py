@@ -19,6 +19,7 @@ from .params import load_params
 from .pipeline.catalogue import STAGES
 from .pipeline.code import STAGES_PACKAGE, docstring
 from .pipeline.commands import add_params_argument, add_stage_arguments
+from .pipeline.schema import DEFAULT_PARAMS
 
 #: Stage commands in pipeline order (``retrain`` runs every retrain stage, by ``--method``).
 COMMANDS = list(dict.fromkeys(stage.module for stage in STAGES.values()))
@@ -65,7 +66,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         )
     )
     dvc_parser = commands.add_parser(
-        "dvc-yaml", help="write dvc.yaml from the pipeline's catalogue (flora_steps/pipeline/catalogue.py)"
+        "dvc-yaml",
+        help="write dvc.yaml from the pipeline's catalogue (flora_steps/pipeline/catalogue.py), for params.yaml's runs",
     )
     dvc_parser.add_argument("--output", type=Path, default=Path("dvc.yaml"), help="file to write (default: dvc.yaml)")
     return parser
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dvc-yaml":
             from .pipeline.dvc_yaml import write
 
-            write(args.output)
+            write(args.output, load_params(DEFAULT_PARAMS).runs)
             print(f"wrote {args.output}")
             return 0
         params = load_params(args.params)

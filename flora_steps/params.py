@@ -309,6 +309,7 @@ class Params(Section):
     """All of ``params.yaml``."""
 
     seed: Seed
+    runs: PositiveInt  # runs of everything after the dense model; run k seeds with seed + k (report: across runs)
     compute: ComputeParams
     model: ModelParams
     data: DataParams

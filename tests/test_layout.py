@@ -180,3 +180,19 @@ def test_the_package_layers_import_only_downwards() -> None:
             if target != layer and target not in LAYERS[layer]:
                 wrong.append(f"{relative} imports {module}")
     assert wrong == []
+
+
+def test_dvc_yaml_for_several_runs_has_one_stage_per_run_of_each_replicated_stage() -> None:
+    stages = yaml.safe_load(render(2))["stages"]
+    replicated = [name for name, stage in STAGES.items() if stage.replicated]
+    assert set(stages) == {f"{name}_run{run}" for name in replicated for run in (0, 1)} | {
+        "pretrain",
+        "latency",
+        "report",
+    }
+    assert stages["search_run1"]["do"]["cmd"].endswith("--budget ${item} --run 1")
+    assert "results/runs/1/supernet/model.safetensors" in stages["search_run1"]["do"]["deps"]
+    assert "results/pretrain/model.safetensors" in stages["search_run1"]["do"]["deps"]  # the shared dense model
+    report = stages["report"]["deps"]
+    assert {"results/runs/0/retrain/flora", "results/runs/1/retrain/flora", "results/runs/0/search"} <= set(report)
+    assert "results/runs/1/search" not in report  # its figures are the first run's

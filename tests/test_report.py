@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from flora_steps.cli import main
 from flora_steps.report.figures import plot_tradeoff
@@ -313,3 +314,45 @@ def test_a_new_method_is_one_record(monkeypatch) -> None:
     legend = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
     assert "random ranks, from the supernet" in legend
     assert figure.axes[0].get_title() == "random ranks vs control"
+
+
+def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: Path, tmp_path: Path, monkeypatch):
+    """``runs: 2`` (here the smoke run's results twice): one report whose rows are over both runs, without the
+    one-run note; the same results in each run give the one-run report's numbers."""
+    (tmp_path / "results/runs").mkdir(parents=True)
+    (tmp_path / "results/pretrain").symlink_to(smoke_pipeline / "results/pretrain")
+    for run in (0, 1):
+        (tmp_path / f"results/runs/{run}").mkdir()
+        for stage in ("decompose", "filter", "supernet", "search", "retrain", "slim", "on_slim", "ofb", "on_ofb"):
+            (tmp_path / f"results/runs/{run}" / stage).symlink_to(smoke_pipeline / "results" / stage)
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text()) | {"runs": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--params", "params.yaml"]) == 0
+    results = pd.read_csv("results/report/results.csv")
+    assert list(results["runs"]) == [1] + [2] * 10 + [1] + [2] * 10
+    summary = json.loads(Path("results/report/summary.json").read_text())
+    assert summary["statistics"]["runs"] == 2 and summary["statistics"]["omitted_variance"] is None
+    assert not Path("results/report/means.md").read_text().startswith("Intervals omit")
+    one_run = pd.read_csv(reported / "results/report/comparison.csv")
+    assert pd.read_csv("results/report/comparison.csv")["delta_top1"].tolist() == pytest.approx(
+        one_run["delta_top1"].tolist(), nan_ok=True
+    )
+
+
+def test_the_run_of_a_stage_is_checked_against_the_params(
+    smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text(yaml.safe_dump(params))
+    two.write_text(yaml.safe_dump(params | {"runs": 2}))
+    for command, expected in (
+        (["decompose", "--params", str(one), "--run", "1"], "--run 1: the params have runs: 1"),
+        (["decompose", "--params", str(two)], "--run: give one of 0 to 1 (the params have runs: 2)"),
+        (["decompose", "--params", str(two), "--run", "2"], "--run: give one of 0 to 1 (the params have runs: 2)"),
+    ):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: {expected}")
+    assert not (tmp_path / "results").exists()

@@ -222,3 +222,21 @@ def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path
         )
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == expected
+
+
+def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(project: Path) -> None:
+    """``runs: 3``: one rule per run of each replicated stage, writing under ``runs/<k>/``; the dense model, the
+    latency stage and the report once, the report reading every run's predictions."""
+    (project / "configs/runs.yaml").write_text(
+        (project / "configs/smoke.yaml").read_text().replace("\nruns: 1 ", "\nruns: 3 ", 1)
+    )
+    dry = snakemake_here("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/runs.yaml", cwd=project)
+    jobs = planned_jobs(dry.stdout)
+    replicated = {name for name, stage in STAGES.items() if stage.replicated}
+    assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | {"pretrain", "latency", "report"}
+    report = dry.stdout.split("rule report:")[1].split("rule ")[0]
+    for run in range(3):
+        assert f"results/runs/runs/{run}/retrain/flora/0.5/predictions.csv" in report
+    assert "results/runs/runs/0/search/0.5/history.csv" in report and "runs/1/search/0.5/history.csv" not in report
+    assert "stages.search --params configs/runs.yaml --budget 0.5 --run 2" in dry.stdout
+    assert "stages.pretrain --params configs/runs.yaml --run" not in dry.stdout  # the dense model: once

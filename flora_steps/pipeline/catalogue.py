@@ -224,6 +224,7 @@ def flora_stages(base: Base) -> list[Stage]:
 _PRETRAIN = _stage(
     "pretrain",
     folder="pretrain",
+    replicated=False,  # the dense model: every run compresses the same one
     outputs={
         **_MODEL,
         "history": Output(
@@ -340,6 +341,7 @@ SEARCH_STAGES = {stage.name: stage for stage in _SEARCHES}
 _LATENCY = _stage(
     "latency",
     folder="latency",
+    replicated=False,  # times the first run's models
     outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
     inputs={
         **_model_of("pretrain", "dense"),
@@ -360,6 +362,7 @@ _LATENCY = _stage(
 _REPORT = _stage(
     "report",
     folder="report",
+    replicated=False,  # one report over every run: its figures of FLORA's stages are the first run's
     outputs={
         **_table(
             "results", {"x": "macs", "y": "top1", "template": "scatter", "title": "Test top-1 vs MACs (every method)"}
@@ -387,10 +390,10 @@ _REPORT = _stage(
         "space": Input("filter", "space"),
         "search_history": Input("search", "history"),
         "search_ranks": Input("search", "ranks"),
-        # every stage's metrics (its wall time among them), every method's models
+        # every stage's metrics (its wall time among them; the first run's), every method's models in every run
         **{f"{name}_metrics": Input(name, "metrics") for name in SEARCH_STAGES},
         **{
-            f"{method}{suffix}": Input(stage, output)
+            f"{method}{suffix}": Input(stage, output, every_run=True)
             for method, stage in METHOD_STAGES.items()
             for suffix, output in (
                 ("", "metrics"),
@@ -401,6 +404,7 @@ _REPORT = _stage(
     },
     params=(
         "seed",
+        "runs",
         *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values()),
         *(budgets_key(base.budget) for base in BASES.values() if base.pinned),  # the run whose cost a base carries
         "decompose.targets",
@@ -413,6 +417,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (*_SEARCHES, *_RETRAI
 #: (a stage whose results they do change tracks them: the latency stage tracks threads).
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
+    "runs": "how many runs of the pipeline there are: where each run's results lie, not what they are",
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",
     "compute.teacher_cache": "speed: a hit is the teacher's logits for the same image, equal up to rounding",

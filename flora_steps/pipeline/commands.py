@@ -1,4 +1,4 @@
-"""The command line of every stage, from the catalogue: ``--params``, and ``--method``, ``--base`` and ``--budget``.
+"""The command line of every stage, from the catalogue: ``--params``, and ``--method``, ``--base``, ``--budget``, ``--run``.
 
 Both ``python -m flora_steps.stages.<module>`` and ``flora <module>`` build their
 arguments here. Nothing heavy is imported, so ``flora --help`` and a rejected params
@@ -34,4 +34,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     if any(stage.foreach for stage in stages):
         parser.add_argument(
             "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+        )
+    if any(stage.replicated for stage in stages):
+        parser.add_argument(
+            "--run", type=int, help="the run of the pipeline, 0 to runs - 1 (only when the params have runs above 1)"
         )

@@ -3,7 +3,10 @@
 A stage that runs once per budget has ``{budget}`` in its folder and names the list of
 the params' ``budgets`` section it runs over (``foreach``); its runs are Snakemake jobs
 of one rule (a wildcard) and DVC ``foreach`` items, and a budget has one canonical name
-everywhere (``budget_name``). Nothing here imports torch, so the Snakefile reads it quickly.
+everywhere (``budget_name``). With ``runs`` above 1 in the params, everything after the
+dense model runs once per run (a ``replicated`` stage), each run under ``runs/<run>/``
+of the results root; with one run there is no such folder. Nothing here imports torch,
+so the Snakefile reads it quickly.
 """
 
 from __future__ import annotations
@@ -65,11 +68,14 @@ class Input:
 
     ``budget`` names a value of the params' ``budgets`` section (``ofb_base``): the one
     run of a per-budget producer that a stage running once reads (``resolve``).
+    ``every_run``: a stage that is not replicated reads the artifact of every run of the
+    pipeline (the report's predictions); otherwise the first run's (a figure).
     """
 
     stage: str
     output: str
     budget: str | None = None
+    every_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,25 +112,33 @@ class Stage:
     base: str = "dense"  # the base model a FLORA stage compresses (``catalogue.BASES``)
     foreach: str | None = None  # a list of the params' budgets section: one run per budget of it
     distributed: bool = False  # runs as compute.processes processes under torchrun; the others refuse to
+    replicated: bool = True  # runs once per run of the pipeline (``runs``); else once, reading the runs' artifacts
 
-    def path(self, output: str, budget: str | None = None, root: Path = RESULTS) -> Path:
-        """Path of one output (``log`` and ``benchmark`` included) for a budget name."""
+    def path(self, output: str, budget: str | None = None, root: Path = RESULTS, run: int | None = None) -> Path:
+        """Path of one output (``log`` and ``benchmark`` included) for a budget name and run."""
         name = {"log": "log.txt", "benchmark": "benchmark.tsv"}.get(output) or self.outputs[output].file
-        return self.directory(budget, root) / name
+        return self.directory(budget, root, run) / name
 
-    def directory(self, budget: str | None = None, root: Path = RESULTS) -> Path:
-        """The stage's results folder for a budget name (the pattern with ``{budget}`` when ``None``)."""
-        return root / (self.folder if budget is None else self.folder.format(budget=budget))
+    def directory(self, budget: str | None = None, root: Path = RESULTS, run: int | None = None) -> Path:
+        """The stage's results folder for a budget name (the pattern with ``{budget}`` when ``None``) and a run of
+        the pipeline (``None``: the pipeline runs once)."""
+        return self.run_root(root, run) / (self.folder if budget is None else self.folder.format(budget=budget))
 
-    def root(self, root: Path = RESULTS) -> Path:
-        """The folder holding every run of the stage (the part of ``folder`` before any wildcard)."""
-        return root / self.folder.split("/{")[0]
+    def run_root(self, root: Path = RESULTS, run: int | None = None) -> Path:
+        """Where a run of the pipeline keeps this stage: ``root/runs/<run>`` for a replicated stage of several runs."""
+        return root / "runs" / str(run) if run is not None and self.replicated else root
 
-    def arguments(self, budget: str) -> list[str]:
-        """Command-line options after ``--params`` (``budget`` is substituted as given)."""
+    def root(self, root: Path = RESULTS, run: int | None = None) -> Path:
+        """The folder holding every budget's run of the stage (the part of ``folder`` before any wildcard)."""
+        return self.run_root(root, run) / self.folder.split("/{")[0]
+
+    def arguments(self, budget: str, run: str | None = None) -> list[str]:
+        """Command-line options after ``--params`` (``budget`` and ``run`` are substituted as given; ``run``
+        ``None``: the pipeline runs once)."""
         options = ["--method", self.method] if self.method else []
         options += ["--base", self.base] if self.base != "dense" else []
-        return options + (["--budget", budget] if self.foreach else [])
+        options += ["--budget", budget] if self.foreach else []
+        return options + (["--run", run] if run is not None and self.replicated else [])
 
 
 class Case(Enum):
@@ -165,23 +179,39 @@ def budget_values(budgets: Mapping[str, Any], name: str) -> list[str]:
     return [budget_name(b) for b in (value if isinstance(value, list) else [value])]
 
 
+def runs_of(consumer: Stage, reference: Input, producer: Stage, run: int | None, runs: int) -> list[int | None]:
+    """The runs of the pipeline whose artifact an input is: the consumer's own run, every run, or the first."""
+    if runs == 1 or not producer.replicated:
+        return [None]
+    if consumer.replicated:
+        return [run]
+    return list(range(runs)) if reference.every_run else [0]
+
+
 def input_paths(
     consumer: Stage,
     budget: str | None,
     budgets: Mapping[str, Any],
     stages: Mapping[str, Stage],
     root: Path = RESULTS,
+    run: int | None = None,
+    runs: int = 1,
 ) -> dict[str, list[Path]]:
-    """Each input of one run of ``consumer`` (at budget name ``budget``): one path, or one per run of a
-    per-budget producer. ``budgets`` is the params' budgets section (it says which runs a producer made)."""
+    """Each input of one run of ``consumer`` (at budget name ``budget``, in run ``run`` of ``runs``): one path, or
+    one per budget of a per-budget producer, for each run it reads (run by run). ``budgets`` is the params'
+    budgets section (it says which budgets a producer ran at)."""
     paths = {}
     for key, reference in consumer.inputs.items():
         found = resolve(consumer, reference, stages)
         if found.case is Case.ONCE:
-            runs: list[str | None] = [None]
+            names: list[str | None] = [None]
         elif found.case is Case.SAME:
-            runs = [budget]
+            names = [budget]
         else:
-            runs = list(budget_values(budgets, found.budgets))
-        paths[key] = [found.producer.path(found.output, run, root) for run in runs]
+            names = list(budget_values(budgets, found.budgets))
+        paths[key] = [
+            found.producer.path(found.output, name, root, each)
+            for each in runs_of(consumer, reference, found.producer, run, runs)
+            for name in names
+        ]
     return paths

@@ -36,6 +36,8 @@ from .data import default_workers
 from .training import checkpoint_name
 
 log = logging.getLogger(__name__)
+#: A fine-tuning seed ``s`` of run ``k`` trains with ``s + RUN_SEEDS * k`` (its name in the results stays ``s``).
+RUN_SEEDS = 1000
 PACKAGE_LOG = logging.getLogger(__package__.partition(".")[0])
 #: Where stage runs log: the package, and the stage module itself, which ``python -m`` names ``__main__``
 STAGE_LOGS = (PACKAGE_LOG, logging.getLogger("__main__"))
@@ -71,13 +73,16 @@ def file_digest(path: Path) -> str:
 class StageContext:
     """One run of a stage: its params, budget, input and output paths, device, timer and identity.
 
-    ``root`` is the results folder of the params file (``schema.results_root``).
+    ``root`` is the results folder of the params file (``schema.results_root``); ``run``
+    the run of the pipeline (``None`` when it runs once), whose ``params.seed`` is
+    already the run's own (``for_run``).
     """
 
     stage: Stage
     params: Params
     budget: float | None = None
     root: Path = RESULTS
+    run: int | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -91,7 +96,7 @@ class StageContext:
     @cached_property
     def out(self) -> Path:
         """The run's results folder (created on first use)."""
-        folder = self.stage.directory(self.budget_name, self.root)
+        folder = self.stage.directory(self.budget_name, self.root, self.run)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -100,8 +105,17 @@ class StageContext:
         return self.out / self.stage.path(key, self.budget_name).name
 
     def inputs(self, key: str) -> list[Path]:
-        """The paths of input ``key``: one, or one per budget when a per-budget stage makes it."""
-        return input_paths(self.stage, self.budget_name, self._dumped_params["budgets"], STAGES, self.root)[key]
+        """The paths of input ``key``: one, or one per budget when a per-budget stage makes it (for each run of
+        the pipeline it reads, run by run)."""
+        budgets = self._dumped_params["budgets"]
+        return input_paths(self.stage, self.budget_name, budgets, STAGES, self.root, self.run, self.params.runs)[key]
+
+    def inputs_by_run(self, key: str) -> list[list[Path]]:
+        """The paths of an input read from every run of the pipeline (``Input.every_run``), one list per run."""
+        paths = self.inputs(key)
+        runs = self.params.runs if self.stage.inputs[key].every_run else 1
+        per_run = len(paths) // runs
+        return [paths[index * per_run : (index + 1) * per_run] for index in range(runs)]
 
     @cached_property
     def _dumped_params(self) -> dict[str, Any]:
@@ -142,7 +156,7 @@ class StageContext:
         return {
             "device": self.device,
             "amp": self.params.compute.amp,
-            "seed": self.params.seed if seed is None else seed,
+            "seed": self.params.seed if seed is None else seed + RUN_SEEDS * (self.run or 0),
             "checkpoint": self.out / checkpoint_name(seed),
             "identity": self.identity(seed=seed, epochs=epochs),  # not the process count: a resume may use other GPUs
             "workers": self.workers,
@@ -170,6 +184,7 @@ class StageContext:
         description = {
             "stage": self.stage.name,
             "budget": self.budget_name,
+            "run": self.run,
             "params": tracked_params(self.stage.name, self._dumped_params),
             "inputs": self._input_digests,
             **extra,
@@ -216,10 +231,30 @@ def _check_processes(stage: Stage) -> None:
         )
 
 
-def _under_torchrun(stage: Stage, params_path: Path, budget: float | None, processes: int) -> int:
+def _check_run(stage: Stage, run: int | None, params: Params) -> int | None:
+    """The run of the pipeline a replicated stage's command runs: ``--run`` (required with several ``runs``);
+    ``None`` when the pipeline runs once."""
+    if params.runs == 1 or not stage.replicated:
+        if run not in (None, 0):
+            raise UserError(
+                f"--run {run}: the params have runs: {params.runs}"
+                + ("" if stage.replicated else f"; {stage.name} runs once")
+            )
+        return None
+    if run is None or not 0 <= run < params.runs:
+        raise UserError(f"--run: give one of 0 to {params.runs - 1} (the params have runs: {params.runs})")
+    return run
+
+
+def for_run(params: Params, run: int | None) -> Params:
+    """The params of run ``run`` of the pipeline: its own ``seed`` (``seed + run``)."""
+    return params if run is None else params.model_copy(update={"seed": params.seed + run})
+
+
+def _under_torchrun(stage: Stage, params_path: Path, budget: float | None, run: int | None, processes: int) -> int:
     """Run the stage again as ``processes`` processes under ``torchrun`` (one per GPU); their exit status."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    options = stage.arguments("" if budget is None else budget_name(budget))
+    options = stage.arguments("" if budget is None else budget_name(budget), None if run is None else str(run))
     command = [*launcher, "-m", f"{STAGES_PACKAGE}.{stage.module}", "--params", str(params_path), *options]
     log.info("starting %d processes under torchrun (compute.processes): %s", processes, shlex.join(command))
     return subprocess.call(command)
@@ -237,15 +272,20 @@ def run_stage(
     method: str | None = None,
     budget=None,
     base: str = "dense",
+    pipeline_run: int | None = None,
 ) -> int:
-    """Load params, log to the run's ``log.txt``, run the stage; user errors become one line.
+    """Load params, log to the run's ``log.txt``, run the stage (in run ``pipeline_run`` of the pipeline); user
+    errors become one line.
 
     A run rejected by a user error leaves no files behind: nothing is written before
     params and budget are valid, and a results folder the run created is removed
     again (a folder that was already there keeps its files; its ``log.txt`` tells the error).
     """
     on = None if base == "dense" else f"on {base}"
-    label = "/".join(part for part in (module, method, on, None if budget is None else budget_name(budget)) if part)
+    number = None if pipeline_run is None else f"run {pipeline_run}"
+    label = "/".join(
+        part for part in (module, method, on, None if budget is None else budget_name(budget), number) if part
+    )
     _configure_logging(None, label)
     try:
         stage = stage_for(module, method, base)
@@ -258,13 +298,15 @@ def run_stage(
         _check_processes(stage)
         params = load_params(params_path)
         _check_budget(stage, budget, params)
+        pipeline_run = _check_run(stage, pipeline_run, params)
     except UserError as error:
         log.error("error: %s", error)
         return 2
     if stage.distributed and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
-        return _under_torchrun(stage, params_path, budget, params.compute.processes)
-    context = StageContext(stage, params, budget, results_root(params_path))
-    created = _first_missing(stage.directory(context.budget_name, context.root))
+        return _under_torchrun(stage, params_path, budget, pipeline_run, params.compute.processes)
+    context = StageContext(stage, for_run(params, pipeline_run), budget, results_root(params_path), pipeline_run)
+    params = context.params
+    created = _first_missing(stage.directory(context.budget_name, context.root, pipeline_run))
     file_handler = _configure_logging(context.out, label)
     failed = False
     try:
@@ -307,6 +349,7 @@ def run_from_args(module: str, run: Callable[[StageContext], None], args: argpar
         getattr(args, "method", None),
         getattr(args, "budget", None),
         getattr(args, "base", "dense"),
+        getattr(args, "run", None),
     )
 
 

@@ -21,7 +21,8 @@ once: FLORA's searched subnet and the control with the supernet's weights).
 - `means.{csv,md,tex}`: per comparison, both numbers' means over the method's budgets:
   the report's primary result
 - `ranks.{csv,md,tex}`: every target layer's rank in every searched subnet
-- `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers)
+- `costs.{csv,md,tex}`: wall time of every stage run (the stages' own timers; the first
+  run's, with several runs of the pipeline)
 - `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
   that choose its model (once, and per budget), fine-tuning excluded
 - `tradeoff.png` (the headline figure: per protocol, one panel per comparison, top-1 vs
@@ -32,6 +33,10 @@ once: FLORA's searched subnet and the control with the supernet's weights).
   budget's comparison, with intervals; an interval end is a number, ``"unbounded"``,
   or (an extra reduction's upper end) ``"< 1"``; an out-of-range number is ``null``
   with the verdict ``out of range``
+
+With several runs of the pipeline (`runs`), every table row is the mean over runs, each
+run compared with its own baselines; the figures of FLORA's own stages (spectra,
+sensitivity, search, ranks, sampling) and the costs are the first run's.
 
 Intervals: a paired, hierarchical bootstrap over runs, fine-tuning seeds and test images
 (`flora_steps.report.stats`), the same replicates for every number. A report from one
@@ -175,8 +180,8 @@ def inherited(model: Evaluated, path: Path, labels: np.ndarray) -> Evaluated:
 
 
 def evaluated_models(context: StageContext) -> tuple[dict[str, list[Evaluated]], list[int]]:
-    """Per protocol (``PROTOCOLS``), dense and every compressed model with its per-seed, per-image results; the
-    seeds they share."""
+    """Per protocol (``PROTOCOLS``), dense and every compressed model of every run of the pipeline with its
+    per-seed, per-image results; the seeds they share."""
     budgets = context.params.budgets
     base = context.input("pretrain_metrics")
     dense_metrics = read_json(base, "base model metrics")
@@ -188,17 +193,20 @@ def evaluated_models(context: StageContext) -> tuple[dict[str, list[Evaluated]],
     shared: list[int] | None = None
     for method, stage in METHOD_STAGES.items():
         values = getattr(budgets, STAGES[stage].foreach)
-        predictions = by_budget(context, f"{method}_predictions", values)
-        before = by_budget(context, f"{method}_inherited_predictions", values)
-        for budget, path in by_budget(context, method, values).items():
-            correct, seeds, _ = correct_matrix(predictions[budget], labels)
-            if shared is None:
-                shared = seeds
-            elif seeds != shared:
-                raise UserError(f"{predictions[budget]}: seeds {seeds}, but other models have {shared} (rerun)")
-            model = Evaluated(method, budget, read_json(path, "metrics"), correct)
-            models["fine-tuned"].append(model)
-            models["inherited"].append(inherited(model, before[budget], labels))
+        runs = zip(
+            *(context.inputs_by_run(f"{method}{suffix}") for suffix in ("", "_predictions", "_inherited_predictions")),
+            strict=True,
+        )
+        for run, (metrics, predictions, before) in enumerate(runs):
+            for budget, path, predicted, started in zip(values, metrics, predictions, before, strict=True):
+                correct, seeds, _ = correct_matrix(predicted, labels)
+                if shared is None:
+                    shared = seeds
+                elif seeds != shared:
+                    raise UserError(f"{predicted}: seeds {seeds}, but other models have {shared} (rerun)")
+                model = Evaluated(method, budget, read_json(path, "metrics"), correct, run)
+                models["fine-tuned"].append(model)
+                models["inherited"].append(inherited(model, started, labels))
     return models, shared or []
 
 
@@ -383,7 +391,7 @@ def run(context: StageContext) -> None:
         for stage, runs in per_budget.items()
         for b, value in zip(getattr(budgets, STAGES[stage].foreach), runs, strict=True)
     ]
-    retrains = [(f"retrain {m.method} {m.budget}", float(m.metrics["seconds"])) for m in models[1:]]
+    retrains = [(f"retrain {m.method} {m.budget}", float(m.metrics["seconds"])) for m in models[1:] if m.run == 0]
     costs = costs_table([*once.items(), *searches, *retrains])
     write_table(context, "costs", costs, readable(costs))
     search_costs = search_costs_table(method_search_costs(context, once, per_budget), per_budget)
