@@ -100,7 +100,7 @@ def options(stage, run):
     return lambda wildcards: shlex.join(STAGES[stage].arguments(getattr(wildcards, "budget", ""), number))
 
 
-def every_run(stage, run, output):
+def every_budget(stage, run, output):
     """One output of a stage in a run of the pipeline for each of its budgets (a per-budget stage)."""
     made = getattr(getattr(rules, rule_name(stage, run)).output, output)
     foreach = STAGES[stage].foreach
@@ -150,7 +150,7 @@ rule all:
     default_target: True
     input:
         [
-            every_run(stage, run, "metrics")
+            every_budget(stage, run, "metrics")
             for stage in STAGES
             if "metrics" in STAGES[stage].outputs
             for run in runs_of_stage(stage)

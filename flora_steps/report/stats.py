@@ -179,8 +179,3 @@ class PairedBootstrap:
         """Top-1 (mean over runs, seeds and images) with its interval, within [0, 1]."""
         low, high = interval(self.top1(correct), confidence)
         return Estimate(float(correct.mean()), max(low, 0.0), min(high, 1.0))
-
-
-def estimate(value: float, samples: np.ndarray, confidence: float = CONFIDENCE) -> Estimate:
-    """``value`` with the percentile interval of its bootstrap ``samples``."""
-    return Estimate(value, *interval(samples, confidence))
