@@ -5,6 +5,7 @@
 #   snakemake --cores 8 --config params=configs/smoke.yaml   # another params profile
 #   snakemake --cores 8 --use-conda                       # per-rule conda env (environment.yml)
 #   snakemake --profile cluster/slurm                     # on a Slurm cluster
+#   snakemake --cores 8 ablations                         # the paper's ablations of FLORA (results/ablations/)
 #
 # What each rule writes, reads, tracks and runs comes from flora_steps/pipeline/catalogue.py
 # (the one description of the pipeline): outputs by name, inputs as the outputs of
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from flora_steps.errors import UserError
 from flora_steps.params import load_params
-from flora_steps.pipeline.catalogue import STAGES, param_value, priority, tracked_params
+from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES, param_value, priority, tracked_params
 from flora_steps.pipeline.code import STAGES_PACKAGE, code_files
 from flora_steps.pipeline.schema import Case, budget_values, resolve, results_root, runs_of
 
@@ -116,8 +117,9 @@ def resources(stage):
     return {**devices, "mem_mb": needs.mem_mb, "runtime": needs.runtime}
 
 
-# One rule per stage of the catalogue (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's),
-# and per run of the pipeline for a replicated stage
+# One rule per stage of the catalogue (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's,
+# and from the first one each ablation changes, once per ablation), and per run of the pipeline for a replicated
+# stage. The default target is the pipeline and its report; the rule `ablations` (its table) runs the ablations.
 for stage in STAGES:
     for run in runs_of_stage(stage):
 
@@ -146,13 +148,16 @@ for stage in STAGES:
                 "python -m {STAGES_PACKAGE}.{params.module} --params {PARAMS_FILE:q} {params.options}"
 
 
+ABLATIONS_ONLY = {stage.name for stage in ABLATION_STAGES}
+
+
 rule all:
     default_target: True
     input:
         [
             every_budget(stage, run, "metrics")
             for stage in STAGES
-            if "metrics" in STAGES[stage].outputs
+            if "metrics" in STAGES[stage].outputs and stage not in ABLATIONS_ONLY
             for run in runs_of_stage(stage)
         ],
         rules.report.output.summary,

@@ -9,6 +9,7 @@ naming the key (``ParamsError.problems``).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,6 +148,7 @@ class SupernetParams(TrainingParams):
 
     epochs: PositiveInt
     sampling: Literal["lowrank", "uniform"]  # lowrank: p ∝ 1 / prod(rank / full rank), the paper's rule
+    init: Literal["svd", "random"]  # svd: the factors start from the SVD (weight inheritance); random: fresh
     temperature: PositiveFloat  # distillation temperature
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]  # 0: pure distillation, as in the paper
 
@@ -409,6 +411,22 @@ def validate_params(data: Any, source: str = "params") -> Params:
         known = _known_keys(Params)
         errors = _misspelt(error.errors(include_url=False), known)
         raise ParamsError(source, [line for e in errors for line in _describe(e, known)]) from None
+
+
+def with_values(params: Params, values: Mapping[str, Any]) -> Params:
+    """``params`` with the value at each dotted key of ``values`` replaced (an ablation's overrides), validated."""
+    if not values:
+        return params
+    data = params.model_dump(mode="json")
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        section = data
+        for part in sections:
+            section = section[part]
+        if name not in section:
+            raise KeyError(f"{key}: not a params key")
+        section[name] = value
+    return validate_params(data, "params with the ablation's overrides")
 
 
 def load_params(path: str | Path) -> Params:

@@ -81,9 +81,15 @@ def run_recorded(stage, arguments: list[str], params_file: Path, reads: dict[str
     import flora_steps.runtime.context as context
     from flora_steps.cli import main
 
-    real_load, seen = context.load_params, reads.setdefault(stage.name, set())
+    real_load, real_with, seen = context.load_params, context.with_values, reads.setdefault(stage.name, set())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(context, "load_params", lambda path: Recorder(real_load(path), seen))
+        # an ablation's stage runs with its overrides: record what it reads of those params too
+        patch.setattr(
+            context,
+            "with_values",
+            lambda params, values: Recorder(real_with(params, values), seen) if values else params,
+        )
         assert main([stage.module, *arguments, "--params", str(params_file)]) == 0, (stage.name, arguments)
 
 

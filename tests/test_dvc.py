@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import copy_project
 from workflow import (
+    DEFAULT_TARGETS,
     PROFILES,
     dvc,
     dvc_dry_run,
@@ -19,6 +20,7 @@ from workflow import (
     dvc_status,
     edit_each_module,
     importers,
+    in_default,
     run,
     snakemake_here,
 )
@@ -36,14 +38,21 @@ def dvc_project(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], project)
     dvc("init", "-q", cwd=project)
     dvc("config", "core.analytics", "false", cwd=project)
-    dvc("repro", cwd=project)
+    dvc("repro", *DEFAULT_TARGETS, cwd=project)  # Snakemake's default target
     return project
 
 
 def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -> None:
     project = copy_project(tmp_path)  # a dry run: no results needed
     printed = snakemake_here(
-        "-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project
+        "-n",
+        "-p",
+        "--forceall",
+        "--cores",
+        "2",
+        "--config",
+        "params=configs/smoke.yaml",
+        cwd=project,
     )
     snakemake_commands = {
         line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
@@ -59,7 +68,7 @@ def test_both_engines_run_the_same_commands(dvc_project: Path, tmp_path: Path) -
 
 def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_dvc(dvc_project: Path) -> None:
     def check(module: str):
-        return dvc_status(dvc_project), importers(module)
+        return dvc_status(dvc_project), in_default(importers(module))
 
     assert edit_each_module(dvc_project, check) == {}
     # every module is a dependency of exactly the stages that import it
@@ -77,6 +86,7 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
             ("retrain", "latency_repeats", 5, {"latency"}),
             ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform"}),
             ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
+            ("supernet", "init", "random", {"supernet", "supernet_on_slim", "supernet_on_ofb"}),
             ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
         ):
             params = yaml.safe_load(original)
@@ -94,7 +104,8 @@ def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> N
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(command, cwd=project, check=True, env={**os.environ, **env}, capture_output=True)
-    done = dvc("exp", "run", "--name", "repeats5", "--set-param", "retrain.latency_repeats=5", cwd=project)
+    setting = ("--set-param", "retrain.latency_repeats=5")
+    done = dvc("exp", "run", "--name", "repeats5", *setting, *DEFAULT_TARGETS, cwd=project)
     ran = [line for line in done.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'latency':"]
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
@@ -130,7 +141,7 @@ def test_smoke_profile_through_dvc_repro(dvc_project: Path) -> None:
     # FLORA on ViT-Slim's fine-tuned model (results/on_slim/base/), which reads ViT-Slim's search
     assert (dvc_project / "results/on_slim/retrain/flora/0.4/metrics.json").is_file()
     assert dvc_status(dvc_project) == set()
-    again = dvc("repro", cwd=dvc_project)
+    again = dvc("repro", *DEFAULT_TARGETS, cwd=dvc_project)
     assert "didn't change, skipping" in again.stdout
     shown = dvc("plots", "show", "-o", "plots", cwd=dvc_project)
     page = (dvc_project / "plots/index.html").read_text()
@@ -144,3 +155,19 @@ def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_pa
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
     assert dvc_dry_run(project)[0] == "python -m flora_steps.stages.pretrain --params params.yaml"
+
+
+def test_the_ablations_run_the_same_commands_in_both_engines(dvc_project: Path, tmp_path: Path) -> None:
+    """``dvc repro ablations`` (the fixture ran Snakemake's default target only) and ``snakemake ablations``."""
+    project = copy_project(tmp_path)
+    config = ("--config", "params=configs/smoke.yaml")
+    printed = snakemake_here("ablations", "-n", "-p", "--forceall", "--cores", "2", *config, cwd=project)
+    snakemake_commands = {
+        line.split("Shell command:")[1].strip().replace("configs/smoke.yaml", "params.yaml")
+        for line in (printed.stdout + printed.stderr).splitlines()
+        if "Shell command: python" in line
+    }
+    dvc_commands = dvc_dry_run(dvc_project, "ablations")
+    assert set(dvc_commands) == snakemake_commands and len(dvc_commands) == len(snakemake_commands)
+    assert dvc_commands[-1] == "python -m flora_steps.stages.ablations --params params.yaml"
+    assert "python -m flora_steps.stages.supernet --params params.yaml --ablation random_init" in dvc_commands

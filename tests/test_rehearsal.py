@@ -14,6 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT, run_as_two_processes
 from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
+from workflow import ABLATIONS_ONLY
 
 from flora_steps.cli import main
 from flora_steps.params import load_params
@@ -24,14 +25,15 @@ from flora_steps.pipeline.schema import budget_name
 def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path, monkeypatch) -> None:
     """Every stage of a distributed command (filter, supernet, search, retrain, slim, ofb) runs as two gloo
     processes, as torchrun starts them (the stages' own start of torchrun is tested with the supernet, in
-    test_supernet.py); every other stage runs in this process, as one process would."""
+    test_supernet.py); every other stage runs in this process, as one process would. The ablations' stages are
+    FLORA's own commands with other params values (they run in the smoke pipeline, ``conftest.smoke_pipeline``)."""
     write_rehearsal_inputs(tmp_path / "rehearsal")
     params_file = tmp_path / "params.yaml"
     shutil.copy(ROOT / "configs" / "rehearsal.yaml", params_file)
     params = load_params(params_file)
     budgets = params.budgets.model_dump()
     monkeypatch.chdir(tmp_path)
-    for stage in STAGES.values():
+    for stage in (stage for name, stage in STAGES.items() if name not in ABLATIONS_ONLY):
         for budget in budgets[stage.foreach] if stage.foreach else [None]:
             arguments = [stage.module, "--params", str(params_file)]
             arguments += stage.arguments("" if budget is None else budget_name(budget))

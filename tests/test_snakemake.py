@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_project, run_command
-from workflow import PROFILES, downstream, edit_each_module, importers, planned_jobs, snakemake, snakemake_here
+from workflow import (
+    ABLATIONS_ONLY,
+    PROFILES,
+    downstream,
+    edit_each_module,
+    importers,
+    in_default,
+    planned_jobs,
+    snakemake,
+    snakemake_here,
+)
 
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.code import PACKAGE, code_files
@@ -82,16 +92,26 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("decompose", "targets", ["*.attn.qkv"], downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"})),
+        (
+            "decompose",
+            "targets",
+            ["*.attn.qkv"],
+            in_default(downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"})),
+        ),
         # every retrain and both bases' fine-tuning (so FLORA on them), latency, report
-        ("retrain", "lr", 0.001, downstream(RETRAINS | BASES)),
-        ("retrain", "seeds", [0, 2], downstream(RETRAINS | BASES)),
+        ("retrain", "lr", 0.001, in_default(downstream(RETRAINS | BASES))),
+        ("retrain", "seeds", [0, 2], in_default(downstream(RETRAINS | BASES))),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
         ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
-        ("slim", "mlp_weight", 0.0001, downstream({"slim"})),  # ViT-Slim's search, its models, FLORA on them
+        (
+            "slim",
+            "mlp_weight",
+            0.0001,
+            in_default(downstream({"slim"})),
+        ),  # ViT-Slim's search, its models, FLORA on them
         ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "report"}),  # one more
-        ("ofb", "macs_weight", 10.0, downstream({"ofb"})),  # every OFB search, its models, FLORA on OFB's
+        ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb"}))),  # every OFB search, its models, FLORA on OFB's
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),
     ],
@@ -171,7 +191,7 @@ def test_editing_a_module_reruns_exactly_the_stages_that_use_it_in_snakemake(pro
 
     def check(module: str):
         dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
-        return planned_jobs(dry.stdout + dry.stderr), downstream(importers(module))
+        return planned_jobs(dry.stdout + dry.stderr), in_default(downstream(importers(module)))
 
     assert edit_each_module(project, check) == {}
     assert len(list((project / "flora_steps").rglob("*.py"))) == len(list(PACKAGE.rglob("*.py")))
@@ -232,7 +252,7 @@ def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(p
     )
     dry = snakemake_here("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/runs.yaml", cwd=project)
     jobs = planned_jobs(dry.stdout)
-    replicated = {name for name, stage in STAGES.items() if stage.replicated}
+    replicated = {name for name, stage in STAGES.items() if stage.replicated and name not in ABLATIONS_ONLY}
     assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | {"pretrain", "latency", "report"}
     report = dry.stdout.split("rule report:")[1].split("rule ")[0]
     for run in range(3):
@@ -240,3 +260,19 @@ def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(p
     assert "results/runs/runs/0/search/0.5/history.csv" in report and "runs/1/search/0.5/history.csv" not in report
     assert "stages.search --params configs/runs.yaml --budget 0.5 --run 2" in dry.stdout
     assert "stages.pretrain --params configs/runs.yaml --run" not in dry.stdout  # the dense model: once
+
+
+def test_the_ablations_are_a_target_of_their_own_over_every_run(project: Path) -> None:
+    """``snakemake ablations``: FLORA and each ablation's stages in every run, and the ablations table once (the
+    default target runs none of them: ``test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run``)."""
+    config = ["--config", "params=configs/runs.yaml"]
+    (project / "configs/runs.yaml").write_text(
+        (project / "configs/smoke.yaml").read_text().replace("\nruns: 1 ", "\nruns: 2 ", 1)
+    )
+    dry = snakemake_here("ablations", "-n", "-p", "--forceall", "--cores", "2", *config, cwd=project)
+    jobs = planned_jobs(dry.stdout)
+    own = {name for name in ABLATIONS_ONLY if STAGES[name].replicated}
+    flora = {"decompose", "filter", "supernet", "search", "retrain_flora"}
+    assert jobs == {f"{name}_run{run}" for name in own | flora for run in range(2)} | {"pretrain", "ablations"}
+    assert "stages.supernet --params configs/runs.yaml --ablation uniform_sampling --run 1" in dry.stdout
+    assert "results/runs/runs/1/ablations/svd_weights/retrain/0.5/predictions_inherited.csv" in dry.stdout

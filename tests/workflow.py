@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT, run_command
 
-from flora_steps.pipeline.catalogue import STAGES
+from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES
 from flora_steps.pipeline.code import code_files
 
 #: Every params profile of configs/.
@@ -49,13 +49,27 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd)
 
 
+#: The stages only the ablations target runs (``snakemake ablations``, ``dvc repro ablations``).
+ABLATIONS_ONLY = {stage.name for stage in ABLATION_STAGES}
+
+
+def in_default(stages: set[str]) -> set[str]:
+    """The stages of ``stages`` that the default target runs."""
+    return stages - ABLATIONS_ONLY
+
+
+#: What the DVC projects of the tests reproduce: Snakemake's default target (plain ``dvc repro`` adds the ablations).
+DEFAULT_TARGETS = ("report", "latency")
+
+
 def dvc_status(project: Path) -> set[str]:
-    """The stages ``dvc status`` finds changed, without their ``@budget``, by DVC's Python API in this process: the
-    same answer without a ``dvc`` command's start-up on every call."""
+    """The stages of the default target that ``dvc status`` finds changed (the ablations never ran in the tests'
+    DVC projects), without their ``@budget``, by DVC's Python API in this process: the same answer without a
+    ``dvc`` command's start-up on every call."""
     from dvc.repo import Repo
 
     with contextlib.chdir(project), Repo() as repo:
-        return {name.split("@")[0] for name in repo.status()}
+        return in_default({name.split("@")[0] for name in repo.status()})
 
 
 def dvc_stages(project: Path) -> dict[str, list[str]]:
@@ -66,12 +80,12 @@ def dvc_stages(project: Path) -> dict[str, list[str]]:
         return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
 
 
-def dvc_dry_run(project: Path) -> list[str]:
-    """The commands ``dvc repro --dry --force`` would run in ``project``, in order."""
+def dvc_dry_run(project: Path, *targets: str) -> list[str]:
+    """The commands ``dvc repro --dry --force [targets]`` would run in ``project``, in order."""
     from dvc.repo import Repo
 
     with contextlib.chdir(project), Repo() as repo:
-        return [stage.cmd for stage in repo.reproduce(dry=True, force=True)]
+        return [stage.cmd for stage in repo.reproduce(list(targets) or None, dry=True, force=True)]
 
 
 def planned_jobs(output: str) -> set[str]:

@@ -95,6 +95,14 @@ def set_ranks(model: nn.Module, ranks: Mapping[str, int]) -> None:
         layer.rank = ranks.get(name, layer.max_rank)
 
 
+def randomise_factors(model: nn.Module, seed: int) -> None:
+    """Draw every low-rank layer's factors at random (``LowRankLinear.reset_factors``), from ``seed``: a supernet
+    without weight inheritance. Biases and every other weight are left as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lowrank_layers(model).values():
+        layer.reset_factors(generator)
+
+
 def materialise(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.Module:
     """A copy of ``model`` with every ``LowRankLinear`` turned into plain ``nn.Linear`` layers.
 

@@ -91,8 +91,14 @@ class LowRankLinear(nn.Module):
         self.second = nn.Parameter(torch.empty(out_features, max_rank, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self._rank = max_rank
-        nn.init.normal_(self.first, std=in_features**-0.5)
-        nn.init.normal_(self.second, std=max_rank**-0.5)
+        self.reset_factors()
+
+    def reset_factors(self, generator: torch.Generator | None = None) -> None:
+        """Draw both factors at random (the bias stays): ``first`` with std 1/sqrt(in), ``second`` with std
+        1/sqrt(max_rank), so that at full rank the layer keeps its input's scale, as a fresh linear layer does."""
+        with torch.no_grad():
+            self.first.normal_(0.0, self.in_features**-0.5, generator=generator)
+            self.second.normal_(0.0, self.max_rank**-0.5, generator=generator)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, max_rank: int | None = None) -> LowRankLinear:

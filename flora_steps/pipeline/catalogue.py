@@ -3,17 +3,19 @@
 The stages take their paths from here (through ``runtime.context.StageContext``), the
 ``Snakefile`` makes one rule per stage from here, and ``dvc.yaml`` is generated from
 here (``flora dvc-yaml``). FLORA's stages are described once and made for every base
-model (``methods.BASES``); each method's ``retrain`` stage is made from its record
-(``methods.METHODS``). Nothing here imports torch, so the Snakefile reads it quickly.
+model (``methods.BASES``) and, from the first one each changes, for every ablation
+(``methods.ABLATIONS``); each method's ``retrain`` stage is made from its record
+(``methods.METHODS``, ``methods.ABLATION_METHODS``). Nothing here imports torch, so the Snakefile reads it quickly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
-from .methods import BASES, METHODS, RETRAINED, Base, Method
+from .methods import ABLATION_METHODS, ABLATIONS, BASES, METHODS, RETRAINED, Ablation, Base, Method
 from .schema import Case, Input, Output, Resources, Stage, budgets_key, resolve
 
 DATA = (
@@ -44,6 +46,7 @@ RESOURCES = {
     "base": TRAINS,
     "latency": Resources(8000, 60),
     "report": Resources(2000, 10, device=False, threads=1),
+    "ablations": Resources(2000, 10, device=False, threads=1),
 }
 
 
@@ -96,7 +99,7 @@ _RETRAIN_PARAMS = (
 )
 #: What each way of building a model reads beyond its source model: inputs (by the source stage) and params.
 _BUILD_INPUTS = {
-    "searched_ranks": lambda method: {"ranks": Input(BASES[method.base].stage("search"), "ranks")},
+    "searched_ranks": lambda method: {"ranks": Input(method.searched_by, "ranks")},
     "sliced": lambda method: {"masks": Input(method.source, "masks")},
 }
 _BUILD_PARAMS = {"uniform_ranks": ("retrain.uniform_rank_multiple",)}
@@ -116,12 +119,17 @@ def retrain_stage(method: Method) -> Stage:
     inputs |= _BUILD_INPUTS.get(method.build, lambda _: {})(method)
     epochs = (method.epochs, "supernet.epochs") if method.epochs else ()
     epochs += ("retrain.base_epochs",) if method.epochs and method.name in BASES else ()
+    name, folder = base.stage(f"retrain_{method.option}"), base.folder(f"retrain/{method.option}/{{budget}}")
+    if method.ablation:
+        ablation = ABLATIONS[method.ablation]
+        name, folder = ablation.stage(name), ablation.folder("retrain/{budget}")
     return _stage(
-        base.stage(f"retrain_{method.option}"),
+        name,
         "retrain",
         method=method.option,
         base=base.name,
-        folder=base.folder(f"retrain/{method.option}/{{budget}}"),
+        ablation=method.ablation,
+        folder=folder,
         foreach=method.budgets,
         outputs=_RETRAIN_OUTPUTS,
         inputs=inputs,
@@ -182,7 +190,7 @@ def flora_stages(base: Base) -> list[Stage]:
                 "seed",
                 *DEVICE,
                 *DATA,
-                *_keys("supernet", (*TRAINING, "sampling", "temperature", "hard_label_weight")),
+                *_keys("supernet", (*TRAINING, "sampling", "init", "temperature", "hard_label_weight")),
             ),
             distributed=True,
         ),
@@ -218,6 +226,31 @@ def flora_stages(base: Base) -> list[Stage]:
             ),
             distributed=True,
         ),
+    ]
+
+
+def ablation_stages(ablation: Ablation) -> list[Stage]:
+    """FLORA's stages on the dense model that ``ablation`` runs anew, under its names and folders, with its
+    overrides (no longer tracked: they are the same whatever the params say, nor are the keys they make moot);
+    their inputs from stages it runs anew are its own, the others FLORA's (without a supernet, the SVD's model in
+    place of the supernet's)."""
+    own = {module: ablation.stage(module) for module in ablation.redoes}  # on the dense model a stage is its command
+    if not ablation.supernet:
+        own["supernet"] = "decompose"
+    return [
+        replace(
+            stage,
+            name=ablation.stage(stage.name),
+            folder=ablation.folder(stage.folder),
+            inputs={key: replace(read, stage=own.get(read.stage, read.stage)) for key, read in stage.inputs.items()},
+            params=tuple(
+                key for key in stage.params if key not in ablation.overrides and not key.startswith(ablation.moot)
+            ),
+            ablation=ablation.name,
+            overrides=ablation.overrides,
+        )
+        for stage in flora_stages(BASES["dense"])
+        if stage.module in ablation.redoes
     ]
 
 
@@ -411,7 +444,54 @@ _REPORT = _stage(
     ),
 )
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT)}
+_ABLATION_SEARCHES = [stage for ablation in ABLATIONS.values() for stage in ablation_stages(ablation)]
+_ABLATION_RETRAINS = {name: retrain_stage(method) for name, method in ABLATION_METHODS.items()}
+
+
+def _search_cost(ablation: Ablation | None) -> list[str]:
+    """The stages whose seconds are FLORA's search cost (``None``) or an ablation's: filter, supernet (none
+    without one) and search, each the ablation's own where it runs it anew."""
+    modules = ("filter", "supernet", "search") if ablation is None or ablation.supernet else ("filter", "search")
+    return [ablation.stage(module) if ablation and module in ablation.redoes else module for module in modules]
+
+
+#: Per method of the ablation table (FLORA first), the stages whose seconds are its search cost.
+ABLATION_COSTS = {"flora": _search_cost(None), **{name: _search_cost(a) for name, a in ABLATIONS.items()}}
+
+_ABLATIONS_REPORT = _stage(
+    "ablations",
+    "ablations",
+    folder="ablations/report",
+    replicated=False,  # one table over every run
+    outputs={
+        **_table("ablations"),
+        "figure": Output("ablations.png", "plot", category="Ablations", caption="report/ablations.rst"),
+        "summary": Output("summary.json", "metrics"),
+    },
+    inputs={
+        "dense_predictions": Input("pretrain", "predictions"),
+        **{
+            f"{method}{suffix}": Input(stage, output, every_run=True)
+            for method, stage in {
+                "flora": "retrain_flora",
+                **{n: s.name for n, s in _ABLATION_RETRAINS.items()},
+            }.items()
+            for suffix, output in (
+                ("", "metrics"),
+                ("_predictions", "predictions"),
+                ("_inherited_predictions", "inherited_predictions"),
+            )
+        },
+        **{f"{stage}_metrics": Input(stage, "metrics") for stages in ABLATION_COSTS.values() for stage in stages},
+    },
+    params=("seed", "runs", budgets_key(METHODS["flora"].budgets)),
+)
+#: The stages only the ablations target runs (``snakemake ablations``, ``dvc repro ablations``).
+ABLATION_STAGES = [*_ABLATION_SEARCHES, *_ABLATION_RETRAINS.values(), _ABLATIONS_REPORT]
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT, *ABLATION_STAGES)
+}
 
 #: Keys a stage may read without tracking them, because they do not change its results
 #: (a stage whose results they do change tracks them: the latency stage tracks threads).
@@ -445,10 +525,11 @@ COMBINED_PLOTS = {
 }
 
 
-def stage_for(module: str, method: str | None = None, base: str = "dense") -> Stage:
+def stage_for(module: str, method: str | None = None, base: str = "dense", ablation: str | None = None) -> Stage:
     """The stage a command runs: ``retrain --method flora`` is ``retrain_flora``, with ``--base slim``
-    ``retrain_flora_on_slim``."""
-    return STAGES[BASES[base].stage(f"{module}_{method}" if method else module)]
+    ``retrain_flora_on_slim``, with ``--ablation whole_space`` ``retrain_flora_whole_space``."""
+    name = BASES[base].stage(f"{module}_{method}" if method else module)
+    return STAGES[ABLATIONS[ablation].stage(name) if ablation else name]
 
 
 def param_value(params: Mapping[str, Any], key: str) -> Any:

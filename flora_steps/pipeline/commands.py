@@ -1,4 +1,5 @@
-"""The command line of every stage, from the catalogue: ``--params``, and ``--method``, ``--base``, ``--budget``, ``--run``.
+"""The command line of every stage, from the catalogue: ``--params``, and ``--method``, ``--base``, ``--ablation``,
+``--budget``, ``--run``.
 
 Both ``python -m flora_steps.stages.<module>`` and ``flora <module>`` build their
 arguments here. Nothing heavy is imported, so ``flora --help`` and a rejected params
@@ -18,7 +19,8 @@ def add_params_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
-    """``--params``, and ``--method``/``--base``/``--budget`` where the module runs per method, base or budget."""
+    """``--params``, and ``--method``/``--base``/``--ablation``/``--budget`` where the module runs per method, base,
+    ablation or budget."""
     add_params_argument(parser)
     stages = [stage for stage in STAGES.values() if stage.module == module]
     methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
@@ -31,6 +33,11 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
         )
     elif len(bases) > 1:
         parser.add_argument("--base", choices=bases, required=True, help="the pruning method whose model to fine-tune")
+    ablations = list(dict.fromkeys(stage.ablation for stage in stages if stage.ablation))
+    if ablations:
+        parser.add_argument(
+            "--ablation", choices=ablations, help="one of FLORA's ablations (default: none, FLORA itself)"
+        )
     if any(stage.foreach for stage in stages):
         parser.add_argument(
             "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"

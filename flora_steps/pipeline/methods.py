@@ -9,7 +9,7 @@ if it searches, its stage (``catalogue.py``). Nothing here imports anything.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 #: How ``retrain`` builds a method's model before fine-tuning it (``stages/retrain.py``, ``BUILDERS``):
@@ -79,6 +79,8 @@ class Method:
     baselines: tuple[str, ...] = ()
     base: str = "dense"  # the model FLORA compresses (``BASES``), for FLORA's methods
     command: str = ""  # ``retrain --method``: the name, or ``flora`` for FLORA on any base
+    searched_by: str | None = None  # the search stage whose rank config it takes (``build`` searched_ranks)
+    ablation: str | None = None  # one of the paper's ablations of FLORA (``ABLATIONS``): not in the main report
 
     @property
     def retrained(self) -> bool:
@@ -104,6 +106,7 @@ def _flora(name: str, base: Base, label: str, short: str, style: Mapping[str, An
         inherits=base.stage("supernet"),
         base=base.name,
         command="flora",
+        searched_by=base.stage("search"),
         **compared,
     )
 
@@ -192,3 +195,90 @@ RETRAINED = {name: method for name, method in METHODS.items() if method.retraine
 def comparisons() -> list[tuple[str, str]]:
     """Each comparison of the report: (method, baseline), in the records' order."""
     return [(method.name, baseline) for method in METHODS.values() for baseline in method.baselines]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One of the paper's ablations: FLORA on the dense model with one of its parts taken out.
+
+    Its stages are FLORA's from the first one it changes on (``redoes``, and the
+    retrain), named ``<stage>_<name>`` in ``ablations/<name>/``, each run with
+    ``overrides`` in place of the params' values; it shares FLORA's stages before that.
+    ``supernet`` False: no supernet at all, its search and fine-tuning start from the
+    SVD (``decompose``), fine-tuned as long as FLORA's supernet and fine-tuning together.
+    It is searched at FLORA's budgets (``budgets.search``) and compared with FLORA at each.
+    """
+
+    name: str
+    label: str  # in the ablation figure's legend and the docs
+    short: str  # in the ablation table and figure
+    style: Mapping[str, Any]
+    redoes: tuple[str, ...]  # FLORA's stages (by command) it runs anew
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # params values its own stages run with
+    moot: tuple[str, ...] = ()  # params key prefixes its stages no longer read, because of the overrides
+    supernet: bool = True
+
+    def stage(self, name: str) -> str:
+        """A stage's name in this ablation: ``search`` -> ``search_whole_space``."""
+        return f"{name}_{self.name}"
+
+    def folder(self, folder: str) -> str:
+        """A stage's folder in this ablation: ``search/{budget}`` -> ``ablations/whole_space/search/{budget}``."""
+        return f"ablations/{self.name}/{folder}"
+
+    @property
+    def method(self) -> Method:
+        """Its models as a method of the ablation table: FLORA's record, with this ablation's stages."""
+        flora = METHODS["flora"]
+        common = {"name": self.name, "label": self.label, "short": self.short, "style": self.style, "baselines": ()}
+        common |= {"searched_by": self.stage("search"), "ablation": self.name}
+        if not self.supernet:
+            origin = "SVD of the base model, searched ranks"
+            return replace(
+                flora, **common, origin=origin, source="decompose", inherits=None, epochs="retrain.uniform_epochs"
+            )
+        supernet = self.stage("supernet")
+        return replace(flora, **common, source=supernet, inherits=supernet)
+
+
+#: The paper's ablations (``snakemake ablations``, ``dvc repro ablations``), in the order the table lists them.
+ABLATIONS = {
+    ablation.name: ablation
+    for ablation in (
+        Ablation(
+            "whole_space",
+            "without candidate filtering: the supernet and the search on the whole rank grid",
+            "whole space",
+            {"color": "tab:blue", "marker": "o"},
+            redoes=("filter", "supernet", "search"),
+            overrides={"filter.keep_ratio": 1.0, "filter.local.epochs": 0},  # keep every tuple: nothing to train
+            moot=("filter.local.",),
+        ),
+        Ablation(
+            "uniform_sampling",
+            "uniform instead of low-rank-aware sampling (supernet training and the search's mutations)",
+            "uniform sampling",
+            {"color": "tab:green", "marker": "s"},
+            redoes=("supernet", "search"),
+            overrides={"supernet.sampling": "uniform"},
+        ),
+        Ablation(
+            "random_init",
+            "without weight inheritance: the supernet's factors initialised at random, not from the SVD",
+            "random factors",
+            {"color": "tab:purple", "marker": "v"},
+            redoes=("supernet", "search"),
+            overrides={"supernet.init": "random"},
+        ),
+        Ablation(
+            "svd_weights",
+            "without supernet training: searched and fine-tuned from the SVD weights",
+            "no supernet",
+            {"color": "tab:brown", "marker": "^"},
+            redoes=("search",),
+            supernet=False,
+        ),
+    )
+}
+#: Each ablation's models as a method (``Ablation.method``).
+ABLATION_METHODS = {name: ablation.method for name, ablation in ABLATIONS.items()}

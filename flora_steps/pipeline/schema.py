@@ -97,7 +97,8 @@ class Stage:
 
     ``params`` are the params keys whose values change the stage's results: both
     engines rerun the stage when one of them changes, and its training checkpoint
-    belongs to their values. A stage may also read keys of ``catalogue.UNTRACKED``.
+    belongs to their values. A stage may also read keys of ``catalogue.UNTRACKED``,
+    and keys of ``overrides``, whose values it always runs with (an ablation's change).
     """
 
     name: str
@@ -113,6 +114,8 @@ class Stage:
     foreach: str | None = None  # a list of the params' budgets section: one run per budget of it
     distributed: bool = False  # runs as compute.processes processes under torchrun; the others refuse to
     replicated: bool = True  # runs once per run of the pipeline (``runs``); else once, reading the runs' artifacts
+    ablation: str | None = None  # one of FLORA's ablations (``methods.ABLATIONS``): ``--ablation``
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # params values it runs with, whatever the file says
 
     def path(self, output: str, budget: str | None = None, root: Path = RESULTS, run: int | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name and run."""
@@ -137,6 +140,7 @@ class Stage:
         ``None``: the pipeline runs once)."""
         options = ["--method", self.method] if self.method else []
         options += ["--base", self.base] if self.base != "dense" else []
+        options += ["--ablation", self.ablation] if self.ablation else []
         options += ["--budget", budget] if self.foreach else []
         return options + (["--run", run] if run is not None and self.replicated else [])
 

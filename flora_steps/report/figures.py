@@ -126,13 +126,23 @@ def plot_differences(axis, comparison: pd.DataFrame, means: pd.DataFrame) -> Non
     primary result), then each budget; thick: 95% interval, thin: simultaneous over the rows of its kind."""
     rows = []
     for _, mean in means.iterrows():
-        rows.append((f"{METHODS[mean['method']].short} − {METHODS[mean['baseline']].short}: mean", mean, True))
+        colour = METHODS[mean["method"]].style["color"]
+        label = f"{METHODS[mean['method']].short} − {METHODS[mean['baseline']].short}: mean"
+        rows.append((label, mean, True, colour))
         own = comparison[(comparison["method"] == mean["method"]) & (comparison["baseline"] == mean["baseline"])]
-        rows += [(f"budget {row['budget']:g}", row, False) for _, row in own.iterrows()]
-    finite = [100 * v for _, row, _ in rows for v in (row["delta_sim_low"], row["delta_sim_high"], row["delta_top1"])]
+        rows += [(f"budget {row['budget']:g}", row, False, colour) for _, row in own.iterrows()]
+    difference_panel(axis, rows, "Δ top-1 at equal MACs (points)")
+
+
+def difference_panel(axis, rows: list[tuple[str, pd.Series, bool, str]], xlabel: str) -> None:
+    """Paired differences, one per line (label, table row with the ``delta`` columns, primary, colour), top to
+    bottom: the value (a diamond for a primary one, in bold), its 95% interval (thick) and its simultaneous
+    interval (thin); a row without a value shows its verdict."""
+    finite = [
+        100 * v for _, row, _, _ in rows for v in (row["delta_sim_low"], row["delta_sim_high"], row["delta_top1"])
+    ]
     low, high = _fitted_range([*finite, 0.0])
-    for y, (_, row, primary) in enumerate(rows):
-        colour = METHODS[row["method"]].style["color"]
+    for y, (_, row, primary, colour) in enumerate(rows):
         if pd.isna(row["delta_top1"]):
             axis.text(0, y, row["delta_verdict"], fontsize=6, va="center", ha="center")
             continue
@@ -149,12 +159,12 @@ def plot_differences(axis, comparison: pd.DataFrame, means: pd.DataFrame) -> Non
             markersize=5,
         )
     axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=6)
-    for tick, (_, _, primary) in zip(axis.get_yticklabels(), rows, strict=True):
+    axis.set_yticks(range(len(rows)), [label for label, _, _, _ in rows], fontsize=6)
+    for tick, (_, _, primary, _) in zip(axis.get_yticklabels(), rows, strict=True):
         tick.set_fontweight("bold" if primary else "normal")
     axis.set_ylim(len(rows) - 0.5, -0.5)
     axis.set_xlim(low, high)
-    axis.set_xlabel("Δ top-1 at equal MACs (points)", fontsize=8)
+    axis.set_xlabel(xlabel, fontsize=8)
     axis.set_title("paired differences: 95% (thick), simultaneous (thin)", fontsize=8)
     axis.grid(alpha=0.3, axis="x")
 
@@ -242,4 +252,44 @@ def plot_sampling(macs: Mapping[str, np.ndarray], dense_macs: int) -> Figure:
     axis.set_ylabel("sampled subnets")
     axis.set_title("Supernet sampling distribution over the filtered space")
     axis.legend(fontsize=8)
+    return figure
+
+
+def plot_ablations(table: pd.DataFrame, styles: Mapping[str, Mapping], labels: Mapping[str, str]) -> Figure:
+    """The ablation figure: per protocol (a row), each method's test top-1 at each of FLORA's budgets with its 95%
+    interval (FLORA first, its line drawn), and a panel of each ablation's paired difference to FLORA, its mean
+    over budgets first. ``table`` is ``ablations.ablation_table``'s, with a ``protocol`` column; ``styles`` and
+    ``labels`` give each method's marker style and name."""
+    protocols = list(dict.fromkeys(table["protocol"]))
+    methods = list(dict.fromkeys(table["method"]))
+    budgets = sorted(table["budget"].dropna().unique())
+    figure = Figure(figsize=(10, 3.4 * len(protocols) + 0.7), layout="constrained")
+    grid = figure.subplots(len(protocols), 2, squeeze=False, width_ratios=[1, 1.2])
+    for row, protocol in enumerate(protocols):
+        shown = table[(table["protocol"] == protocol) & table["budget"].notna()]
+        axis = grid[row, 0]
+        for index, method in enumerate(methods):
+            own = shown[shown["method"] == method].sort_values("budget")
+            x = np.array([budgets.index(b) for b in own["budget"]]) + 0.1 * (index - (len(methods) - 1) / 2)
+            top1, low, high = (100 * own[column].to_numpy() for column in ("top1", "top1_low", "top1_high"))
+            style = {"linestyle": "-" if index == 0 else "none", "color": styles[method]["color"]}
+            axis.errorbar(x, top1, yerr=[top1 - low, high - top1], capsize=2, marker=styles[method]["marker"], **style)
+        axis.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
+        axis.set_xlabel("budget (fraction of dense MACs)", fontsize=8)
+        axis.set_ylabel(f"{protocol}\ntest top-1 (%)", fontsize=9)
+        axis.grid(alpha=0.3)
+        rows = []
+        for method in methods[1:]:
+            own = table[(table["protocol"] == protocol) & (table["method"] == method)]
+            colour = styles[method]["color"]
+            for _, entry in own.iterrows():
+                primary = pd.isna(entry["budget"])
+                text = f"{labels[method]} − FLORA: mean" if primary else f"budget {entry['budget']:g}"
+                rows.append((text, entry, primary, colour))
+        difference_panel(grid[row, 1], rows, "Δ top-1 vs FLORA at the same budget (points)")
+    handles = [
+        Line2D([], [], color=styles[m]["color"], marker=styles[m]["marker"], linestyle="none", label=labels[m])
+        for m in methods
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(methods), fontsize=7, frameon=False)
     return figure

@@ -378,7 +378,7 @@ def readable_search_costs(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _percent(value: float, signed: bool = False) -> str:
+def percent(value: float, signed: bool = False) -> str:
     """A fraction in percent; an unbounded end as ±∞, except an unsigned one (a reduction), which stays below 100."""
     if pd.isna(value):
         return "—"
@@ -387,8 +387,8 @@ def _percent(value: float, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-def _bracket(low: float, high: float, signed: bool) -> str:
-    return f"[{_percent(low, signed)}, {_percent(high, signed)}]"
+def bracket(low: float, high: float, signed: bool) -> str:
+    return f"[{percent(low, signed)}, {percent(high, signed)}]"
 
 
 def _count(value: float | None) -> str:
@@ -405,15 +405,15 @@ def readable_results(table: pd.DataFrame, macs_divisor: float, macs_unit: str) -
                 "budget": table["budget"].map(lambda b: f"{b:g}"),
                 f"macs ({macs_unit})": (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
                 "params": (table["params"] / 1e6).map(lambda v: f"{v:.3f} M"),
-                "MACs reduction": table["macs_reduction"].map(lambda v: f"{_percent(v)}%"),
+                "MACs reduction": table["macs_reduction"].map(lambda v: f"{percent(v)}%"),
                 "top-1 % (mean ± std)": [
-                    _percent(top1) + ("" if pd.isna(std) else f" ± {_percent(std)}")
+                    percent(top1) + ("" if pd.isna(std) else f" ± {percent(std)}")
                     for top1, std in zip(table["top1"], table["top1_std"], strict=True)
                 ],
                 "95% interval": [
-                    _bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
+                    bracket(lo, hi, False) for lo, hi in zip(table["top1_low"], table["top1_high"], strict=True)
                 ],
-                "Δ top-1 vs dense": table["delta_top1"].map(lambda v: _percent(v, True)),
+                "Δ top-1 vs dense": table["delta_top1"].map(lambda v: percent(v, True)),
                 "seeds": table["seeds"].map(_count),
                 "runs": table["runs"].map(_count),
                 "training steps (inherited)": [
@@ -437,23 +437,23 @@ def readable_comparison(table: pd.DataFrame, macs_divisor: float, macs_unit: str
                 "budget": table["budget"].map(lambda b: f"{b:g}"),
                 "baseline": table["baseline"],
                 macs_unit: (table["macs"] / macs_divisor).map(lambda v: f"{v:.3f}"),
-                "top-1 %": table["top1"].map(_percent),
+                "top-1 %": table["top1"].map(percent),
                 "baseline top-1 % at equal MACs": [
-                    f"{_percent(value)}{_wide(span)}"
-                    for value, span in zip(table["baseline_top1"], table["delta_span"])
+                    f"{percent(value)}{_wide(span)}" for value, span in zip(table["baseline_top1"], table["delta_span"])
                 ],
-                "Δ top-1 [95% interval]": _numbers(table, "delta"),
+                "Δ top-1 [95% interval]": with_interval(table, "delta"),
                 "Δ verdict (unadjusted)": table["delta_verdict"],
-                "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
+                "Δ simultaneous interval: verdict": simultaneous_text(table, "delta"),
                 f"baseline {macs_unit} at equal top-1": [
                     "out of range" if pd.isna(v) else f"{v / macs_divisor:.3f}{_wide(span)}"
                     for v, span in zip(table["baseline_macs"], table["extra_span"])
                 ],
                 "extra MACs reduction % [95% interval]": [
-                    _bounded(number, bound) for number, bound in zip(_numbers(table, "extra"), table["extra_bound"])
+                    _bounded(number, bound)
+                    for number, bound in zip(with_interval(table, "extra"), table["extra_bound"])
                 ],
                 "reduction verdict (unadjusted)": table["extra_verdict"],
-                "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
+                "reduction simultaneous interval: verdict": simultaneous_text(table, "extra"),
             }
         ),
     )
@@ -468,30 +468,30 @@ def readable_means(table: pd.DataFrame) -> pd.DataFrame:
                 "method": table["method"],
                 "baseline": table["baseline"],
                 "budgets": table["budgets"].map(_count),
-                "mean Δ top-1 [95% interval]": _numbers(table, "delta"),
+                "mean Δ top-1 [95% interval]": with_interval(table, "delta"),
                 "Δ verdict": table["delta_verdict"],
-                "Δ simultaneous interval: verdict": _simultaneous(table, "delta"),
-                "mean extra MACs reduction % [95% interval]": _numbers(table, "extra"),
+                "Δ simultaneous interval: verdict": simultaneous_text(table, "delta"),
+                "mean extra MACs reduction % [95% interval]": with_interval(table, "extra"),
                 "reduction verdict": table["extra_verdict"],
-                "reduction simultaneous interval: verdict": _simultaneous(table, "extra"),
+                "reduction simultaneous interval: verdict": simultaneous_text(table, "extra"),
             }
         ),
     )
 
 
-def _numbers(table: pd.DataFrame, prefix: str) -> list[str]:
+def with_interval(table: pd.DataFrame, prefix: str) -> list[str]:
     """A compared number with its 95% interval (differences signed, in points; reductions in percent)."""
     signed = prefix == "delta"
     return [
-        "out of range" if pd.isna(value) else f"{_percent(value, signed)} {_bracket(low, high, signed)}"
+        "out of range" if pd.isna(value) else f"{percent(value, signed)} {bracket(low, high, signed)}"
         for value, low, high in zip(table[NUMBERS[prefix]], table[f"{prefix}_low"], table[f"{prefix}_high"])
     ]
 
 
-def _simultaneous(table: pd.DataFrame, prefix: str) -> list[str]:
+def simultaneous_text(table: pd.DataFrame, prefix: str) -> list[str]:
     signed = prefix == "delta"
     return [
-        verdict if pd.isna(low) else f"{_bracket(low, high, signed)}: {verdict}"
+        verdict if pd.isna(low) else f"{bracket(low, high, signed)}: {verdict}"
         for low, high, verdict in zip(
             table[f"{prefix}_sim_low"], table[f"{prefix}_sim_high"], table[f"{prefix}_sim_verdict"], strict=True
         )
@@ -506,7 +506,7 @@ def _wide(span: float) -> str:
 def _bounded(number: str, bound: float) -> str:
     """An extra MACs reduction; out of range below the baseline's cheapest model, the bound it obeys."""
     if number == "out of range" and not pd.isna(bound):
-        return f"out of range: below {_percent(bound)} (the baseline's cheapest model is more accurate)"
+        return f"out of range: below {percent(bound)} (the baseline's cheapest model is more accurate)"
     return number
 
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import UserError
-from ..params import Params, load_params
+from ..params import Params, load_params, with_values
 from ..pipeline.catalogue import STAGES, param_value, stage_for, tracked_params
 from ..pipeline.code import STAGES_PACKAGE
 from ..pipeline.commands import add_stage_arguments
@@ -273,9 +273,10 @@ def run_stage(
     budget=None,
     base: str = "dense",
     pipeline_run: int | None = None,
+    ablation: str | None = None,
 ) -> int:
-    """Load params, log to the run's ``log.txt``, run the stage (in run ``pipeline_run`` of the pipeline); user
-    errors become one line.
+    """Load params, log to the run's ``log.txt``, run the stage (in run ``pipeline_run`` of the pipeline, with an
+    ablation's overrides); user errors become one line.
 
     A run rejected by a user error leaves no files behind: nothing is written before
     params and budget are valid, and a results folder the run created is removed
@@ -283,16 +284,17 @@ def run_stage(
     """
     on = None if base == "dense" else f"on {base}"
     number = None if pipeline_run is None else f"run {pipeline_run}"
-    label = "/".join(
-        part for part in (module, method, on, None if budget is None else budget_name(budget), number) if part
-    )
+    parts = (module, method, on, ablation, None if budget is None else budget_name(budget), number)
+    label = "/".join(part for part in parts if part)
     _configure_logging(None, label)
     try:
-        stage = stage_for(module, method, base)
+        stage = stage_for(module, method, base, ablation)
     except KeyError:
-        log.error(
-            "error: --base %s: %s%s runs on the dense model only", base, module, f" --method {method}" if method else ""
-        )
+        command = f"{module}{f' --method {method}' if method else ''}"
+        if ablation:
+            log.error("error: --ablation %s: %s is not a stage of that ablation", ablation, command)
+        else:
+            log.error("error: --base %s: %s runs on the dense model only", base, command)
         return 2
     try:
         _check_processes(stage)
@@ -304,7 +306,8 @@ def run_stage(
         return 2
     if stage.distributed and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _under_torchrun(stage, params_path, budget, pipeline_run, params.compute.processes)
-    context = StageContext(stage, for_run(params, pipeline_run), budget, results_root(params_path), pipeline_run)
+    params = with_values(for_run(params, pipeline_run), stage.overrides)
+    context = StageContext(stage, params, budget, results_root(params_path), pipeline_run)
     params = context.params
     created = _first_missing(stage.directory(context.budget_name, context.root, pipeline_run))
     file_handler = _configure_logging(context.out, label)
@@ -350,6 +353,7 @@ def run_from_args(module: str, run: Callable[[StageContext], None], args: argpar
         getattr(args, "budget", None),
         getattr(args, "base", "dense"),
         getattr(args, "run", None),
+        getattr(args, "ablation", None),
     )
 
 

@@ -48,7 +48,6 @@ files.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +63,13 @@ from ..pipeline.methods import METHODS, RETRAINED
 from ..pipeline.schema import budget_name
 from ..report.figures import macs_unit, plot_ranks, plot_sampling, plot_search, plot_tradeoff
 from ..report.layer_figures import plot_sensitivity, plot_spectra, single_layer_kl
-from ..report.stats import CONFIDENCE, PairedBootstrap
+from ..report.stats import PairedBootstrap
 from ..report.tables import (
-    NUMBERS,
     PROTOCOLS,
     Evaluated,
     by_protocol,
     comparison_table,
     costs_table,
-    latex,
-    markdown,
     ranks_table,
     readable,
     readable_comparison,
@@ -89,36 +85,25 @@ from ..runtime.artifacts import (
     read_rank_config,
     read_space,
     save_figure,
-    write_csv,
     write_json,
-    write_text,
 )
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape
+from ..runtime.results import (
+    OMITTED_RUNS,
+    REPLICATES,
+    SharedSeeds,
+    clean,
+    compared_number,
+    correct_matrix,
+    interval_description,
+    method_models,
+    read_csv,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 SAMPLED_SUBNETS = 4000
-REPLICATES = 2000  # bootstrap replicates of every interval
-OMITTED_RUNS = (
-    "run-to-run variance: the supernet, the searches and the pruning ran once, so these intervals cover "
-    "fine-tuning seeds and test images only"
-)
-
-
-def read_csv(path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (run the stage that writes it first)") from None
-
-
-def write_table(
-    context: StageContext, name: str, table: pd.DataFrame, shown: pd.DataFrame, note: str | None = None
-) -> None:
-    """``<name>.csv`` (raw numbers), ``<name>.md`` and ``<name>.tex`` (readable, ``note`` in their first line)."""
-    write_csv(context.output(f"{name}_csv"), table)
-    write_text(context.output(f"{name}_md"), (f"{note}\n\n" if note else "") + markdown(shown))
-    write_text(context.output(f"{name}_tex"), (f"% {note}\n" if note else "") + latex(shown))
 
 
 def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> tuple[dict[str, np.ndarray], int]:
@@ -140,49 +125,9 @@ def by_budget(context: StageContext, key: str, budgets: list[float]) -> dict[flo
     return dict(zip(budgets, context.inputs(key), strict=True))
 
 
-def correct_matrix(path: Path, labels: np.ndarray | None) -> tuple[np.ndarray, list[int], np.ndarray]:
-    """``correct[seed, image]`` from a predictions file, its seeds (none for the dense model) and the labels.
-
-    ``labels`` (the dense model's) must match: every model is evaluated on the same test images.
-    """
-    table = read_csv(path)
-    if "seed" not in table:
-        table = table.assign(seed=-1)
-    seeds = list(dict.fromkeys(table["seed"]))
-    rows = [table[table["seed"] == seed].sort_values("image") for seed in seeds]
-    own_labels = rows[0]["label"].to_numpy() if rows else np.array([], dtype=int)
-    if labels is not None and (
-        any(len(r) != len(labels) or not np.array_equal(r["label"].to_numpy(), labels) for r in rows)
-    ):
-        raise UserError(f"{path}: predictions on other test images than the base model's (rerun the pipeline)")
-    correct = np.stack([(r["prediction"] == r["label"]).to_numpy(dtype=float) for r in rows])
-    return correct, [int(s) for s in seeds if s >= 0], own_labels
-
-
-def inherited(model: Evaluated, path: Path, labels: np.ndarray) -> Evaluated:
-    """``model`` as its fine-tuning started (the inherited protocol): its predictions then, evaluated once, and only
-    the training it inherited."""
-    correct, _, _ = correct_matrix(path, labels)
-    metrics, training = model.metrics, model.metrics.get("training", {})
-    own = {"inherited_steps": training.get("inherited_steps"), "inherited_images": training.get("inherited_images")}
-    return Evaluated(
-        model.method,
-        model.budget,
-        {
-            **metrics,
-            "top1": metrics["top1_before_finetune"],
-            "top5": metrics["top5_before_finetune"],
-            "seeds": [],
-            "training": own | {"total_steps": own["inherited_steps"], "total_images": own["inherited_images"]},
-        },
-        correct,
-    )
-
-
 def evaluated_models(context: StageContext) -> tuple[dict[str, list[Evaluated]], list[int]]:
     """Per protocol (``PROTOCOLS``), dense and every compressed model of every run of the pipeline with its
     per-seed, per-image results; the seeds they share."""
-    budgets = context.params.budgets
     base = context.input("pretrain_metrics")
     dense_metrics = read_json(base, "base model metrics")
     if dense_metrics.get("top1") is None:
@@ -190,50 +135,13 @@ def evaluated_models(context: StageContext) -> tuple[dict[str, list[Evaluated]],
     dense_correct, _, labels = correct_matrix(context.input("dense_predictions"), None)
     dense = Evaluated("dense", 1.0, dense_metrics, dense_correct)
     models = {protocol: [dense] for protocol in PROTOCOLS}
-    shared: list[int] | None = None
+    seeds = SharedSeeds()
     for method, stage in METHOD_STAGES.items():
-        values = getattr(budgets, STAGES[stage].foreach)
-        runs = zip(
-            *(context.inputs_by_run(f"{method}{suffix}") for suffix in ("", "_predictions", "_inherited_predictions")),
-            strict=True,
-        )
-        for run, (metrics, predictions, before) in enumerate(runs):
-            for budget, path, predicted, started in zip(values, metrics, predictions, before, strict=True):
-                correct, seeds, _ = correct_matrix(predicted, labels)
-                if shared is None:
-                    shared = seeds
-                elif seeds != shared:
-                    raise UserError(f"{predicted}: seeds {seeds}, but other models have {shared} (rerun)")
-                model = Evaluated(method, budget, read_json(path, "metrics"), correct, run)
-                models["fine-tuned"].append(model)
-                models["inherited"].append(inherited(model, started, labels))
-    return models, shared or []
-
-
-def _clean(value: float) -> float | None:
-    return None if pd.isna(value) else float(value)
-
-
-def _end(value: float, prefix: str) -> float | str:
-    """An interval end for JSON: a number; ``"unbounded"``; an extra reduction's unbounded upper end ``"< 1"``."""
-    if math.isfinite(value):
-        return float(value)
-    return "< 1" if prefix == "extra" and value > 0 else "unbounded"
-
-
-def compared_number(row: pd.Series, prefix: str) -> dict:
-    """One compared number of a table row for JSON: value (``None`` out of range), interval and verdict
-    (unadjusted), simultaneous interval and verdict (``interval`` ``None`` out of range)."""
-    value = _clean(row[NUMBERS[prefix]])
-    ends = (None, None) if value is None else (row[f"{prefix}_low"], row[f"{prefix}_high"])
-    joint = (None, None) if value is None else (row[f"{prefix}_sim_low"], row[f"{prefix}_sim_high"])
-    return {
-        "value": value,
-        "interval": None if value is None else [_end(end, prefix) for end in ends],
-        "verdict": row[f"{prefix}_verdict"],
-        "simultaneous_interval": None if value is None else [_end(end, prefix) for end in joint],
-        "simultaneous_verdict": row[f"{prefix}_sim_verdict"],
-    }
+        budgets = getattr(context.params.budgets, STAGES[stage].foreach)
+        fine_tuned, started = method_models(context, method, budgets, labels, seeds)
+        models["fine-tuned"] += fine_tuned
+        models["inherited"] += started
+    return models, seeds.seeds or []
 
 
 def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame) -> list[dict]:
@@ -246,19 +154,19 @@ def budget_entries(method: str, results: pd.DataFrame, comparison: pd.DataFrame)
             method: {
                 "macs": int(point["macs"]),
                 "top1": float(point["top1"]),
-                "top1_std": _clean(point["top1_std"]),
+                "top1_std": clean(point["top1_std"]),
                 "top1_interval": [float(point["top1_low"]), float(point["top1_high"])],
             },
         }
         for _, row in rows.iterrows():
             entry[f"vs_{row['baseline']}"] = {
-                "top1_at_equal_macs": _clean(row["baseline_top1"]),
+                "top1_at_equal_macs": clean(row["baseline_top1"]),
                 "delta_top1": compared_number(row, "delta"),
-                "delta_top1_segment": _clean(row["delta_span"]),  # upper over lower MACs of the curve segment used
-                "baseline_macs_at_equal_top1": _clean(row["baseline_macs"]),
+                "delta_top1_segment": clean(row["delta_span"]),  # upper over lower MACs of the curve segment used
+                "baseline_macs_at_equal_top1": clean(row["baseline_macs"]),
                 "extra_macs_reduction": compared_number(row, "extra"),
-                "extra_macs_reduction_below": _clean(row["extra_bound"]),  # when out of range below the curve
-                "extra_macs_reduction_segment": _clean(row["extra_span"]),
+                "extra_macs_reduction_below": clean(row["extra_bound"]),  # when out of range below the curve
+                "extra_macs_reduction_segment": clean(row["extra_span"]),
             }
         entries.append(entry)
     return entries
@@ -292,8 +200,7 @@ def summary(
             "runs": runs,
             "seeds": seeds,
             "test_images": int(dense.correct.shape[1]),
-            "interval": f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over "
-            f"{'runs' if runs > 1 else 'fine-tuning seeds'} (t-corrected) and test images ({REPLICATES} replicates)",
+            "interval": interval_description(runs),
             "omitted_variance": OMITTED_RUNS if runs == 1 else None,
             "primary": "mean_over_budgets; per-budget verdicts are unadjusted, simultaneous ones hold together "
             "over each table's numbers of one kind and protocol",

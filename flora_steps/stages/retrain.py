@@ -75,7 +75,7 @@ from torch import nn
 from ..core import CostModel, RankConfig, count_macs, lowrank_layers, materialise, trace_costs
 from ..core.uniform import fit_uniform_ratio
 from ..errors import UserError
-from ..pipeline.methods import BASES, RETRAINED, Method
+from ..pipeline.methods import ABLATION_METHODS, BASES, RETRAINED, Method
 from ..pipeline.schema import budgets_key
 from ..pruning.slim import slice_to_budget
 from ..runtime.artifacts import (
@@ -195,8 +195,13 @@ BUILDERS: dict[str, Callable[[StageContext, Method, CostModel], Start]] = {
 
 
 def method_of(context: StageContext) -> Method:
-    """The method record of this run's stage (``--method`` and ``--base``)."""
-    return next(m for m in RETRAINED.values() if m.option == context.method and m.base == context.stage.base)
+    """The method record of this run's stage (``--method``, ``--base`` and ``--ablation``)."""
+    stage = context.stage
+    return next(
+        m
+        for m in (*RETRAINED.values(), *ABLATION_METHODS.values())
+        if m.option == context.method and m.base == stage.base and m.ablation == stage.ablation
+    )
 
 
 def fine_tuning_epochs(context: StageContext, method: Method) -> int:

@@ -1,7 +1,8 @@
 """Train the low-rank supernet: one sampled subnet per step, distilled from the dense model.
 
 The student is the factorised model of `decompose` (weight inheritance: one factor
-pair per layer, nested rank slicing). Each step draws one rank tuple per block from
+pair per layer, nested rank slicing; `supernet.init: random` draws the factors at random
+instead, the ablation without weight inheritance). Each step draws one rank tuple per block from
 the filtered space of `filter` — with probability proportional to
 1 / prod(rank / full rank) (`supernet.sampling: lowrank`, the paper's rule) or
 uniformly — and trains that subnet against the dense base model's soft targets.
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 import pandas as pd
 from torch import nn
 
-from ..core import CostModel, lowrank_layers, set_ranks, trace_costs
+from ..core import CostModel, lowrank_layers, randomise_factors, set_ranks, trace_costs
 from ..core.space import Choice, SearchSpace, SubnetSampler
 from ..params import Params
 from ..runtime.artifacts import load_model, read_space, save_model, write_csv, write_json
@@ -74,6 +75,9 @@ def run(context: StageContext) -> None:
     params, cfg, device = context.params, context.params.supernet, context.device
 
     student, spec = load_model(context.input("model"))
+    if cfg.init == "random":
+        randomise_factors(student, params.seed)
+        log.info("supernet.init random: every factor drawn at random, not from the SVD (no weight inheritance)")
     teacher, _ = load_model(context.input("teacher"))
     space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(student).items()})
     costs = trace_costs(student, input_shape(student))
@@ -86,7 +90,8 @@ def run(context: StageContext) -> None:
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
     truncation = evaluate_subnets(student, space, subnets, val_loader, params)
     log.info(
-        "plain SVD truncation, val top-1: smallest %.2f%%, largest %.2f%%",
+        "before training (%s), val top-1: smallest %.2f%%, largest %.2f%%",
+        "plain SVD truncation" if cfg.init == "svd" else "random factors",
         100 * truncation["smallest"],
         100 * truncation["largest"],
     )
