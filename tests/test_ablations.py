@@ -57,6 +57,11 @@ def test_each_ablation_reruns_flora_from_the_first_stage_it_changes() -> None:
     assert all(stage.ablation is None for stage in STAGES.values() if stage not in ABLATION_STAGES)
 
 
+def test_an_ablation_on_another_base_is_one_clear_line(capsys) -> None:
+    assert main(["supernet", "--base", "slim", "--ablation", "uniform_sampling", "--params", str(SMOKE)]) == 2
+    assert "the ablations run on the dense model only, not with --base slim" in capsys.readouterr().err
+
+
 def test_overrides_replace_params_values_and_are_validated() -> None:
     params = load_params(SMOKE)
     changed = with_values(params, {"supernet.sampling": "uniform", "filter.local.epochs": 0})

@@ -291,7 +291,11 @@ def run_stage(
         stage = stage_for(module, method, base, ablation)
     except KeyError:
         command = f"{module}{f' --method {method}' if method else ''}"
-        if ablation:
+        if ablation and base != "dense":
+            log.error(
+                "error: --ablation %s: the ablations run on the dense model only, not with --base %s", ablation, base
+            )
+        elif ablation:
             log.error("error: --ablation %s: %s is not a stage of that ablation", ablation, command)
         else:
             log.error("error: --base %s: %s runs on the dense model only", base, command)
