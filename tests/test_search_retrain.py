@@ -172,9 +172,16 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
     table = pd.read_csv(searched / "results/latency/latency.csv")
     assert list(zip(table["method"], table["budget"], strict=True)) == [
         ("dense", 1.0),
-        ("flora", 0.5),
         ("uniform", 0.4),
         ("uniform", 0.5),
+        ("control", 0.4),
+        ("control", 0.5),
+        ("flora", 0.5),
+        ("slim", 0.35),
+        ("slim_flora", 0.4),
+        ("ofb", 0.35),
+        ("ofb", 0.5),
+        ("ofb_flora", 0.4),
     ]
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()
     assert table.set_index("method").loc["dense", "speedup"] == 1

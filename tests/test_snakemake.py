@@ -110,7 +110,8 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
             0.0001,
             in_default(downstream({"slim"})),
         ),  # ViT-Slim's search, its models, FLORA on them
-        ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "report"}),  # one more
+        # one more
+        ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "latency", "report"}),
         ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb"}))),  # every OFB search, its models, FLORA on OFB's
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, {"latency"}),

@@ -376,17 +376,15 @@ _LATENCY = _stage(
     folder="latency",
     replicated=False,  # times the first run's models
     outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
-    inputs={
+    inputs={  # the dense model and every retrained model of every method
         **_model_of("pretrain", "dense"),
-        **_model_of(METHOD_STAGES["flora"], "flora"),
-        **_model_of(METHOD_STAGES["uniform"], "uniform"),
+        **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},
     },
     params=(
         "seed",
         "compute.device",
         "compute.threads",
-        budgets_key(METHODS["flora"].budgets),
-        budgets_key(METHODS["uniform"].budgets),
+        *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values()),
         "retrain.latency_batch",
         "retrain.latency_repeats",
     ),

@@ -2,8 +2,8 @@
 
     python -m flora_steps.stages.latency --params params.yaml
 
-Every FLORA and SVD uniform model of `retrain` (the first seed's; the control at a
-budget has the uniform model's architecture, so its latency is the same) and the
+Every model `retrain` made (the first seed's, of every method at each of its budgets:
+SVD uniform, the control, FLORA, ViT-Slim, FLORA on ViT-Slim, OFB, FLORA on OFB) and the
 dense base model run forward passes of `retrain.latency_batch` random images, interleaved round by
 round so that machine noise hits all of them alike; the median over
 `retrain.latency_repeats` rounds is reported, on the CPU and also on CUDA when
@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..pipeline.catalogue import METHOD_STAGES, STAGES
 from ..runtime.artifacts import load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.models import input_shape
@@ -72,7 +73,8 @@ def interleaved_latency(
 def run(context: StageContext) -> None:
     params = context.params
     models = {("dense", 1.0): load_model(context.input("dense"))[0]}  # keyed by (method, budget)
-    for method, budgets in (("flora", params.budgets.search), ("uniform", params.budgets.uniform)):
+    for method, stage in METHOD_STAGES.items():
+        budgets = getattr(params.budgets, STAGES[stage].foreach)
         for budget, path in zip(budgets, context.inputs(method), strict=True):
             models[method, budget] = load_model(path)[0]
     shape = input_shape(models["dense", 1.0])

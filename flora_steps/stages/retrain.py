@@ -154,12 +154,8 @@ def factorised(choose) -> Callable[[StageContext, Method, CostModel], Start]:
             model = materialise(source, ranks)
         except (KeyError, ValueError) as error:
             raise UserError(f"rank config for budget {context.budget}: {error}") from None
-        plain = ModelSpec(
-            model=spec.model,
-            model_kwargs=spec.model_kwargs,
-            pruned=spec.pruned,
-            factorised=factorised_layers(model, ranks),
-        )
+        # the source's architecture (its pruned blocks and embedding width) with plain factorised pairs
+        plain = spec.model_copy(update={"lowrank": {}, "factorised": factorised_layers(model, ranks)})
         return Start(model, ranks, plain, {"source": method.origin, **choice}, costs.macs(ranks))
 
     return build
