@@ -5,7 +5,8 @@ The stages take their paths from here (through ``runtime.context.StageContext``)
 here (``flora dvc-yaml``). FLORA's stages are described once and made for every base
 model (``methods.BASES``) and, from the first one each changes, for every ablation
 (``methods.ABLATIONS``); each method's ``retrain`` stage is made from its record
-(``methods.METHODS``, ``methods.ABLATION_METHODS``). Nothing here imports torch, so the Snakefile reads it quickly.
+(``methods.METHODS``, ``methods.ABLATION_METHODS``). Nothing here imports torch, so the
+Snakefile reads it quickly.
 """
 
 from __future__ import annotations
@@ -390,6 +391,15 @@ _LATENCY = _stage(
     ),
 )
 
+#: A retrain stage's outputs a report reads of every model, by the suffix of their input key (``<method><suffix>``).
+EVALUATIONS = {"": "metrics", "_predictions": "predictions", "_inherited_predictions": "inherited_predictions"}
+
+
+def _evaluations(method: str, stage: str) -> dict[str, Input]:
+    """A method's metrics and predictions (fine-tuned and as fine-tuning starts), from every run: a report's inputs."""
+    return {f"{method}{suffix}": Input(stage, output, every_run=True) for suffix, output in EVALUATIONS.items()}
+
+
 _REPORT = _stage(
     "report",
     folder="report",
@@ -423,15 +433,7 @@ _REPORT = _stage(
         "search_ranks": Input("search", "ranks"),
         # every stage's metrics (its wall time among them; the first run's), every method's models in every run
         **{f"{name}_metrics": Input(name, "metrics") for name in SEARCH_STAGES},
-        **{
-            f"{method}{suffix}": Input(stage, output, every_run=True)
-            for method, stage in METHOD_STAGES.items()
-            for suffix, output in (
-                ("", "metrics"),
-                ("_predictions", "predictions"),
-                ("_inherited_predictions", "inherited_predictions"),
-            )
-        },
+        **{key: read for method, stage in METHOD_STAGES.items() for key, read in _evaluations(method, stage).items()},
     },
     params=(
         "seed",
@@ -468,17 +470,11 @@ _ABLATIONS_REPORT = _stage(
     },
     inputs={
         "dense_predictions": Input("pretrain", "predictions"),
+        **_evaluations("flora", METHOD_STAGES["flora"]),
         **{
-            f"{method}{suffix}": Input(stage, output, every_run=True)
-            for method, stage in {
-                "flora": "retrain_flora",
-                **{n: s.name for n, s in _ABLATION_RETRAINS.items()},
-            }.items()
-            for suffix, output in (
-                ("", "metrics"),
-                ("_predictions", "predictions"),
-                ("_inherited_predictions", "inherited_predictions"),
-            )
+            key: read
+            for name, stage in _ABLATION_RETRAINS.items()
+            for key, read in _evaluations(name, stage.name).items()
         },
         **{f"{stage}_metrics": Input(stage, "metrics") for stages in ABLATION_COSTS.values() for stage in stages},
     },

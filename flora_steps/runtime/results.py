@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..pipeline.catalogue import EVALUATIONS
 from ..report.stats import CONFIDENCE
 from ..report.tables import NUMBERS, Evaluated, latex, markdown
 from .artifacts import read_json, write_csv, write_text
@@ -108,10 +109,11 @@ def method_models(
     context: StageContext, method: str, budgets: list[float], labels: np.ndarray, seeds: SharedSeeds
 ) -> tuple[list[Evaluated], list[Evaluated]]:
     """A method's model at each of its ``budgets`` in every run of the pipeline, fine-tuned and as fine-tuning
-    started, from the inputs ``<method>``, ``<method>_predictions`` and ``<method>_inherited_predictions``."""
+    started, from its inputs ``<method>``, ``<method>_predictions`` and ``<method>_inherited_predictions``
+    (``catalogue.EVALUATIONS``)."""
     fine_tuned, started = [], []
     runs = zip(
-        *(context.inputs_by_run(f"{method}{suffix}") for suffix in ("", "_predictions", "_inherited_predictions")),
+        *(context.inputs_by_run(f"{method}{suffix}") for suffix in EVALUATIONS),
         strict=True,
     )
     for run, (metrics, predictions, before) in enumerate(runs):
