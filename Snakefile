@@ -22,6 +22,7 @@ from flora_steps.errors import UserError
 from flora_steps.params import load_params
 from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES, param_value, priority, tracked_params
 from flora_steps.pipeline.code import STAGES_PACKAGE, code_files
+from flora_steps.pipeline.machine import host_fingerprint
 from flora_steps.pipeline.schema import Case, budget_values, resolve, results_root, runs_of
 
 PARAMS_FILE = config.get("params", "params.yaml")
@@ -34,6 +35,9 @@ except UserError as error:  # every problem of the params file, one line each
 ROOT = results_root(PARAMS_FILE)
 # a stage job takes the CPU threads it uses: compute.threads, or every core it is given (0: PyTorch's default)
 THREADS = PARAMS["compute"]["threads"] or 8
+# a stage that times models claims more threads than any --cores: Snakemake lowers them to the cores given, so no
+# other job runs beside it (the job itself uses compute.threads)
+ALONE = 1024
 # a stage that runs on compute.device takes one GPU unless that is the CPU: `--resources gpu=1` runs one at a time
 GPU = 0 if PARAMS["compute"]["device"] == "cpu" else 1
 # a distributed stage starts compute.processes processes under torchrun itself, one per GPU
@@ -45,6 +49,9 @@ RUN_NUMBERS = [None] if RUNS == 1 else list(range(RUNS))
 # on a cluster, a GPU job gets this many CPUs per GPU for its loader workers (Slurm's cpus_per_task);
 # compute.workers: null turns them into workers. Change with --config cpus_per_gpu=16
 CPUS_PER_GPU = int(config.get("cpus_per_gpu", 8))
+# the stages that time models (the latency table, the latency stage) rerun on a new processor, GPU or torch/timm
+# version: this host's, as Snakemake tracks params (on a cluster, the submitting host's; the stages check their own)
+MACHINE = host_fingerprint(PARAMS["compute"]["device"])
 
 
 wildcard_constraints:
@@ -136,10 +143,11 @@ for stage in STAGES:
                 str(STAGES[stage].path("benchmark", root=ROOT, run=run))
             params:
                 tracked=tracked_params(stage, PARAMS),
+                machine=MACHINE if STAGES[stage].machine else {},
                 module=STAGES[stage].module,
                 options=options(stage, run),
             priority: priority(stage)
-            threads: STAGES[stage].resources.threads or THREADS
+            threads: ALONE if STAGES[stage].resources.alone else STAGES[stage].resources.threads or THREADS
             resources:
                 **resources(stage),
             conda:

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core.latency import time_rounds
 from flora_steps.core.search import MacsTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
-from flora_steps.stages.latency import interleaved_latency
 
 RATIOS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
 BAND = 0.02
@@ -75,7 +75,9 @@ def main() -> None:
     for name in args.models:
         built = compressed_models(timm.create_model(name), args.budget, args.seed)
         models = {label: model.to(device) for label, (model, _) in built.items()}
-        latency = interleaved_latency(models, input_shape(models["dense"]), args.batch, device, args.repeats, warmup=1)
+        images = torch.randn((args.batch, *input_shape(models["dense"])), device=device)
+        timed = time_rounds({label: (model.eval(), images) for label, model in models.items()}, args.repeats, warmup=1)
+        latency = {label: float(np.median(values)) for label, values in timed.items()}
         dense_macs = built["dense"][1]
         for label, (_, macs) in built.items():
             speedup, theoretical = latency["dense"] / latency[label], dense_macs / macs

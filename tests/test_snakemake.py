@@ -96,14 +96,14 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
             "decompose",
             "targets",
             ["*.attn.qkv"],
-            in_default(downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"})),
+            in_default(downstream({"decompose", "decompose_on_slim", "decompose_on_ofb", "latency_table"})),
         ),
         # every retrain and both bases' fine-tuning (so FLORA on them), latency, report
         ("retrain", "lr", 0.001, in_default(downstream(RETRAINS | BASES))),
         ("retrain", "seeds", [0, 2], in_default(downstream(RETRAINS | BASES))),
         ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
-        ("retrain", "latency_repeats", 5, {"latency"}),  # evaluation-only: no training reruns
+        ("retrain", "latency_repeats", 5, {"latency_table", "latency"}),  # timings only: no training reruns
         (
             "slim",
             "mlp_weight",
@@ -114,13 +114,24 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "latency", "report"}),
         ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb"}))),  # every OFB search, its models, FLORA on OFB's
         ("data", "eval_batch_size", 100, set()),
-        ("compute", "threads", 3, {"latency"}),
+        ("compute", "threads", 3, {"latency_table", "latency"}),
     ],
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
     with changed_profile(project, section, key, value) as config:
         dry = snakemake_here("-n", "--cores", "2", *config, cwd=project)
     assert planned_jobs(dry.stdout + dry.stderr) == expected
+
+
+def test_snakemake_times_again_on_another_machine(project: Path, tmp_path: Path, monkeypatch) -> None:
+    """A GPU appears (a stand-in ``nvidia-smi``; the smoke profile's compute.device is auto): the latency table and
+    the latency stage rerun, nothing else does."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'Fake GPU 80GB'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    dry = snakemake_here("-n", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
+    assert planned_jobs(dry.stdout + dry.stderr) == {"latency_table", "latency"}
 
 
 def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> None:
@@ -154,6 +165,7 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "supernet_on_ofb",
         "search_on_ofb",
         "retrain_flora_on_ofb",
+        "latency_table",
         "latency",
     }
     assert other_rules == {"decompose", "decompose_on_slim", "decompose_on_ofb", "report", "all"}
@@ -247,14 +259,15 @@ def test_snakemake_with_bad_params_stops_with_one_line_per_problem(project: Path
 
 def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(project: Path) -> None:
     """``runs: 3``: one rule per run of each replicated stage, writing under ``runs/<k>/``; the dense model, the
-    latency stage and the report once, the report reading every run's predictions."""
+    timings and the report once, the report reading every run's predictions."""
     (project / "configs/runs.yaml").write_text(
         (project / "configs/smoke.yaml").read_text().replace("\nruns: 1 ", "\nruns: 3 ", 1)
     )
     dry = snakemake_here("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/runs.yaml", cwd=project)
     jobs = planned_jobs(dry.stdout)
     replicated = {name for name, stage in STAGES.items() if stage.replicated and name not in ABLATIONS_ONLY}
-    assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | {"pretrain", "latency", "report"}
+    once = {"pretrain", "latency_table", "latency", "report"}
+    assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | once
     report = dry.stdout.split("rule report:")[1].split("rule ")[0]
     for run in range(3):
         assert f"results/runs/runs/{run}/retrain/flora/0.5/predictions.csv" in report

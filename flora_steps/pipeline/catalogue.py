@@ -45,7 +45,8 @@ RESOURCES = {
     "slim": TRAINS,
     "ofb": TRAINS,
     "base": TRAINS,
-    "latency": Resources(8000, 60),
+    "latency_table": Resources(4000, 30, alone=True),
+    "latency": Resources(8000, 60, alone=True),
     "report": Resources(2000, 10, device=False, threads=1),
     "ablations": Resources(2000, 10, device=False, threads=1),
 }
@@ -372,23 +373,29 @@ METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.valu
 #: Every stage that chooses a model (the dense base model's training included), by name.
 SEARCH_STAGES = {stage.name: stage for stage in _SEARCHES}
 
+#: The machine's timings that predict a model's latency (``core.latency``): the same on every run.
+TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch", "retrain.latency_repeats")
+_LATENCY_TABLE = _stage(
+    "latency_table",
+    folder="latency_table",
+    replicated=False,  # a property of the machine and the dense model's shapes
+    outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
+    inputs=_model_of("pretrain", "dense"),
+    params=("seed", *TIMING, "decompose.targets", "filter.ratios"),
+    machine=True,
+)
 _LATENCY = _stage(
     "latency",
     folder="latency",
     replicated=False,  # times the first run's models
     outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
-    inputs={  # the dense model and every retrained model of every method
+    machine=True,
+    inputs={  # the latency table, the dense model and every retrained model of every method
+        "table": Input("latency_table", "table"),
         **_model_of("pretrain", "dense"),
         **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},
     },
-    params=(
-        "seed",
-        "compute.device",
-        "compute.threads",
-        *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values()),
-        "retrain.latency_batch",
-        "retrain.latency_repeats",
-    ),
+    params=("seed", *TIMING, *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values())),
 )
 
 #: A retrain stage's outputs a report reads of every model, by the suffix of their input key (``<method><suffix>``).
@@ -484,7 +491,7 @@ _ABLATIONS_REPORT = _stage(
 ABLATION_STAGES = [*_ABLATION_SEARCHES, *_ABLATION_RETRAINS.values(), _ABLATIONS_REPORT]
 
 STAGES: dict[str, Stage] = {
-    stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT, *ABLATION_STAGES)
+    stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY_TABLE, _LATENCY, _REPORT, *ABLATION_STAGES)
 }
 
 #: Keys a stage may read without tracking them, because they do not change its results

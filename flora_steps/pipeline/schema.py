@@ -83,12 +83,14 @@ class Resources:
     """What one job of a stage needs on a small machine (``cluster/slurm/config.yaml`` scales them per rule).
 
     ``device``: the stage runs on ``compute.device`` (a GPU job unless that is the CPU).
+    ``alone``: the job times models, so it claims every core Snakemake is given: no other job runs beside it.
     """
 
     mem_mb: int
     runtime: int  # minutes
     device: bool = True
     threads: int | None = None  # CPU threads of a job; None: compute.threads (0: every core it is given)
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class Stage:
     engines rerun the stage when one of them changes, and its training checkpoint
     belongs to their values. A stage may also read keys of ``catalogue.UNTRACKED``,
     and keys of ``overrides``, whose values it always runs with (an ablation's change).
+    A ``machine`` stage's results also depend on the machine it runs on: Snakemake reruns
+    it on a new processor, GPU or torch/timm version.
     """
 
     name: str
@@ -116,6 +120,7 @@ class Stage:
     replicated: bool = True  # runs once per run of the pipeline (``runs``); else once, reading the runs' artifacts
     ablation: str | None = None  # one of FLORA's ablations (``methods.ABLATIONS``): ``--ablation``
     overrides: Mapping[str, Any] = field(default_factory=dict)  # params values it runs with, whatever the file says
+    machine: bool = False  # times models: its results depend on the machine (``machine.host_fingerprint``)
 
     def path(self, output: str, budget: str | None = None, root: Path = RESULTS, run: int | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name and run."""

@@ -80,6 +80,16 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: corrupt {what}, not valid JSON ({error})") from None
 
 
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A CSV artifact; one line when it is missing."""
+    import pandas as pd  # only the stages that read tables load pandas
+
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (run the stage that writes it first)") from None
+
+
 def write_csv(path: str | Path, table: pd.DataFrame) -> None:
     with atomic_path(path) as temporary:
         table.to_csv(temporary, index=False, float_format="%.6g")

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..pipeline.catalogue import EVALUATIONS
 from ..report.stats import CONFIDENCE
 from ..report.tables import NUMBERS, Evaluated, latex, markdown
-from .artifacts import read_json, write_csv, write_text
+from .artifacts import read_csv, read_json, write_csv, write_text
 from .context import StageContext
 
 REPLICATES = 2000  # bootstrap replicates of every interval
@@ -34,13 +34,6 @@ def interval_description(runs: int) -> str:
         f"{round(100 * CONFIDENCE)}% percentile interval of a paired bootstrap over {over} (t-corrected) and test "
         f"images ({REPLICATES} replicates)"
     )
-
-
-def read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (run the stage that writes it first)") from None
 
 
 def write_table(

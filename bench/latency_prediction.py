@@ -1,0 +1,101 @@
+"""Benchmark: how well a latency table predicts the measured latency of compressed models.
+
+    python bench/latency_prediction.py [--models vit_digits deit_small_patch16_224 deit_base_patch16_224]
+                                       [--budgets 0.3 0.45 0.6] [--subnets 2] [--batch 16] [--repeats 7]
+
+For each model (random weights; latency does not depend on the values): measures its
+latency table as the latency_table stage does (each target layer dense and at each
+rank of params.yaml's filter.ratios grid, the fixed part; ``core.latency.measure_table``),
+then builds compressed models as retrain materialises them: per budget (fraction of the
+dense MACs) ``--subnets`` searched-style subnets (the search's own sampler over the rank
+grid, MACs in [budget - 0.02, budget]) and the uniform-rank model with any integer rank
+(ranks off the grid: interpolated). Times them with the dense model in interleaved
+rounds (median of ``--repeats``) and prints each one's predicted and measured
+milliseconds per batch, the relative error, and the median absolute error per model.
+The latency stage reports the same error for the pipeline's own models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import numpy as np
+import timm
+import torch
+import yaml
+
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
+from flora_steps.core.search import MacsTable, genome_choices, random_legal
+from flora_steps.core.space import full_space, rank_grid
+from flora_steps.core.uniform import fit_uniform_ratio
+from flora_steps.runtime.models import input_shape  # also registers vit_digits
+
+BAND = 0.02
+RATIOS = yaml.safe_load(open("params.yaml"))["filter"]["ratios"]  # noqa: SIM115 - read once
+
+
+def subnets(dense: torch.nn.Module, budgets: list[float], per_budget: int, seed: int) -> dict[str, dict[str, int]]:
+    """Rank configs by name: searched-style subnets and the uniform model at each budget."""
+    shape = input_shape(dense)
+    layers = find_linear_layers(dense, DEFAULT_TARGETS)
+    costs = trace_costs(dense, shape)
+    space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
+    table = MacsTable.from_space(space, costs)
+    rng = np.random.default_rng(seed)
+    configs = {}
+    for budget in budgets:
+        for index in range(per_budget):
+            genome = None
+            while genome is None:
+                genome = random_legal(rng, table, (budget - BAND) * costs.dense_macs, budget * costs.dense_macs)
+            configs[f"searched {budget} #{index + 1}"] = space.ranks(genome_choices(space, genome))
+        configs[f"uniform {budget}"] = fit_uniform_ratio(costs, layers, budget * costs.dense_macs)[1]
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["vit_digits", "deit_small_patch16_224", "deit_base_patch16_224"]
+    )
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.45, 0.6])
+    parser.add_argument("--subnets", type=int, default=2, help="searched-style subnets per budget")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    print(f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    for name in args.models:
+        dense = timm.create_model(name).eval()
+        shape = input_shape(dense)
+        layers = find_linear_layers(dense, DEFAULT_TARGETS)
+        costs = trace_costs(dense, shape)
+        targets = {n: costs.layers[n] for n in layers}
+        ranks = {n: rank_grid(c.in_features, c.out_features, RATIOS) for n, c in targets.items()}
+        images = torch.randn((args.batch, *shape), device=device)
+        frame = measure_table(dense, targets, ranks, images, args.repeats)
+        table = LatencyTable.from_frame(frame)
+        factorised = copy.deepcopy(dense)
+        factorise(factorised, layers)
+        configs = {"dense": {}, **subnets(dense, args.budgets, args.subnets, args.seed)}
+        models = {label: materialise(factorised, config).eval().to(device) for label, config in configs.items()}
+        timed = time_rounds({label: (model, images) for label, model in models.items()}, args.repeats)
+        errors = []
+        for label, config in configs.items():
+            measured, predicted = statistics.median(timed[label]), table.predict_ms(config)
+            errors.append(abs(predicted / measured - 1))
+            print(
+                f"{name:24s} {label:18s} {costs.macs(config) / costs.dense_macs:6.3f} of dense MACs"
+                f"  measured {measured:9.2f} ms  predicted {predicted:9.2f} ms  error {predicted / measured - 1:+7.1%}"
+            )
+        print(f"{name:24s} median |error| {statistics.median(errors):.1%} over {len(errors)} models\n")
+
+
+if __name__ == "__main__":
+    main()

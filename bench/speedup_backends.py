@@ -1,0 +1,131 @@
+"""Benchmark: the share of the MACs speedup that compressed models achieve, per inference backend.
+
+    python bench/speedup_backends.py [--model deit_base_patch16_224] [--budget 0.45] [--subnets 3]
+                                     [--backends eager compile onnxruntime] [--batch 16] [--repeats 5]
+
+Builds, as retrain materialises them (random weights; latency does not depend on the
+values), the dense model and ``--subnets`` searched-style subnets at ``--budget`` of
+the dense MACs (the search's own sampler over the rank grid, MACs in [budget - 0.02,
+budget]), each in every backend:
+- ``eager``: PyTorch as the saved model runs (factorised layers as two ``nn.Linear``);
+- ``compile``: ``torch.compile`` (Inductor) of the same model;
+- ``onnxruntime``: the model exported as ``flora export`` does, run by ONNX Runtime
+  (CPU, as many intra-op threads as torch has).
+All of them run in interleaved rounds (median and quartiles of ``--repeats``). For each
+subnet and backend it prints the speedup over the dense model in the same backend, the
+MACs ratio (dense MACs / subnet MACs) and the share of it achieved; and the speedup over
+the eager dense model, which is what a user of the uncompressed model gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core.latency import time_rounds
+from flora_steps.core.search import MacsTable, genome_choices, random_legal
+from flora_steps.core.space import full_space
+from flora_steps.runtime.models import input_shape  # also registers vit_digits
+from flora_steps.tools.export import export_onnx
+
+RATIOS = [0.0625, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0]  # params.yaml's filter.ratios
+BAND = 0.02
+
+
+class OnnxModule(nn.Module):
+    """An ONNX Runtime session called like a module (for ``time_rounds``)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input: images.numpy()})[0]
+
+
+def searched_configs(dense: nn.Module, budget: float, count: int, seed: int) -> tuple[dict[str, dict[str, int]], dict]:
+    """``count`` searched-style rank configs at ``budget`` and each one's MACs ratio (dense / subnet)."""
+    layers = find_linear_layers(dense, DEFAULT_TARGETS)
+    costs = trace_costs(dense, input_shape(dense))
+    space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
+    table = MacsTable.from_space(space, costs)
+    rng = np.random.default_rng(seed)
+    configs = {}
+    while len(configs) < count:
+        genome = random_legal(rng, table, (budget - BAND) * costs.dense_macs, budget * costs.dense_macs)
+        if genome is not None:
+            configs[f"searched #{len(configs) + 1}"] = space.ranks(genome_choices(space, genome))
+    ratios = {name: costs.dense_macs / costs.macs(config) for name, config in configs.items()}
+    return configs, ratios
+
+
+def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: Path, name: str) -> nn.Module:
+    """``model`` (eval) as ``backend`` runs it."""
+    if backend == "eager":
+        return model
+    if backend == "compile":
+        return torch.compile(model)
+    path = folder / f"{name.replace(' ', '_').replace('#', '')}.onnx"
+    export_onnx(model, shape, path)
+    return OnnxModule(path, torch.get_num_threads())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_base_patch16_224")
+    parser.add_argument("--budget", type=float, default=0.45, help="fraction of dense MACs")
+    parser.add_argument("--subnets", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnxruntime"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
+    dense = timm.create_model(args.model).eval()
+    shape = input_shape(dense)
+    configs, macs_ratio = searched_configs(dense, args.budget, args.subnets, args.seed)
+    factorised = copy.deepcopy(dense)
+    factorise(factorised, find_linear_layers(dense, DEFAULT_TARGETS))
+    plain = {"dense": dense} | {name: materialise(factorised, config).eval() for name, config in configs.items()}
+    del factorised
+    images = torch.randn((args.batch, *shape))
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        runs = {
+            (backend, name): (in_backend(model, backend, shape, Path(folder), name), images)
+            for backend in args.backends
+            for name, model in plain.items()
+        }
+        timed = time_rounds(runs, args.repeats, warmup=2)
+    median = {key: statistics.median(values) for key, values in timed.items()}
+    spread = {key: np.percentile(values, [25, 75]) for key, values in timed.items()}
+    for backend in args.backends:
+        q1, q3 = spread[backend, "dense"]
+        print(f"{backend:12s} dense        {median[backend, 'dense']:9.1f} ms  [{q1:.1f}, {q3:.1f}]")
+    for name, ratio in macs_ratio.items():
+        for backend in args.backends:
+            speedup = median[backend, "dense"] / median[backend, name]
+            q1, q3 = spread[backend, name]
+            versus = median["eager", "dense"] / median[backend, name] if "eager" in args.backends else float("nan")
+            print(
+                f"{backend:12s} {name:12s} {median[backend, name]:9.1f} ms  [{q1:.1f}, {q3:.1f}]  speedup {speedup:5.2f}x"
+                f"  MACs ratio {ratio:5.2f}x  achieved {speedup / ratio:6.1%}  vs eager dense {versus:5.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

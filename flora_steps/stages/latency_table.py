@@ -1,0 +1,95 @@
+"""Measure the latency table: every target layer at every rank of the search space, and the model's fixed part.
+
+    python -m flora_steps.stages.latency_table --params params.yaml
+
+On the CPU (with compute.threads) and also on CUDA when present (in bfloat16 with
+compute.amp), each target layer of the dense model (decompose.targets) runs dense and
+as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch of
+`retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
+less its dense target layers' is the fixed part. All of them run in interleaved rounds,
+`retrain.latency_repeats` timed after three warm-up rounds; median and quartiles are
+kept. The latency stage predicts every compressed model's time from this table beside
+measuring it. Writes `results/latency_table/`:
+
+- `table.csv`: per device, one row per layer and rank (empty rank: dense), the fixed
+  part and the dense model: median and quartile milliseconds per batch, each row
+  keyed by device, device name, threads, batch, precision and torch/timm versions
+- `metrics.json`: per device, the key, the dense model's measured and predicted time
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import pandas as pd
+import torch
+
+from ..core import find_linear_layers, trace_costs
+from ..core.latency import MODEL, LatencyTable, measure_table, precision_of
+from ..core.space import rank_grid
+from ..errors import UserError
+from ..runtime.artifacts import load_model, write_csv, write_json
+from ..runtime.context import StageContext, run_as_program, stage_main
+from ..runtime.machine import table_key
+from ..runtime.models import input_shape
+from ..runtime.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def run(context: StageContext) -> None:
+    params = context.params
+    dense, spec = load_model(context.input("dense"))
+    names = find_linear_layers(dense, params.decompose.targets)
+    if not names:
+        raise UserError(f"decompose.targets: no linear layer of {spec.model} matches {params.decompose.targets}")
+    shape = input_shape(dense)
+    costs = trace_costs(dense, shape)
+    layers = {name: costs.layers[name] for name in names}
+    ranks = {
+        name: rank_grid(layer.in_features, layer.out_features, params.filter.ratios) for name, layer in layers.items()
+    }
+    batch, repeats = params.retrain.latency_batch, params.retrain.latency_repeats
+    devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
+    tables, metrics = [], {}
+    for device in devices:
+        precision = precision_of(device, params.compute.amp)
+        images = torch.randn((batch, *shape), device=device)
+        rows = measure_table(
+            dense,
+            layers,
+            ranks,
+            images,
+            repeats,
+            dtype=precision,
+            rounds=partial(progress, desc=f"latency table {device.type}"),
+        )
+        key = table_key(device, batch, precision)
+        tables.append(pd.concat([pd.DataFrame([key] * len(rows)), rows], axis=1))
+        measured = float(rows.loc[rows["part"] == MODEL, "median_ms"].iloc[0])
+        predicted = LatencyTable.from_frame(rows).dense_ms
+        metrics[device.type] = key | {
+            "dense_ms": measured,
+            "dense_predicted_ms": round(predicted, 5),
+            "rows": len(rows),
+        }
+        log.info(
+            "%s (%s): dense %.3f ms per batch of %d; %d options",
+            device.type,
+            key["device_name"],
+            measured,
+            batch,
+            len(rows),
+        )
+        dense.to("cpu")
+    write_csv(context.output("table"), pd.concat(tables, ignore_index=True))
+    write_json(context.output("metrics"), metrics | {"repeats": repeats, "seconds": context.seconds()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("latency_table", __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    run_as_program(main)

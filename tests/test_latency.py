@@ -1,0 +1,186 @@
+"""Latency tables: their measurement and bookkeeping, predictions from them, and the stages that keep them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from flora_steps.cli import main
+from flora_steps.core import LinearCost
+from flora_steps.core.latency import FIXED, LAYER, MODEL, LatencyTable, measure_table, precision_of, time_rounds
+from flora_steps.errors import UserError
+from flora_steps.pipeline.machine import host_fingerprint
+from flora_steps.runtime.machine import KEY, key_difference, table_key
+from flora_steps.stages.latency import device_table
+
+QKV, FC1 = LinearCost(8, 24, 5), LinearCost(8, 32, 5)
+
+
+def handmade_table() -> LatencyTable:
+    """Two layers: a (8 -> 24) one timed at ranks 2 and 4 (break-even 6), a (8 -> 32) one timed dense only."""
+    rows = [
+        (LAYER, "blocks.0.qkv", QKV, None, 3.0),
+        (LAYER, "blocks.0.qkv", QKV, 2, 1.0),
+        (LAYER, "blocks.0.qkv", QKV, 4, 2.0),
+        (LAYER, "blocks.0.fc1", FC1, None, 5.0),
+    ]
+    frame = pd.DataFrame(
+        [
+            {"part": part, "layer": layer, "in_features": shape.in_features, "out_features": shape.out_features}
+            | {"tokens": shape.tokens, "rank": rank, "median_ms": ms}
+            for part, layer, shape, rank, ms in rows
+        ]
+        + [{"part": FIXED, "median_ms": 10.0}, {"part": MODEL, "median_ms": 18.5}]
+    )
+    return LatencyTable.from_frame(frame)
+
+
+def test_a_prediction_is_the_fixed_part_plus_each_layer_at_its_rank() -> None:
+    table = handmade_table()
+    assert table.dense_ms == 10 + 3 + 5
+    assert table.predict_ms({"blocks.0.qkv": 2}) == 10 + 1 + 5
+    assert table.predict_ms({"blocks.0.qkv": 3}) == 10 + 1.5 + 5  # between the timed ranks 2 and 4
+    assert table.layer_ms("blocks.0.qkv", 5) == pytest.approx(2.5)  # between rank 4 and the dense layer at break-even
+    assert table.layer_ms("blocks.0.qkv", 6) == table.layer_ms("blocks.0.qkv", 8) == 3  # materialised dense
+    assert table.layer_ms("blocks.0.qkv", 1) == 1  # below the smallest timed rank: its time
+    with pytest.raises(ValueError, match="'blocks.9.qkv' is not a target layer"):
+        table.predict_ms({"blocks.9.qkv": 2})
+
+
+def test_a_table_without_a_fixed_part_or_a_dense_timing_is_rejected() -> None:
+    frame = pd.DataFrame([{"part": LAYER, "layer": "a", "in_features": 8, "out_features": 24, "tokens": 5, "rank": 2}])
+    with pytest.raises(ValueError, match="one row of the fixed part"):
+        LatencyTable.from_frame(frame.assign(median_ms=1.0))
+    fixed = pd.DataFrame([{"part": FIXED, "median_ms": 1.0}])
+    with pytest.raises(ValueError, match="no dense timing of layer 'a'"):
+        LatencyTable.from_frame(pd.concat([frame.assign(median_ms=1.0), fixed]))
+
+
+class TwoLayers(nn.Module):
+    """A model of two target layers of the same shape and a non-target one, on (batch, tokens, 8) inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second(self.first(x).relu()))
+
+
+def test_measuring_times_each_shape_at_each_rank_once_and_keeps_the_spread() -> None:
+    layers = {"first": LinearCost(8, 8, 4), "second": LinearCost(8, 8, 4)}
+    ranks = {"first": [1, 3, 4], "second": [2]}  # 4 and above: break-even, the dense layer
+    frame = measure_table(TwoLayers(), layers, ranks, torch.randn(2, 4, 8), repeats=3, warmup=1)
+    options = frame[frame["part"] == LAYER]
+    # one shape: its options (both layers' ranks) timed once, every row for both layers
+    assert sorted(zip(options["layer"], options["rank"].fillna(0), strict=True)) == [
+        (layer, rank) for layer in ("first", "second") for rank in (0, 1, 2, 3)
+    ]
+    by = options.set_index(["layer", "rank"])["median_ms"]
+    assert by["first", 2] == by["second", 2]
+    assert list(frame["part"].iloc[-2:]) == [FIXED, MODEL] and (frame["repeats"] == 3).all()
+    assert (frame["q1_ms"] <= frame["median_ms"]).all() and (frame["median_ms"] <= frame["q3_ms"]).all()
+    table = LatencyTable.from_frame(frame)
+    assert table.layers["first"] == layers["first"] and set(table.options["second"]) == {None, 1, 2, 3}
+
+
+def test_time_rounds_times_every_module_in_every_round() -> None:
+    ones = torch.ones(2, 3)
+    timed = time_rounds({"a": (nn.Identity(), ones), "b": (nn.ReLU(), ones)}, repeats=4, warmup=2)
+    assert set(timed) == {"a", "b"} and all(len(values) == 4 and (values >= 0).all() for values in timed.values())
+
+
+def test_the_key_names_the_device_threads_batch_precision_and_libraries() -> None:
+    key = table_key(torch.device("cpu"), 16, precision_of(torch.device("cpu"), amp=True))
+    assert tuple(key) == KEY
+    assert key["precision"] == "float32" and key["threads"] == torch.get_num_threads() and key["batch"] == 16
+    assert key["torch"] == torch.__version__.split("+")[0] or key["torch"].startswith(torch.__version__[:4])
+    assert precision_of(torch.device("cuda"), amp=True) == torch.bfloat16
+    assert precision_of(torch.device("cuda"), amp=False) == torch.float32
+    assert key_difference(key, dict(key)) is None
+    assert key_difference({**key, "threads": key["threads"] + 1}, key) == (
+        f"threads {key['threads'] + 1!r}, here {key['threads']!r}"
+    )
+    assert key_difference({**key, "batch": str(key["batch"])}, key) is None  # read back from a CSV
+
+
+def test_a_table_measured_under_another_key_is_one_line(tmp_path: Path) -> None:
+    key = table_key(torch.device("cpu"), 4, torch.float32)
+    rows = handmade_table()
+    frame = pd.DataFrame(
+        [{**key, "part": FIXED, "median_ms": 1.0}]
+        + [
+            {**key, "part": LAYER, "layer": "a", "in_features": 8, "out_features": 8, "tokens": 2, "rank": None}
+            | {"median_ms": 2.0}
+        ]
+    )
+    assert device_table(frame, tmp_path / "table.csv", key).dense_ms == 3.0
+    other = frame.assign(timm="0.0.1")
+    with pytest.raises(UserError, match=r"table.csv: measured with timm '0.0.1', here '.+'; rerun the latency_table"):
+        device_table(other, tmp_path / "table.csv", key)
+    with pytest.raises(UserError, match="no timings on cuda"):
+        device_table(frame, tmp_path / "table.csv", {**key, "device": "cuda"})
+    assert rows.dense_ms == 18
+
+
+def test_the_host_fingerprint_asks_for_gpus_only_off_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'Fake GPU 80GB'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    assert host_fingerprint("auto")["gpus"] == ["Fake GPU 80GB"]
+    assert host_fingerprint("cpu")["gpus"] == []
+    assert set(host_fingerprint("cpu")) == {"cpu", "gpus", "torch", "timm"}
+
+
+def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: Path) -> None:
+    out = smoke_pipeline / "results/latency_table"
+    table = pd.read_csv(out / "table.csv")
+    assert tuple(table.columns[: len(KEY)]) == KEY and (table["device"] == "cpu").all()
+    layers = table[table["part"] == LAYER]
+    assert set(layers["layer"]) == {
+        f"blocks.{b}.{role}" for b in range(4) for role in ("attn.qkv", "mlp.fc1", "mlp.fc2")
+    }
+    assert layers["rank"].isna().sum() == 12  # each layer dense once
+    assert (layers.groupby("layer").size() > 1).all()  # and at ranks of its grid
+    metrics = json.loads((out / "metrics.json").read_text())["cpu"]
+    assert metrics["dense_ms"] > 0 and metrics["dense_predicted_ms"] == pytest.approx(metrics["dense_ms"], rel=0.5)
+
+
+def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_pipeline: Path) -> None:
+    latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
+    predicted = latency.dropna(subset=["predicted_ms"])
+    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora"}  # pruned structures: not in the table
+    assert (predicted["predicted_ms"] > 0).all()
+    error = predicted["predicted_ms"] / predicted["latency_ms"] - 1
+    assert np.allclose(predicted["prediction_error"], error, atol=1e-3)
+    metrics = json.loads((smoke_pipeline / "results/latency/metrics.json").read_text())["cpu"]
+    assert metrics["predicted_models"] == len(predicted)
+    assert metrics["prediction_median_abs_error"] == pytest.approx(
+        predicted["prediction_error"].abs().median(), abs=1e-4
+    )
+
+
+def test_the_latency_stage_refuses_a_table_of_another_machine(
+    smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The smoke pipeline's results (linked, read-only) with a table measured on another processor."""
+    (tmp_path / "results").mkdir()
+    for folder in (smoke_pipeline / "results").iterdir():
+        if folder.name not in ("latency", "latency_table"):
+            (tmp_path / "results" / folder.name).symlink_to(folder)
+    (tmp_path / "results/latency_table").mkdir()
+    table = pd.read_csv(smoke_pipeline / "results/latency_table/table.csv")
+    table.assign(device_name="Another CPU").to_csv(tmp_path / "results/latency_table/table.csv", index=False)
+    (tmp_path / "params.yaml").write_bytes((smoke_pipeline / "params.yaml").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["latency", "--params", "params.yaml"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "table.csv: measured with device_name 'Another CPU', here" in lines[0], lines
+    assert not (tmp_path / "results/latency/latency.csv").exists()
