@@ -27,7 +27,7 @@ from torch import nn
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.core.latency import time_rounds
-from flora_steps.core.search import MacsTable, genome_choices, random_legal
+from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
@@ -44,7 +44,7 @@ def compressed_models(dense: nn.Module, budget: float, seed: int) -> dict[str, t
     factorise(factorised, layers)
     costs = trace_costs(factorised, shape)
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
-    table = MacsTable.from_space(space, costs)
+    table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(seed)
     genome = None
     while genome is None:

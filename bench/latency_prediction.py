@@ -11,7 +11,10 @@ dense MACs) ``--subnets`` searched-style subnets (the search's own sampler over 
 grid, MACs in [budget - 0.02, budget]) and the uniform-rank model with any integer rank
 (ranks off the grid: interpolated). Times them with the dense model in interleaved
 rounds (median of ``--repeats``) and prints each one's predicted and measured
-milliseconds per batch, the relative error, and the median absolute error per model.
+milliseconds per batch and the relative error, the same for its share of the dense
+model's latency (what a budget in fractions of it relies on: a drift of the machine's
+speed between the table's timing and the model's cancels there), and the median
+absolute errors per model.
 The latency stage reports the same error for the pipeline's own models.
 """
 
@@ -28,7 +31,7 @@ import yaml
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
-from flora_steps.core.search import MacsTable, genome_choices, random_legal
+from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space, rank_grid
 from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
@@ -43,7 +46,7 @@ def subnets(dense: torch.nn.Module, budgets: list[float], per_budget: int, seed:
     layers = find_linear_layers(dense, DEFAULT_TARGETS)
     costs = trace_costs(dense, shape)
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
-    table = MacsTable.from_space(space, costs)
+    table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(seed)
     configs = {}
     for budget in budgets:
@@ -86,15 +89,25 @@ def main() -> None:
         configs = {"dense": {}, **subnets(dense, args.budgets, args.subnets, args.seed)}
         models = {label: materialise(factorised, config).eval().to(device) for label, config in configs.items()}
         timed = time_rounds({label: (model, images) for label, model in models.items()}, args.repeats)
-        errors = []
+        measured = {label: statistics.median(timed[label]) for label in configs}
+        predicted = {label: table.predict_ms(config) for label, config in configs.items()}
+        errors, relative_errors = [], []
         for label, config in configs.items():
-            measured, predicted = statistics.median(timed[label]), table.predict_ms(config)
-            errors.append(abs(predicted / measured - 1))
+            error = predicted[label] / measured[label] - 1
+            # the share of the dense model's latency, predicted against measured: what a fraction budget relies on
+            relative = (predicted[label] / predicted["dense"]) / (measured[label] / measured["dense"]) - 1
+            errors.append(abs(error))
+            if label != "dense":
+                relative_errors.append(abs(relative))
             print(
                 f"{name:24s} {label:18s} {costs.macs(config) / costs.dense_macs:6.3f} of dense MACs"
-                f"  measured {measured:9.2f} ms  predicted {predicted:9.2f} ms  error {predicted / measured - 1:+7.1%}"
+                f"  measured {measured[label]:9.2f} ms  predicted {predicted[label]:9.2f} ms  error {error:+7.1%}"
+                f"  of dense: measured {measured[label] / measured['dense']:.3f} error {relative:+7.1%}"
             )
-        print(f"{name:24s} median |error| {statistics.median(errors):.1%} over {len(errors)} models\n")
+        print(
+            f"{name:24s} median |error| {statistics.median(errors):.1%} over {len(errors)} models;"
+            f" of the dense latency: {statistics.median(relative_errors):.1%} over {len(relative_errors)}\n"
+        )
 
 
 if __name__ == "__main__":

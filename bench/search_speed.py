@@ -22,7 +22,7 @@ import torch
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, trace_costs
-from flora_steps.core.search import EvolutionSettings, MacsTable, evolve, genome_choices
+from flora_steps.core.search import CostTable, EvolutionSettings, evolve, genome_choices
 from flora_steps.core.space import full_space
 from flora_steps.runtime.models import input_shape
 from flora_steps.stages.search import SubnetScorer
@@ -39,10 +39,10 @@ def supernet_and_space(name: str):
         factorise(model, layers)
     costs = trace_costs(model, input_shape(model))
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
-    return model, space, MacsTable.from_space(space, costs), costs.dense_macs
+    return model, space, CostTable.of_macs(space, costs), costs.dense_macs
 
 
-def evaluations_per_second(table: MacsTable, dense_macs: int, fitness, repeats: int) -> tuple[float, int]:
+def evaluations_per_second(table: CostTable, dense_macs: int, fitness, repeats: int) -> tuple[float, int]:
     rates, evaluations = [], 0
     for repeat in range(repeats):
         started = time.perf_counter()

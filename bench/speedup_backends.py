@@ -32,7 +32,7 @@ from torch import nn
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.core.latency import time_rounds
-from flora_steps.core.search import MacsTable, genome_choices, random_legal
+from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
 from flora_steps.tools.export import export_onnx
@@ -62,7 +62,7 @@ def searched_configs(dense: nn.Module, budget: float, count: int, seed: int) -> 
     layers = find_linear_layers(dense, DEFAULT_TARGETS)
     costs = trace_costs(dense, input_shape(dense))
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
-    table = MacsTable.from_space(space, costs)
+    table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(seed)
     configs = {}
     while len(configs) < count:

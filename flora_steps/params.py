@@ -161,6 +161,8 @@ def _written_as_float(value: Any) -> Any:
 
 
 Budget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0, le=1)]
+#: A latency budget: a fraction of the dense model's latency, or milliseconds (``budgets.latency_unit``).
+LatencyBudget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0)]
 
 
 class BudgetParams(Section):
@@ -174,6 +176,8 @@ class BudgetParams(Section):
     ofb: Annotated[list[Budget], Field(min_length=1)]  # OFB baseline: one search, one retrained model per budget
     ofb_base: Budget  # OFB's model searched at this budget (one of ofb) is what FLORA compresses further
     ofb_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
+    latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA and its control under latency budgets
+    latency_unit: Literal["fraction", "ms"]  # latency budgets: fractions of the dense model's latency, or ms per batch
 
     @model_validator(mode="after")
     def _budgets_agree(self) -> BudgetParams:
@@ -183,6 +187,11 @@ class BudgetParams(Section):
         for name, values in self:
             if isinstance(values, list) and len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
+        if self.latency_unit == "fraction" and max(self.latency) > 1:
+            raise ValueError(
+                f"latency: {max(self.latency)} is above 1: with latency_unit fraction a budget is a share of the dense "
+                "model's latency (latency_unit ms: milliseconds per batch)"
+            )
         for base in BASES.values():
             if base.budget is None:
                 continue
@@ -297,7 +306,8 @@ class RetrainParams(TrainingParams):
     hard_label_weight: Annotated[float, Field(ge=0, le=1)]
     uniform_rank_multiple: PositiveInt  # uniform baseline ranks are multiples of this (8 aligns matmuls)
     latency_batch: PositiveInt  # images per forward pass when timing inference (the latency stage)
-    latency_repeats: PositiveInt  # timed forward passes (the median is reported)
+    latency_repeats: PositiveInt  # timed rounds of the latency stage (median and quartiles kept)
+    table_repeats: PositiveInt  # timed rounds of the latency_table stage
 
     @field_validator("seeds")
     @classmethod
@@ -329,7 +339,11 @@ class Params(Section):
     def _sections_agree(self) -> Params:
         """Rules across sections; each message starts with the key to change."""
         problems = []
-        banded = [stage.foreach for stage in STAGES.values() if stage.foreach and "search.band" in stage.params]
+        banded = [
+            stage.foreach
+            for stage in STAGES.values()
+            if stage.foreach and "search.band" in stage.params and stage.cost == "macs"
+        ]
         smallest = min(b for name in banded for b in getattr(self.budgets, name))
         if self.search.band >= smallest:
             *first, last = dict.fromkeys(banded)

@@ -9,8 +9,8 @@ import pytest
 
 from flora_steps.core.macs import CostModel, LinearCost
 from flora_steps.core.search import (
+    CostTable,
     EvolutionSettings,
-    MacsTable,
     crossover,
     evolve,
     layer_crossover,
@@ -21,18 +21,18 @@ from flora_steps.core.search import (
 from flora_steps.core.space import BlockSpace, SearchSpace, full_space
 
 
-def synthetic_table(seed: int = 0, blocks: int = 5, choices: int = 8) -> tuple[MacsTable, list[np.ndarray]]:
+def synthetic_table(seed: int = 0, blocks: int = 5, choices: int = 8) -> tuple[CostTable, list[np.ndarray]]:
     """Per-block MACs and per-block values where bigger choices are worth more, with noise."""
     rng = np.random.default_rng(seed)
     macs = [np.sort(rng.integers(10, 100, choices)) for _ in range(blocks)]
     values = [np.sqrt(m) + rng.normal(0, 0.8, choices) for m in macs]
-    return MacsTable(50, tuple(macs)), values
+    return CostTable(50, tuple(macs)), values
 
 
-def best_by_brute_force(table: MacsTable, values: list[np.ndarray], low: float, high: float) -> float:
+def best_by_brute_force(table: CostTable, values: list[np.ndarray], low: float, high: float) -> float:
     best = -np.inf
-    for genome in itertools.product(*(range(len(m)) for m in table.block_macs)):
-        if low <= table.macs(genome) <= high:
+    for genome in itertools.product(*(range(len(m)) for m in table.blocks)):
+        if low <= table.cost(genome) <= high:
             best = max(best, sum(v[i] for v, i in zip(values, genome, strict=True)))
     return best
 
@@ -41,12 +41,12 @@ def test_macs_table_matches_the_cost_model() -> None:
     layers = {f"blocks.{b}.{n}": LinearCost(64, 256, 17) for b in range(3) for n in ("mlp.fc1", "mlp.fc2")}
     costs = CostModel(layers | {"head": LinearCost(64, 10, 1)}, other_macs=1000, other_params=0)
     space = full_space({name: (64, 256) for name in layers}, [0.25, 0.5, 1.0])
-    table = MacsTable.from_space(space, costs)
+    table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(0)
     for _ in range(20):
         genome = tuple(int(rng.integers(len(b.choices))) for b in space.blocks)
         ranks = space.ranks([b.choices[i] for b, i in zip(space.blocks, genome, strict=True)])
-        assert table.macs(genome) == costs.macs(ranks)
+        assert table.cost(genome) == costs.macs(ranks)
     assert table.largest == costs.dense_macs
 
 
@@ -56,7 +56,7 @@ def test_random_legal_and_stratified_population_stay_in_the_band() -> None:
     rng = np.random.default_rng(1)
     population = stratified_population(rng, table, low, high, size=30, tries=50)
     assert len(population) == len(set(population)) == 30
-    sizes = [table.macs(g) for g in population]
+    sizes = [table.cost(g) for g in population]
     assert all(low <= s <= high for s in sizes)
     assert max(sizes) - min(sizes) >= 15  # spread over the band, not piled up in one spot
     assert random_legal(rng, table, 10_000, 20_000) is None
@@ -94,13 +94,13 @@ def test_search_gets_close_to_the_known_optimum_and_stays_legal(band: tuple[int,
     seen = []
 
     def fitness(genome: tuple[int, ...]) -> float:
-        assert low <= table.macs(genome) <= high, "only legal genomes are evaluated"
+        assert low <= table.cost(genome) <= high, "only legal genomes are evaluated"
         seen.append(genome)
         return float(sum(v[i] for v, i in zip(values, genome, strict=True)))
 
     result = evolve(table, fitness, low, high, EvolutionSettings(), np.random.default_rng(0))
     optimum = best_by_brute_force(table, values, low, high)
-    assert low <= result.macs <= high
+    assert low <= result.cost <= high
     assert result.score >= optimum - 0.02 * abs(optimum)
     assert len(seen) == len(set(seen)) == result.evaluations  # the cache evaluates every genome once
     assert [row["generation"] for row in result.history] == list(range(1, 21))
@@ -140,7 +140,7 @@ def test_search_is_deterministic_per_seed() -> None:
 
 def test_search_refuses_a_band_outside_the_space() -> None:
     table, _ = synthetic_table()
-    with pytest.raises(ValueError, match="no subnet lies in the MACs band"):
+    with pytest.raises(ValueError, match="no subnet lies in the band"):
         evolve(table, lambda g: 0.0, 1, 10, EvolutionSettings(), np.random.default_rng(0))
 
 
@@ -148,7 +148,7 @@ def test_search_stays_inside_a_filtered_space() -> None:
     block = BlockSpace("blocks.0", ("a", "b"), (8, 8), ((2, 2), (4, 8), (8, 8)))
     space = SearchSpace((block, BlockSpace("blocks.1", ("c", "d"), (8, 8), ((2, 4), (8, 8)))))
     costs = CostModel({name: LinearCost(8, 8, 1) for name in "abcd"}, other_macs=0, other_params=0)
-    table = MacsTable.from_space(space, costs)
-    result = evolve(table, lambda g: -table.macs(g), 0, costs.dense_macs, EvolutionSettings(), np.random.default_rng(0))
+    table = CostTable.of_macs(space, costs)
+    result = evolve(table, lambda g: -table.cost(g), 0, costs.dense_macs, EvolutionSettings(), np.random.default_rng(0))
     choices = [b.choices[i] for b, i in zip(space.blocks, result.best, strict=True)]
     assert space.contains(choices) and choices == [(2, 2), (2, 4)]

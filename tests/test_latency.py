@@ -9,15 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from conftest import write_params
 from torch import nn
 
 from flora_steps.cli import main
-from flora_steps.core import LinearCost
+from flora_steps.core import CostModel, LinearCost
 from flora_steps.core.latency import FIXED, LAYER, MODEL, LatencyTable, measure_table, precision_of, time_rounds
+from flora_steps.core.search import CostTable
+from flora_steps.core.space import BlockSpace, SearchSpace
+from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.errors import UserError
 from flora_steps.pipeline.machine import host_fingerprint
+from flora_steps.runtime.latency import device_table
 from flora_steps.runtime.machine import KEY, key_difference, table_key
-from flora_steps.stages.latency import device_table
 
 QKV, FC1 = LinearCost(8, 24, 5), LinearCost(8, 32, 5)
 
@@ -156,15 +161,21 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
 def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_pipeline: Path) -> None:
     latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
     predicted = latency.dropna(subset=["predicted_ms"])
-    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora"}  # pruned structures: not in the table
+    # pruned structures: not in the table
+    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora", "control_latency", "flora_latency"}
     assert (predicted["predicted_ms"] > 0).all()
     error = predicted["predicted_ms"] / predicted["latency_ms"] - 1
     assert np.allclose(predicted["prediction_error"], error, atol=1e-3)
+    dense = predicted.iloc[0]
+    assert dense["method"] == "dense" and dense["share_error"] == 0
+    share = (predicted["predicted_ms"] / dense["predicted_ms"]) / (predicted["latency_ms"] / dense["latency_ms"]) - 1
+    assert np.allclose(predicted["share_error"], share, atol=1e-3)
     metrics = json.loads((smoke_pipeline / "results/latency/metrics.json").read_text())["cpu"]
     assert metrics["predicted_models"] == len(predicted)
     assert metrics["prediction_median_abs_error"] == pytest.approx(
         predicted["prediction_error"].abs().median(), abs=1e-4
     )
+    assert metrics["share_median_abs_error"] == pytest.approx(predicted["share_error"][1:].abs().median(), abs=1e-4)
 
 
 def test_the_latency_stage_refuses_a_table_of_another_machine(
@@ -184,3 +195,75 @@ def test_the_latency_stage_refuses_a_table_of_another_machine(
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and "table.csv: measured with device_name 'Another CPU', here" in lines[0], lines
     assert not (tmp_path / "results/latency/latency.csv").exists()
+
+
+def test_a_search_and_a_uniform_fit_can_price_by_a_latency_table() -> None:
+    """The search's cost table and the uniform baseline's fit take the table's prediction as their cost."""
+    table = handmade_table()
+    block = BlockSpace("blocks.0", ("blocks.0.qkv", "blocks.0.fc1"), (8, 8), ((2, 8), (4, 8), (8, 8)))
+    space = SearchSpace((block,))
+    costs = CostTable.from_space(space, table.layer_ms, table.dense_ms)
+    for index, choice in enumerate(block.choices):
+        assert costs.cost((index,)) == pytest.approx(table.predict_ms(space.ranks([choice])))
+    assert (costs.smallest, costs.largest) == (table.predict_ms({"blocks.0.qkv": 2}), table.dense_ms)
+    macs = CostModel({"blocks.0.qkv": QKV, "blocks.0.fc1": FC1}, other_macs=0, other_params=0)
+    ratio, ranks = fit_uniform_ratio(macs, list(macs.layers), 17.0, cost=table.predict_ms)
+    assert ratio == 0.5 and ranks == {"blocks.0.qkv": 4, "blocks.0.fc1": 4} and table.predict_ms(ranks) == 17
+    assert table.predict_ms({"blocks.0.qkv": 5, "blocks.0.fc1": 5}) > 17  # the next ratio does not fit
+    with pytest.raises(ValueError, match=r"budget of 15 is below the uniform model at rank 1 \(16\)"):
+        fit_uniform_ratio(macs, list(macs.layers), 15.0, cost=table.predict_ms)
+
+
+def test_flora_and_its_control_under_latency_budgets_fit_the_predicted_latency(smoke_pipeline: Path) -> None:
+    table = LatencyTable.from_frame(pd.read_csv(smoke_pipeline / "results/latency_table/table.csv"))
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    budget, band = params["budgets"]["latency"][0], params["search"]["band"]
+    limit = budget * table.dense_ms
+    search = json.loads((smoke_pipeline / f"results/search_latency/{budget}/metrics.json").read_text())
+    assert search["limit_ms"] == pytest.approx(limit, rel=1e-4)
+    assert limit - band * table.dense_ms - 1e-6 <= search["predicted_ms"] <= limit + 1e-6
+    ranks = json.loads((smoke_pipeline / f"results/search_latency/{budget}/ranks.json").read_text())["ranks"]
+    assert search["predicted_ms"] == pytest.approx(table.predict_ms(ranks), abs=1e-3)
+    candidates = pd.read_csv(smoke_pipeline / f"results/search_latency/{budget}/candidates.csv")
+    assert (candidates["predicted_ms"] <= limit + 1e-6).all()
+    flora = json.loads((smoke_pipeline / f"results/retrain/flora_latency/{budget}/ranks.json").read_text())["ranks"]
+    assert flora == ranks  # fine-tuned from the subnet its search chose
+    control = json.loads((smoke_pipeline / f"results/retrain/control_latency/{budget}/metrics.json").read_text())
+    assert control["predicted_ms"] <= limit < table.dense_ms
+
+
+def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
+    smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    params["budgets"]["latency"] = [0.05]
+    (tmp_path / "results").mkdir()
+    for stage in ("pretrain", "latency_table", "filter", "supernet"):
+        (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", params)
+    assert main(["search", "--method", "flora_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "budgets.latency: 0.05 is below the cheapest subnet of the filtered space (" in lines[0]
+    assert "of the dense model's)" in lines[0]
+    assert main(["retrain", "--method", "control_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
+    assert "budgets.latency: 0.05: budget of " in capsys.readouterr().err
+
+
+def test_latency_budgets_in_milliseconds(smoke_pipeline: Path, tmp_path: Path, monkeypatch) -> None:
+    """budgets.latency_unit ms: the same search at the milliseconds of the fraction budget finds the same subnet."""
+    table = LatencyTable.from_frame(pd.read_csv(smoke_pipeline / "results/latency_table/table.csv"))
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    fraction = params["budgets"]["latency"][0]
+    milliseconds = round(fraction * table.dense_ms, 6)
+    params["budgets"] |= {"latency": [milliseconds], "latency_unit": "ms"}
+    params["search"]["band"] = 0.02
+    (tmp_path / "results").mkdir()
+    for stage in ("pretrain", "latency_table", "filter", "supernet"):
+        (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", params)
+    budget = str(milliseconds)
+    assert main(["search", "--method", "flora_latency", "--budget", budget, "--params", "params.yaml"]) == 0
+    metrics = json.loads((tmp_path / f"results/search_latency/{budget}/metrics.json").read_text())
+    assert metrics["limit_ms"] == pytest.approx(milliseconds) and metrics["predicted_ms"] <= milliseconds + 1e-6

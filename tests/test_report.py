@@ -96,7 +96,7 @@ def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
     (directory / "results").mkdir()
     stages = ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "on_slim")
-    for stage in (*stages, "ofb", "on_ofb"):
+    for stage in (*stages, "ofb", "on_ofb", "latency_table", "search_latency"):
         (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
@@ -121,12 +121,12 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     flora_metrics = json.loads((reported / "results/retrain/flora/0.5/metrics.json").read_text())
     assert before[before["method"] == "flora"]["top1"].item() == pytest.approx(flora_metrics["top1_before_finetune"])
     assert (before["train_steps"] == before["supernet_steps"]).iloc[1:].all()
-    methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora"] + ["slim", "slim_flora"]
-    methods += ["ofb"] * 2 + ["ofb_flora"]
+    methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora", "control_latency", "flora_latency"]
+    methods += ["slim", "slim_flora", "ofb", "ofb", "ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.35, 0.4, 0.35, 0.5, 0.4]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.9, 0.9, 0.35, 0.4, 0.35, 0.5, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 10
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 12
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
@@ -194,7 +194,12 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert set(summary["inherited"]["slim_flora"]["mean_over_budgets"]) == {"vs_slim"}
     assert set(summary["inherited"]["ofb_flora"]["budgets"][0]) == {"budget", "ofb_flora", "vs_ofb"}
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
-    assert list(search_costs.index) == ["uniform", "control", "flora", "slim", "slim_flora", "ofb", "ofb_flora"]
+    assert list(search_costs.index) == [
+        *("uniform", "control", "flora", "control_latency", "flora_latency"),
+        *("slim", "slim_flora", "ofb", "ofb_flora"),
+    ]
+    # the latency methods carry the latency table's timing too
+    assert search_costs.loc["flora_latency", "one_off_seconds"] > search_costs.loc["flora", "one_off_seconds"]
     assert search_costs.loc["ofb", "budgets"] == 2 and search_costs.loc["ofb", "one_off_seconds"] == 0
     assert search_costs.loc["slim_flora", "one_off_seconds"] > search_costs.loc["slim", "one_off_seconds"]
     flora_cost = search_costs.loc["flora"]
@@ -320,17 +325,19 @@ def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: 
     """``runs: 2`` (here the smoke run's results twice): one report whose rows are over both runs, without the
     one-run note; the same results in each run give the one-run report's numbers."""
     (tmp_path / "results/runs").mkdir(parents=True)
-    (tmp_path / "results/pretrain").symlink_to(smoke_pipeline / "results/pretrain")
+    for stage in ("pretrain", "latency_table"):
+        (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     for run in (0, 1):
         (tmp_path / f"results/runs/{run}").mkdir()
-        for stage in ("decompose", "filter", "supernet", "search", "retrain", "slim", "on_slim", "ofb", "on_ofb"):
+        replicated = ("decompose", "filter", "supernet", "search", "search_latency", "retrain", "slim", "on_slim")
+        for stage in (*replicated, "ofb", "on_ofb"):
             (tmp_path / f"results/runs/{run}" / stage).symlink_to(smoke_pipeline / "results" / stage)
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text()) | {"runs": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 0
     results = pd.read_csv("results/report/results.csv")
-    assert list(results["runs"]) == [1] + [2] * 10 + [1] + [2] * 10
+    assert list(results["runs"]) == [1] + [2] * 12 + [1] + [2] * 12
     summary = json.loads(Path("results/report/summary.json").read_text())
     assert summary["statistics"]["runs"] == 2 and summary["statistics"]["omitted_variance"] is None
     assert not Path("results/report/means.md").read_text().startswith("Intervals omit")

@@ -17,7 +17,7 @@ from conftest import SMOKE, kill_after_first_epoch, write_params
 from flora_steps.cli import main
 from flora_steps.core import count_macs, trace_costs
 from flora_steps.core.macs import CostModel, LinearCost
-from flora_steps.core.search import MacsTable
+from flora_steps.core.search import CostTable
 from flora_steps.core.uniform import candidate_ratios, fit_uniform_ratio, uniform_ranks
 from flora_steps.errors import UserError
 from flora_steps.runtime.artifacts import load_model, read_space
@@ -80,7 +80,7 @@ def test_the_choice_rests_on_every_choosing_image_and_never_on_the_held_out_ones
     }
     rest = Tallies({"a": (90, 40, 100), "b": (85, 40, 100), "c": (70, 50, 100)})
     held_out = Tallies({"a": (30, 20, 50), "b": (31, 20, 50), "c": (45, 10, 50)})
-    table = SimpleNamespace(macs=lambda genome: 10)
+    table = SimpleNamespace(cost=lambda genome: 10)
     ranks = lambda genome: {"name": genome[0]}
     top = [("b",), ("a",), ("c",)]
     candidates = choose(top, evolution, ranks, rest, held_out, table)
@@ -126,20 +126,22 @@ def test_search_with_a_budget_not_in_params_is_one_clear_line(searched: Path, mo
 def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_path: Path, monkeypatch, capsys):
     params = yaml.safe_load((searched / "params.yaml").read_text())
     params["budgets"] = {"search": [0.1], "uniform": [0.05, 0.1], "slim": [0.05], "slim_base": 0.3, "slim_flora": [0.1]}
-    params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1]}
+    params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1], "latency": [0.9]}
+    params["budgets"]["latency_unit"] = "fraction"
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "filter", "supernet"):
         (tmp_path / "results" / stage).symlink_to(searched / "results" / stage)
     monkeypatch.chdir(tmp_path)
     assert main(["search", "--budget", "0.1", "--params", str(write_params(tmp_path / "params.yaml", params))]) == 2
-    assert "budgets.search: 0.1 is below the smallest subnet of the filtered space" in capsys.readouterr().err
+    assert "budgets.search: 0.1 is below the cheapest subnet of the filtered space (0." in capsys.readouterr().err
 
 
 def test_a_flora_budget_above_its_pruned_base_model_is_one_clear_line() -> None:
-    table = MacsTable(10, (np.array([5, 10, 20]), np.array([5, 10, 20])))  # a pruned base: at most 50 of 100 MACs
-    with pytest.raises(UserError, match=r"budgets.ofb_flora: 0.6 is not below the MACs of the model FLORA compresses "):
-        check_reachable(table, 58, 60, 100, "budgets.ofb_flora", 0.6)
-    check_reachable(table, 48, 50, 100, "budgets.ofb_flora", 0.5)  # reachable: no error
+    table = CostTable(10, (np.array([5, 10, 20]), np.array([5, 10, 20])))  # a pruned base: at most 50 of 100 MACs
+    describe = "{:.0f} MACs".format
+    with pytest.raises(UserError, match=r"budgets.ofb_flora: 0.6 is not below the model FLORA compresses \(50 MACs"):
+        check_reachable(table, 58, 60, "budgets.ofb_flora", 0.6, describe)
+    check_reachable(table, 48, 50, "budgets.ofb_flora", 0.5, describe)  # reachable: no error
 
 
 @pytest.mark.parametrize("method", ["flora", "control", "uniform"])
@@ -177,6 +179,8 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("control", 0.4),
         ("control", 0.5),
         ("flora", 0.5),
+        ("control_latency", 0.9),
+        ("flora_latency", 0.9),
         ("slim", 0.35),
         ("slim_flora", 0.4),
         ("ofb", 0.35),
@@ -186,7 +190,10 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()
     assert table.set_index("method").loc["dense", "speedup"] == 1
     metrics = json.loads((searched / "results/latency/metrics.json").read_text())
-    assert metrics["cpu"]["models_ms"]["flora 0.5"] == table.set_index(["method", "budget"]).loc[("flora", 0.5), "latency_ms"]
+    assert (
+        metrics["cpu"]["models_ms"]["flora 0.5"]
+        == table.set_index(["method", "budget"]).loc[("flora", 0.5), "latency_ms"]
+    )
 
 
 def test_flora_retrain_starts_from_the_searched_supernet_subnet(searched: Path) -> None:

@@ -52,6 +52,9 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "on_slim/search/0.4/ranks.json",
         "on_slim/retrain/flora/0.4/predictions.csv",
         "latency/latency.csv",
+        "search_latency/0.9/ranks.json",
+        "retrain/flora_latency/0.9/metrics.json",
+        "retrain/control_latency/0.9/metrics.json",
         "report/comparison.md",
         "report/search_costs.md",
     ):
@@ -101,9 +104,15 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         # every retrain and both bases' fine-tuning (so FLORA on them), latency, report
         ("retrain", "lr", 0.001, in_default(downstream(RETRAINS | BASES))),
         ("retrain", "seeds", [0, 2], in_default(downstream(RETRAINS | BASES))),
-        ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "latency", "report"}),
+        (
+            "retrain",
+            "uniform_rank_multiple",
+            2,
+            {"retrain_control", "retrain_uniform", "retrain_control_latency", "latency", "report"},
+        ),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
-        ("retrain", "latency_repeats", 5, {"latency_table", "latency"}),  # timings only: no training reruns
+        ("retrain", "latency_repeats", 5, {"latency"}),  # timings only: no training reruns
+        ("retrain", "table_repeats", 5, in_default(downstream({"latency_table"}))),  # and what the table prices
         (
             "slim",
             "mlp_weight",
@@ -114,7 +123,7 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "latency", "report"}),
         ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb"}))),  # every OFB search, its models, FLORA on OFB's
         ("data", "eval_batch_size", 100, set()),
-        ("compute", "threads", 3, {"latency_table", "latency"}),
+        ("compute", "threads", 3, in_default(downstream({"latency_table"}))),
     ],
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
@@ -124,14 +133,14 @@ def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, secti
 
 
 def test_snakemake_times_again_on_another_machine(project: Path, tmp_path: Path, monkeypatch) -> None:
-    """A GPU appears (a stand-in ``nvidia-smi``; the smoke profile's compute.device is auto): the latency table and
-    the latency stage rerun, nothing else does."""
+    """A GPU appears (a stand-in ``nvidia-smi``; the smoke profile's compute.device is auto): the latency table,
+    what it prices and the latency stage rerun, nothing else does."""
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'Fake GPU 80GB'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     dry = snakemake_here("-n", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
-    assert planned_jobs(dry.stdout + dry.stderr) == {"latency_table", "latency"}
+    assert planned_jobs(dry.stdout + dry.stderr) == in_default(downstream({"latency_table"}))
 
 
 def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> None:
@@ -165,6 +174,9 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "supernet_on_ofb",
         "search_on_ofb",
         "retrain_flora_on_ofb",
+        "search_flora_latency",
+        "retrain_control_latency",
+        "retrain_flora_latency",
         "latency_table",
         "latency",
     }

@@ -61,6 +61,10 @@ class CostModel:
             if not 1 <= rank <= limit:
                 raise ValueError(f"rank of '{name}' must lie in [1, {limit}], got {rank}")
 
+    def layer_macs(self, name: str, rank: int | None = None) -> int:
+        """MACs per image of layer ``name`` at ``rank`` (``None``: dense)."""
+        return self.layers[name].macs(rank)
+
     def macs(self, ranks: Mapping[str, int] | None = None) -> int:
         """MACs per image; layers missing from ``ranks`` are dense."""
         ranks = ranks or {}

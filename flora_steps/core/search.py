@@ -1,7 +1,8 @@
-"""Evolutionary search over a filtered search space under a MACs budget.
+"""Evolutionary search over a filtered search space under a budget of MACs or of predicted latency.
 
 A *genome* is one index per block into that block's allowed choices. A genome is
-*legal* when its MACs lie in the budget band ``[low, high]``. The search follows
+*legal* when its cost (``CostTable``: MACs, or milliseconds a latency table predicts)
+lies in the budget band ``[low, high]``. The search follows
 the paper (and AutoFormer, whose search it reuses): a stratified random initial
 population, then per generation the ``top_k`` best genomes seen so far, new genomes
 by mutation (each block resampled with probability ``mutation_prob``, by the
@@ -40,44 +41,58 @@ class EvolutionSettings:
     tries: int = 50  # attempts at producing one new legal genome before giving up
 
 
-@dataclass(frozen=True)
-class MacsTable:
-    """MACs of a genome as a sum: a fixed part plus one entry per block's chosen tuple."""
+#: A layer's cost at a rank (``None``: dense): its MACs (``CostModel.layer_macs``) or its predicted milliseconds
+#: (``LatencyTable.layer_ms``).
+LayerPrice = Callable[[str, int | None], float]
 
-    fixed: int
-    block_macs: tuple[np.ndarray, ...]
+
+@dataclass(frozen=True)
+class CostTable:
+    """A genome's cost as a sum: a fixed part plus one entry per block's chosen tuple.
+
+    The cost is MACs or predicted latency: whatever ``LayerPrice`` prices each layer at,
+    with ``dense`` the dense model's total.
+    """
+
+    fixed: float
+    blocks: tuple[np.ndarray, ...]
 
     @classmethod
-    def from_space(cls, space: SearchSpace, costs: CostModel) -> MacsTable:
-        per_block = []
-        for block in space.blocks:
-            layers = [costs.layers[name] for name in block.layers]
-            per_block.append(
-                np.array([sum(layer.macs(rank) for layer, rank in zip(layers, c, strict=True)) for c in block.choices])
+    def from_space(cls, space: SearchSpace, price: LayerPrice, dense: float) -> CostTable:
+        per_block = [
+            np.array(
+                [sum(price(name, rank) for name, rank in zip(block.layers, c, strict=True)) for c in block.choices]
             )
-        searched = sum(costs.layers[name].macs() for block in space.blocks for name in block.layers)
-        return cls(costs.dense_macs - searched, tuple(per_block))
+            for block in space.blocks
+        ]
+        searched = sum(price(name, None) for block in space.blocks for name in block.layers)
+        return cls(dense - searched, tuple(per_block))
 
-    def macs(self, genome: Genome) -> int:
-        return int(self.fixed + sum(table[i] for table, i in zip(self.block_macs, genome, strict=True)))
+    @classmethod
+    def of_macs(cls, space: SearchSpace, costs: CostModel) -> CostTable:
+        """The MACs of the space's genomes."""
+        return cls.from_space(space, costs.layer_macs, costs.dense_macs)
+
+    def cost(self, genome: Genome) -> float:
+        return float(self.fixed + sum(table[i] for table, i in zip(self.blocks, genome, strict=True)))
 
     @property
-    def smallest(self) -> int:
-        return int(self.fixed + sum(table.min() for table in self.block_macs))
+    def smallest(self) -> float:
+        return float(self.fixed + sum(table.min() for table in self.blocks))
 
     @property
-    def largest(self) -> int:
-        return int(self.fixed + sum(table.max() for table in self.block_macs))
+    def largest(self) -> float:
+        return float(self.fixed + sum(table.max() for table in self.blocks))
 
 
 @dataclass
 class SearchResult(Generic[Score]):
-    """The best genome, its score and MACs, the ``top_k`` best genomes seen (best first), and one summary row per
+    """The best genome, its score and cost, the ``top_k`` best genomes seen (best first), and one summary row per
     generation."""
 
     best: Genome
     score: Score
-    macs: int
+    cost: float
     evaluations: int
     top: list[Genome] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
@@ -88,13 +103,13 @@ def genome_choices(space: SearchSpace, genome: Genome) -> list[Choice]:
     return [block.choices[i] for block, i in zip(space.blocks, genome, strict=True)]
 
 
-def random_legal(rng: np.random.Generator, table: MacsTable, low: float, high: float) -> Genome | None:
-    """A random genome with MACs in ``[low, high]``, or ``None`` when this draw finds none.
+def random_legal(rng: np.random.Generator, table: CostTable, low: float, high: float) -> Genome | None:
+    """A random genome costing in ``[low, high]``, or ``None`` when this draw finds none.
 
     Blocks are visited in random order; each picks uniformly among its choices that
-    leave the remaining blocks able to land in the window (by their min and max MACs).
+    leave the remaining blocks able to land in the window (by their min and max cost).
     """
-    tables = table.block_macs
+    tables = table.blocks
     order = rng.permutation(len(tables))
     rest_min = np.concatenate([np.cumsum([tables[b].min() for b in order[::-1]])[::-1][1:], [0]])
     rest_max = np.concatenate([np.cumsum([tables[b].max() for b in order[::-1]])[::-1][1:], [0]])
@@ -106,12 +121,12 @@ def random_legal(rng: np.random.Generator, table: MacsTable, low: float, high: f
         if len(feasible) == 0:
             return None
         genome[b] = int(rng.choice(feasible))
-        total += int(tables[b][genome[b]])
+        total += tables[b][genome[b]]
     return tuple(genome)
 
 
 def stratified_population(
-    rng: np.random.Generator, table: MacsTable, low: float, high: float, size: int, tries: int
+    rng: np.random.Generator, table: CostTable, low: float, high: float, size: int, tries: int
 ) -> list[Genome]:
     """``size`` distinct legal genomes, the i-th aimed at the i-th of ``size`` equal slices of the band.
 
@@ -174,7 +189,7 @@ class Operators:
 
 
 def evolve(
-    table: MacsTable,
+    table: CostTable,
     fitness: Callable[[Genome], Score],
     low: float,
     high: float,
@@ -183,20 +198,20 @@ def evolve(
     on_generation: Callable[[dict], None] | None = None,
     operators: Operators = Operators(),
 ) -> SearchResult[Score]:
-    """Search the genome with the highest ``fitness`` among those with MACs in ``[low, high]``.
+    """Search the genome with the highest ``fitness`` among those costing in ``[low, high]``.
 
     Raises ``ValueError`` when no genome of the space is legal.
     """
     if table.smallest > high or table.largest < low:
         raise ValueError(
-            f"no subnet lies in the MACs band [{low:.0f}, {high:.0f}]; "
-            f"the space spans [{table.smallest}, {table.largest}]"
+            f"no subnet lies in the band [{low:.6g}, {high:.6g}]; "
+            f"the space spans [{table.smallest:.6g}, {table.largest:.6g}]"
         )
-    weights = operators.weights or tuple(np.full(len(t), 1 / len(t)) for t in table.block_macs)
+    weights = operators.weights or tuple(np.full(len(t), 1 / len(t)) for t in table.blocks)
     cache: dict[Genome, Score] = {}
 
     def legal(genome: Genome) -> bool:
-        return low <= table.macs(genome) <= high
+        return low <= table.cost(genome) <= high
 
     def add_new(candidates: list[Genome], count: int, make: Callable[[], Genome | None]) -> None:
         """Append up to ``count`` legal genomes from ``make``, each new to the cache and to ``candidates``."""
@@ -215,7 +230,7 @@ def evolve(
 
     candidates = stratified_population(rng, table, low, high, settings.population, settings.tries)
     if not candidates:
-        raise ValueError(f"found no legal subnet in the MACs band [{low:.0f}, {high:.0f}]")
+        raise ValueError(f"found no legal subnet in the band [{low:.6g}, {high:.6g}]")
     top: list[Genome] = []
     history: list[dict] = []
     for generation in range(1, settings.generations + 1):
@@ -224,7 +239,12 @@ def evolve(
                 cache[genome] = fitness(genome)
         top = sorted(set(top) | set(candidates), key=lambda g: cache[g], reverse=True)[: settings.top_k]
         history.append(
-            {"generation": generation, "evaluations": len(cache), "best_macs": table.macs(top[0])}
+            {
+                "generation": generation,
+                "evaluations": len(cache),
+                "best_cost": table.cost(top[0]),
+                "best_genome": top[0],
+            }
             | {"best": cache[top[0]], "top_k": [cache[g] for g in top]}
         )
         if on_generation is not None:
@@ -245,4 +265,4 @@ def evolve(
             lambda best=top[0]: random_legal(rng, table, low, high) or best,
         )
     best = top[0]
-    return SearchResult(best, cache[best], table.macs(best), len(cache), top, history)
+    return SearchResult(best, cache[best], table.cost(best), len(cache), top, history)

@@ -1,4 +1,4 @@
-"""The uniform-rank baseline: one rank ratio for every target layer, chosen to fit a MACs budget.
+"""The uniform-rank baseline: one rank ratio for every target layer, chosen to fit a budget of MACs or latency.
 
 Layer ``l`` gets rank ``floor(ratio * full_rank_l)``, rounded down to a multiple of
 ``multiple`` (at least ``multiple``); a layer whose rank is not below break-even
@@ -11,7 +11,7 @@ CPU and GPU kernels run markedly faster (see ``bench/inference_latency.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .lowrank import factorised_is_cheaper
 from .macs import CostModel
@@ -40,17 +40,21 @@ def candidate_ratios(costs: CostModel, layers: Sequence[str], multiple: int = 1)
 
 
 def fit_uniform_ratio(
-    costs: CostModel, layers: Sequence[str], budget_macs: float, multiple: int = 1
+    costs: CostModel,
+    layers: Sequence[str],
+    budget: float,
+    multiple: int = 1,
+    cost: Callable[[Mapping[str, int]], float] | None = None,
 ) -> tuple[float, dict[str, int]]:
-    """The largest candidate ratio whose uniform rank config costs at most ``budget_macs``, and that config.
+    """The largest candidate ratio whose uniform rank config costs at most ``budget``, and that config.
 
-    Raises ``ValueError`` when even the smallest rank everywhere exceeds the budget.
+    The cost is the config's MACs (``costs.macs``) unless ``cost`` prices it otherwise (a latency table's
+    ``predict_ms``). Raises ``ValueError`` when even the smallest rank everywhere exceeds the budget.
     """
+    cost = cost or costs.macs
     ratios = candidate_ratios(costs, layers, multiple)
-    fitting = [r for r in ratios if costs.macs(uniform_ranks(costs, layers, r, multiple)) <= budget_macs]
+    fitting = [r for r in ratios if cost(uniform_ranks(costs, layers, r, multiple)) <= budget]
     if not fitting:
-        smallest = costs.macs(uniform_ranks(costs, layers, ratios[0], multiple))
-        raise ValueError(
-            f"budget of {budget_macs:.0f} MACs is below the uniform model at rank {multiple} ({smallest} MACs)"
-        )
+        smallest = cost(uniform_ranks(costs, layers, ratios[0], multiple))
+        raise ValueError(f"budget of {budget:.6g} is below the uniform model at rank {multiple} ({smallest:.6g})")
     return fitting[-1], uniform_ranks(costs, layers, fitting[-1], multiple)

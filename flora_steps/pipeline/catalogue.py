@@ -105,6 +105,8 @@ _BUILD_INPUTS = {
     "sliced": lambda method: {"masks": Input(method.source, "masks")},
 }
 _BUILD_PARAMS = {"uniform_ranks": ("retrain.uniform_rank_multiple",)}
+#: What a stage pricing by the latency table reads beyond the table: the budgets' unit, the table's key.
+_LATENCY_BUDGET = (budgets_key("latency_unit"), "retrain.latency_batch")
 
 
 def retrain_stage(method: Method) -> Stage:
@@ -119,6 +121,8 @@ def retrain_stage(method: Method) -> Stage:
     if base.name != "dense":
         inputs["base_training"] = Input(base.model, "metrics")
     inputs |= _BUILD_INPUTS.get(method.build, lambda _: {})(method)
+    priced = method.cost == "latency" and method.build == "uniform_ranks"  # fitted to a latency budget by the table
+    inputs |= {"table": Input("latency_table", "table")} if priced else {}
     epochs = (method.epochs, "supernet.epochs") if method.epochs else ()
     epochs += ("retrain.base_epochs",) if method.epochs and method.name in BASES else ()
     name, folder = base.stage(f"retrain_{method.option}"), base.folder(f"retrain/{method.option}/{{budget}}")
@@ -135,8 +139,9 @@ def retrain_stage(method: Method) -> Stage:
         foreach=method.budgets,
         outputs=_RETRAIN_OUTPUTS,
         inputs=inputs,
-        params=(*_RETRAIN_PARAMS, *_BUILD_PARAMS.get(method.build, ()), *epochs),
+        params=(*_RETRAIN_PARAMS, *_BUILD_PARAMS.get(method.build, ()), *epochs, *(_LATENCY_BUDGET if priced else ())),
         distributed=True,
+        cost=method.cost,
     )
 
 
@@ -364,26 +369,50 @@ def base_stage(base: Base) -> Stage:
     )
 
 
-_SEARCHES = [_PRETRAIN, *flora_stages(BASES["dense"]), *_PRUNING]
-for _base in (BASES["slim"], BASES["ofb"]):
-    _SEARCHES += [base_stage(_base), *flora_stages(_base)]
-_RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
-#: The stage that makes each method's models.
-METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}
-#: Every stage that chooses a model (the dense base model's training included), by name.
-SEARCH_STAGES = {stage.name: stage for stage in _SEARCHES}
-
 #: The machine's timings that predict a model's latency (``core.latency``): the same on every run.
-TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch", "retrain.latency_repeats")
+TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch")
 _LATENCY_TABLE = _stage(
     "latency_table",
     folder="latency_table",
     replicated=False,  # a property of the machine and the dense model's shapes
     outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
     inputs=_model_of("pretrain", "dense"),
-    params=("seed", *TIMING, "decompose.targets", "filter.ratios"),
+    params=("seed", *TIMING, "retrain.table_repeats", "decompose.targets", "filter.ratios"),
     machine=True,
 )
+
+
+def latency_search_stage(method: Method) -> Stage:
+    """``search --method``: FLORA's search on the dense model under ``method``'s latency budgets, the latency table's
+    prediction as the cost."""
+    search = next(stage for stage in flora_stages(BASES["dense"]) if stage.module == "search")
+    return replace(
+        search,
+        name=method.searched_by,
+        method=method.option,
+        folder=f"search_{method.budgets}/{{budget}}",
+        foreach=method.budgets,
+        inputs={**search.inputs, "table": Input("latency_table", "table")},
+        params=(*search.params, *_LATENCY_BUDGET),
+        cost=method.cost,
+    )
+
+
+_SEARCHES = [
+    _PRETRAIN,
+    _LATENCY_TABLE,  # what the latency methods choose by
+    *flora_stages(BASES["dense"]),
+    *(latency_search_stage(method) for method in METHODS.values() if method.cost == "latency" and method.searched_by),
+    *_PRUNING,
+]
+for _base in (BASES["slim"], BASES["ofb"]):
+    _SEARCHES += [base_stage(_base), *flora_stages(_base)]
+_RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
+#: The stage that makes each method's models.
+METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}
+#: Every stage that chooses a model (the dense base model's training and the latency table included), by name.
+SEARCH_STAGES = {stage.name: stage for stage in _SEARCHES}
+
 _LATENCY = _stage(
     "latency",
     folder="latency",
@@ -395,7 +424,12 @@ _LATENCY = _stage(
         **_model_of("pretrain", "dense"),
         **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},
     },
-    params=("seed", *TIMING, *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values())),
+    params=(
+        "seed",
+        *TIMING,
+        "retrain.latency_repeats",
+        *dict.fromkeys(budgets_key(method.budgets) for method in RETRAINED.values()),
+    ),
 )
 
 #: A retrain stage's outputs a report reads of every model, by the suffix of their input key (``<method><suffix>``).
@@ -491,7 +525,8 @@ _ABLATIONS_REPORT = _stage(
 ABLATION_STAGES = [*_ABLATION_SEARCHES, *_ABLATION_RETRAINS.values(), _ABLATIONS_REPORT]
 
 STAGES: dict[str, Stage] = {
-    stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY_TABLE, _LATENCY, _REPORT, *ABLATION_STAGES)
+    stage.name: stage
+    for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT, *ABLATION_STAGES)
 }
 
 #: Keys a stage may read without tracking them, because they do not change its results

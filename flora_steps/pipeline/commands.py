@@ -24,8 +24,10 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     add_params_argument(parser)
     stages = [stage for stage in STAGES.values() if stage.module == module]
     methods = list(dict.fromkeys(stage.method for stage in stages if stage.method))
-    if methods:
+    if methods and all(stage.method for stage in stages):
         parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
+    elif methods:  # a search of another method than FLORA's own (FLORA under latency budgets)
+        parser.add_argument("--method", choices=methods, help=f"{' or '.join(methods)} (default: FLORA's own)")
     bases = list(dict.fromkeys(stage.base for stage in stages))
     if len(bases) > 1 and "dense" in bases:
         parser.add_argument(
@@ -40,7 +42,10 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
         )
     if any(stage.foreach for stage in stages):
         parser.add_argument(
-            "--budget", type=float, required=True, help="MACs budget as a fraction of the dense model's MACs, e.g. 0.5"
+            "--budget",
+            type=float,
+            required=True,
+            help="budget: a fraction of the dense model's MACs, e.g. 0.5 (a latency method's: budgets.latency_unit)",
         )
     if any(stage.replicated for stage in stages):
         parser.add_argument(

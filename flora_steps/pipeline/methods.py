@@ -81,6 +81,7 @@ class Method:
     command: str = ""  # ``retrain --method``: the name, or ``flora`` for FLORA on any base
     searched_by: str | None = None  # the search stage whose rank config it takes (``build`` searched_ranks)
     ablation: str | None = None  # one of the paper's ablations of FLORA (``ABLATIONS``): not in the main report
+    cost: Literal["macs", "latency"] = "macs"  # what its budgets limit: MACs, or latency the latency table predicts
 
     @property
     def retrained(self) -> bool:
@@ -145,6 +146,32 @@ METHODS = {
             "FLORA",
             {"color": "tab:red", "marker": "*", "markersize": 10},
             baselines=("control", "uniform"),
+        ),
+        Method(
+            "control_latency",
+            "uniform rank under a latency budget, from the supernet",
+            "control (latency)",
+            {"color": "darkgreen", "marker": "s", "markersize": 4, "fillstyle": "none"},
+            build="uniform_ranks",
+            origin="supernet weights, uniform rank ratio under a latency budget",
+            source="supernet",
+            budgets="latency",
+            inherits="supernet",
+            cost="latency",
+        ),
+        replace(  # FLORA's supernet, searched with the latency table's prediction as the cost
+            _flora(
+                "flora_latency",
+                BASES["dense"],
+                "FLORA under latency budgets: searched ranks, from the supernet",
+                "FLORA (latency)",
+                {"color": "darkred", "marker": "*", "markersize": 10, "fillstyle": "none"},
+            ),
+            origin="supernet weights, ranks searched under a latency budget",
+            budgets="latency",
+            command="flora_latency",
+            searched_by="search_flora_latency",
+            cost="latency",
         ),
         Method(
             "slim",

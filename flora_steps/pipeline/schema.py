@@ -121,6 +121,7 @@ class Stage:
     ablation: str | None = None  # one of FLORA's ablations (``methods.ABLATIONS``): ``--ablation``
     overrides: Mapping[str, Any] = field(default_factory=dict)  # params values it runs with, whatever the file says
     machine: bool = False  # times models: its results depend on the machine (``machine.host_fingerprint``)
+    cost: Literal["macs", "latency"] = "macs"  # what its budgets limit: MACs, or latency predicted by the table
 
     def path(self, output: str, budget: str | None = None, root: Path = RESULTS, run: int | None = None) -> Path:
         """Path of one output (``log`` and ``benchmark`` included) for a budget name and run."""

@@ -15,45 +15,32 @@ else one line says which differs. Writes `results/latency/`:
 
 - `latency.csv`: per model and device, the median and quartile milliseconds per
   batch, the speedup over the dense model, the predicted milliseconds and the
-  prediction's relative error
-- `metrics.json`: per device, each model's median, and the prediction's median
-  absolute relative error
+  prediction's relative error, and the error of the predicted share of the dense
+  model's latency (a drift of the machine's speed between the table and this stage
+  cancels there)
+- `metrics.json`: per device, each model's median, and both errors' median absolute
+  value
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..core.latency import LatencyTable, precision_of, time_rounds
-from ..errors import UserError
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
-from ..runtime.artifacts import ModelSpec, load_model, read_csv, write_csv, write_json
+from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.machine import key_difference, table_key
+from ..runtime.latency import read_latency_table
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
-    """The latency table's rows of ``key``'s device, read back; one line when they were measured under another key."""
-    rows = table[table["device"] == key["device"]].reset_index(drop=True)
-    if rows.empty:
-        raise UserError(f"{path}: no timings on {key['device']}; rerun the latency_table stage on this machine")
-    difference = key_difference(rows.iloc[0].to_dict(), key)
-    if difference is not None:
-        raise UserError(
-            f"{path}: measured with {difference}; rerun the latency_table stage here "
-            "(snakemake -R latency_table, dvc repro -f latency_table)"
-        )
-    return LatencyTable.from_frame(rows)
 
 
 def predicted_ms(table: LatencyTable, spec: ModelSpec) -> float:
@@ -61,6 +48,24 @@ def predicted_ms(table: LatencyTable, spec: ModelSpec) -> float:
     if spec.pruned or spec.embed_dim is not None:
         return float("nan")
     return table.predict_ms(spec.factorised)
+
+
+def timing_table(
+    timed: Mapping[tuple[str, float], np.ndarray], predicted: Mapping[tuple[str, float], float]
+) -> pd.DataFrame:
+    """Per model (the dense one first): median and quartile ms, speedup over dense, the prediction and its relative
+    error, and the error of the predicted share of the dense model's latency (what a fraction budget relies on)."""
+    rows = []
+    for (method, budget), values in timed.items():
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        rows.append({"method": method, "budget": budget, "latency_ms": median, "q1_ms": q1, "q3_ms": q3})
+    table = pd.DataFrame(rows).assign(predicted_ms=[predicted[key] for key in timed])
+    dense = table.iloc[0]
+    table["speedup"] = dense["latency_ms"] / table["latency_ms"]
+    table["prediction_error"] = table["predicted_ms"] / table["latency_ms"] - 1
+    share = (table["predicted_ms"] / dense["predicted_ms"]) / (table["latency_ms"] / dense["latency_ms"])
+    table["share_error"] = share - 1
+    return table.round(4)
 
 
 def run(context: StageContext) -> None:
@@ -72,44 +77,35 @@ def run(context: StageContext) -> None:
             models[method, budget] = load_model(path)
     shape = input_shape(models["dense", 1.0][0])
     batch, repeats = params.retrain.latency_batch, params.retrain.latency_repeats
-    table = read_csv(context.input("table"))
     devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
-    rows, metrics = [], {}
+    tables, metrics = [], {}
     for device in devices:
         precision = precision_of(device, params.compute.amp)
-        predictor = device_table(table, context.input("table"), table_key(device, batch, precision))
+        predictor = read_latency_table(context.input("table"), device, params)
         images = torch.randn((batch, *shape), device=device)
         runs = {name: (model.eval().to(device), images) for name, (model, _) in models.items()}
         timed = time_rounds(runs, repeats, dtype=precision, rounds=partial(progress, desc=f"latency {device.type}"))
-        dense = float(np.median(timed["dense", 1.0]))
-        for (method, budget), values in timed.items():
-            q1, median, q3 = np.percentile(values, [25, 50, 75])
-            predicted = predicted_ms(predictor, models[method, budget][1])
-            rows.append(
-                {"method": method, "budget": budget, "device": device.type, "batch": batch}
-                | {"latency_ms": round(median, 4), "q1_ms": round(q1, 4), "q3_ms": round(q3, 4)}
-                | {"speedup": round(dense / median, 4), "predicted_ms": round(predicted, 4)}
-                | {"prediction_error": round(predicted / median - 1, 4)}
-            )
-        errors = pd.Series([row["prediction_error"] for row in rows if row["device"] == device.type]).abs()
+        timings = timing_table(timed, {name: predicted_ms(predictor, spec) for name, (_, spec) in models.items()})
+        timings.insert(2, "device", device.type)
+        timings.insert(3, "batch", batch)
+        tables.append(timings)
         metrics[device.type] = {
-            "models_ms": {
-                f"{row['method']} {row['budget']}": row["latency_ms"] for row in rows if row["device"] == device.type
-            },
-            "prediction_median_abs_error": round(float(errors.median()), 4),
-            "predicted_models": int(errors.notna().sum()),
+            "models_ms": {f"{row.method} {row.budget}": row.latency_ms for row in timings.itertuples()},
+            "prediction_median_abs_error": round(float(timings["prediction_error"].abs().median()), 4),
+            "share_median_abs_error": round(float(timings["share_error"].iloc[1:].abs().median()), 4),
+            "predicted_models": int(timings["predicted_ms"].notna().sum()),
         }
         log.info(
-            "%s: dense %.3f ms per batch of %d; prediction's median |error| %.1f%% over %d models",
+            "%s: dense %.3f ms per batch of %d; the prediction's median |error| %.1f%%, of the share of dense %.1f%%",
             device.type,
-            dense,
+            timings["latency_ms"].iloc[0],
             batch,
-            100 * errors.median(),
-            errors.notna().sum(),
+            100 * metrics[device.type]["prediction_median_abs_error"],
+            100 * metrics[device.type]["share_median_abs_error"],
         )
         for model, _ in models.values():
             model.to("cpu")
-    write_csv(context.output("latency"), pd.DataFrame(rows))
+    write_csv(context.output("latency"), pd.concat(tables, ignore_index=True))
     write_json(context.output("metrics"), metrics | {"batch": batch, "repeats": repeats, "seconds": context.seconds()})
 
 

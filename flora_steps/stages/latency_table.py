@@ -7,7 +7,7 @@ compute.amp), each target layer of the dense model (decompose.targets) runs dens
 as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch of
 `retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
 less its dense target layers' is the fixed part. All of them run in interleaved rounds,
-`retrain.latency_repeats` timed after three warm-up rounds; median and quartiles are
+`retrain.table_repeats` timed after three warm-up rounds; median and quartiles are
 kept. The latency stage predicts every compressed model's time from this table beside
 measuring it. Writes `results/latency_table/`:
 
@@ -50,7 +50,7 @@ def run(context: StageContext) -> None:
     ranks = {
         name: rank_grid(layer.in_features, layer.out_features, params.filter.ratios) for name, layer in layers.items()
     }
-    batch, repeats = params.retrain.latency_batch, params.retrain.latency_repeats
+    batch, repeats = params.retrain.latency_batch, params.retrain.table_repeats
     devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
     tables, metrics = [], {}
     for device in devices:

@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 
 from ..core import trace_costs
-from ..core.search import MacsTable
+from ..core.search import CostTable
 from ..core.space import SubnetSampler
 from ..errors import UserError
 from ..pipeline.catalogue import METHOD_STAGES, SEARCH_STAGES, STAGES, choosing_stages
@@ -112,11 +112,11 @@ def sampled_macs(context: StageContext, space, rules=("lowrank", "uniform")) -> 
     with torch.device("meta"):
         skeleton = spec.build()
     costs = trace_costs(skeleton, input_shape(skeleton))
-    table = MacsTable.from_space(space, costs)
+    table = CostTable.of_macs(space, costs)
     samples = {}
     for rule in rules:
         sampler, rng = SubnetSampler(space, rule), np.random.default_rng(context.params.seed)
-        samples[rule] = np.array([table.macs(sampler.sample_indices(rng)) for _ in range(SAMPLED_SUBNETS)], dtype=float)
+        samples[rule] = np.array([table.cost(sampler.sample_indices(rng)) for _ in range(SAMPLED_SUBNETS)], dtype=float)
     return samples, costs.dense_macs
 
 

@@ -92,6 +92,7 @@ from ..runtime.artifacts import (
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
+from ..runtime.latency import latency_budget
 from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
@@ -134,13 +135,18 @@ def searched_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, co
 
 
 def uniform_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, costs: CostModel, dense: CostModel):
-    """One rank ratio on every target layer: the largest whose MACs fit the budget (``costs`` prices the source)."""
+    """One rank ratio on every target layer: the largest whose MACs (``costs`` prices the source) or, for a latency
+    method, whose latency the table predicts fit the budget."""
     budget, multiple = context.budget, context.params.retrain.uniform_rank_multiple
+    limit, price = budget * dense.dense_macs, None
+    if context.stage.cost == "latency":
+        latency = latency_budget(context.input("table"), context.device, context.params)
+        limit, price = latency.limit(budget), latency.table.predict_ms
     try:
-        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), budget * dense.dense_macs, multiple)
+        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), limit, multiple, cost=price)
     except ValueError as error:
         raise UserError(f"{budgets_key(context.stage.foreach)}: {budget}: {error}") from None
-    return ranks, {"rank_ratio": round(ratio, 6)}
+    return ranks, {"rank_ratio": round(ratio, 6)} | ({"predicted_ms": round(price(ranks), 4)} if price else {})
 
 
 def factorised(choose) -> Callable[[StageContext, Method, CostModel], Start]:

@@ -16,7 +16,14 @@ images, which choose nothing, measure it. The search itself
 visited subnets) is `flora_steps.core.search`; as in the released code, a mutation
 draws a block's new rank tuple by the supernet's sampling rule (`supernet.sampling`:
 p ∝ 1/∏ratio) and a crossover takes each layer's rank from either parent. Under `torchrun` (`compute.processes`)
-every process scores each subnet on its share of the images. Writes `results/search/<budget>/`:
+every process scores each subnet on its share of the images.
+
+`search --method flora_latency --budget B` (one per budget of `budgets.latency`) is the
+same search with the latency the machine's table predicts (`latency_table`) as a
+subnet's cost: legal in [B - search.band x dense latency, B], B a share of the dense
+model's latency or milliseconds (`budgets.latency_unit`); it writes under
+`results/search_latency/<budget>/`, with each candidate's predicted milliseconds.
+Writes `results/search/<budget>/`:
 
 - `ranks.json`: the chosen subnet as a rank config
 - `history.csv`: per generation, evaluations so far, best and top-k mean fitness, best MACs
@@ -38,15 +45,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
-from ..core.search import EvolutionSettings, Genome, MacsTable, Operators, evolve, genome_choices
-from ..core.space import sampling_probabilities
+from ..core import CostModel, RankConfig, lowrank_layers, set_ranks, trace_costs
+from ..core.search import CostTable, EvolutionSettings, Genome, Operators, evolve, genome_choices
+from ..core.space import SearchSpace, sampling_probabilities
 from ..errors import UserError
 from ..pipeline.schema import budgets_key
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader, partition
 from ..runtime.distributed import is_first, sum_over_processes
+from ..runtime.latency import LatencyBudget, latency_budget
 from ..runtime.models import data_config, input_shape
 from ..runtime.progress import progress
 from ..runtime.training import autocast, distillation_loss
@@ -115,18 +123,49 @@ def val_parts(val, cfg, seed: int) -> tuple:
     return evolution, rest, held_out
 
 
-def check_reachable(table: MacsTable, low: float, high: float, dense: int, key: str, budget: float) -> None:
-    """One clear line (``UserError`` naming the budgets ``key``) when no subnet can land in [``low``, ``high``]."""
+def check_reachable(
+    table: CostTable, low: float, high: float, key: str, budget: float, describe: Callable[[float], str]
+) -> None:
+    """One clear line (``UserError`` naming the budgets ``key``) when no subnet can land in [``low``, ``high``];
+    ``describe`` puts a cost in words."""
     if table.smallest > high:
         raise UserError(
-            f"{key}: {budget} is below the smallest subnet of the filtered space "
-            f"({table.smallest / dense:.3f} of dense MACs); add smaller filter.ratios or raise the budget"
+            f"{key}: {budget} is below the cheapest subnet of the filtered space ({describe(table.smallest)}); "
+            "add smaller filter.ratios or raise the budget"
         )
     if table.largest < low:
         raise UserError(
-            f"{key}: {budget} is not below the MACs of the model FLORA compresses ({table.largest / dense:.4f} of "
-            "dense, less search.band): FLORA can only make it smaller; lower the budget"
+            f"{key}: {budget} is not below the model FLORA compresses ({describe(table.largest)}, less search.band): "
+            "FLORA can only make it smaller; lower the budget"
         )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a search's budget limits (the MACs, or the latency the table predicts) and its legal band."""
+
+    table: CostTable  # the cost of every genome
+    low: float
+    high: float
+    describe: Callable[[float], str]  # a cost in words
+    unit: str  # the cost's name in the logs
+
+
+def macs_budget(space: SearchSpace, costs: CostModel, dense: int, budget: float, band: float) -> Budget:
+    """A budget in fractions of the dense model's MACs."""
+    return Budget(
+        CostTable.of_macs(space, costs),
+        (budget - band) * dense,
+        budget * dense,
+        lambda macs: f"{macs / dense:.4f} of the dense MACs",
+        "MACs",
+    )
+
+
+def latency_budget_of(space: SearchSpace, latency: LatencyBudget, budget: float, band: float) -> Budget:
+    """A budget in the latency the table predicts (``budgets.latency_unit``)."""
+    table = CostTable.from_space(space, latency.table.layer_ms, latency.table.dense_ms)
+    return Budget(table, *latency.band(budget, band), latency.describe, "ms")
 
 
 def choose(
@@ -135,7 +174,8 @@ def choose(
     ranks_of: Callable[[Genome], dict[str, int]],
     rest: SubnetScorer | None,
     held_out: SubnetScorer,
-    table: MacsTable,
+    macs: CostTable,
+    latency: CostTable | None = None,
 ) -> pd.DataFrame:
     """The evolution's best candidates (``top``, best first), re-ranked on every choosing image (the evolution's and
     ``rest``'s, if any): the fittest there is chosen; each is also measured on the held-out images, which choose
@@ -147,7 +187,8 @@ def choose(
         rows.append(
             {
                 "search_rank": index + 1,
-                "macs": table.macs(genome),
+                "macs": round(macs.cost(genome)),
+                **({} if latency is None else {"predicted_ms": round(latency.cost(genome), 4)}),
                 "search_top1": Fitness.of(tallies[genome]).top1,
                 "choosing_top1": Fitness.of(choosing).top1,
                 "choosing_loss": Fitness.of(choosing).loss,
@@ -165,10 +206,15 @@ def run(context: StageContext) -> None:
     teacher, _ = load_model(context.input("teacher"))
     space = read_space(context.input("space"), {n: layer.max_rank for n, layer in lowrank_layers(supernet).items()})
     costs = trace_costs(supernet, input_shape(supernet))
-    table = MacsTable.from_space(space, costs)
+    macs = CostTable.of_macs(space, costs)  # every subnet's MACs, whatever its budget limits
     dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
-    low, high = (budget - cfg.band) * dense, budget * dense
-    check_reachable(table, low, high, dense, budgets_key(context.stage.foreach), budget)
+    limit = (
+        macs_budget(space, costs, dense, budget, cfg.band)
+        if context.stage.cost == "macs"
+        else latency_budget_of(space, latency_budget(context.input("table"), device, params), budget, cfg.band)
+    )
+    table, low, high = limit.table, limit.low, limit.high
+    check_reachable(table, low, high, budgets_key(context.stage.foreach), budget, limit.describe)
 
     splits = build_splits(params.data, data_config(supernet), supernet.num_classes)
     parts = val_parts(splits.val, cfg, params.seed)
@@ -185,12 +231,12 @@ def run(context: StageContext) -> None:
         for part in parts
     )
     log.info(
-        "budget %s: MACs in [%.0f, %.0f] of %d dense; space spans [%d, %d]; fitness on %d val images, the best %d "
+        "budget %s: %s in [%.6g, %.6g]; space spans [%.6g, %.6g]; fitness on %d val images, the best %d "
         "candidates chosen on %d more, the chosen one measured on %d held out",
         context.budget_name,
+        limit.unit,
         low,
         high,
-        dense,
         table.smallest,
         table.largest,
         *(len(parts[0]), cfg.top_k, len(parts[1]), len(parts[2])),
@@ -218,11 +264,11 @@ def run(context: StageContext) -> None:
         bar.update()
         bar.set_postfix(top1=f"{row['best'].top1:.4f}", evaluations=row["evaluations"], refresh=False)
         log.info(
-            "generation %d: best val top-1 %.2f%% (loss %.4f, %.3f of dense MACs), %d evaluated",
+            "generation %d: best val top-1 %.2f%% (loss %.4f, %s), %d evaluated",
             row["generation"],
             100 * row["best"].top1,
             row["best"].loss,
-            row["best_macs"] / dense,
+            limit.describe(row["best_cost"]),
             row["evaluations"],
         )
 
@@ -241,7 +287,8 @@ def run(context: StageContext) -> None:
         lambda g: space.ranks(genome_choices(space, g)),
         rest if len(parts[1]) else None,
         held_out,
-        table,
+        macs,
+        None if table is macs else table,
     )
     set_ranks(supernet, {})
     chosen = candidates[candidates["chosen"]].iloc[0]
@@ -255,7 +302,7 @@ def run(context: StageContext) -> None:
                 "best_top1": row["best"].top1,
                 "best_loss": row["best"].loss,
                 "top_k_mean_top1": float(np.mean([score.top1 for score in row["top_k"]])),
-                "best_macs": row["best_macs"],
+                "best_macs": round(macs.cost(row["best_genome"])),
             }
             for row in result.history
         ],
@@ -277,6 +324,11 @@ def run(context: StageContext) -> None:
             "choosing_images": len(parts[0]) + len(parts[1]),
             "macs": int(chosen["macs"]),
             "macs_fraction": round(int(chosen["macs"]) / dense, 6),
+            **(
+                {"predicted_ms": float(chosen["predicted_ms"]), "limit_ms": round(high, 6)}
+                if "predicted_ms" in candidates
+                else {}
+            ),
             "params": costs.params(ranks),
             "evaluations": result.evaluations,
             "evaluations_per_second": round(result.evaluations / search_seconds, 2),
@@ -285,13 +337,14 @@ def run(context: StageContext) -> None:
     )
     log.info(
         "chosen subnet (search's #%d): val top-1 %.2f%% on %d held-out images (%.2f%% on the evolution's, %.2f%% "
-        "on every image that chose it) at %.3f of dense MACs (%d evaluations, %.1f/s)",
+        "on every image that chose it) at %.3f of dense MACs, %s (%d evaluations, %.1f/s)",
         chosen["search_rank"],
         100 * chosen["held_out_top1"],
         len(parts[2]),
         100 * chosen["search_top1"],
         100 * chosen["choosing_top1"],
         chosen["macs"] / dense,
+        limit.describe(table.cost(genome)),
         result.evaluations,
         result.evaluations / search_seconds,
     )
