@@ -108,7 +108,7 @@ def test_dvc_experiments_keep_runs_apart(dvc_project: Path, tmp_path: Path) -> N
     setting = ("--set-param", "retrain.latency_repeats=5")
     done = dvc("exp", "run", "--name", "repeats5", *setting, *DEFAULT_TARGETS, cwd=project)
     ran = [line for line in done.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'latency':"]
+    assert ran == ["Running stage 'latency':", "Running stage 'report':"]
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     repeats = {
         (experiment.get("name") or "baseline"): experiment["data"]["params"]["params.yaml"]["data"]["retrain"][

@@ -24,8 +24,8 @@ from flora_steps.report.tradeoff import (
     top1_at_macs,
 )
 
-TABLES = ["results", "comparison", "means", "ranks", "costs", "search_costs"]
-FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling"]
+TABLES = ["results", "comparison", "means", "ranks", "costs", "search_costs", "latency", "latency_comparison"]
+FIGURES = ["tradeoff", "spectra", "sensitivity", "search", "ranks", "sampling", "latency"]
 
 
 def test_macs_for_accuracy_interpolates_on_the_pareto_front() -> None:
@@ -96,7 +96,7 @@ def reported(smoke_pipeline: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report")
     (directory / "results").mkdir()
     stages = ("pretrain", "decompose", "filter", "supernet", "search", "retrain", "slim", "on_slim")
-    for stage in (*stages, "ofb", "on_ofb", "latency_table", "search_latency"):
+    for stage in (*stages, "ofb", "on_ofb", "latency_table", "search_latency", "latency"):
         (directory / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     shutil.copy(smoke_pipeline / "params.yaml", directory / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
@@ -214,7 +214,7 @@ def test_report_is_byte_identical_when_run_again(reported: Path, monkeypatch) ->
     monkeypatch.chdir(reported)
     assert main(["report", "--params", "params.yaml"]) == 0
     second = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "log.txt"}
-    assert first.keys() == second.keys() and len(first) == len(TABLES) * 3 + 6 + 1
+    assert first.keys() == second.keys() and len(first) == len(TABLES) * 3 + len(FIGURES) + 1
     assert [name for name in first if first[name] != second[name]] == []
 
 
@@ -325,7 +325,7 @@ def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: 
     """``runs: 2`` (here the smoke run's results twice): one report whose rows are over both runs, without the
     one-run note; the same results in each run give the one-run report's numbers."""
     (tmp_path / "results/runs").mkdir(parents=True)
-    for stage in ("pretrain", "latency_table"):
+    for stage in ("pretrain", "latency_table", "latency"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     for run in (0, 1):
         (tmp_path / f"results/runs/{run}").mkdir()
@@ -363,3 +363,29 @@ def test_the_run_of_a_stage_is_checked_against_the_params(
         assert main(command) == 2
         assert capsys.readouterr().err.strip().endswith(f"error: {expected}")
     assert not (tmp_path / "results").exists()
+
+
+def test_the_report_sets_accuracy_against_measured_latency(smoke_pipeline: Path, reported: Path) -> None:
+    """Every timed model beside its top-1; FLORA under latency budgets against FLORA's curve at equal latency."""
+    out = reported / "results/report"
+    latency = pd.read_csv(out / "latency.csv")
+    timed = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
+    assert list(zip(latency["method"], latency["budget"], strict=True)) == list(
+        zip(timed["method"], timed["budget"], strict=True)
+    )
+    assert (latency["latency_ms"] == timed["latency_ms"]).all() and latency["top1"].between(0, 1).all()
+    results = pd.read_csv(out / "results.csv")
+    fine_tuned = results[results["protocol"] == "fine-tuned"].set_index(["method", "budget"])
+    assert latency.set_index(["method", "budget"])["top1"].equals(
+        fine_tuned.loc[latency.set_index(["method", "budget"]).index, "top1"]
+    )
+    compared = pd.read_csv(out / "latency_comparison.csv")
+    assert list(compared["protocol"]) == ["fine-tuned", "inherited"]
+    assert set(compared["method"]) == {"flora_latency"} and set(compared["baseline"]) == {"flora"}
+    flora_latency = latency.set_index("method").loc["flora_latency"]
+    # its x: its measured latency, in microseconds
+    assert ((compared["latency_us"] - 1000 * flora_latency["latency_ms"]).abs() <= 1).all()
+    for prefix in ("delta", "extra"):
+        assert {f"{prefix}_low", f"{prefix}_high", f"{prefix}_verdict"} <= set(compared.columns)
+    shown = (out / "latency_comparison.md").read_text()
+    assert shown.startswith("The first run's models, timed on cpu.") and "extra latency reduction" in shown

@@ -454,7 +454,10 @@ _REPORT = _stage(
         **_table("ranks"),
         **_table("costs"),
         **_table("search_costs"),
+        **_table("latency"),
+        **_table("latency_comparison"),
         "tradeoff": Output("tradeoff.png", "plot", category="Headline", caption="report/tradeoff.rst"),
+        "latency_figure": Output("latency.png", "plot", category="Latency", caption="report/latency.rst"),
         "spectra": Output("spectra.png", "plot", category="Decompose", caption="report/spectra.rst"),
         "sensitivity": Output("sensitivity.png", "plot", category="Filter", caption="report/sensitivity.rst"),
         "search": Output("search.png", "plot", category="Search", caption="report/search.rst"),
@@ -472,6 +475,7 @@ _REPORT = _stage(
         "space": Input("filter", "space"),
         "search_history": Input("search", "history"),
         "search_ranks": Input("search", "ranks"),
+        "latency": Input("latency", "latency"),  # every model's measured latency (the first run's)
         # every stage's metrics (its wall time among them; the first run's), every method's models in every run
         **{f"{name}_metrics": Input(name, "metrics") for name in SEARCH_STAGES},
         **{key: read for method, stage in METHOD_STAGES.items() for key, read in _evaluations(method, stage).items()},
@@ -525,8 +529,7 @@ _ABLATIONS_REPORT = _stage(
 ABLATION_STAGES = [*_ABLATION_SEARCHES, *_ABLATION_RETRAINS.values(), _ABLATIONS_REPORT]
 
 STAGES: dict[str, Stage] = {
-    stage.name: stage
-    for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT, *ABLATION_STAGES)
+    stage.name: stage for stage in (*_SEARCHES, *_RETRAINS, _LATENCY, _REPORT, *ABLATION_STAGES)
 }
 
 #: Keys a stage may read without tracking them, because they do not change its results

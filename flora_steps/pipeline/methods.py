@@ -82,6 +82,7 @@ class Method:
     searched_by: str | None = None  # the search stage whose rank config it takes (``build`` searched_ranks)
     ablation: str | None = None  # one of the paper's ablations of FLORA (``ABLATIONS``): not in the main report
     cost: Literal["macs", "latency"] = "macs"  # what its budgets limit: MACs, or latency the latency table predicts
+    compared_at_latency: tuple[str, ...] = ()  # methods whose top-1-vs-measured-latency curve it is compared with
 
     @property
     def retrained(self) -> bool:
@@ -172,6 +173,7 @@ METHODS = {
             command="flora_latency",
             searched_by="search_flora_latency",
             cost="latency",
+            compared_at_latency=("flora",),  # FLORA searched under MACs budgets, at the same measured latency
         ),
         Method(
             "slim",
@@ -222,6 +224,11 @@ RETRAINED = {name: method for name, method in METHODS.items() if method.retraine
 def comparisons() -> list[tuple[str, str]]:
     """Each comparison of the report: (method, baseline), in the records' order."""
     return [(method.name, baseline) for method in METHODS.values() for baseline in method.baselines]
+
+
+def latency_comparisons() -> list[tuple[str, str]]:
+    """Each comparison of the report at equal measured latency: (method, baseline), in the records' order."""
+    return [(method.name, baseline) for method in METHODS.values() for baseline in method.compared_at_latency]
 
 
 @dataclass(frozen=True)

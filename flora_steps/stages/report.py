@@ -25,6 +25,14 @@ once: FLORA's searched subnet and the control with the supernet's weights).
   run's, with several runs of the pipeline)
 - `search_costs.{csv,md,tex}`: each method's search cost: the wall time of the stages
   that choose its model (once, and per budget), fine-tuning excluded
+- `latency.{csv,md,tex}`: every model the latency stage timed (the first run's, on the
+  compute device): MACs, measured ms per batch with quartiles, speedup, the latency
+  table's prediction and its error, fine-tuned top-1 with its 95% interval;
+  `latency.png`: top-1 against MACs and against measured latency, every method
+- `latency_comparison.{csv,md,tex}`: FLORA under latency budgets against FLORA's curve
+  of top-1 against measured latency (first run): the top-1 difference at equal latency
+  and the extra latency reduction at equal top-1, per budget, under both protocols, with
+  intervals and verdicts as in the comparison table
 - `tradeoff.png` (the headline figure: per protocol, one panel per comparison, top-1 vs
   MACs with 95% intervals and the baseline's curve as interpolated, and a panel of the
   paired differences, means over budgets first), `spectra.png`,
@@ -59,9 +67,10 @@ from ..core.search import CostTable
 from ..core.space import SubnetSampler
 from ..errors import UserError
 from ..pipeline.catalogue import METHOD_STAGES, SEARCH_STAGES, STAGES, choosing_stages
-from ..pipeline.methods import METHODS, RETRAINED
+from ..pipeline.methods import METHODS, RETRAINED, latency_comparisons
 from ..pipeline.schema import budget_name
 from ..report.figures import macs_unit, plot_ranks, plot_sampling, plot_search, plot_tradeoff
+from ..report.latency import latency_table, on_latency_axis, plot_latency, readable_latency, timings_on
 from ..report.layer_figures import plot_sensitivity, plot_spectra, single_layer_kl
 from ..report.stats import PairedBootstrap
 from ..report.tables import (
@@ -81,6 +90,7 @@ from ..report.tables import (
 )
 from ..runtime.artifacts import (
     ModelSpec,
+    read_csv,
     read_json,
     read_rank_config,
     read_space,
@@ -98,7 +108,6 @@ from ..runtime.results import (
     correct_matrix,
     interval_description,
     method_models,
-    read_csv,
     write_table,
 )
 
@@ -261,6 +270,35 @@ def method_search_costs(context: StageContext, once: dict[str, float], per_budge
     return choosing
 
 
+def write_latency(
+    context: StageContext,
+    protocols: dict[str, list[Evaluated]],
+    results: pd.DataFrame,
+    bootstrap: PairedBootstrap,
+    note: str | None,
+) -> None:
+    """Accuracy against measured latency on the compute device (the last device the latency stage timed on): every
+    model's table and figure, and each latency comparison (``methods.latency_comparisons``) under both protocols,
+    on the first run's models."""
+    timings = read_csv(context.input("latency"))
+    timings = timings_on(timings, timings["device"].iloc[-1])
+    table = latency_table(results[results["protocol"] == "fine-tuned"], timings)
+    write_table(context, "latency", table, readable_latency(table), note)
+    save_figure(context.output("latency_figure"), plot_latency(table))
+    pairs = latency_comparisons()
+    compared = {
+        protocol: comparison_table(on_latency_axis(group, timings), bootstrap, pairs)[0]
+        for protocol, group in protocols.items()
+    }
+    comparison = by_protocol(compared)
+    shown = readable_comparison(comparison, 1000.0, "ms").rename(columns=lambda c: c.replace("MACs", "latency"))
+    comparison = comparison.rename(columns=lambda c: c.replace("macs", "latency_us"))
+    first_run = f"The first run's models, timed on {timings['device'].iloc[0]}."
+    write_table(context, "latency_comparison", comparison, shown, f"{first_run} {note}" if note else first_run)
+    for row in shown.itertuples(index=False):
+        log.info("latency comparison: %s", ", ".join(str(value) for value in row))
+
+
 def run(context: StageContext) -> None:
     params, budgets = context.params, context.params.budgets
     protocols, seeds = evaluated_models(context)
@@ -312,6 +350,7 @@ def run(context: StageContext) -> None:
         ranks.set_index("layer")["full_rank"], axis=0
     )
     save_figure(context.output("tradeoff"), plot_tradeoff(results, comparison, means))
+    write_latency(context, protocols, results, bootstrap, note)
     save_figure(context.output("spectra"), plot_spectra(read_csv(context.input("spectra")), params.decompose.targets))
     save_figure(
         context.output("sensitivity"),
