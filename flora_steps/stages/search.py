@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core import CostModel, RankConfig, lowrank_layers, set_ranks, trace_costs
+from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from ..core.search import CostTable, EvolutionSettings, Genome, Operators, evolve, genome_choices
 from ..core.space import SearchSpace, sampling_probabilities
 from ..errors import UserError
@@ -141,7 +141,7 @@ def check_reachable(
 
 
 @dataclass(frozen=True)
-class Budget:
+class SearchBudget:
     """What a search's budget limits (the MACs, or the latency the table predicts) and its legal band."""
 
     table: CostTable  # the cost of every genome
@@ -151,10 +151,10 @@ class Budget:
     unit: str  # the cost's name in the logs
 
 
-def macs_budget(space: SearchSpace, costs: CostModel, dense: int, budget: float, band: float) -> Budget:
-    """A budget in fractions of the dense model's MACs."""
-    return Budget(
-        CostTable.of_macs(space, costs),
+def macs_budget(macs: CostTable, dense: int, budget: float, band: float) -> SearchBudget:
+    """A budget in fractions of the dense model's MACs (``macs``: the space's)."""
+    return SearchBudget(
+        macs,
         (budget - band) * dense,
         budget * dense,
         lambda macs: f"{macs / dense:.4f} of the dense MACs",
@@ -162,10 +162,10 @@ def macs_budget(space: SearchSpace, costs: CostModel, dense: int, budget: float,
     )
 
 
-def latency_budget_of(space: SearchSpace, latency: LatencyBudget, budget: float, band: float) -> Budget:
+def latency_budget_of(space: SearchSpace, latency: LatencyBudget, budget: float, band: float) -> SearchBudget:
     """A budget in the latency the table predicts (``budgets.latency_unit``)."""
     table = CostTable.from_space(space, latency.table.layer_ms, latency.table.dense_ms)
-    return Budget(table, *latency.band(budget, band), latency.describe, "ms")
+    return SearchBudget(table, *latency.band(budget, band), latency.describe, "ms")
 
 
 def choose(
@@ -209,7 +209,7 @@ def run(context: StageContext) -> None:
     macs = CostTable.of_macs(space, costs)  # every subnet's MACs, whatever its budget limits
     dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
     limit = (
-        macs_budget(space, costs, dense, budget, cfg.band)
+        macs_budget(macs, dense, budget, cfg.band)
         if context.stage.cost == "macs"
         else latency_budget_of(space, latency_budget(context.input("table"), device, params), budget, cfg.band)
     )
