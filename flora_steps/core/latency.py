@@ -17,7 +17,6 @@ quartiles. No file I/O here: the table is a ``pandas.DataFrame`` its stage write
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .lowrank import factorised_is_cheaper, factorised_pair
+from .lowrank import break_even_rank, factorised_is_cheaper, factorised_pair
 from .macs import LinearCost
 
 #: The table's columns after its key (``device`` ... ``timm``, one value per table).
@@ -113,24 +112,23 @@ def measure_table(
     """
     device, batch = images.device, images.shape[0]
     model = model.eval().to(device)
-    shapes = dict(layers)  # layers of the same shape share their modules and input
     options: dict[tuple[LinearCost, int | None], nn.Module] = {}
-    for name, shape in shapes.items():
+    for name, shape in layers.items():  # layers of the same shape share their modules and input
         options.setdefault((shape, None), layer_module(shape, None, device))
         for rank in ranks.get(name, ()):
             if factorised_is_cheaper(shape.in_features, shape.out_features, rank):
                 options.setdefault((shape, rank), layer_module(shape, rank, device))
     inputs = {
-        shape: torch.randn(batch, shape.tokens, shape.in_features, device=device) for shape in set(shapes.values())
+        shape: torch.randn(batch, shape.tokens, shape.in_features, device=device) for shape in set(layers.values())
     }
     runs: dict[Hashable, tuple[nn.Module, torch.Tensor]] = {
         key: (module, inputs[key[0]]) for key, module in options.items()
     }
     timed = time_rounds({**runs, MODEL: (model, images)}, repeats, warmup, dtype, rounds)
-    fixed = timed[MODEL] - sum(timed[shape, None] for shape in shapes.values())
+    fixed = timed[MODEL] - sum(timed[shape, None] for shape in layers.values())
     rows = [
         _row(LAYER, name, shape, rank, timed[option, rank])
-        for name, shape in shapes.items()
+        for name, shape in layers.items()
         for option, rank in options
         if option == shape
     ]
@@ -170,7 +168,7 @@ class LatencyTable:
             return timed[rank]
         factorised = sorted(r for r in timed if r is not None)
         # the dense layer stands at break-even: the rank from which the materialised model holds it
-        even = math.ceil(shape.in_features * shape.out_features / (shape.in_features + shape.out_features))
+        even = break_even_rank(shape.in_features, shape.out_features)
         points = [*factorised, even] if not factorised or factorised[-1] < even else factorised
         values = [timed[r] for r in factorised] + ([timed[None]] if len(points) > len(factorised) else [])
         return float(np.interp(rank, points, values))

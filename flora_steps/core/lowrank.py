@@ -18,6 +18,11 @@ def factorised_is_cheaper(in_features: int, out_features: int, rank: int) -> boo
     return rank * (in_features + out_features) < in_features * out_features
 
 
+def break_even_rank(in_features: int, out_features: int) -> int:
+    """The first rank whose factors are not cheaper than the dense weight (from it on, a layer stays dense)."""
+    return -(-in_features * out_features // (in_features + out_features))
+
+
 def full_rank(in_features: int, out_features: int) -> int:
     """The largest meaningful rank of an ``out x in`` weight."""
     return min(in_features, out_features)

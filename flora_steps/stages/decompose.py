@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from ..core import CostModel, factorise, find_linear_layers, trace_costs
+from ..core.lowrank import break_even_rank
 from ..errors import UserError
 from ..report.layer_figures import plot_spectra
 from ..runtime.artifacts import load_model, save_figure, save_model, write_csv, write_json
@@ -48,7 +49,7 @@ def layers_table(costs: CostModel, names: list[str]) -> pd.DataFrame:
     rows = []
     for name in names:
         layer = costs.layers[name]
-        break_even = -(-layer.in_features * layer.out_features // (layer.in_features + layer.out_features))
+        break_even = break_even_rank(layer.in_features, layer.out_features)
         rows.append((name, layer.in_features, layer.out_features, layer.full_rank, break_even, layer.tokens))
     return pd.DataFrame(
         rows, columns=["layer", "in_features", "out_features", "full_rank", "break_even_rank", "tokens"]
