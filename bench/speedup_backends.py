@@ -1,7 +1,8 @@
 """Benchmark: the share of the MACs speedup that compressed models achieve, per inference backend.
 
     python bench/speedup_backends.py [--model deit_base_patch16_224] [--budget 0.45] [--subnets 3]
-                                     [--backends eager compile onnxruntime] [--batch 16] [--repeats 5]
+                                     [--backends eager compile onnxruntime] [--forms macs fastest]
+                                     [--step 16] [--batch 16] [--repeats 5]
 
 Builds, as retrain materialises them (random weights; latency does not depend on the
 values), the dense model and ``--subnets`` searched-style subnets at ``--budget`` of
@@ -9,10 +10,18 @@ the dense MACs (the search's own sampler over the rank grid, MACs in [budget - 0
 budget]), each in every backend:
 - ``eager``: PyTorch as the saved model runs (factorised layers as two ``nn.Linear``);
 - ``compile``: ``torch.compile`` (Inductor) of the same model;
+- ``frozen``: ``torch.compile`` with Inductor's ``freezing`` (weights as constants: prepacked
+  oneDNN matmuls, elementwise ops fused into them), the CPU inference setting;
 - ``onnxruntime``: the model exported as ``flora export`` does, run by ONNX Runtime
   (CPU, as many intra-op threads as torch has).
+and in every form (``--forms``):
+- ``macs``: as ``materialise`` makes them by MACs (a pair below break-even, else dense);
+- ``fastest``: each layer in the form a latency table measured here first finds fastest
+  (``LatencyTable.fastest_widths``: its rank, a timed rank above it padded with zero
+  components, or dense; the same function). The table times each target layer's shape
+  dense and as a pair at every multiple of ``--step`` below break-even, at this batch.
 All of them run in interleaved rounds (median and quartiles of ``--repeats``). For each
-subnet and backend it prints the speedup over the dense model in the same backend, the
+subnet, form and backend it prints the speedup over the dense model in the same backend, the
 MACs ratio (dense MACs / subnet MACs) and the share of it achieved; and the speedup over
 the eager dense model, which is what a user of the uncompressed model gains.
 """
@@ -30,8 +39,9 @@ import timm
 import torch
 from torch import nn
 
-from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
-from flora_steps.core.latency import time_rounds
+from flora_steps.core import DEFAULT_TARGETS, LinearCost, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
+from flora_steps.core.lowrank import break_even_rank
 from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
@@ -79,9 +89,22 @@ def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: P
         return model
     if backend == "compile":
         return torch.compile(model)
+    if backend == "frozen":
+        return torch.compile(model, options={"freezing": True})
     path = folder / f"{name.replace(' ', '_').replace('#', '')}.onnx"
     export_onnx(model, shape, path)
     return OnnxModule(path, torch.get_num_threads())
+
+
+def ladder_table(dense: nn.Module, images: torch.Tensor, step: int, repeats: int) -> LatencyTable:
+    """A latency table of ``dense``'s target layers at every multiple of ``step`` below break-even."""
+    layers = trace_costs(dense, input_shape(dense)).layers
+    targets: dict[str, LinearCost] = {name: layers[name] for name in find_linear_layers(dense, DEFAULT_TARGETS)}
+    ranks = {
+        name: range(step, break_even_rank(shape.in_features, shape.out_features), step)
+        for name, shape in targets.items()
+    }
+    return LatencyTable.from_frame(measure_table(dense, targets, ranks, images, repeats, warmup=2))
 
 
 def main() -> None:
@@ -89,7 +112,14 @@ def main() -> None:
     parser.add_argument("--model", default="deit_base_patch16_224")
     parser.add_argument("--budget", type=float, default=0.45, help="fraction of dense MACs")
     parser.add_argument("--subnets", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnxruntime"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["eager", "compile", "onnxruntime"],
+        choices=["eager", "compile", "frozen", "onnxruntime"],
+    )
+    parser.add_argument("--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest"])
+    parser.add_argument("--step", type=int, default=16, help="the latency table's rank step")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,12 +128,32 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
     dense = timm.create_model(args.model).eval()
     shape = input_shape(dense)
+    images = torch.randn((args.batch, *shape))
     configs, macs_ratio = searched_configs(dense, args.budget, args.subnets, args.seed)
     factorised = copy.deepcopy(dense)
     factorise(factorised, find_linear_layers(dense, DEFAULT_TARGETS))
-    plain = {"dense": dense} | {name: materialise(factorised, config).eval() for name, config in configs.items()}
+    plain = {"dense": dense}
+    if "macs" in args.forms:
+        plain |= {f"{name} macs": materialise(factorised, config).eval() for name, config in configs.items()}
+    if "fastest" in args.forms:
+        with torch.no_grad():
+            table = ladder_table(dense, images, args.step, args.repeats)
+        costs = trace_costs(dense, shape)
+        print(
+            f"table: fixed part {table.fixed_ms:.1f} ms of the dense model's {table.dense_ms:.1f} ms "
+            f"({table.fixed_ms / table.dense_ms:.1%}), {costs.other_macs / costs.dense_macs:.1%} of its MACs"
+        )
+        for name, config in configs.items():
+            widths = table.fastest_widths(config)
+            changed = {layer: width for layer, width in widths.items() if width != config[layer]}
+            print(
+                f"{name}: {sum(w is None for w in changed.values())} layers dense, "
+                f"{sum(w is not None for w in changed.values())} padded; predicted "
+                f"{table.predict_ms(config):.1f} ms by MACs form, "
+                f"{table.fixed_ms + sum(table.layer_ms(layer, w) for layer, w in widths.items()):.1f} ms fastest"
+            )
+            plain[f"{name} fastest"] = materialise(factorised, config, widths).eval()
     del factorised
-    images = torch.randn((args.batch, *shape))
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         runs = {
             (backend, name): (in_backend(model, backend, shape, Path(folder), name), images)
@@ -115,15 +165,19 @@ def main() -> None:
     spread = {key: np.percentile(values, [25, 75]) for key, values in timed.items()}
     for backend in args.backends:
         q1, q3 = spread[backend, "dense"]
-        print(f"{backend:12s} dense        {median[backend, 'dense']:9.1f} ms  [{q1:.1f}, {q3:.1f}]")
-    for name, ratio in macs_ratio.items():
+        print(f"{backend:12s} dense                {median[backend, 'dense']:9.1f} ms  [{q1:.1f}, {q3:.1f}]")
+    for name in plain:
+        if name == "dense":
+            continue
+        ratio = macs_ratio[name.rsplit(" ", 1)[0]]
         for backend in args.backends:
             speedup = median[backend, "dense"] / median[backend, name]
             q1, q3 = spread[backend, name]
             versus = median["eager", "dense"] / median[backend, name] if "eager" in args.backends else float("nan")
             print(
-                f"{backend:12s} {name:12s} {median[backend, name]:9.1f} ms  [{q1:.1f}, {q3:.1f}]  speedup {speedup:5.2f}x"
-                f"  MACs ratio {ratio:5.2f}x  achieved {speedup / ratio:6.1%}  vs eager dense {versus:5.2f}x"
+                f"{backend:12s} {name:20s} {median[backend, name]:9.1f} ms  [{q1:.1f}, {q3:.1f}]  "
+                f"speedup {speedup:5.2f}x  MACs ratio {ratio:5.2f}x  achieved {speedup / ratio:6.1%}  "
+                f"vs eager dense {versus:5.2f}x"
             )
 
 

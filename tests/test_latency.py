@@ -58,6 +58,19 @@ def test_a_prediction_is_the_fixed_part_plus_each_layer_at_its_rank() -> None:
         table.predict_ms({"blocks.9.qkv": 2})
 
 
+def test_the_fastest_form_of_a_layer_is_its_rank_a_faster_timed_rank_above_it_or_dense() -> None:
+    table = handmade_table()  # qkv: rank 2 1 ms, rank 4 2 ms, dense 3 ms (break-even 6)
+    assert table.fastest_width("blocks.0.qkv", 2) == 2
+    assert table.fastest_width("blocks.0.qkv", 1) == 1  # as fast as rank 2: the rank itself wins the tie
+    assert table.fastest_width("blocks.0.qkv", 5) == 5  # 2.5 ms between rank 4 and dense
+    assert table.fastest_width("blocks.0.qkv", 6) is None  # at break-even: dense by MACs already
+    quirky = LatencyTable(10.0, table.layers, {**table.options, "blocks.0.qkv": {None: 3.0, 2: 2.2, 4: 1.5}})
+    assert quirky.fastest_width("blocks.0.qkv", 2) == 4  # the device runs rank 4 faster than rank 2: padded
+    assert quirky.fastest_width("blocks.0.qkv", 3) == 4
+    slow = LatencyTable(10.0, table.layers, {**table.options, "blocks.0.qkv": {None: 0.5, 2: 1.0, 4: 2.0}})
+    assert slow.fastest_widths({"blocks.0.qkv": 2, "blocks.0.fc1": 3}) == {"blocks.0.qkv": None, "blocks.0.fc1": 3}
+
+
 def test_a_table_without_a_fixed_part_or_a_dense_timing_is_rejected() -> None:
     frame = pd.DataFrame([{"part": LAYER, "layer": "a", "in_features": 8, "out_features": 24, "tokens": 5, "rank": 2}])
     with pytest.raises(ValueError, match="one row of the fixed part"):

@@ -116,3 +116,31 @@ def test_model_level_ranks_and_materialisation_agree() -> None:
         assert torch.allclose(model(x), plain(x), atol=1e-5)
     with pytest.raises(KeyError, match="head"):
         set_ranks(model, {"head": 4})
+
+
+def test_any_materialised_form_computes_the_same_function() -> None:
+    """Dense, a pair at the rank, and a pair padded with zero components to a wider rank (a form a latency table
+    may find faster) agree with the low-rank layer; a model takes each layer's form from ``widths``."""
+    torch.manual_seed(5)
+    layer = LowRankLinear.from_linear(nn.Linear(64, 256))
+    layer.rank = 12
+    x = torch.randn(3, 10, 64)
+    with torch.no_grad():
+        for width in (12, 16, 48, None):
+            plain = layer.materialise_as(12, width)
+            assert torch.allclose(plain(x), layer(x), atol=1e-5), width
+            assert isinstance(plain, nn.Linear) if width is None else plain[0].out_features == width
+    with pytest.raises(ValueError, match="at least the rank 12"):
+        layer.materialise_as(12, 8)
+    model = timm.create_model("vit_digits").eval()
+    layers = find_linear_layers(model, DEFAULT_TARGETS)
+    factorise(model, layers)
+    ranks = dict.fromkeys(layers, 8)
+    widths = {layers[0]: None, layers[1]: 16}
+    plain = materialise(model, ranks, widths)
+    modules = dict(plain.named_modules())
+    assert isinstance(modules[layers[0]], nn.Linear) and modules[layers[1]][0].out_features == 16
+    assert modules[layers[2]][0].out_features == 8  # not in widths: its form by MACs
+    images = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(plain(images), materialise(model, ranks)(images), atol=1e-5)

@@ -103,15 +103,22 @@ def randomise_factors(model: nn.Module, seed: int) -> None:
         layer.reset_factors(generator)
 
 
-def materialise(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.Module:
+def materialise(
+    model: nn.Module, ranks: Mapping[str, int] | None = None, widths: Mapping[str, int | None] | None = None
+) -> nn.Module:
     """A copy of ``model`` with every ``LowRankLinear`` turned into plain ``nn.Linear`` layers.
 
     Each layer takes its rank from ``ranks`` (its active rank when not listed); a
-    layer at full rank or at/above break-even becomes one dense ``nn.Linear``.
+    layer at full rank or at/above break-even becomes one dense ``nn.Linear``. A layer
+    that ``widths`` lists takes that form instead (``LowRankLinear.materialise_as``:
+    dense for ``None``, else a pair of that width, zero past its rank), e.g. the
+    fastest form a latency table found (``LatencyTable.fastest_widths``).
     """
     model = copy.deepcopy(model)
     if ranks is not None:
         set_ranks(model, ranks)
+    widths = widths or {}
     for name, layer in lowrank_layers(model).items():
-        replace_module(model, name, layer.materialise())
+        new = layer.materialise_as(layer.rank, widths[name]) if name in widths else layer.materialise()
+        replace_module(model, name, new)
     return model

@@ -173,6 +173,21 @@ class LatencyTable:
         values = [timed[r] for r in factorised] + ([timed[None]] if len(points) > len(factorised) else [])
         return float(np.interp(rank, points, values))
 
+    def fastest_width(self, name: str, rank: int | None) -> int | None:
+        """The fastest form of target layer ``name`` at ``rank`` by this table: the rank itself, a timed rank above
+        it (the pair padded with zero components: the same function), or ``None``, the dense weight. The rank
+        itself wins ties; ``None`` and ranks at or above break-even are dense."""
+        shape = self.layers[name]
+        if rank is None or not factorised_is_cheaper(shape.in_features, shape.out_features, rank):
+            return None
+        above = [r for r in self.options[name] if r is not None and r > rank]
+        widths = [rank, *sorted(above), None]
+        return min(widths, key=lambda width: self.layer_ms(name, width))  # min keeps the first of equals
+
+    def fastest_widths(self, ranks: Mapping[str, int]) -> dict[str, int | None]:
+        """``fastest_width`` of every layer of a rank config (for ``materialise(..., widths=...)``)."""
+        return {name: self.fastest_width(name, rank) for name, rank in ranks.items()}
+
     def predict_ms(self, ranks: Mapping[str, int]) -> float:
         """Predicted milliseconds per batch of the model at a rank config (target layers not in it: dense).
 

@@ -152,18 +152,28 @@ class LowRankLinear(nn.Module):
         is cheaper than the dense weight, else a single dense ``nn.Linear``.
         """
         r = self._rank if rank is None else rank
+        return self.materialise_as(r, r if factorised_is_cheaper(self.in_features, self.out_features, r) else None)
+
+    def materialise_as(self, rank: int, width: int | None) -> nn.Module:
+        """Plain layers computing the same function at ``rank``, in the form ``width`` picks: ``None``, one dense
+        ``nn.Linear`` holding ``second @ first``; a width at or above ``rank``, ``factorised_pair(in, out, width)``
+        whose components past ``rank`` are zero (a rank the device's kernels run faster, the same function)."""
+        if width is not None and width < rank:
+            raise ValueError(f"width must be at least the rank {rank}, got {width}")
         factory = {"device": self.first.device, "dtype": self.first.dtype}
         has_bias = self.bias is not None
         with torch.no_grad():
-            if not factorised_is_cheaper(self.in_features, self.out_features, r):
+            if width is None:
                 dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, **factory)
-                dense.weight.copy_(self.dense_weight(r))
+                dense.weight.copy_(self.dense_weight(rank))
                 if has_bias:
                     dense.bias.copy_(self.bias)
                 return dense
-            pair = factorised_pair(self.in_features, self.out_features, r, has_bias, **factory)
-            pair[0].weight.copy_(self.first[:r])
-            pair[1].weight.copy_(self.second[:, :r])
+            pair = factorised_pair(self.in_features, self.out_features, width, has_bias, **factory)
+            pair[0].weight.zero_()
+            pair[1].weight.zero_()
+            pair[0].weight[:rank].copy_(self.first[:rank])
+            pair[1].weight[:, :rank].copy_(self.second[:, :rank])
             if has_bias:
                 pair[1].bias.copy_(self.bias)
         return pair
