@@ -101,8 +101,13 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
             ("data", "eval_batch_size", 100, set()),
             ("retrain", "latency_repeats", 5, {"latency"}),
             ("retrain", "table_repeats", 5, {"latency_table"}),
-            ("retrain", "uniform_rank_multiple", 2, {"retrain_control", "retrain_uniform", "retrain_control_latency"}),
-            ("retrain", "uniform_epochs", 5, {"retrain_uniform"}),
+            (
+                "retrain",
+                "uniform_rank_multiple",
+                2,
+                {"retrain_control", "retrain_uniform", "retrain_control_latency", "retrain_uniform_latency"},
+            ),
+            ("retrain", "uniform_epochs", 5, {"retrain_uniform", "retrain_uniform_latency"}),
             ("supernet", "init", "random", {"supernet", "supernet_on_slim", "supernet_on_ofb"}),
             ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
         ):

@@ -175,7 +175,11 @@ def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_p
     latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
     predicted = latency.dropna(subset=["predicted_ms"])
     # pruned structures: not in the table
-    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora", "control_latency", "flora_latency"}
+    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora"} | {
+        "control_latency",
+        "uniform_latency",
+        "flora_latency",
+    }
     assert (predicted["predicted_ms"] > 0).all()
     error = predicted["predicted_ms"] / predicted["latency_ms"] - 1
     assert np.allclose(predicted["prediction_error"], error, atol=1e-3)
@@ -227,7 +231,10 @@ def test_a_search_and_a_uniform_fit_can_price_by_a_latency_table() -> None:
         fit_uniform_ratio(macs, list(macs.layers), 15.0, cost=table.predict_ms)
 
 
-def test_flora_and_its_control_under_latency_budgets_fit_the_predicted_latency(smoke_pipeline: Path) -> None:
+UNIFORMS = ("control_latency", "uniform_latency")
+
+
+def test_flora_and_the_uniform_baselines_under_latency_budgets_fit_the_predicted_latency(smoke_pipeline: Path) -> None:
     table = LatencyTable.from_frame(pd.read_csv(smoke_pipeline / "results/latency_table/table.csv"))
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
     budget, band = params["budgets"]["latency"][0], params["search"]["band"]
@@ -243,6 +250,12 @@ def test_flora_and_its_control_under_latency_budgets_fit_the_predicted_latency(s
     assert flora == ranks  # fine-tuned from the subnet its search chose
     control = json.loads((smoke_pipeline / f"results/retrain/control_latency/{budget}/metrics.json").read_text())
     assert control["predicted_ms"] <= limit < table.dense_ms
+    # SVD uniform under the same budget: the same uniform ranks as the control, from the SVD's weights
+    retrained = smoke_pipeline / "results/retrain"
+    svd = json.loads((retrained / f"uniform_latency/{budget}/metrics.json").read_text())
+    assert svd["predicted_ms"] == control["predicted_ms"] and svd["source"].startswith("SVD")
+    uniform_ranks = [json.loads((retrained / f"{m}/{budget}/ranks.json").read_text())["ranks"] for m in UNIFORMS]
+    assert uniform_ranks[0] == uniform_ranks[1]
 
 
 def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(

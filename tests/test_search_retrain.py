@@ -180,6 +180,7 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("control", 0.5),
         ("flora", 0.5),
         ("control_latency", 0.9),
+        ("uniform_latency", 0.9),
         ("flora_latency", 0.9),
         ("slim", 0.35),
         ("slim_flora", 0.4),

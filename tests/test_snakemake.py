@@ -55,6 +55,7 @@ def test_smoke_profile_through_snakemake(project: Path) -> None:
         "search_latency/0.9/ranks.json",
         "retrain/flora_latency/0.9/metrics.json",
         "retrain/control_latency/0.9/metrics.json",
+        "retrain/uniform_latency/0.9/metrics.json",
         "report/comparison.md",
         "report/search_costs.md",
     ):
@@ -108,9 +109,10 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
             "retrain",
             "uniform_rank_multiple",
             2,
-            {"retrain_control", "retrain_uniform", "retrain_control_latency", "latency", "report"},
+            {"retrain_control", "retrain_uniform", "retrain_control_latency", "retrain_uniform_latency"}
+            | {"latency", "report"},
         ),
-        ("retrain", "uniform_epochs", 5, {"retrain_uniform", "latency", "report"}),  # SVD uniform only
+        ("retrain", "uniform_epochs", 5, {"retrain_uniform", "retrain_uniform_latency", "latency", "report"}),
         ("retrain", "latency_repeats", 5, {"latency", "report"}),  # timings and the report's latency tables only
         ("retrain", "table_repeats", 5, in_default(downstream({"latency_table"}))),  # and what the table prices
         (
@@ -176,6 +178,7 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "retrain_flora_on_ofb",
         "search_flora_latency",
         "retrain_control_latency",
+        "retrain_uniform_latency",
         "retrain_flora_latency",
         "latency_table",
         "latency",

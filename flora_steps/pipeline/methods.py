@@ -160,6 +160,18 @@ METHODS = {
             inherits="supernet",
             cost="latency",
         ),
+        Method(
+            "uniform_latency",
+            "uniform rank under a latency budget, from SVD",
+            "SVD uniform (latency)",
+            {"color": "tab:blue", "marker": "o", "markersize": 4, "fillstyle": "none"},
+            build="uniform_ranks",
+            origin="SVD of the base model, uniform rank ratio under a latency budget",
+            source="decompose",
+            budgets="latency",
+            epochs="retrain.uniform_epochs",
+            cost="latency",
+        ),
         replace(  # FLORA's supernet, searched with the latency table's prediction as the cost
             _flora(
                 "flora_latency",
