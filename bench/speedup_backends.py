@@ -176,7 +176,7 @@ def main() -> None:
                 f"{name}: {sum(w is None for w in changed.values())} layers dense, "
                 f"{sum(w is not None for w in changed.values())} padded; predicted "
                 f"{table.predict_ms(config):.1f} ms by MACs form, "
-                f"{table.fixed_ms + sum(table.layer_ms(layer, w) for layer, w in widths.items()):.1f} ms fastest"
+                f"{table.fixed_ms + sum(table.layer_ms(t, widths.get(t)) for t in table.layers):.1f} ms fastest"
             )
             plain[f"{name} fastest"] = materialise(factorised, config, widths).eval()
     del factorised

@@ -69,6 +69,15 @@ def test_the_fastest_form_of_a_layer_is_its_rank_a_faster_timed_rank_above_it_or
     assert quirky.fastest_width("blocks.0.qkv", 3) == 4
     slow = LatencyTable(10.0, table.layers, {**table.options, "blocks.0.qkv": {None: 0.5, 2: 1.0, 4: 2.0}})
     assert slow.fastest_widths({"blocks.0.qkv": 2, "blocks.0.fc1": 3}) == {"blocks.0.qkv": None, "blocks.0.fc1": 3}
+    # with the timings' quartiles, a form must be faster beyond both spreads to replace the rank
+    options = quirky.options
+
+    def spread(wider: tuple[float, float]) -> LatencyTable:
+        quartiles = {"blocks.0.qkv": {None: (2.9, 3.1), 2: (2.0, 2.4), 4: wider}}
+        return LatencyTable(10.0, table.layers, options, quartiles)
+
+    assert spread((1.4, 2.1)).fastest_width("blocks.0.qkv", 2) == 2  # overlapping spreads: noise, not speed
+    assert spread((1.4, 1.9)).fastest_width("blocks.0.qkv", 2) == 4
 
 
 def test_a_table_without_a_fixed_part_or_a_dense_timing_is_rejected() -> None:
@@ -106,6 +115,8 @@ def test_measuring_times_each_shape_at_each_rank_once_and_keeps_the_spread() -> 
     assert (frame["q1_ms"] <= frame["median_ms"]).all() and (frame["median_ms"] <= frame["q3_ms"]).all()
     table = LatencyTable.from_frame(frame)
     assert table.layers["first"] == layers["first"] and set(table.options["second"]) == {None, 1, 2, 3}
+    row = options[(options["layer"] == "first") & (options["rank"] == 3)].iloc[0]
+    assert table.quartiles["first"][3] == (row["q1_ms"], row["q3_ms"])
 
 
 def test_time_rounds_times_every_module_in_every_round() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -137,11 +137,13 @@ def measure_table(
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """A latency table read back: the fixed part, and each target layer's timed ranks (``None``: dense)."""
+    """A latency table read back: the fixed part, and each target layer's timed ranks (``None``: dense) with
+    their medians and, where the frame has them, their quartiles."""
 
     fixed_ms: float
     layers: Mapping[str, LinearCost]
     options: Mapping[str, Mapping[int | None, float]]
+    quartiles: Mapping[str, Mapping[int | None, tuple[float, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> LatencyTable:
@@ -149,15 +151,18 @@ class LatencyTable:
         fixed = frame.loc[frame["part"] == FIXED, "median_ms"]
         if len(fixed) != 1:
             raise ValueError(f"expected one row of the fixed part, found {len(fixed)}")
-        layers, options = {}, {}
+        layers, options, quartiles = {}, {}, {}
+        spread = {"q1_ms", "q3_ms"} <= set(frame.columns)
         for row in frame[frame["part"] == LAYER].itertuples():
             layers[row.layer] = LinearCost(int(row.in_features), int(row.out_features), int(row.tokens))
             rank = None if pd.isna(row.rank) else int(row.rank)
             options.setdefault(row.layer, {})[rank] = float(row.median_ms)
+            if spread:
+                quartiles.setdefault(row.layer, {})[rank] = (float(row.q1_ms), float(row.q3_ms))
         missing = [name for name, timed in options.items() if None not in timed]
         if missing:
             raise ValueError(f"no dense timing of layer {missing[0]!r}")
-        return cls(float(fixed.iloc[0]), layers, options)
+        return cls(float(fixed.iloc[0]), layers, options, quartiles)
 
     def layer_ms(self, name: str, rank: int | None) -> float:
         """Predicted milliseconds of target layer ``name`` at ``rank`` (``None``: dense)."""
@@ -173,16 +178,25 @@ class LatencyTable:
         values = [timed[r] for r in factorised] + ([timed[None]] if len(points) > len(factorised) else [])
         return float(np.interp(rank, points, values))
 
+    def _quartiles(self, name: str, rank: int | None) -> tuple[float, float]:
+        """Lower and upper quartile of a timed option; the prediction for both where none were kept."""
+        return self.quartiles.get(name, {}).get(rank) or (self.layer_ms(name, rank),) * 2
+
     def fastest_width(self, name: str, rank: int | None) -> int | None:
         """The fastest form of target layer ``name`` at ``rank`` by this table: the rank itself, a timed rank above
-        it (the pair padded with zero components: the same function), or ``None``, the dense weight. The rank
-        itself wins ties; ``None`` and ranks at or above break-even are dense."""
+        it (the pair padded with zero components: the same function), or ``None``, the dense weight.
+
+        Another form replaces the rank only when it is faster beyond the spread of both timings (its upper
+        quartile below the rank's lower quartile); the fastest such form by median wins. ``None`` and ranks at or
+        above break-even are dense.
+        """
         shape = self.layers[name]
         if rank is None or not factorised_is_cheaper(shape.in_features, shape.out_features, rank):
             return None
+        floor = self._quartiles(name, rank)[0]
         above = [r for r in self.options[name] if r is not None and r > rank]
-        widths = [rank, *sorted(above), None]
-        return min(widths, key=lambda width: self.layer_ms(name, width))  # min keeps the first of equals
+        faster = [width for width in [*sorted(above), None] if self._quartiles(name, width)[1] < floor]
+        return min(faster, key=lambda width: self.layer_ms(name, width), default=rank)
 
     def fastest_widths(self, ranks: Mapping[str, int]) -> dict[str, int | None]:
         """``fastest_width`` of every layer of a rank config (for ``materialise(..., widths=...)``)."""
