@@ -132,6 +132,8 @@ def test_any_materialised_form_computes_the_same_function() -> None:
             assert isinstance(plain, nn.Linear) if width is None else plain[0].out_features == width
     with pytest.raises(ValueError, match="at least the rank 12"):
         layer.materialise_as(12, 8)
+    with pytest.raises(ValueError, match=r"rank must lie in \[1, 64\], got 65"):
+        layer.materialise_as(65, 80)
     model = timm.create_model("vit_digits").eval()
     layers = find_linear_layers(model, DEFAULT_TARGETS)
     factorise(model, layers)

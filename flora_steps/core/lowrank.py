@@ -158,6 +158,8 @@ class LowRankLinear(nn.Module):
         """Plain layers computing the same function at ``rank``, in the form ``width`` picks: ``None``, one dense
         ``nn.Linear`` holding ``second @ first``; a width at or above ``rank``, ``factorised_pair(in, out, width)``
         whose components past ``rank`` are zero (a rank the device's kernels run faster, the same function)."""
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank must lie in [1, {self.max_rank}], got {rank}")
         if width is not None and width < rank:
             raise ValueError(f"width must be at least the rank {rank}, got {width}")
         factory = {"device": self.first.device, "dtype": self.first.dtype}
