@@ -43,7 +43,15 @@ import timm
 import torch
 from torch import nn
 
-from flora_steps.core import DEFAULT_TARGETS, LinearCost, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core import (
+    DEFAULT_TARGETS,
+    CostModel,
+    LinearCost,
+    factorise,
+    find_linear_layers,
+    materialise,
+    trace_costs,
+)
 from flora_steps.core.factorise import replace_module
 from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
 from flora_steps.core.lowrank import break_even_rank
@@ -74,10 +82,11 @@ class OnnxModule(nn.Module):
         return self.session.run(None, {self.input: images.numpy()})[0]
 
 
-def searched_configs(dense: nn.Module, budget: float, count: int, seed: int) -> tuple[dict[str, dict[str, int]], dict]:
+def searched_configs(
+    dense: nn.Module, costs: CostModel, budget: float, count: int, seed: int
+) -> tuple[dict[str, dict[str, int]], dict]:
     """``count`` searched-style rank configs at ``budget`` and each one's MACs ratio (dense / subnet)."""
     layers = find_linear_layers(dense, DEFAULT_TARGETS)
-    costs = trace_costs(dense, input_shape(dense))
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
     table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(seed)
@@ -122,9 +131,9 @@ def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: P
     return OnnxModule(path, torch.get_num_threads())
 
 
-def ladder_table(dense: nn.Module, images: torch.Tensor, step: int, repeats: int) -> LatencyTable:
+def ladder_table(dense: nn.Module, costs: CostModel, images: torch.Tensor, step: int, repeats: int) -> LatencyTable:
     """A latency table of ``dense``'s target layers at every multiple of ``step`` below break-even."""
-    layers = trace_costs(dense, input_shape(dense)).layers
+    layers = costs.layers
     targets: dict[str, LinearCost] = {name: layers[name] for name in find_linear_layers(dense, DEFAULT_TARGETS)}
     ranks = {
         name: range(step, break_even_rank(shape.in_features, shape.out_features), step)
@@ -155,7 +164,8 @@ def main() -> None:
     dense = timm.create_model(args.model).eval()
     shape = input_shape(dense)
     images = torch.randn((args.batch, *shape))
-    configs, macs_ratio = searched_configs(dense, args.budget, args.subnets, args.seed)
+    costs = trace_costs(dense, shape)
+    configs, macs_ratio = searched_configs(dense, costs, args.budget, args.subnets, args.seed)
     factorised = copy.deepcopy(dense)
     factorise(factorised, find_linear_layers(dense, DEFAULT_TARGETS))
     plain = {"dense": dense, FIXED: without_targets(dense)}
@@ -163,8 +173,7 @@ def main() -> None:
         plain |= {f"{name} macs": materialise(factorised, config).eval() for name, config in configs.items()}
     if "fastest" in args.forms:
         with torch.no_grad():
-            table = ladder_table(dense, images, args.step, args.repeats)
-        costs = trace_costs(dense, shape)
+            table = ladder_table(dense, costs, images, args.step, args.repeats)
         print(
             f"table: fixed part {table.fixed_ms:.1f} ms of the dense model's {table.dense_ms:.1f} ms "
             f"({table.fixed_ms / table.dense_ms:.1%}), {costs.other_macs / costs.dense_macs:.1%} of its MACs"
@@ -176,7 +185,7 @@ def main() -> None:
                 f"{name}: {sum(w is None for w in changed.values())} layers dense, "
                 f"{sum(w is not None for w in changed.values())} padded; predicted "
                 f"{table.predict_ms(config):.1f} ms by MACs form, "
-                f"{table.fixed_ms + sum(table.layer_ms(t, widths.get(t)) for t in table.layers):.1f} ms fastest"
+                f"{table.predict_ms({t: w for t, w in widths.items() if w is not None}):.1f} ms fastest"
             )
             plain[f"{name} fastest"] = materialise(factorised, config, widths).eval()
     del factorised
@@ -193,7 +202,6 @@ def main() -> None:
         for name in ("dense", FIXED):
             q1, q3 = spread[backend, name]
             print(f"{backend:12s} {name:20s} {median[backend, name]:9.1f} ms  [{q1:.1f}, {q3:.1f}]")
-    costs = trace_costs(dense, shape)
     targets = find_linear_layers(dense, DEFAULT_TARGETS)
     for name in plain:
         if name in ("dense", FIXED):
