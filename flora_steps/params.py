@@ -176,7 +176,7 @@ class BudgetParams(Section):
     ofb: Annotated[list[Budget], Field(min_length=1)]  # OFB baseline: one search, one retrained model per budget
     ofb_base: Budget  # OFB's model searched at this budget (one of ofb) is what FLORA compresses further
     ofb_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
-    latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA, its control and SVD uniform under latency budgets
+    latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # the methods under latency budgets
     latency_unit: Literal["fraction", "ms"]  # latency budgets: fractions of the dense model's latency, or ms per batch
 
     @model_validator(mode="after")

@@ -26,8 +26,9 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 #: The modules that take longest, run first: pytest-xdist hands modules to its workers in this order, so the
-#: short ones fill in beside them instead of one long module running alone at the end.
-LONGEST = ("test_dvc.py", "test_snakemake.py", "test_rehearsal.py")
+#: short ones fill in beside them instead of one long module running alone at the end. The rehearsal needs no
+#: smoke results: it runs while the first worker makes them (``smoke_pipeline``) for DVC's and Snakemake's tests.
+LONGEST = ("test_dvc.py", "test_rehearsal.py", "test_snakemake.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -36,8 +36,8 @@ def dvc_project(smoke_pipeline: Path, tmp_path_factory) -> Path:
     """A git + DVC project with the smoke profile as params.yaml and the session's smoke results (``smoke_pipeline``:
     every stage but the report, run in one process with the same commands), recorded by ``dvc commit``; then
     ``dvc repro`` of Snakemake's default target runs the report, the stage that reads every other one's results.
-    The smoke profile's one run from scratch by a workflow engine is Snakemake's (test_snakemake.py); both engines
-    run the same commands (``test_both_engines_run_the_same_commands``)."""
+    Snakemake takes the same results (test_snakemake.py); both engines run the same commands
+    (``test_both_engines_run_the_same_commands``)."""
     project = copy_project(tmp_path_factory.mktemp("dvc_project"))
     shutil.copy(project / "configs/smoke.yaml", project / "params.yaml")
     shutil.copytree(smoke_pipeline / "results", project / "results", ignore=shutil.ignore_patterns("ablations"))

@@ -15,7 +15,20 @@ from torch import nn
 
 from flora_steps.cli import main
 from flora_steps.core import CostModel, LinearCost
-from flora_steps.core.latency import FIXED, LAYER, MODEL, LatencyTable, measure_table, precision_of, time_rounds
+from flora_steps.core.latency import (
+    ATTENTION,
+    FIXED,
+    LAYER,
+    MLP,
+    MODEL,
+    PRUNED_FIXED,
+    LatencyTable,
+    PartOptions,
+    WidthTable,
+    measure_table,
+    precision_of,
+    time_rounds,
+)
 from flora_steps.core.search import CostTable
 from flora_steps.core.space import BlockSpace, SearchSpace
 from flora_steps.core.uniform import fit_uniform_ratio
@@ -158,6 +171,35 @@ def test_a_table_measured_under_another_key_is_one_line(tmp_path: Path) -> None:
     assert rows.dense_ms == 18
 
 
+def test_a_pruned_prediction_is_the_pruned_fixed_part_plus_each_part_at_its_width() -> None:
+    rows = [(ATTENTION, "blocks.0.attn", 8, 1.0), (ATTENTION, "blocks.0.attn", 32, 3.0)]
+    rows += [(MLP, "blocks.0.mlp", 16, 2.0), (MLP, "blocks.0.mlp", 64, 4.0)]
+    frame = pd.DataFrame(
+        [{"part": part, "layer": layer, "width": width, "median_ms": ms} for part, layer, width, ms in rows]
+        + [{"part": FIXED, "median_ms": 0.0}, {"part": PRUNED_FIXED, "median_ms": 10.0}]
+    )
+    table = WidthTable.from_frame(frame)
+    assert table.dense_ms == 10 + 3 + 4
+    assert table.predict_ms({"blocks.0.attn": 20, "blocks.0.mlp": 16}) == 10 + 2 + 2  # linear between timed widths
+    assert table.part_ms("blocks.0.attn", 4) == 1  # below the narrowest timed width: its time
+    with pytest.raises(ValueError, match="'blocks.1.mlp' is not a prunable part"):
+        table.predict_ms({"blocks.1.mlp": 8})
+    with pytest.raises(ValueError, match="times no pruned widths"):
+        WidthTable.from_frame(frame[frame["part"] != PRUNED_FIXED])
+
+
+def test_parts_of_the_same_shape_are_timed_once_and_the_pruned_fixed_part_is_the_rest() -> None:
+    """Two blocks' MLPs share one module per width; the pruned fixed part is the model less every part in full."""
+    narrow, full = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    parts = {f"blocks.{b}.mlp": PartOptions(MLP, 8, 5, {4: narrow, 8: full}) for b in range(2)}
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    frame = measure_table(model, {}, {}, torch.randn(2, 5, 8), repeats=3, warmup=1, parts=parts)
+    widths = frame[frame["part"] == MLP]
+    assert list(widths["width"]) == [4, 8, 4, 8]
+    assert widths.iloc[:2]["median_ms"].tolist() == widths.iloc[2:]["median_ms"].tolist()  # one timing, shared
+    assert list(frame["part"].iloc[-3:]) == [FIXED, PRUNED_FIXED, MODEL]
+
+
 def test_the_host_fingerprint_asks_for_gpus_only_off_the_cpu(tmp_path: Path, monkeypatch) -> None:
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'Fake GPU 80GB'\n")
@@ -178,6 +220,13 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
     }
     assert layers["rank"].isna().sum() == 12  # each layer dense once
     assert (layers.groupby("layer").size() > 1).all()  # and at ranks of its grid
+    # ViT-Slim's widths: each block's attention and MLP at each ratio of filter.ratios, and the pruned fixed part
+    ratios = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())["filter"]["ratios"]
+    for kind, part, full in ((ATTENTION, "attn", 64), (MLP, "mlp", 256)):  # vit_digits: 2 heads of 32, 256 units
+        parts = table[table["part"] == kind]
+        assert set(parts["layer"]) == {f"blocks.{b}.{part}" for b in range(4)}
+        assert sorted(set(parts["width"])) == sorted({round(r * full) for r in ratios})
+    assert (table["part"] == PRUNED_FIXED).sum() == 1
     metrics = json.loads((out / "metrics.json").read_text())["cpu"]
     assert metrics["dense_ms"] > 0 and metrics["dense_predicted_ms"] == pytest.approx(metrics["dense_ms"], rel=0.5)
 
@@ -185,8 +234,8 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
 def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_pipeline: Path) -> None:
     latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
     predicted = latency.dropna(subset=["predicted_ms"])
-    # pruned structures: not in the table
-    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora"} | {
+    # ViT-Slim's by its widths; OFB's heads and embedding width and FLORA on a pruned model: not in the table
+    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora", "slim", "slim_latency"} | {
         "control_latency",
         "uniform_latency",
         "flora_latency",
@@ -267,6 +316,23 @@ def test_flora_and_the_uniform_baselines_under_latency_budgets_fit_the_predicted
     assert svd["predicted_ms"] == control["predicted_ms"] and svd["source"].startswith("SVD")
     uniform_ranks = [json.loads((retrained / f"{m}/{budget}/ranks.json").read_text())["ranks"] for m in UNIFORMS]
     assert uniform_ranks[0] == uniform_ranks[1]
+
+
+def test_vit_slim_under_a_latency_budget_is_sliced_where_its_predicted_widths_fit(smoke_pipeline: Path) -> None:
+    frame = pd.read_csv(smoke_pipeline / "results/latency_table/table.csv")
+    table = WidthTable.from_frame(frame)
+    budget = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())["budgets"]["latency"][0]
+    retrained = smoke_pipeline / "results/retrain"
+    metrics = json.loads((retrained / f"slim_latency/{budget}/metrics.json").read_text())
+    spec = json.loads((retrained / f"slim_latency/{budget}/model.json").read_text())
+    widths = {}
+    for block, kept in spec["pruned"].items():
+        widths |= {f"{block}.attn": 2 * kept["head_dim"], f"{block}.mlp": kept["mlp_hidden"]}  # 2 heads kept
+    assert metrics["predicted_ms"] == pytest.approx(table.predict_ms(widths), abs=1e-3)
+    assert metrics["predicted_ms"] <= budget * table.dense_ms
+    assert metrics["source"] == "ViT-Slim's searched model, sliced to the latency budget"
+    slim = json.loads((retrained / "slim/0.35/metrics.json").read_text())
+    assert metrics["training"] == slim["training"]  # fine-tuned like ViT-Slim
 
 
 def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(

@@ -123,11 +123,11 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert (before["train_steps"] == before["supernet_steps"]).iloc[1:].all()
     methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora", "control_latency", "uniform_latency"]
     methods += ["flora_latency"]
-    methods += ["slim", "slim_flora", "ofb", "ofb", "ofb_flora"]
+    methods += ["slim", "slim_latency", "slim_flora", "ofb", "ofb", "ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.9, 0.9, 0.9, 0.35, 0.4, 0.35, 0.5, 0.4]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.9, 0.9, 0.9, 0.35, 0.9, 0.4, 0.35, 0.5, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 13
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 14
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
@@ -197,7 +197,7 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
     assert list(search_costs.index) == [
         *("uniform", "control", "flora", "control_latency", "uniform_latency", "flora_latency"),
-        *("slim", "slim_flora", "ofb", "ofb_flora"),
+        *("slim", "slim_latency", "slim_flora", "ofb", "ofb_flora"),
     ]
     # the latency methods carry the latency table's timing too
     assert search_costs.loc["flora_latency", "one_off_seconds"] > search_costs.loc["flora", "one_off_seconds"]
@@ -338,7 +338,7 @@ def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: 
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 0
     results = pd.read_csv("results/report/results.csv")
-    assert list(results["runs"]) == [1] + [2] * 13 + [1] + [2] * 13
+    assert list(results["runs"]) == [1] + [2] * 14 + [1] + [2] * 14
     summary = json.loads(Path("results/report/summary.json").read_text())
     assert summary["statistics"]["runs"] == 2 and summary["statistics"]["omitted_variance"] is None
     assert not Path("results/report/means.md").read_text().startswith("Intervals omit")

@@ -183,6 +183,7 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("uniform_latency", 0.9),
         ("flora_latency", 0.9),
         ("slim", 0.35),
+        ("slim_latency", 0.9),
         ("slim_flora", 0.4),
         ("ofb", 0.35),
         ("ofb", 0.5),

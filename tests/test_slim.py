@@ -10,6 +10,7 @@ from conftest import SMOKE, write_params
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import count_macs, trace_costs
+from flora_steps.core.latency import WidthTable
 from flora_steps.pruning.slim import (
     ATTENTION,
     MLP,
@@ -17,12 +18,13 @@ from flora_steps.pruning.slim import (
     attach_masks,
     detach_masks,
     slice_model,
+    slice_to_budget,
     sparsity_loss,
     structure_for_budget,
     structure_for_keep,
     zero_pruned,
 )
-from flora_steps.pruning.structure import PrunedBlock, prunable_blocks, restructure_blocks
+from flora_steps.pruning.structure import PrunedBlock, part_widths, prunable_blocks, restructure_blocks
 
 
 def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
@@ -100,11 +102,32 @@ def test_thresholds_meet_the_macs_budget() -> None:
     masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
     dense = costs.macs(costs.dense)
     for budget in (0.4, 0.6, 0.8):
-        keep, structure = structure_for_budget(masks, costs, budget * dense)
+        keep, structure = structure_for_budget(masks, costs.heads, costs.macs, budget * dense)
         assert budget - 0.03 <= costs.macs(structure) / dense <= budget, budget
         assert costs.macs(structure_for_keep(masks, heads_of(model), keep + 0.01)) > budget * dense
     with pytest.raises(ValueError, match="even the smallest slim model"):
-        structure_for_budget(masks, costs, 0.01 * dense)
+        structure_for_budget(masks, costs.heads, costs.macs, 0.01 * dense)
+
+
+def test_a_latency_budget_slices_by_the_tables_prediction() -> None:
+    """A table where only MLP units cost time: the latency budget keeps the largest share whose predicted time fits,
+    and its structure's MACs follow from that, not from a MACs limit."""
+    model, _ = model_and_input()
+    costs = SlimCosts.of(model, trace_costs(model, (1, 8, 8)))
+    masks = {key: torch.rand(mask.numel()) for key, mask in attach_masks(model).items()}
+    detach_masks(model)
+    blocks = list(costs.blocks)
+    hidden = costs.dense[blocks[0]].mlp_hidden
+    options = {f"{b}.mlp": {1: 0.0, hidden: 1.0} for b in blocks} | {f"{b}.attn": {1: 0.5, 64: 0.5} for b in blocks}
+    table = WidthTable(fixed_ms=1.0, options=options)  # dense: 1 + 4 x 0.5 + 4 x 1.0 = 7 ms
+    dense = trace_costs(model, (1, 8, 8))
+    with pytest.raises(ValueError, match="ms predicted"):  # attention alone takes 3 ms
+        slice_to_budget(model, masks, dense, 2.0, latency=table)
+    limit = 1.0 + 2.0 + 0.4 * 4  # MLPs at 0.4 of their (linearly priced) units
+    _, structure, _, macs = slice_to_budget(model, masks, dense, limit, latency=table)
+    predicted = table.predict_ms(part_widths(structure, costs.heads))
+    assert limit - 0.05 <= predicted <= limit
+    assert macs == costs.macs(structure)
 
 
 def test_a_sliced_model_loads_into_a_restructured_plain_timm_model() -> None:
@@ -196,7 +219,7 @@ def test_flora_on_the_slim_model_runs_on_its_sliced_shapes_with_equal_training(s
     from flora_steps.runtime.artifacts import load_model
 
     results = smoke_pipeline / "results"
-    read = lambda path: json.loads((results / path).read_text())  # noqa: E731
+    read = lambda path: json.loads((results / path).read_text())
     base = read("on_slim/base/metrics.json")
     smoke = yaml.safe_load(SMOKE.read_text())
     assert base["macs_fraction"] <= 0.5 and base["finetune_epochs"] == smoke["retrain"]["base_epochs"]

@@ -1,4 +1,4 @@
-"""Latency tables: the measured time of every low-rank layer option and of a model's fixed part.
+"""Latency tables: the measured time of every low-rank layer option, of every pruned width, and of the fixed parts.
 
 A *latency table* holds, for one device, thread count, batch size and precision, the
 median time of each target layer of a model at each rank of its grid (a factorised
@@ -9,6 +9,12 @@ configuration's predicted latency is then a sum, like its MACs: the fixed part p
 one entry per target layer (``LatencyTable.predict_ms``). A rank that was not timed
 is interpolated between the neighbouring timed ranks; a rank at or above break-even
 is the dense layer, as the materialised model has it.
+
+Pruned widths work alike (``WidthTable``): each prunable *part* of a block (its
+attention at a number of channels kept, its MLP at a number of hidden units kept) is
+timed at a grid of widths, and the rest of the model at full width is the *pruned
+fixed part*. A structure's prediction is that fixed part plus each part at its width,
+interpolated between timed widths.
 
 Timings run in interleaved rounds (every module once per round) after warm-up rounds,
 so that a burst of machine noise hits all of them alike; each keeps its median and
@@ -31,9 +37,23 @@ from .lowrank import break_even_rank, factorised_is_cheaper, factorised_pair
 from .macs import LinearCost
 
 #: The table's columns after its key (``device`` ... ``timm``, one value per table).
-COLUMNS = ("part", "layer", "in_features", "out_features", "tokens", "rank", "median_ms", "q1_ms", "q3_ms", "repeats")
+COLUMNS = (
+    "part",
+    "layer",
+    "in_features",
+    "out_features",
+    "tokens",
+    "rank",
+    "width",
+    "median_ms",
+    "q1_ms",
+    "q3_ms",
+    "repeats",
+)
 #: ``part`` of a row: one option of a target layer, the fixed part, or the dense model as a whole.
 LAYER, FIXED, MODEL = "layer", "fixed", "model"
+#: ``part`` of a pruning row: a block's attention or MLP at one kept width, or the model less those parts.
+ATTENTION, MLP, PRUNED_FIXED = "attention", "mlp", "pruned_fixed"
 
 
 def precision_of(device: torch.device, amp: bool) -> torch.dtype:
@@ -84,12 +104,40 @@ def layer_module(layer: LinearCost, rank: int | None, device: torch.device) -> n
     return nn.Linear(layer.in_features, layer.out_features, device=device)
 
 
-def _row(part: str, layer: str, shape: LinearCost | None, rank: int | None, values: np.ndarray) -> dict:
+@dataclass(frozen=True)
+class PartOptions:
+    """A prunable part of one block (``ATTENTION`` or ``MLP``) and its module at each width it is timed at; the
+    largest width is the part as the dense model has it. Its input: ``tokens`` tokens of ``dim`` channels."""
+
+    kind: str
+    dim: int
+    tokens: int
+    modules: Mapping[int, nn.Module]
+
+    @property
+    def full(self) -> int:
+        return max(self.modules)
+
+
+def _row(
+    part: str,
+    layer: str,
+    dims: tuple[int | None, int | None, int | None],
+    rank: int | None,
+    values: np.ndarray,
+    width: int | None = None,
+) -> dict:
     q1, median, q3 = np.percentile(values, [25, 50, 75])
-    dims = (shape.in_features, shape.out_features, shape.tokens) if shape else (None, None, None)
-    return dict(
-        zip(COLUMNS, (part, layer, *dims, rank, round(median, 5), round(q1, 5), round(q3, 5), len(values)), strict=True)
-    )
+    numbers = (round(median, 5), round(q1, 5), round(q3, 5), len(values))
+    return dict(zip(COLUMNS, (part, layer, *dims, rank, width, *numbers), strict=True))
+
+
+def _dims(shape: LinearCost) -> tuple[int, int, int]:
+    return shape.in_features, shape.out_features, shape.tokens
+
+
+def _part_key(part: PartOptions, width: int) -> tuple[str, int, int, int]:
+    return part.kind, part.dim, part.tokens, width
 
 
 def measure_table(
@@ -101,38 +149,56 @@ def measure_table(
     warmup: int = 3,
     dtype: torch.dtype = torch.float32,
     rounds: Rounds = iter,
+    parts: Mapping[str, PartOptions] | None = None,
 ) -> pd.DataFrame:
     """The latency table of ``model`` (dense) on a batch ``images`` on their device.
 
     ``layers`` are the target layers' shapes (``trace_costs(model, ...).layers``, one
     image's tokens), ``ranks`` each one's ranks to time (the dense layer is always
-    timed; ranks at or above break-even are left to it). Layers of the same shape are
-    timed once and share their rows. Returns one row per (layer, rank), with ``rank``
-    empty for the dense layer, then the fixed part's and the dense model's rows.
+    timed; ranks at or above break-even are left to it). ``parts`` are the prunable
+    parts by path (``blocks.0.attn``), each with its modules at the widths to time.
+    Layers and parts of the same shape are timed once and share their rows. Returns one
+    row per (layer, rank), with ``rank`` empty for the dense layer, then one per (part,
+    width), then the fixed part's, the pruned fixed part's (with parts) and the dense model's rows.
     """
-    device, batch = images.device, images.shape[0]
+    device, batch, parts = images.device, images.shape[0], parts or {}
     model = model.eval().to(device)
-    options: dict[tuple[LinearCost, int | None], nn.Module] = {}
+    layer_options: dict[tuple[LinearCost, int | None], nn.Module] = {}
     for name, shape in layers.items():  # layers of the same shape share their modules and input
-        options.setdefault((shape, None), layer_module(shape, None, device))
+        layer_options.setdefault((shape, None), layer_module(shape, None, device))
         for rank in ranks.get(name, ()):
             if factorised_is_cheaper(shape.in_features, shape.out_features, rank):
-                options.setdefault((shape, rank), layer_module(shape, rank, device))
-    inputs = {
-        shape: torch.randn(batch, shape.tokens, shape.in_features, device=device) for shape in set(layers.values())
+                layer_options.setdefault((shape, rank), layer_module(shape, rank, device))
+    part_options = {  # parts of the same shape share theirs
+        _part_key(part, width): module.eval().to(device)
+        for part in parts.values()
+        for width, module in part.modules.items()
     }
+    sizes = {(shape.tokens, shape.in_features) for shape in layers.values()}
+    sizes |= {(part.tokens, part.dim) for part in parts.values()}
+    inputs = {size: torch.randn(batch, *size, device=device) for size in sizes}
     runs: dict[Hashable, tuple[nn.Module, torch.Tensor]] = {
-        key: (module, inputs[key[0]]) for key, module in options.items()
+        key: (module, inputs[key[0].tokens, key[0].in_features]) for key, module in layer_options.items()
     }
+    runs |= {key: (module, inputs[key[2], key[1]]) for key, module in part_options.items()}
     timed = time_rounds({**runs, MODEL: (model, images)}, repeats, warmup, dtype, rounds)
     fixed = timed[MODEL] - sum(timed[shape, None] for shape in layers.values())
     rows = [
-        _row(LAYER, name, shape, rank, timed[option, rank])
+        _row(LAYER, name, _dims(shape), rank, timed[option, rank])
         for name, shape in layers.items()
-        for option, rank in options
+        for option, rank in layer_options
         if option == shape
     ]
-    return pd.DataFrame([*rows, _row(FIXED, "", None, None, fixed), _row(MODEL, "", None, None, timed[MODEL])])
+    rows += [
+        _row(part.kind, name, (part.dim, None, part.tokens), None, timed[_part_key(part, width)], width)
+        for name, part in parts.items()
+        for width in sorted(part.modules)
+    ]
+    rows.append(_row(FIXED, "", (None,) * 3, None, fixed))
+    if parts:
+        pruned_fixed = timed[MODEL] - sum(timed[_part_key(part, part.full)] for part in parts.values())
+        rows.append(_row(PRUNED_FIXED, "", (None,) * 3, None, pruned_fixed))
+    return pd.DataFrame([*rows, _row(MODEL, "", (None,) * 3, None, timed[MODEL])])
 
 
 @dataclass(frozen=True)
@@ -215,4 +281,49 @@ class LatencyTable:
     @property
     def dense_ms(self) -> float:
         """Predicted milliseconds per batch of the dense model."""
+        return self.predict_ms({})
+
+
+@dataclass(frozen=True)
+class WidthTable:
+    """A latency table's pruning rows read back: the pruned fixed part, and each prunable part's timed widths (by
+    path, e.g. ``blocks.0.attn``) with their medians."""
+
+    fixed_ms: float
+    options: Mapping[str, Mapping[int, float]]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> WidthTable:
+        """The pruning rows of one key's table; ``ValueError`` when it has none (a model without prunable blocks,
+        or a table measured before they were timed)."""
+        fixed = frame.loc[frame["part"] == PRUNED_FIXED, "median_ms"]
+        if len(fixed) != 1 or "width" not in frame.columns:
+            raise ValueError("the latency table times no pruned widths")
+        options: dict[str, dict[int, float]] = {}
+        for row in frame[frame["part"].isin((ATTENTION, MLP))].itertuples():
+            options.setdefault(row.layer, {})[int(row.width)] = float(row.median_ms)
+        return cls(float(fixed.iloc[0]), options)
+
+    def part_ms(self, name: str, width: int | None) -> float:
+        """Predicted milliseconds of part ``name`` at ``width`` (``None``: full), linear between timed widths; below
+        the narrowest timed width, that width's time."""
+        timed = self.options[name]
+        if width is None:
+            return timed[max(timed)]
+        widths = sorted(timed)
+        return float(np.interp(width, widths, [timed[w] for w in widths]))
+
+    def predict_ms(self, widths: Mapping[str, int]) -> float:
+        """Predicted milliseconds per batch of the model with each part of ``widths`` at its width (others: full).
+
+        Raises ``ValueError`` naming a part the table does not hold.
+        """
+        unknown = sorted(set(widths) - set(self.options))
+        if unknown:
+            raise ValueError(f"part {unknown[0]!r} is not a prunable part of this latency table")
+        return self.fixed_ms + sum(self.part_ms(name, widths.get(name)) for name in self.options)
+
+    @property
+    def dense_ms(self) -> float:
+        """Predicted milliseconds per batch of the model at full width."""
         return self.predict_ms({})

@@ -121,10 +121,10 @@ def retrain_stage(method: Method) -> Stage:
     if base.name != "dense":
         inputs["base_training"] = Input(base.model, "metrics")
     inputs |= _BUILD_INPUTS.get(method.build, lambda _: {})(method)
-    priced = method.cost == "latency" and method.build == "uniform_ranks"  # fitted to a latency budget by the table
+    priced = method.cost == "latency" and method.build in ("uniform_ranks", "sliced")  # fitted by the table
     inputs |= {"table": Input("latency_table", "table")} if priced else {}
     epochs = (method.epochs, "supernet.epochs") if method.epochs else ()
-    epochs += ("retrain.base_epochs",) if method.epochs and method.name in BASES else ()
+    epochs += ("retrain.base_epochs",) if method.epochs and method.source in BASES else ()
     name, folder = base.stage(f"retrain_{method.option}"), base.folder(f"retrain/{method.option}/{{budget}}")
     if method.ablation:
         ablation = ABLATIONS[method.ablation]

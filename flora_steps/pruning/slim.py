@@ -1,4 +1,4 @@
-"""ViT-Slim (Chavan et al., CVPR 2022): learnt soft masks, a MACs budget, and physical slicing.
+"""ViT-Slim (Chavan et al., CVPR 2022): learnt soft masks, a MACs or latency budget, and physical slicing.
 
 Search: every transformer block gets learnable masks initialised to 1 — one per
 head channel of attention, shared by q, k and v (the released code's
@@ -8,7 +8,9 @@ plus an L1 term per dimension type (``sparsity_loss``).
 
 Budget: one global threshold per dimension type, both set by one keep share (the
 ``keep`` largest share of each type's masks survives), the largest keep whose sliced
-model meets the MACs budget (``structure_for_budget``), as for every other method.
+model meets the MACs budget (``structure_for_budget``), as for every other method; or,
+under a latency budget, the largest whose latency a latency table predicts
+(``core.latency.WidthTable``) meets it.
 
 Slicing (``slice_model``) gives a smaller *dense* timm model that runs as fast as
 its MACs say, unlike the released code's masks. Each head keeps its own channels, but
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +36,9 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from ..core.factorise import replace_module
+from ..core.latency import WidthTable
 from ..core.macs import CostModel
-from .structure import PrunedBlock, PrunedStructure, block_macs, prunable_blocks, restructure_blocks
+from .structure import PrunedBlock, PrunedStructure, block_macs, part_widths, prunable_blocks, restructure_blocks
 
 ATTENTION, MLP = "attention", "mlp"
 
@@ -132,24 +135,29 @@ def structure_for_keep(
 
 
 def structure_for_budget(
-    masks: Mapping[tuple[str, str], torch.Tensor], costs: SlimCosts, budget_macs: float
+    masks: Mapping[tuple[str, str], torch.Tensor],
+    heads: Mapping[str, int],
+    price: Callable[[PrunedStructure], float],
+    limit: float,
+    unit: str = "MACs",
 ) -> tuple[float, PrunedStructure]:
-    """The largest keep share (to 1e-4) whose structure's MACs are within ``budget_macs``, and that structure.
+    """The largest keep share (to 1e-4) whose structure's cost (``price``: its MACs, or its predicted latency) is
+    within ``limit``, and that structure. ``heads``: each block's attention heads.
 
     Raises ``ValueError`` when even the smallest structure (one channel per head, one
     hidden unit per block) exceeds the budget.
     """
-    low, high, heads = 0.0, 1.0, costs.heads
+    low, high = 0.0, 1.0
     best = structure_for_keep(masks, heads, low)
-    if costs.macs(best) > budget_macs:
-        raise ValueError(f"even the smallest slim model ({costs.macs(best)} MACs) exceeds the budget")
+    if price(best) > limit:
+        raise ValueError(f"even the smallest slim model ({price(best):.6g} {unit}) exceeds the budget ({limit:.6g})")
     everything = structure_for_keep(masks, heads, high)
-    if costs.macs(everything) <= budget_macs:
+    if price(everything) <= limit:
         return high, everything
     while high - low > 1e-4:
         middle = (low + high) / 2
         structure = structure_for_keep(masks, heads, middle)
-        if costs.macs(structure) <= budget_macs:
+        if price(structure) <= limit:
             low, best = middle, structure
         else:
             high = middle
@@ -167,12 +175,25 @@ def kept_units(mask: torch.Tensor, units: int) -> torch.Tensor:
 
 
 def slice_to_budget(
-    model: nn.Module, masks: Mapping[tuple[str, str], torch.Tensor], costs: CostModel, budget_macs: float
+    model: nn.Module,
+    masks: Mapping[tuple[str, str], torch.Tensor],
+    costs: CostModel,
+    limit: float,
+    latency: WidthTable | None = None,
 ) -> tuple[nn.Module, PrunedStructure, float, int]:
-    """ViT-Slim's model for a MACs budget: ``model`` (``costs`` is its cost model) sliced at the largest keep share
-    whose MACs fit; with its structure, that keep share and its MACs. ``ValueError`` when nothing fits."""
+    """ViT-Slim's model for a budget: ``model`` (``costs`` is its cost model) sliced at the largest keep share whose
+    MACs fit ``limit`` or, given ``latency``, whose predicted milliseconds do; with its structure, that keep share
+    and its MACs. ``ValueError`` when nothing fits."""
     slim_costs = SlimCosts.of(model, costs)
-    keep, structure = structure_for_budget(masks, slim_costs, budget_macs)
+    heads = slim_costs.heads
+    if latency is None:
+        keep, structure = structure_for_budget(masks, heads, slim_costs.macs, limit)
+    else:
+
+        def predicted_ms(structure: PrunedStructure) -> float:
+            return latency.predict_ms(part_widths(structure, heads))
+
+        keep, structure = structure_for_budget(masks, heads, predicted_ms, limit, unit="ms predicted")
     return slice_model(model, masks, structure), structure, keep, slim_costs.macs(structure)
 
 

@@ -3,16 +3,22 @@
 A ``PrunedStructure`` maps block paths to ``PrunedBlock``; ``restructure_blocks`` gives a
 timm ViT those sizes (still plain timm modules, loadable with timm alone), and
 ``block_macs`` prices one block. ``prunable_blocks`` finds the blocks both methods prune.
+``timed_parts`` gives the latency table each block's attention and MLP at a grid of
+widths, and ``part_widths`` a structure's widths in the table's terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
+
+from ..core.latency import ATTENTION, MLP, PartOptions
+from ..core.macs import CostModel
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,24 @@ def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=like.bias is not None, device=like.weight.device)
 
 
+def resize_attention(attn: Attention, head_dim: int, heads: int | None = None) -> Attention:
+    """``attn`` with ``heads`` heads (``None``: as many as it has) of ``head_dim`` channels, in place (new layers
+    uninitialised); returns it."""
+    attn.num_heads = heads or attn.num_heads
+    width = attn.num_heads * head_dim
+    attn.qkv = _linear(attn.qkv.in_features, 3 * width, attn.qkv)
+    attn.proj = _linear(width, attn.proj.out_features, attn.proj)
+    attn.head_dim, attn.attn_dim, attn.scale = head_dim, width, head_dim**-0.5
+    return attn
+
+
+def resize_mlp(mlp: Mlp, hidden: int) -> Mlp:
+    """``mlp`` with ``hidden`` hidden units, in place (new layers uninitialised); returns it."""
+    mlp.fc1 = _linear(mlp.fc1.in_features, hidden, mlp.fc1)
+    mlp.fc2 = _linear(hidden, mlp.fc2.out_features, mlp.fc2)
+    return mlp
+
+
 def restructure_blocks(model: nn.Module, structure: Mapping[str, PrunedBlock]) -> nn.Module:
     """Give ``model``'s blocks the sizes of ``structure``, in place (new layers uninitialised); returns it.
 
@@ -67,12 +91,54 @@ def restructure_blocks(model: nn.Module, structure: Mapping[str, PrunedBlock]) -
         return model
     blocks = prunable_blocks(model)
     for name, kept in structure.items():
-        attn, mlp = blocks[name].attn, blocks[name].mlp
-        attn.num_heads = kept.heads or attn.num_heads
-        width = attn.num_heads * kept.head_dim
-        attn.qkv = _linear(attn.qkv.in_features, 3 * width, attn.qkv)
-        attn.proj = _linear(width, attn.proj.out_features, attn.proj)
-        attn.head_dim, attn.attn_dim, attn.scale = kept.head_dim, width, kept.head_dim**-0.5
-        mlp.fc1 = _linear(mlp.fc1.in_features, kept.mlp_hidden, mlp.fc1)
-        mlp.fc2 = _linear(kept.mlp_hidden, mlp.fc2.out_features, mlp.fc2)
+        resize_attention(blocks[name].attn, kept.head_dim, kept.heads)
+        resize_mlp(blocks[name].mlp, kept.mlp_hidden)
     return model
+
+
+def _widths(full: int, ratios: Iterable[float]) -> list[int]:
+    return sorted({max(1, round(ratio * full)) for ratio in ratios if 0 < ratio < 1} | {full})
+
+
+def timed_parts(model: nn.Module, costs: CostModel, ratios: Iterable[float]) -> dict[str, PartOptions]:
+    """Each prunable block's attention (``<block>.attn``: every head kept, ``ratio`` of its channels per head, as
+    ViT-Slim prunes) and MLP (``<block>.mlp``: ``ratio`` of its hidden units) at each ratio and in full, for the
+    latency table (``costs``: the model's, for the tokens); blocks of the same shape share their modules. Empty for
+    a model without prunable blocks."""
+    try:
+        blocks = prunable_blocks(model)
+    except ValueError:
+        return {}
+    ratios, shared, parts = list(ratios), {}, {}
+    for name, block in blocks.items():
+        attn, mlp = block.attn, block.mlp
+        dim, heads, hidden = attn.qkv.in_features, attn.num_heads, mlp.fc1.out_features
+        key = (dim, heads, attn.head_dim, hidden)
+        if key not in shared:
+            shared[key] = (
+                {heads * d: resize_attention(copy.deepcopy(attn), d) for d in _widths(attn.head_dim, ratios)},
+                {h: resize_mlp(copy.deepcopy(mlp), h) for h in _widths(hidden, ratios)},
+            )
+        attentions, mlps = shared[key]
+        tokens = costs.layers[f"{name}.attn.qkv"].tokens
+        parts[f"{name}.attn"] = PartOptions(ATTENTION, dim, tokens, attentions)
+        parts[f"{name}.mlp"] = PartOptions(MLP, dim, tokens, mlps)
+    return parts
+
+
+def block_heads(model: nn.Module) -> dict[str, int]:
+    """Each prunable block's attention heads; empty for a model without prunable blocks."""
+    try:
+        return {name: block.attn.num_heads for name, block in prunable_blocks(model).items()}
+    except ValueError:
+        return {}
+
+
+def part_widths(structure: Mapping[str, PrunedBlock], heads: Mapping[str, int]) -> dict[str, int]:
+    """A structure's widths as the latency table's parts have them: ``<block>.attn`` its channels (heads times
+    channels per head; ``heads`` each block's, where the structure keeps every head), ``<block>.mlp`` its units."""
+    widths = {}
+    for name, kept in structure.items():
+        widths[f"{name}.attn"] = (kept.heads or heads[name]) * kept.head_dim
+        widths[f"{name}.mlp"] = kept.mlp_hidden
+    return widths

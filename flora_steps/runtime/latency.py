@@ -8,15 +8,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..core.latency import LatencyTable, precision_of
+from ..core.latency import LatencyTable, WidthTable, precision_of
 from ..errors import UserError
 from ..params import Params
 from .artifacts import read_csv
 from .machine import key_difference, table_key
 
 
-def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
-    """The latency table's rows of ``key``'s device, read back; one line when they were measured under another key."""
+def device_rows(table: pd.DataFrame, path: Path, key: dict) -> pd.DataFrame:
+    """The latency table's rows of ``key``'s device; one line when they were measured under another key."""
     rows = table[table["device"] == key["device"]].reset_index(drop=True)
     if rows.empty:
         raise UserError(f"{path}: no timings on {key['device']}; rerun the latency_table stage on this machine")
@@ -26,21 +26,49 @@ def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
             f"{path}: measured with {difference}; rerun the latency_table stage here "
             "(snakemake -R latency_table, dvc repro -f latency_table)"
         )
-    return LatencyTable.from_frame(rows)
+    return rows
+
+
+def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
+    """The latency table's rows of ``key``'s device, read back (``device_rows``)."""
+    return LatencyTable.from_frame(device_rows(table, path, key))
 
 
 def read_latency_table(path: Path, device: torch.device, params: Params) -> LatencyTable:
     """The table at ``path`` for ``device`` as this process would time it (``retrain.latency_batch``, the precision
     of ``compute.amp`` there)."""
-    key = table_key(device, params.retrain.latency_batch, precision_of(device, params.compute.amp))
-    return device_table(read_csv(path), path, key)
+    return device_table(read_csv(path), path, _key(device, params))
+
+
+def read_width_table(path: Path, device: torch.device, params: Params) -> WidthTable:
+    """The pruned widths of the table at ``path`` for ``device`` (as ``read_latency_table``); one line when it has
+    none."""
+    try:
+        return WidthTable.from_frame(device_rows(read_csv(path), path, _key(device, params)))
+    except ValueError as error:
+        raise UserError(f"{path}: {error}: its model has no blocks ViT-Slim can prune") from None
+
+
+def read_tables(path: Path, device: torch.device, params: Params) -> tuple[LatencyTable, WidthTable | None]:
+    """Both predictions of the table at ``path`` for ``device``: from ranks, and from pruned widths (``None`` when
+    it times none)."""
+    rows = device_rows(read_csv(path), path, _key(device, params))
+    try:
+        widths = WidthTable.from_frame(rows)
+    except ValueError:
+        widths = None
+    return LatencyTable.from_frame(rows), widths
+
+
+def _key(device: torch.device, params: Params) -> dict:
+    return table_key(device, params.retrain.latency_batch, precision_of(device, params.compute.amp))
 
 
 @dataclass(frozen=True)
 class LatencyBudget:
     """Budgets in predicted latency on one device: fractions of the dense model's, or milliseconds per batch."""
 
-    table: LatencyTable
+    table: LatencyTable | WidthTable  # ranks' or pruned widths' predictions
     unit: str  # ``budgets.latency_unit``: fraction | ms
 
     def limit(self, budget: float) -> float:
@@ -57,6 +85,8 @@ class LatencyBudget:
         return f"{milliseconds:.4g} ms ({milliseconds / self.table.dense_ms:.3f} of the dense model's)"
 
 
-def latency_budget(path: Path, device: torch.device, params: Params) -> LatencyBudget:
-    """Budgets in the latency the table predicts on ``device`` (the compute device: CUDA when the stage runs there)."""
-    return LatencyBudget(read_latency_table(path, device, params), params.budgets.latency_unit)
+def latency_budget(path: Path, device: torch.device, params: Params, widths: bool = False) -> LatencyBudget:
+    """Budgets in the latency the table predicts on ``device`` (the compute device: CUDA when the stage runs there),
+    from its ranks or, with ``widths``, its pruned widths (each a fraction of its own prediction of the dense model)."""
+    table = read_width_table(path, device, params) if widths else read_latency_table(path, device, params)
+    return LatencyBudget(table, params.budgets.latency_unit)

@@ -8,8 +8,10 @@ dense base model run forward passes of `retrain.latency_batch` random images, in
 round so that machine noise hits all of them alike; the median and quartiles over
 `retrain.latency_repeats` rounds are reported, on the CPU and also on CUDA when
 present (in bfloat16 with compute.amp). Beside each, the latency table's prediction
-(`latency_table`: fixed part plus each target layer at its rank) and its error; a
-pruned model's structure is not in the table (no prediction). The table must have been
+(`latency_table`: fixed part plus each target layer at its rank, or for ViT-Slim's
+models the pruned fixed part plus each attention and MLP at its width) and its error;
+OFB's structures (heads and embedding width) and FLORA on a pruned model are not in
+the table (no prediction). The table must have been
 measured under the same key (device, threads, batch, precision, library versions):
 else one line says which differs. Writes `results/latency/`:
 
@@ -32,22 +34,28 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.latency import LatencyTable, precision_of, time_rounds
+from ..core.latency import LatencyTable, WidthTable, precision_of, time_rounds
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
+from ..pruning.structure import block_heads, part_widths
 from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.latency import read_latency_table
+from ..runtime.latency import read_tables
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-def predicted_ms(table: LatencyTable, spec: ModelSpec) -> float:
-    """The table's prediction for a saved model: NaN for a pruned structure, which the table does not time."""
-    if spec.pruned or spec.embed_dim is not None:
+def predicted_ms(ranks: LatencyTable, widths: WidthTable | None, spec: ModelSpec, heads: Mapping[str, int]) -> float:
+    """The table's prediction for a saved model: from its ranks, or from its pruned widths where it keeps every
+    head and the embedding width (ViT-Slim's; ``heads``: each block's); NaN for what the table does not time."""
+    if spec.embed_dim is not None:
         return float("nan")
-    return table.predict_ms(spec.factorised)
+    if not spec.pruned:
+        return ranks.predict_ms(spec.factorised)
+    if widths is None or spec.factorised or any(kept.heads is not None for kept in spec.pruned.values()):
+        return float("nan")
+    return widths.predict_ms(part_widths(spec.pruned, heads))
 
 
 def timing_table(
@@ -76,16 +84,18 @@ def run(context: StageContext) -> None:
         for budget, path in zip(budgets, context.inputs(method), strict=True):
             models[method, budget] = load_model(path)
     shape = input_shape(models["dense", 1.0][0])
+    heads = block_heads(models["dense", 1.0][0])
     batch, repeats = params.retrain.latency_batch, params.retrain.latency_repeats
     devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
     tables, metrics = [], {}
     for device in devices:
         precision = precision_of(device, params.compute.amp)
-        predictor = read_latency_table(context.input("table"), device, params)
+        ranks, widths = read_tables(context.input("table"), device, params)
         images = torch.randn((batch, *shape), device=device)
         runs = {name: (model.eval().to(device), images) for name, (model, _) in models.items()}
         timed = time_rounds(runs, repeats, dtype=precision, rounds=partial(progress, desc=f"latency {device.type}"))
-        timings = timing_table(timed, {name: predicted_ms(predictor, spec) for name, (_, spec) in models.items()})
+        predicted = {name: predicted_ms(ranks, widths, spec, heads) for name, (_, spec) in models.items()}
+        timings = timing_table(timed, predicted)
         timings.insert(2, "device", device.type)
         timings.insert(3, "batch", batch)
         tables.append(timings)

@@ -6,13 +6,17 @@ On the CPU (with compute.threads) and also on CUDA when present (in bfloat16 wit
 compute.amp), each target layer of the dense model (decompose.targets) runs dense and
 as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch of
 `retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
-less its dense target layers' is the fixed part. All of them run in interleaved rounds,
+less its dense target layers' is the fixed part. For ViT-Slim's widths, each block's
+attention (every head, the same ratios of its channels per head) and MLP (the same
+ratios of its hidden units) run too, and the dense model's time less theirs in full
+is the pruned fixed part. All of them run in interleaved rounds,
 `retrain.table_repeats` timed after three warm-up rounds; median and quartiles are
 kept. The latency stage predicts every compressed model's time from this table beside
 measuring it. Writes `results/latency_table/`:
 
-- `table.csv`: per device, one row per layer and rank (empty rank: dense), the fixed
-  part and the dense model: median and quartile milliseconds per batch, each row
+- `table.csv`: per device, one row per layer and rank (empty rank: dense), per
+  attention or MLP and width (channels or units kept), the fixed part, the pruned
+  fixed part and the dense model: median and quartile milliseconds per batch, each row
   keyed by device, device name, threads, batch, precision and torch/timm versions
 - `metrics.json`: per device, the key, the dense model's measured and predicted time
 """
@@ -29,6 +33,7 @@ from ..core import find_linear_layers, trace_costs
 from ..core.latency import MODEL, LatencyTable, measure_table, precision_of
 from ..core.space import rank_grid
 from ..errors import UserError
+from ..pruning.structure import timed_parts
 from ..runtime.artifacts import load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.machine import table_key
@@ -50,6 +55,7 @@ def run(context: StageContext) -> None:
     ranks = {
         name: rank_grid(layer.in_features, layer.out_features, params.filter.ratios) for name, layer in layers.items()
     }
+    parts = timed_parts(dense, costs, params.filter.ratios)  # none for a model without ViT blocks
     batch, repeats = params.retrain.latency_batch, params.retrain.table_repeats
     devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
     tables, metrics = [], {}
@@ -64,6 +70,7 @@ def run(context: StageContext) -> None:
             repeats,
             dtype=precision,
             rounds=partial(progress, desc=f"latency table {device.type}"),
+            parts=parts,
         )
         key = table_key(device, batch, precision)
         tables.append(pd.concat([pd.DataFrame([key] * len(rows)), rows], axis=1))

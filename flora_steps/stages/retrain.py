@@ -34,8 +34,11 @@ decompose, filter, supernet and search stages under `results/on_slim/`; it inher
 ViT-Slim's search and that fine-tuning too. `--base ofb` does the same on OFB's model
 searched at `budgets.ofb_base`, under `results/on_ofb/`. ViT-Slim's and OFB's own
 models fine-tune for `retrain.base_epochs + supernet.epochs + retrain.epochs` (their
-keys null): the training FLORA on their model has in all. Budgets are always fractions
-of the dense model's MACs.
+keys null): the training FLORA on their model has in all. Budgets are fractions of
+the dense model's MACs, but for the methods under latency budgets (`flora_latency`,
+`control_latency`, `uniform_latency`, `slim_latency`, each like its namesake): there
+the latency table (`latency_table`) predicts the cost, of ranks or of ViT-Slim's widths,
+and `budgets.latency` limits it.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
@@ -78,6 +81,7 @@ from ..errors import UserError
 from ..pipeline.methods import ABLATION_METHODS, BASES, RETRAINED, Method
 from ..pipeline.schema import budgets_key
 from ..pruning.slim import slice_to_budget
+from ..pruning.structure import block_heads, part_widths
 from ..runtime.artifacts import (
     ModelSpec,
     load_model,
@@ -168,15 +172,23 @@ def factorised(choose) -> Callable[[StageContext, Method, CostModel], Start]:
 
 
 def sliced(context: StageContext, method: Method, dense: CostModel) -> Start:
-    """The searched model sliced by its masks at the largest keep share whose MACs fit the budget."""
+    """The searched model sliced by its masks at the largest keep share whose MACs or, for a latency method, whose
+    latency the table predicts from its widths fit the budget."""
     source, spec = load_model(context.input("model"))
+    limit, widths = context.budget * dense.dense_macs, None
+    if context.stage.cost == "latency":
+        latency = latency_budget(context.input("table"), context.device, context.params, widths=True)
+        limit, widths = latency.limit(context.budget), latency.table
+        heads = block_heads(source)  # before slicing
     try:
         model, structure, keep, macs = slice_to_budget(
-            source, read_masks(context.input("masks")), dense, context.budget * dense.dense_macs
+            source, read_masks(context.input("masks")), dense, limit, latency=widths
         )
     except ValueError as error:
         raise UserError(f"{budgets_key(context.stage.foreach)}: {context.budget}: {error}") from None
     origin = {"source": method.origin, "keep": round(keep, 6)}
+    if widths is not None:
+        origin["predicted_ms"] = round(widths.predict_ms(part_widths(structure, heads)), 4)
     return Start(model, {}, spec.model_copy(update={"pruned": structure}), origin, macs)
 
 
@@ -209,15 +221,16 @@ def method_of(context: StageContext) -> Method:
 def fine_tuning_epochs(context: StageContext, method: Method) -> int:
     """Epochs of each seed's fine-tuning: ``retrain.epochs``, or the method's own key (``Method.epochs``),
     whose ``null`` gives ``supernet.epochs + retrain.epochs``: as many training images as FLORA's supernet
-    plus its fine-tuning (the SVD uniform baseline); for a pruning method FLORA also runs on, plus
-    ``retrain.base_epochs``: as much as FLORA on its fine-tuned model gets after the same search."""
+    plus its fine-tuning (the SVD uniform baseline); for a model from a pruning method's search (FLORA also runs
+    on its models), plus ``retrain.base_epochs``: as much as FLORA on its fine-tuned model gets after the same
+    search."""
     cfg = context.params.retrain
     if method.epochs is None:
         return cfg.epochs
     chosen = getattr(cfg, method.epochs.removeprefix("retrain."))
     if chosen is not None:
         return chosen
-    return context.params.supernet.epochs + cfg.epochs + (cfg.base_epochs if method.name in BASES else 0)
+    return context.params.supernet.epochs + cfg.epochs + (cfg.base_epochs if method.source in BASES else 0)
 
 
 def inherited_training(context: StageContext) -> dict[str, int]:
