@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-#: The modules that take longest, run first: pytest-xdist hands modules to its workers in this order, so the
-#: short ones fill in beside them instead of one long module running alone at the end. The rehearsal needs no
-#: smoke results: it runs while the first worker makes them (``smoke_pipeline``) for DVC's and Snakemake's tests.
-LONGEST = ("test_dvc.py", "test_rehearsal.py", "test_snakemake.py")
+#: The modules that take longest, run first: pytest-xdist hands modules to its workers in this order (the
+#: collection's: ``--no-loadscope-reorder``), so the short ones fill in beside them instead of one long module
+#: running alone at the end. The rehearsal and the hybrid models need no smoke results: they run while the first
+#: worker makes them (``smoke_pipeline``) for DVC's tests, Snakemake's and most others.
+LONGEST = ("test_dvc.py", "test_rehearsal.py", "test_hybrid.py", "test_snakemake.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

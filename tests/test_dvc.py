@@ -108,7 +108,12 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
                 {"retrain_control", "retrain_uniform", "retrain_control_latency", "retrain_uniform_latency"},
             ),
             ("retrain", "uniform_epochs", 5, {"retrain_uniform", "retrain_uniform_latency"}),
-            ("supernet", "init", "random", {"supernet", "supernet_on_slim", "supernet_on_ofb"}),
+            (
+                "supernet",
+                "init",
+                "random",
+                {"supernet", "supernet_on_slim", "supernet_on_ofb", "supernet_flora_latency"},
+            ),
             ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
         ):
             params = yaml.safe_load(original)

@@ -34,6 +34,7 @@ from flora_steps.core.space import BlockSpace, SearchSpace
 from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.errors import UserError
 from flora_steps.pipeline.machine import host_fingerprint
+from flora_steps.runtime.artifacts import read_space
 from flora_steps.runtime.latency import device_table
 from flora_steps.runtime.machine import KEY, key_difference, table_key
 
@@ -225,7 +226,8 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
     for kind, part, full in ((ATTENTION, "attn", 64), (MLP, "mlp", 256)):  # vit_digits: 2 heads of 32, 256 units
         parts = table[table["part"] == kind]
         assert set(parts["layer"]) == {f"blocks.{b}.{part}" for b in range(4)}
-        assert sorted(set(parts["width"])) == sorted({round(r * full) for r in ratios})
+        narrowest = 2 if kind == ATTENTION else 1  # one channel per head, one unit
+        assert sorted(set(parts["width"])) == sorted({round(r * full) for r in ratios} | {narrowest})
     assert (table["part"] == PRUNED_FIXED).sum() == 1
     metrics = json.loads((out / "metrics.json").read_text())["cpu"]
     assert metrics["dense_ms"] > 0 and metrics["dense_predicted_ms"] == pytest.approx(metrics["dense_ms"], rel=0.5)
@@ -318,6 +320,35 @@ def test_flora_and_the_uniform_baselines_under_latency_budgets_fit_the_predicted
     assert uniform_ranks[0] == uniform_ranks[1]
 
 
+def test_the_latency_filter_keeps_the_scored_tuples_by_predicted_latency(smoke_pipeline: Path) -> None:
+    """Each block keeps the same share of the filter's scored tuples by predicted milliseconds: its dense and its
+    fastest tuple among them; the latency supernet trains on that space and its search chooses from it."""
+    results = smoke_pipeline / "results"
+    table = LatencyTable.from_frame(pd.read_csv(results / "latency_table/table.csv"))
+    scored = pd.read_csv(results / "filter_latency/sensitivity.csv")
+    space = read_space(results / "filter_latency/space.json")
+    assert len(scored) == len(pd.read_csv(results / "filter/sensitivity.csv"))  # the same tuples, scored once
+    for block in space.blocks:
+        rows = scored[scored["block"] == block.name]
+        roles = [block.role(layer) for layer in block.layers]
+        choices = [tuple(int(rank) for rank in ranks) for ranks in rows[roles].itertuples(index=False)]
+        predicted = [
+            sum(table.layer_ms(layer, rank) for layer, rank in zip(block.layers, c, strict=True)) for c in choices
+        ]
+        assert np.allclose(rows["predicted_ms"], predicted, atol=1e-4)
+        kept = {choice for choice, keep in zip(choices, rows["kept"], strict=True) if keep}
+        assert kept == set(block.choices) and block.dense in kept
+        assert choices[int(np.argmin(predicted))] in kept or min(predicted) == min(
+            p for c, p in zip(choices, predicted, strict=True) if c in kept
+        )
+    assert json.loads((results / "supernet_latency/metrics.json").read_text())["train_steps"] > 0
+    ranks = json.loads((results / "search_latency/0.9/ranks.json").read_text())["ranks"]
+    chosen = [
+        tuple(ranks.get(layer, full) for layer, full in zip(b.layers, b.full_ranks, strict=True)) for b in space.blocks
+    ]
+    assert space.contains(chosen)
+
+
 def test_vit_slim_under_a_latency_budget_is_sliced_where_its_predicted_widths_fit(smoke_pipeline: Path) -> None:
     frame = pd.read_csv(smoke_pipeline / "results/latency_table/table.csv")
     table = WidthTable.from_frame(frame)
@@ -341,7 +372,7 @@ def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
     params["budgets"]["latency"] = [0.05]
     (tmp_path / "results").mkdir()
-    for stage in ("pretrain", "latency_table", "filter", "supernet"):
+    for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", params)
@@ -362,7 +393,7 @@ def test_latency_budgets_in_milliseconds(smoke_pipeline: Path, tmp_path: Path, m
     params["budgets"] |= {"latency": [milliseconds], "latency_unit": "ms"}
     params["search"]["band"] = 0.02
     (tmp_path / "results").mkdir()
-    for stage in ("pretrain", "latency_table", "filter", "supernet"):
+    for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", params)

@@ -180,6 +180,8 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "supernet_on_ofb",
         "search_on_ofb",
         "retrain_flora_on_ofb",
+        "filter_latency",
+        "supernet_flora_latency",
         "search_flora_latency",
         "retrain_control_latency",
         "retrain_uniform_latency",

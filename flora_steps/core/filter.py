@@ -8,7 +8,9 @@ the best ``keep_ratio`` of its choices survive: damage per MAC saved grows steep
 as ranks shrink, so one ranking over all sizes would keep almost only light
 compressions and leave the search nothing to choose from at small budgets. Both
 ends of the block's MACs range are always kept: the dense choice and the cheapest
-choice, so the space spans every model size the rank grid allows.
+choice, so the space spans every model size the rank grid allows. The functions take
+any additive cost in place of MACs: FLORA under latency budgets passes the latency a
+machine's table predicts (``stages/filter_latency.py``).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ RESOURCES = {
     "slim": TRAINS,
     "ofb": TRAINS,
     "base": TRAINS,
+    "filter_latency": SMALL,
     "latency_table": Resources(4000, 30, alone=True),
     "latency": Resources(8000, 60, alone=True),
     "report": Resources(2000, 10, device=False, threads=1),
@@ -382,27 +383,57 @@ _LATENCY_TABLE = _stage(
 )
 
 
-def latency_search_stage(method: Method) -> Stage:
-    """``search --method``: FLORA's search on the dense model under ``method``'s latency budgets, the latency table's
-    prediction as the cost."""
-    search = next(stage for stage in flora_stages(BASES["dense"]) if stage.module == "search")
-    return replace(
-        search,
-        name=method.searched_by,
-        method=method.option,
-        folder=f"search_{method.budgets}/{{budget}}",
-        foreach=method.budgets,
-        inputs={**search.inputs, "table": Input("latency_table", "table")},
-        params=(*search.params, *_LATENCY_BUDGET),
-        cost=method.cost,
-    )
+def latency_flora_stages(method: Method) -> list[Stage]:
+    """FLORA's filter, supernet and search for ``method``'s latency budgets: ``filter_latency`` keeps the filter's
+    scored rank tuples by the latency table's prediction, the supernet trains on that space, and the search prices
+    subnets by the table."""
+    flora = {stage.module: stage for stage in flora_stages(BASES["dense"])}
+    own = {"filter": "filter_latency", "supernet": method.source}
+    table = {"table": Input("latency_table", "table")}
+
+    def relinked(stage: Stage) -> dict[str, Input]:
+        return {key: replace(read, stage=own.get(read.stage, read.stage)) for key, read in stage.inputs.items()}
+
+    return [
+        _stage(
+            "filter_latency",
+            folder="filter_latency",
+            outputs={key: output for key, output in flora["filter"].outputs.items() if key != "plot"},
+            inputs={"scores": Input("filter", "sensitivity"), "space": Input("filter", "space"), **table},
+            params=("seed", *DEVICE, *_keys("filter", ("keep_ratio", "bins")), "retrain.latency_batch"),
+            cost=method.cost,
+        ),
+        replace(
+            flora["supernet"],
+            name=method.source,
+            method=method.option,
+            folder="supernet_latency",
+            inputs=relinked(flora["supernet"]),
+            cost=method.cost,
+        ),
+        replace(
+            flora["search"],
+            name=method.searched_by,
+            method=method.option,
+            folder=f"search_{method.budgets}/{{budget}}",
+            foreach=method.budgets,
+            inputs={**relinked(flora["search"]), **table},
+            params=(*flora["search"].params, *_LATENCY_BUDGET),
+            cost=method.cost,
+        ),
+    ]
 
 
 _SEARCHES = [
     _PRETRAIN,
     _LATENCY_TABLE,  # what the latency methods choose by
     *flora_stages(BASES["dense"]),
-    *(latency_search_stage(method) for method in METHODS.values() if method.cost == "latency" and method.searched_by),
+    *(
+        stage
+        for method in METHODS.values()
+        if method.cost == "latency" and method.searched_by
+        for stage in latency_flora_stages(method)
+    ),
     *_PRUNING,
 ]
 for _base in (BASES["slim"], BASES["ofb"]):

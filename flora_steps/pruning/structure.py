@@ -97,12 +97,14 @@ def restructure_blocks(model: nn.Module, structure: Mapping[str, PrunedBlock]) -
 
 
 def _widths(full: int, ratios: Iterable[float]) -> list[int]:
-    return sorted({max(1, round(ratio * full)) for ratio in ratios if 0 < ratio < 1} | {full})
+    """``ratios`` of ``full`` units, the narrowest slice (one unit) and ``full``."""
+    return sorted({max(1, round(ratio * full)) for ratio in ratios if 0 < ratio < 1} | {1, full})
 
 
 def timed_parts(model: nn.Module, costs: CostModel, ratios: Iterable[float]) -> dict[str, PartOptions]:
     """Each prunable block's attention (``<block>.attn``: every head kept, ``ratio`` of its channels per head, as
-    ViT-Slim prunes) and MLP (``<block>.mlp``: ``ratio`` of its hidden units) at each ratio and in full, for the
+    ViT-Slim prunes) and MLP (``<block>.mlp``: ``ratio`` of its hidden units) at each ratio, at one channel per head
+    or one unit (ViT-Slim's narrowest slice) and in full, for the
     latency table (``costs``: the model's, for the tokens); blocks of the same shape share their modules. Empty for
     a model without prunable blocks."""
     try:

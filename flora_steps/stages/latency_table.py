@@ -1,4 +1,4 @@
-"""Measure the latency table: every target layer at every rank of the search space, and the model's fixed part.
+"""Measure the latency table: every target layer at every rank, every block's parts at pruned widths, the fixed parts.
 
     python -m flora_steps.stages.latency_table --params params.yaml
 
@@ -7,9 +7,10 @@ compute.amp), each target layer of the dense model (decompose.targets) runs dens
 as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch of
 `retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
 less its dense target layers' is the fixed part. For ViT-Slim's widths, each block's
-attention (every head, the same ratios of its channels per head) and MLP (the same
-ratios of its hidden units) run too, and the dense model's time less theirs in full
-is the pruned fixed part. All of them run in interleaved rounds,
+attention (every head, the same ratios of its channels per head, and one channel per
+head) and MLP (the same ratios of its hidden units, and one unit) run too, and the
+dense model's time less theirs in full is the pruned fixed part. All of them run in
+interleaved rounds,
 `retrain.table_repeats` timed after three warm-up rounds; median and quartiles are
 kept. The latency stage predicts every compressed model's time from this table beside
 measuring it. Writes `results/latency_table/`:
