@@ -3,8 +3,9 @@
 The stages take their paths from here (through ``runtime.context.StageContext``), the
 ``Snakefile`` makes one rule per stage from here, and ``dvc.yaml`` is generated from
 here (``flora dvc-yaml``). FLORA's stages are described once and made for every base
-model (``methods.BASES``) and, from the first one each changes, for every ablation
-(``methods.ABLATIONS``); each method's ``retrain`` stage is made from its record
+model (``methods.BASES``), from the first one each changes, for every ablation
+(``methods.ABLATIONS``), and from the filter on for FLORA under latency budgets
+(``latency_flora_stages``); each method's ``retrain`` stage is made from its record
 (``methods.METHODS``, ``methods.ABLATION_METHODS``). Nothing here imports torch, so the
 Snakefile reads it quickly.
 """

@@ -175,11 +175,11 @@ def sliced(context: StageContext, method: Method, dense: CostModel) -> Start:
     """The searched model sliced by its masks at the largest keep share whose MACs or, for a latency method, whose
     latency the table predicts from its widths fit the budget."""
     source, spec = load_model(context.input("model"))
+    heads = block_heads(source)  # before slicing
     limit, widths = context.budget * dense.dense_macs, None
     if context.stage.cost == "latency":
         latency = latency_budget(context.input("table"), context.device, context.params, widths=True)
         limit, widths = latency.limit(context.budget), latency.table
-        heads = block_heads(source)  # before slicing
     try:
         model, structure, keep, macs = slice_to_budget(
             source, read_masks(context.input("masks")), dense, limit, latency=widths
