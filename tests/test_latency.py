@@ -372,7 +372,7 @@ def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
     params["budgets"]["latency"] = [0.05]
     (tmp_path / "results").mkdir()
-    for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency"):
+    for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency", "slim"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", params)
@@ -382,6 +382,10 @@ def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     assert "of the dense model's)" in lines[0]
     assert main(["retrain", "--method", "control_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
     assert "budgets.latency: 0.05: budget of " in capsys.readouterr().err
+    assert main(["retrain", "--method", "slim_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "budgets.latency: 0.05: even the smallest slim model (" in lines[0]
+    assert not (tmp_path / "results/retrain").exists()  # nothing half-written
 
 
 def test_latency_budgets_in_milliseconds(smoke_pipeline: Path, tmp_path: Path, monkeypatch) -> None:
