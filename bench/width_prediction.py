@@ -1,0 +1,76 @@
+"""Benchmark: where the latency table's prediction of ViT-Slim's models goes wrong.
+
+    python bench/width_prediction.py [--results results] [--budgets 0.14 0.26] [--batch 16] [--repeats 40]
+
+Reads a finished run's dense model (``<results>/pretrain``) and ViT-Slim's sliced models
+(``<results>/retrain/slim/<budget>``), measures the pruned-width rows of a latency table
+as the latency_table stage does (``pruning.structure.timed_parts`` at params.yaml's
+filter.ratios, ``core.latency.measure_table``), and then times, in interleaved rounds,
+the dense model, each ViT-Slim model, and that model's own attention and MLP modules
+alone at their exact widths. For each model it prints:
+- the measured and predicted milliseconds per batch;
+- its parts as the table interpolates them, and as timed at their exact widths (the
+  interpolation's error);
+- the table's pruned fixed part (the dense model less its parts in full), and the
+  ViT-Slim model less its own parts (the fixed part's error).
+Runs on the CPU with params.yaml's compute.threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from flora_steps.core import trace_costs
+from flora_steps.core.latency import WidthTable, measure_table, time_rounds
+from flora_steps.pruning.structure import block_heads, part_widths, prunable_blocks, timed_parts
+from flora_steps.runtime.artifacts import load_model
+from flora_steps.runtime.models import input_shape
+
+PARAMS = yaml.safe_load(Path("params.yaml").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--budgets", nargs="+", default=["0.14", "0.26"], help="ViT-Slim budgets of the run")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(PARAMS["compute"]["threads"] or torch.get_num_threads())
+    torch.manual_seed(0)
+    dense, _ = load_model(args.results / "pretrain/model.safetensors")
+    shape = input_shape(dense)
+    images = torch.randn(args.batch, *shape)
+    costs = trace_costs(dense, shape)
+    heads = block_heads(dense)
+    parts = timed_parts(dense, costs, PARAMS["filter"]["ratios"])
+    table = WidthTable.from_frame(measure_table(dense.eval(), {}, {}, images, args.repeats, parts=parts))
+    tokens = torch.randn(args.batch, costs.layers[f"{next(iter(heads))}.attn.qkv"].tokens, dense.embed_dim)
+    print(f"{args.results}, batch {args.batch}, {torch.get_num_threads()} thread(s), median of {args.repeats}")
+    for budget in args.budgets:
+        slim, spec = load_model(args.results / f"retrain/slim/{budget}/model.safetensors")
+        widths = part_widths(spec.pruned, heads)
+        runs = {"dense": (dense, images), "slim": (slim.eval(), images)}
+        for name, block in prunable_blocks(slim).items():
+            runs |= {f"{name}.attn": (block.attn, tokens), f"{name}.mlp": (block.mlp, tokens)}
+        timed = {key: float(np.median(values)) for key, values in time_rounds(runs, args.repeats).items()}
+        exact = sum(timed[part] for part in widths)
+        interpolated = sum(table.part_ms(part, width) for part, width in widths.items())
+        predicted = table.predict_ms(widths)
+        print(
+            f"slim {budget}: measured {timed['slim']:.3f} ms, predicted {predicted:.3f} "
+            f"({predicted / timed['slim'] - 1:+.1%}); dense measured {timed['dense']:.3f}, predicted {table.dense_ms:.3f}"
+        )
+        print(f"  parts: interpolated {interpolated:.3f} ms, at their exact widths alone {exact:.3f}")
+        print(
+            f"  fixed part: the table's {table.fixed_ms:.3f} ms, the ViT-Slim model less its parts {timed['slim'] - exact:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
