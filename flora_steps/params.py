@@ -260,6 +260,7 @@ class OFBParams(TrainingParams):
     prunes_per_epoch: PositiveInt  # progressive pruning checks per epoch (released: 3)
     target_window: Annotated[int, Field(ge=3)]  # PMIM target: local normalisation window, odd (released: 47 at 224 px)
     cut_to_budget: bool  # not released: narrow a model above its budget by importance into the search.band
+    table_embed_widths: Annotated[int, Field(ge=2)]  # embedding widths latency_table_ofb times (linear between)
 
     @field_validator("target_window")
     @classmethod

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import set_key, write_params
@@ -248,6 +249,10 @@ def test_bad_data(tmp_path: Path, smoke_params: dict, capsys, monkeypatch, case:
 
 
 # ---------------------------------------------------------------- artifacts
+def edit_csv(path: Path, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    change(pd.read_csv(path)).to_csv(path, index=False)
+
+
 def edit_json(path: Path, change: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     change(data)
@@ -341,6 +346,30 @@ ARTIFACT_CASES: dict[str, tuple[str, Callable[[Path], None], list[str], str]] = 
         lambda p: p.unlink(),
         ["supernet"],
         "filter/space.json: search space not found",
+    ),
+    "scores without kl": (
+        "filter/sensitivity.csv",
+        lambda p: edit_csv(p, lambda table: table.drop(columns="kl")),
+        ["filter_latency"],
+        "filter/sensitivity.csv: no column 'kl'; expected the filter's scores (rerun the filter stage)",
+    ),
+    "scores not numbers": (
+        "filter/sensitivity.csv",
+        lambda p: edit_csv(p, lambda table: table.assign(kl="high")),
+        ["filter_latency"],
+        "filter/sensitivity.csv: column 'kl' holds values that are not numbers",
+    ),
+    "scores without a block's dense tuple": (
+        "filter/sensitivity.csv",
+        lambda p: edit_csv(p, lambda table: table[table["block"] != "blocks.2"]),
+        ["filter_latency"],
+        "filter/sensitivity.csv: block 'blocks.2' has no score of its dense tuple",
+    ),
+    "OFB's table from another thread count": (
+        "latency_table_ofb/table.csv",
+        lambda p: edit_csv(p, lambda table: table.assign(threads=table["threads"] + 7)),
+        ["ofb", "--method", "latency", "--budget", "0.9"],
+        "latency_table_ofb/table.csv: measured with threads",
     ),
     "ranks not JSON": (
         "search/0.5/ranks.json",

@@ -100,7 +100,8 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
         for section, key, value, expected in (
             ("data", "eval_batch_size", 100, set()),
             ("retrain", "latency_repeats", 5, {"latency"}),
-            ("retrain", "table_repeats", 5, {"latency_table"}),
+            ("retrain", "table_repeats", 5, {"latency_table", "latency_table_ofb"}),
+            ("ofb", "table_embed_widths", 3, {"latency_table_ofb"}),
             (
                 "retrain",
                 "uniform_rank_multiple",

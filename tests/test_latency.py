@@ -236,12 +236,15 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
 def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_pipeline: Path) -> None:
     latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
     predicted = latency.dropna(subset=["predicted_ms"])
-    # ViT-Slim's by its widths; OFB's heads and embedding width and FLORA on a pruned model: not in the table
+    # ViT-Slim's by its widths, OFB's by OFB's table; FLORA on a pruned model: in no table
     assert set(predicted["method"]) == {"dense", "uniform", "control", "flora", "slim", "slim_latency"} | {
         "control_latency",
         "uniform_latency",
         "flora_latency",
+        "ofb",
+        "ofb_latency",
     }
+    assert latency[latency["predicted_ms"].isna()]["method"].isin(["slim_flora", "ofb_flora"]).all()
     assert (predicted["predicted_ms"] > 0).all()
     error = predicted["predicted_ms"] / predicted["latency_ms"] - 1
     assert np.allclose(predicted["prediction_error"], error, atol=1e-3)

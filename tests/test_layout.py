@@ -189,6 +189,7 @@ def test_dvc_yaml_for_several_runs_has_one_stage_per_run_of_each_replicated_stag
     assert set(stages) == {f"{name}_run{run}" for name in replicated for run in (0, 1)} | {
         "pretrain",
         "latency_table",
+        "latency_table_ofb",
         "latency",
         "report",
         "ablations",

@@ -1,21 +1,26 @@
-"""OFB's library: the bi-mask, expected MACs, progressive pruning with its optimizer state, slicing, PMIM."""
+"""OFB's library: the bi-mask, expected MACs and latency, progressive pruning with its optimizer state, slicing,
+PMIM."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 
+import pandas as pd
 import pytest
 import timm
 import torch
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import count_macs, trace_costs
+from flora_steps.core.latency import SKELETON, StructureTable, measure_structure_table
 from flora_steps.pruning.ofb import (
     EMBED,
     BiMask,
     OFBCosts,
     OFBGrids,
+    OFBLatency,
+    OFBPrice,
     OFBSearch,
     kept_units,
     local_normalise,
@@ -23,6 +28,7 @@ from flora_steps.pruning.ofb import (
     ramp,
     slice_parameter,
     survival,
+    timed_structures,
 )
 from flora_steps.runtime.artifacts import ModelSpec, load_model, save_model
 
@@ -85,10 +91,8 @@ def test_survival_of_a_joint_grid_sums_the_cells_that_keep_a_position() -> None:
     assert torch.allclose(values[1, 2], p[1, 1])
 
 
-def test_expected_macs_equals_the_average_over_every_combination_of_candidates() -> None:
-    grids = OFBGrids(heads=[0.5, 1.0], head_dim=[0.5, 1.0], mlp=[0.5, 1.0], embed=[0.5, 1.0])
-    search, costs, _ = search_model(grids=grids)
-    random_logits(search, spread=1.0)
+def brute_force_average(search: OFBSearch, price: OFBPrice) -> float:
+    """The expected cost summed over every combination of candidate widths, weighted by their probabilities."""
     keys = list(search.masks)
     options = [list(itertools.product(*[range(len(g)) for g in search.masks[k].grids])) for k in keys]
     probabilities = {k: search.masks[k].probabilities().detach() for k in keys}
@@ -98,8 +102,76 @@ def test_expected_macs_equals_the_average_over_every_combination_of_candidates()
         weight = 1.0
         for key, cell in choice.items():
             weight *= float(probabilities[key][cell])
-        average += weight * costs.structure_macs(*search.structure(choice))
-    assert search.expected_macs(costs).item() == pytest.approx(average, rel=1e-5)
+        average += weight * price.price(*search.structure(choice))
+    return average
+
+
+def test_expected_macs_equals_the_average_over_every_combination_of_candidates() -> None:
+    grids = OFBGrids(heads=[0.5, 1.0], head_dim=[0.5, 1.0], mlp=[0.5, 1.0], embed=[0.5, 1.0])
+    search, costs, _ = search_model(grids=grids)
+    random_logits(search, spread=1.0)
+    assert costs.expected(search).item() == pytest.approx(brute_force_average(search, costs), rel=1e-5)
+
+
+SMALL_GRIDS = OFBGrids(heads=[0.5, 1.0], head_dim=[0.5, 1.0], mlp=[0.5, 1.0], embed=[0.5, 0.75, 1.0])
+
+
+@pytest.fixture(scope="module")
+def structure_frame() -> pd.DataFrame:
+    """OFB's latency table of the digits ViT on SMALL_GRIDS, timed at two of its three embedding widths."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_digits", num_classes=10).eval()
+    blocks, skeletons = timed_structures(vit, SMALL_GRIDS, trace_costs(vit, (1, 8, 8)), embed_points=2)
+    return measure_structure_table(vit, blocks, skeletons, torch.randn(4, 1, 8, 8), repeats=3, warmup=1)
+
+
+def test_the_structure_table_holds_every_candidate_and_is_linear_between_embedding_widths(structure_frame) -> None:
+    frame = structure_frame
+    assert sorted(frame.loc[frame["part"] == SKELETON, "embed"]) == [32, 64]  # the ends of 32, 48, 64
+    attention = frame[(frame["part"] == "attention") & (frame["layer"] == "blocks.0")]
+    assert sorted(zip(attention["embed"], attention["heads"], attention["width"])) == [
+        (e, h, d) for e in (32, 64) for h in (1, 2) for d in (16, 32)
+    ]
+    table = StructureTable.from_frame(frame)
+    assert table.dense_ms == pytest.approx(table.model_ms)  # the residual makes the dense model's prediction exact
+    row = attention[(attention["embed"] == 32) & (attention["heads"] == 1) & (attention["width"] == 16)]
+    assert table.attention_ms("blocks.0", 32, 1, 16) == pytest.approx(row["median_ms"].item())
+    middle = table.mlp_ms("blocks.2", 48, 128)
+    assert middle == pytest.approx((table.mlp_ms("blocks.2", 32, 128) + table.mlp_ms("blocks.2", 64, 128)) / 2)
+    # blocks of one shape are timed once: their rows hold the same values
+    first, last = (
+        frame[(frame["part"] == "mlp") & (frame["layer"] == b)]["median_ms"].tolist() for b in ("blocks.0", "blocks.3")
+    )
+    assert first == last
+    with pytest.raises(ValueError, match="blocks.0.attn with 2 heads of 24 channels is not in the latency table"):
+        table.predict_ms(64, {f"blocks.{i}": (2, 24, 256) for i in range(4)})
+
+
+def test_expected_latency_equals_the_average_over_every_combination_of_candidates(structure_frame) -> None:
+    search, _, _ = search_model(grids=SMALL_GRIDS)
+    price = OFBLatency(StructureTable.from_frame(structure_frame), search)
+    random_logits(search, spread=1.0)
+    with torch.no_grad():  # progressive pruning has removed the widest embedding width: the grids lose their ends
+        search.masks[EMBED].logits[-1] = -30.0
+    assert search.prune(0.5, None)
+    assert price.expected(search).item() == pytest.approx(brute_force_average(search, price), rel=1e-5)
+    # and it is differentiable in the width logits
+    price.expected(search).backward()
+    assert search.masks[EMBED].logits.grad is not None
+
+
+def test_a_cut_by_predicted_latency_lands_in_the_band(structure_frame) -> None:
+    search, _, _ = search_model(grids=SMALL_GRIDS)
+    table = StructureTable.from_frame(structure_frame)
+    price = OFBLatency(table, search)
+    random_logits(search)
+    chosen = price.price(*search.structure(search.choice()))
+    smallest = search.smallest_cost(price)
+    high = (chosen + smallest) / 2
+    cells = search.cut_to_budget(price, high - 0.1 * table.dense_ms, high)
+    assert high - 0.1 * table.dense_ms <= price.price(*search.structure(cells)) <= high
+    with pytest.raises(ValueError, match=r"ms\) lands in"):
+        search.cut_to_budget(price, 0.0, smallest / 2)
 
 
 def test_the_cost_model_counts_what_flop_counter_counts_on_every_sliced_structure() -> None:
@@ -146,7 +218,7 @@ def test_folding_keeps_the_soft_score_part_of_the_units_that_stay() -> None:
 
 
 def test_a_sliced_model_round_trips_through_its_artifact(tmp_path) -> None:
-    search, costs, images = search_model()
+    search, _, images = search_model()
     random_logits(search)
     vit, embed, structure = search.finalise(search.choice())
     spec = ModelSpec(model="vit_digits", model_kwargs={"num_classes": 10}, pruned=structure, embed_dim=embed)

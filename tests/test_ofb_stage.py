@@ -12,6 +12,8 @@ from conftest import kill_after_first_epoch, write_params
 
 from flora_steps.cli import main
 from flora_steps.core import count_macs
+from flora_steps.core.latency import StructureTable
+from flora_steps.pruning.ofb import OFBGrids, OFBLatency, OFBSearch
 from flora_steps.runtime.artifacts import load_model
 
 
@@ -95,3 +97,50 @@ def test_a_budget_below_the_smallest_candidate_structure_stops_before_training(
         "budgets.ofb: 0.05 is below the smallest structure the candidate widths allow (0.1" in capsys.readouterr().err
     )
     assert not (workdir / "results/ofb/0.05/checkpoint.pt").exists()
+
+
+def smallest_predicted_fraction(workdir: Path, params: dict) -> float:
+    """The smallest share of the dense model's latency OFB's grids allow, by the latency table (timings vary by
+    machine: the tests choose their budgets from it)."""
+    table = StructureTable.from_frame(pd.read_csv(workdir / "results/latency_table_ofb/table.csv"))
+    vit, _ = load_model(workdir / "results/pretrain/model")
+    cfg = params["ofb"]
+    grids = OFBGrids(cfg["head_ratios"], cfg["head_dim_ratios"], cfg["mlp_ratios"], cfg["embed_ratios"])
+    search = OFBSearch(vit, grids, in_chans=1, target_window=3, seed=0)
+    return search.smallest_cost(OFBLatency(table, search)) / table.dense_ms
+
+
+def test_ofb_under_a_latency_budget_is_priced_by_its_latency_table(
+    workdir: Path, prepared: Path, smoke_params: dict
+) -> None:
+    assert main(["latency_table_ofb", "--params", str(prepared)]) == 0
+    table = pd.read_csv(workdir / "results/latency_table_ofb/table.csv")
+    assert set(table["part"]) == {"attention", "mlp", "skeleton", "model"} and (table["device"] == "cpu").all()
+    budget = round((smallest_predicted_fraction(workdir, smoke_params) + 1) / 2, 3)  # halfway to dense
+    smoke_params["budgets"]["latency"] = [budget]
+    write_params(prepared, smoke_params)
+    assert main(["ofb", "--params", str(prepared), "--method", "latency", "--budget", str(budget)]) == 0
+    out = workdir / f"results/ofb_latency/{budget}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics["cut"]:  # decided above the budget: narrowed into [budget - 0.02, budget] of the dense model's ms
+        assert metrics["searched_predicted_fraction"] > budget
+        assert budget - 0.02 <= metrics["predicted_fraction"] <= budget
+    else:
+        assert metrics["searched_predicted_fraction"] == metrics["predicted_fraction"] <= budget
+    model, spec = load_model(out / "model")
+    assert count_macs(model, (1, 8, 8)) == metrics["macs"] and spec.embed_dim == model.embed_dim
+    history = pd.read_csv(out / "history.csv")
+    assert history["expected_fraction"].between(0, 1.01).all()
+
+
+def test_a_latency_budget_below_ofbs_smallest_structure_stops_with_one_line(
+    workdir: Path, prepared: Path, smoke_params: dict, capsys
+) -> None:
+    smoke_params["budgets"]["latency"] = [0.01]
+    write_params(prepared, smoke_params)
+    assert main(["latency_table_ofb", "--params", str(prepared)]) == 0
+    assert main(["ofb", "--params", str(prepared), "--method", "latency", "--budget", "0.01"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "budgets.latency: 0.01 is below the smallest structure the candidate widths allow" in error
+    assert "of the dense model's ms" in error
+    assert not (workdir / "results/ofb_latency/0.01").exists()

@@ -123,11 +123,11 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert (before["train_steps"] == before["supernet_steps"]).iloc[1:].all()
     methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora", "control_latency", "uniform_latency"]
     methods += ["flora_latency"]
-    methods += ["slim", "slim_latency", "slim_flora", "ofb", "ofb", "ofb_flora"]
+    methods += ["slim", "slim_latency", "slim_flora", "ofb", "ofb", "ofb_latency", "ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.9, 0.9, 0.9, 0.35, 0.9, 0.4, 0.35, 0.5, 0.4]
+    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.9, 0.9, 0.9, 0.35, 0.9, 0.4, 0.35, 0.5, 0.9, 0.4]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 14
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 15
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
@@ -197,8 +197,9 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
     assert list(search_costs.index) == [
         *("uniform", "control", "flora", "control_latency", "uniform_latency", "flora_latency"),
-        *("slim", "slim_latency", "slim_flora", "ofb", "ofb_flora"),
+        *("slim", "slim_latency", "slim_flora", "ofb", "ofb_latency", "ofb_flora"),
     ]
+
     # The latency methods carry the latency table's timing too; FLORA's its own filter and supernet, not FLORA's.
     def seconds(folder: str) -> float:
         return json.loads((reported / "results" / folder / "metrics.json").read_text())["seconds"]
@@ -336,19 +337,19 @@ def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: 
     """``runs: 2`` (here the smoke run's results twice): one report whose rows are over both runs, without the
     one-run note; the same results in each run give the one-run report's numbers."""
     (tmp_path / "results/runs").mkdir(parents=True)
-    for stage in ("pretrain", "latency_table", "latency"):
+    for stage in ("pretrain", "latency_table", "latency_table_ofb", "latency"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     for run in (0, 1):
         (tmp_path / f"results/runs/{run}").mkdir()
         for folder in (smoke_pipeline / "results").iterdir():  # every replicated stage's
-            if folder.name not in ("pretrain", "latency_table", "latency", "ablations"):
+            if folder.name not in ("pretrain", "latency_table", "latency_table_ofb", "latency", "ablations"):
                 (tmp_path / f"results/runs/{run}" / folder.name).symlink_to(folder)
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text()) | {"runs": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 0
     results = pd.read_csv("results/report/results.csv")
-    assert list(results["runs"]) == [1] + [2] * 14 + [1] + [2] * 14
+    assert list(results["runs"]) == [1] + [2] * 15 + [1] + [2] * 15
     summary = json.loads(Path("results/report/summary.json").read_text())
     assert summary["statistics"]["runs"] == 2 and summary["statistics"]["omitted_variance"] is None
     assert not Path("results/report/means.md").read_text().startswith("Intervals omit")

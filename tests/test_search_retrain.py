@@ -187,6 +187,7 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("slim_flora", 0.4),
         ("ofb", 0.35),
         ("ofb", 0.5),
+        ("ofb_latency", 0.9),
         ("ofb_flora", 0.4),
     ]
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()

@@ -39,6 +39,8 @@ def project(smoke_pipeline: Path, tmp_path_factory) -> Path:
 
 
 #: What ``--forcerun search`` runs through Snakemake: the search, what reads its ranks, the report.
+#: The machine's latency tables: FLORA's and ViT-Slim's, and OFB's.
+TABLES = {"latency_table", "latency_table_ofb"}
 SEARCH_AND_AFTER = {"search", "retrain_flora", "latency", "report"}
 
 
@@ -118,7 +120,8 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ),
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "retrain_uniform_latency", "latency", "report"}),
         ("retrain", "latency_repeats", 5, {"latency", "report"}),  # timings and the report's latency tables only
-        ("retrain", "table_repeats", 5, in_default(downstream({"latency_table"}))),  # and what the table prices
+        ("retrain", "table_repeats", 5, in_default(downstream(TABLES))),  # and what the tables price
+        ("ofb", "table_embed_widths", 3, in_default(downstream({"latency_table_ofb"}))),  # OFB's alone
         (
             "slim",
             "mlp_weight",
@@ -127,9 +130,9 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ),  # ViT-Slim's search, its models, FLORA on them
         # one more
         ("budgets", "slim_flora", [0.4, 0.45], {"search_on_slim", "retrain_flora_on_slim", "latency", "report"}),
-        ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb"}))),  # every OFB search, its models, FLORA on OFB's
+        ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb", "ofb_latency"}))),  # every OFB search and after
         ("data", "eval_batch_size", 100, set()),
-        ("compute", "threads", 3, in_default(downstream({"latency_table"}))),
+        ("compute", "threads", 3, in_default(downstream(TABLES))),
     ],
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:
@@ -146,7 +149,7 @@ def test_snakemake_times_again_on_another_machine(project: Path, tmp_path: Path,
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     dry = snakemake_here("-n", "--cores", "2", "--config", "params=configs/smoke.yaml", cwd=project)
-    assert planned_jobs(dry.stdout + dry.stderr) == in_default(downstream({"latency_table"}))
+    assert planned_jobs(dry.stdout + dry.stderr) == in_default(downstream(TABLES))
 
 
 def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> None:
@@ -187,7 +190,10 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "retrain_uniform_latency",
         "retrain_slim_latency",
         "retrain_flora_latency",
+        "ofb_latency",
+        "retrain_ofb_latency",
         "latency_table",
+        "latency_table_ofb",
         "latency",
     }
     assert other_rules == {"decompose", "decompose_on_slim", "decompose_on_ofb", "report", "all"}
@@ -288,7 +294,7 @@ def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(p
     dry = snakemake_here("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/runs.yaml", cwd=project)
     jobs = planned_jobs(dry.stdout)
     replicated = {name for name, stage in STAGES.items() if stage.replicated and name not in ABLATIONS_ONLY}
-    once = {"pretrain", "latency_table", "latency", "report"}
+    once = {"pretrain", "latency_table", "latency_table_ofb", "latency", "report"}
     assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | once
     report = dry.stdout.split("rule report:")[1].split("rule ")[0]
     for run in range(3):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -327,3 +327,165 @@ class WidthTable:
     def dense_ms(self) -> float:
         """Predicted milliseconds per batch of the model at full width."""
         return self.predict_ms({})
+
+
+#: The columns of a structure table (OFB's widths) after its key: ``part`` is ``ATTENTION`` (``width``: channels per
+#: head), ``MLP`` (``width``: units), ``SKELETON`` (the model less every attention and MLP) or ``MODEL`` (the dense
+#: model, a check), each at an embedding width ``embed``.
+STRUCTURE_COLUMNS = ("part", "layer", "embed", "heads", "width", "tokens", "median_ms", "q1_ms", "q3_ms", "repeats")
+#: ``part`` of a structure table's row timing what no attention or MLP holds (patch embedding, norms, sums, head).
+SKELETON = "skeleton"
+
+
+@dataclass(frozen=True)
+class StructureOptions:
+    """One block's attention, by (embedding width, heads, channels per head), and MLP, by (embedding width, units),
+    each as a module to time on ``tokens`` tokens of its embedding width."""
+
+    tokens: int
+    attention: Mapping[tuple[int, int, int], nn.Module]
+    mlp: Mapping[tuple[int, int], nn.Module]
+
+
+def _structure_row(part: str, layer: str, embed: int, heads, width, tokens, values: np.ndarray) -> dict:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    numbers = (round(median, 5), round(q1, 5), round(q3, 5), len(values))
+    return dict(zip(STRUCTURE_COLUMNS, (part, layer, embed, heads, width, tokens, *numbers), strict=True))
+
+
+def measure_structure_table(
+    model: nn.Module,
+    blocks: Mapping[str, StructureOptions],
+    skeletons: Mapping[int, nn.Module],
+    images: torch.Tensor,
+    repeats: int,
+    warmup: int = 3,
+    dtype: torch.dtype = torch.float32,
+    rounds: Rounds = iter,
+) -> pd.DataFrame:
+    """The structure table of ``model`` (dense, embedding width ``model.embed_dim``) on a batch ``images``.
+
+    ``blocks`` gives each block's options (blocks sharing one ``StructureOptions`` object
+    are timed once and share their rows' values), ``skeletons`` the model less its
+    attentions and MLPs at each embedding width. Everything runs in interleaved rounds
+    with the dense model. Returns a row per block, embedding width and attention cell or
+    MLP width, one per skeleton, and the dense model's.
+    """
+    device, batch = images.device, images.shape[0]
+    shared = {id(options): options for options in blocks.values()}
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def tokens_of(options: StructureOptions, embed: int) -> torch.Tensor:
+        return inputs.setdefault((options.tokens, embed), torch.randn(batch, options.tokens, embed, device=device))
+
+    runs: dict[Hashable, tuple[nn.Module, torch.Tensor]] = {}
+    for key, options in shared.items():
+        for cell, module in options.attention.items():
+            runs[key, ATTENTION, cell] = (module.eval().to(device), tokens_of(options, cell[0]))
+        for cell, module in options.mlp.items():
+            runs[key, MLP, cell] = (module.eval().to(device), tokens_of(options, cell[0]))
+    runs |= {(SKELETON, embed): (module.eval().to(device), images) for embed, module in skeletons.items()}
+    runs[MODEL] = (model.eval().to(device), images)
+    timed = time_rounds(runs, repeats, warmup, dtype, rounds)
+    rows = []
+    for name, options in blocks.items():
+        key = id(options)
+        rows += [
+            _structure_row(ATTENTION, name, embed, heads, head_dim, options.tokens, timed[key, ATTENTION, cell])
+            for cell in sorted(options.attention)
+            for embed, heads, head_dim in [cell]
+        ]
+        rows += [
+            _structure_row(MLP, name, embed, None, units, options.tokens, timed[key, MLP, cell])
+            for cell in sorted(options.mlp)
+            for embed, units in [cell]
+        ]
+    rows += [
+        _structure_row(SKELETON, "", embed, None, None, None, timed[SKELETON, embed]) for embed in sorted(skeletons)
+    ]
+    rows.append(_structure_row(MODEL, "", int(model.embed_dim), None, None, None, timed[MODEL]))
+    return pd.DataFrame(rows)
+
+
+def _interpolate(values: Mapping[int, float], embed: float) -> float:
+    """Linear in the embedding width between timed widths (the nearest end outside them)."""
+    widths = sorted(values)
+    return float(np.interp(embed, widths, [values[w] for w in widths]))
+
+
+@dataclass(frozen=True)
+class StructureTable:
+    """A structure table read back: the skeleton's time by embedding width, each block's attention by (heads,
+    channels per head) and MLP by units, each by embedding width; linear in the embedding width between timed
+    ones. A structure's prediction is its fixed part (the skeleton at its embedding width plus ``residual_ms``)
+    plus every block's attention and MLP at its widths.
+
+    ``residual_ms`` is the dense model's time less its skeleton and its parts timed
+    alone (what running them together costs or saves), as the rank table's fixed part
+    is the dense model less its layers: the dense model's prediction is its timing."""
+
+    skeleton: Mapping[int, float]
+    attention: Mapping[str, Mapping[tuple[int, int], Mapping[int, float]]]
+    mlp: Mapping[str, Mapping[int, Mapping[int, float]]]
+    embed_dim: int  # the dense model's
+    model_ms: float  # the dense model, timed whole
+    residual_ms: float = 0.0
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> StructureTable:
+        """The table of one key's rows (``measure_structure_table``'s frame, or one device's rows of the CSV)."""
+        model = frame[frame["part"] == MODEL]
+        skeleton = frame[frame["part"] == SKELETON]
+        if len(model) != 1 or skeleton.empty:
+            raise ValueError("expected the dense model's row and the skeleton's rows")
+        attention: dict[str, dict[tuple[int, int], dict[int, float]]] = {}
+        mlp: dict[str, dict[int, dict[int, float]]] = {}
+        for row in frame[frame["part"] == ATTENTION].itertuples():
+            cell = (int(row.heads), int(row.width))
+            attention.setdefault(row.layer, {}).setdefault(cell, {})[int(row.embed)] = float(row.median_ms)
+        for row in frame[frame["part"] == MLP].itertuples():
+            mlp.setdefault(row.layer, {}).setdefault(int(row.width), {})[int(row.embed)] = float(row.median_ms)
+        widths = dict(zip(skeleton["embed"].astype(int), skeleton["median_ms"].astype(float), strict=True))
+        alone = cls(widths, attention, mlp, int(model["embed"].iloc[0]), float(model["median_ms"].iloc[0]))
+        return replace(alone, residual_ms=alone.model_ms - alone.dense_ms)
+
+    def attention_ms(self, block: str, embed: float, heads: int, head_dim: int) -> float:
+        """Predicted milliseconds of ``block``'s attention with ``heads`` heads of ``head_dim`` channels."""
+        timed = self.attention.get(block, {}).get((heads, head_dim))
+        if timed is None:
+            raise ValueError(f"{block}.attn with {heads} heads of {head_dim} channels is not in the latency table")
+        return _interpolate(timed, embed)
+
+    def mlp_ms(self, block: str, embed: float, units: int) -> float:
+        """Predicted milliseconds of ``block``'s MLP with ``units`` hidden units."""
+        timed = self.mlp.get(block, {}).get(units)
+        if timed is None:
+            raise ValueError(f"{block}.mlp with {units} hidden units is not in the latency table")
+        return _interpolate(timed, embed)
+
+    def predict_ms(self, embed: int, blocks: Mapping[str, tuple[int, int, int]]) -> float:
+        """Predicted milliseconds per batch at embedding width ``embed`` with each block's (heads, channels per
+        head, MLP units); every block of the table must be given. ``ValueError`` naming what it does not hold."""
+        missing = sorted(set(self.attention) - set(blocks))
+        if missing:
+            raise ValueError(f"no widths given for block {missing[0]!r}")
+        parts = sum(
+            self.attention_ms(name, embed, heads, head_dim) + self.mlp_ms(name, embed, units)
+            for name, (heads, head_dim, units) in blocks.items()
+        )
+        return self.fixed_ms(embed) + parts
+
+    def fixed_ms(self, embed: float) -> float:
+        """Predicted milliseconds of what no attention or MLP holds at embedding width ``embed``: the skeleton and
+        the residual."""
+        return _interpolate(self.skeleton, embed) + self.residual_ms
+
+    @property
+    def full(self) -> dict[str, tuple[int, int, int]]:
+        """Every block's widths in the dense model: its largest timed cells."""
+        return {name: (*max(cells), max(self.mlp[name])) for name, cells in self.attention.items()}
+
+    @property
+    def dense_ms(self) -> float:
+        """Predicted milliseconds per batch of the dense model."""
+        return self.predict_ms(self.embed_dim, self.full)

@@ -48,6 +48,7 @@ RESOURCES = {
     "base": TRAINS,
     "filter_latency": SMALL,
     "latency_table": Resources(4000, 30, alone=True),
+    "latency_table_ofb": Resources(4000, 30, alone=True),
     "latency": Resources(8000, 60, alone=True),
     "report": Resources(2000, 10, device=False, threads=1),
     "ablations": Resources(2000, 10, device=False, threads=1),
@@ -286,6 +287,62 @@ _PRETRAIN = _stage(
     file_params=("model.checkpoint",),
 )
 
+#: The machine's timings that predict a model's latency (``core.latency``): the same on every run.
+TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch")
+_OFB_GRIDS = _keys("ofb", ("head_ratios", "head_dim_ratios", "mlp_ratios", "embed_ratios"))
+_OFB = _stage(
+    "ofb",
+    folder="ofb/{budget}",
+    foreach="ofb",
+    outputs={
+        **_MODEL,
+        "structure": Output("structure.json"),
+        "history": Output("history.csv"),
+        "metrics": Output("metrics.json", "metrics"),
+    },
+    inputs={**_model_of("pretrain"), **_TEACHER},
+    params=(
+        "seed",
+        *DEVICE,
+        *DATA,
+        "search.band",
+        *_keys(
+            "ofb",
+            (
+                *TRAINING,
+                *("score_lr", "arch_lr", "arch_betas", "arch_weight_decay", "released_steps"),
+                *("temperature", "hard_label_weight"),
+                *("head_ratios", "head_dim_ratios", "mlp_ratios", "embed_ratios"),
+                *("ramp_epochs", "score_weight", "mask_ratio", "reconstruction_weight"),
+                *("macs_weight", "onehot_weight", "attention_weight", "mlp_weight", "embed_weight"),
+                *("prune_threshold", "prunes_per_epoch", "target_window", "cut_to_budget"),
+            ),
+        ),
+    ),
+    distributed=True,
+)
+#: OFB's widths, timed at every candidate of its grids: what OFB under latency budgets is priced by.
+_LATENCY_TABLE_OFB = _stage(
+    "latency_table_ofb",
+    folder="latency_table_ofb",
+    replicated=False,  # a property of the machine and the dense model's shapes
+    outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
+    inputs=_model_of("pretrain", "dense"),
+    params=("seed", *TIMING, "retrain.table_repeats", *_OFB_GRIDS, "ofb.table_embed_widths"),
+    machine=True,
+)
+#: OFB searched under latency budgets: its cost loss and cut priced by OFB's latency table.
+_OFB_LATENCY = replace(
+    _OFB,
+    name="ofb_latency",
+    method="latency",
+    folder="ofb_latency/{budget}",
+    foreach="latency",
+    inputs={**_OFB.inputs, "table": Input("latency_table_ofb", "table")},
+    params=(*_OFB.params, budgets_key("latency_unit"), "retrain.latency_batch"),
+    cost="latency",
+)
+
 #: The pruning baselines' own stages: their searches, and ViT-Slim's model sliced as FLORA's base.
 _PRUNING = [
     _stage(
@@ -310,37 +367,8 @@ _PRUNING = [
         ),
         distributed=True,
     ),
-    _stage(
-        "ofb",
-        folder="ofb/{budget}",
-        foreach="ofb",
-        outputs={
-            **_MODEL,
-            "structure": Output("structure.json"),
-            "history": Output("history.csv"),
-            "metrics": Output("metrics.json", "metrics"),
-        },
-        inputs={**_model_of("pretrain"), **_TEACHER},
-        params=(
-            "seed",
-            *DEVICE,
-            *DATA,
-            "search.band",
-            *_keys(
-                "ofb",
-                (
-                    *TRAINING,
-                    *("score_lr", "arch_lr", "arch_betas", "arch_weight_decay", "released_steps"),
-                    *("temperature", "hard_label_weight"),
-                    *("head_ratios", "head_dim_ratios", "mlp_ratios", "embed_ratios"),
-                    *("ramp_epochs", "score_weight", "mask_ratio", "reconstruction_weight"),
-                    *("macs_weight", "onehot_weight", "attention_weight", "mlp_weight", "embed_weight"),
-                    *("prune_threshold", "prunes_per_epoch", "target_window", "cut_to_budget"),
-                ),
-            ),
-        ),
-        distributed=True,
-    ),
+    _OFB,
+    _OFB_LATENCY,
 ]
 
 
@@ -371,8 +399,6 @@ def base_stage(base: Base) -> Stage:
     )
 
 
-#: The machine's timings that predict a model's latency (``core.latency``): the same on every run.
-TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch")
 _LATENCY_TABLE = _stage(
     "latency_table",
     folder="latency_table",
@@ -428,6 +454,7 @@ def latency_flora_stages(method: Method) -> list[Stage]:
 _SEARCHES = [
     _PRETRAIN,
     _LATENCY_TABLE,  # what the latency methods choose by
+    _LATENCY_TABLE_OFB,
     *flora_stages(BASES["dense"]),
     *(
         stage
@@ -453,6 +480,7 @@ _LATENCY = _stage(
     machine=True,
     inputs={  # the latency table, the dense model and every retrained model of every method
         "table": Input("latency_table", "table"),
+        "table_ofb": Input("latency_table_ofb", "table"),
         **_model_of("pretrain", "dense"),
         **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},
     },

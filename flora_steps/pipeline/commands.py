@@ -27,7 +27,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     if methods and all(stage.method for stage in stages):
         parser.add_argument("--method", choices=methods, required=True, help=" or ".join(methods))
     elif methods:  # a search of another method than FLORA's own (FLORA under latency budgets)
-        parser.add_argument("--method", choices=methods, help=f"{' or '.join(methods)} (default: FLORA's own)")
+        parser.add_argument(
+            "--method", choices=methods, help=f"{' or '.join(methods)} (default: the stage under MACs budgets)"
+        )
     bases = list(dict.fromkeys(stage.base for stage in stages))
     if len(bases) > 1 and "dense" in bases:
         parser.add_argument(

@@ -113,6 +113,45 @@ def _flora(name: str, base: Base, label: str, short: str, style: Mapping[str, An
     )
 
 
+def _under_latency(method: Method, name: str, label: str, origin: str, **changes: Any) -> Method:
+    """``method`` with budgets in the latency the table predicts (``budgets.latency``): hollow markers, and
+    "(latency)" after its panel title."""
+    return replace(
+        method,
+        name=name,
+        label=label,
+        short=f"{method.short} (latency)",
+        origin=origin,
+        budgets="latency",
+        cost="latency",
+        **{"style": {**method.style, "fillstyle": "none"}, **changes},
+    )
+
+
+_UNIFORM = Method(
+    "uniform",
+    "uniform rank, from SVD",
+    "SVD uniform",
+    {"color": "tab:blue", "marker": "o", "markersize": 4},
+    build="uniform_ranks",
+    origin="SVD of the base model, uniform rank ratio",
+    source="decompose",
+    budgets="uniform",
+    epochs="retrain.uniform_epochs",
+)
+
+_CONTROL = Method(
+    "control",
+    "uniform rank, from the supernet (control)",
+    "control",
+    {"color": "tab:green", "marker": "s", "markersize": 4},
+    build="uniform_ranks",
+    origin="supernet weights, uniform rank ratio",
+    source="supernet",
+    budgets="uniform",
+    inherits="supernet",
+)
+
 _SLIM = Method(
     "slim",
     "ViT-Slim: sliced channels and units",
@@ -126,33 +165,26 @@ _SLIM = Method(
     inherits="slim",
 )
 
+_OFB = Method(
+    "ofb",
+    "OFB: searched heads, channels, units and width",
+    "OFB",
+    {"color": "tab:brown", "marker": "^", "markersize": 4},
+    build="as_searched",
+    origin="OFB's model searched and sliced at the budget",
+    source="ofb",
+    budgets="ofb",
+    epochs="retrain.ofb_epochs",
+    inherits="ofb",
+)
+
 #: In the order the tables and the figure list them.
 METHODS = {
     method.name: method
     for method in (
         Method("dense", "dense", "dense", {"color": "black", "marker": "D"}),
-        Method(
-            "uniform",
-            "uniform rank, from SVD",
-            "SVD uniform",
-            {"color": "tab:blue", "marker": "o", "markersize": 4},
-            build="uniform_ranks",
-            origin="SVD of the base model, uniform rank ratio",
-            source="decompose",
-            budgets="uniform",
-            epochs="retrain.uniform_epochs",
-        ),
-        Method(
-            "control",
-            "uniform rank, from the supernet (control)",
-            "control",
-            {"color": "tab:green", "marker": "s", "markersize": 4},
-            build="uniform_ranks",
-            origin="supernet weights, uniform rank ratio",
-            source="supernet",
-            budgets="uniform",
-            inherits="supernet",
-        ),
+        _UNIFORM,
+        _CONTROL,
         _flora(
             "flora",
             BASES["dense"],
@@ -161,29 +193,20 @@ METHODS = {
             {"color": "tab:red", "marker": "*", "markersize": 10},
             baselines=("control", "uniform"),
         ),
-        Method(
+        _under_latency(
+            _CONTROL,
             "control_latency",
             "uniform rank under a latency budget, from the supernet",
-            "control (latency)",
-            {"color": "darkgreen", "marker": "s", "markersize": 4, "fillstyle": "none"},
-            build="uniform_ranks",
-            origin="FLORA's latency supernet weights, uniform rank ratio under a latency budget",
+            "FLORA's latency supernet weights, uniform rank ratio under a latency budget",
+            style={**_CONTROL.style, "color": "darkgreen", "fillstyle": "none"},
             source="supernet_flora_latency",
-            budgets="latency",
             inherits="supernet_flora_latency",
-            cost="latency",
         ),
-        Method(
+        _under_latency(
+            _UNIFORM,
             "uniform_latency",
             "uniform rank under a latency budget, from SVD",
-            "SVD uniform (latency)",
-            {"color": "tab:blue", "marker": "o", "markersize": 4, "fillstyle": "none"},
-            build="uniform_ranks",
-            origin="SVD of the base model, uniform rank ratio under a latency budget",
-            source="decompose",
-            budgets="latency",
-            epochs="retrain.uniform_epochs",
-            cost="latency",
+            "SVD of the base model, uniform rank ratio under a latency budget",
         ),
         replace(  # FLORA's supernet, searched with the latency table's prediction as the cost
             _flora(
@@ -203,15 +226,11 @@ METHODS = {
             compared_at_latency=("flora",),  # FLORA searched under MACs budgets, at the same measured latency
         ),
         _SLIM,
-        replace(  # ViT-Slim's search, sliced where the latency table predicts its widths meet the budget
+        _under_latency(  # ViT-Slim's search, sliced where the latency table predicts its widths meet the budget
             _SLIM,
-            name="slim_latency",
-            label="ViT-Slim under a latency budget: sliced channels and units",
-            short="ViT-Slim (latency)",
-            style={**_SLIM.style, "fillstyle": "none"},
-            origin="ViT-Slim's searched model, sliced to the latency budget",
-            budgets="latency",
-            cost="latency",
+            "slim_latency",
+            "ViT-Slim under a latency budget: sliced channels and units",
+            "ViT-Slim's searched model, sliced to the latency budget",
         ),
         _flora(
             "slim_flora",
@@ -221,17 +240,14 @@ METHODS = {
             {"color": "tab:orange", "marker": "P", "markersize": 8},
             baselines=("slim",),
         ),
-        Method(
-            "ofb",
-            "OFB: searched heads, channels, units and width",
-            "OFB",
-            {"color": "tab:brown", "marker": "^", "markersize": 4},
-            build="as_searched",
-            origin="OFB's model searched and sliced at the budget",
-            source="ofb",
-            budgets="ofb",
-            epochs="retrain.ofb_epochs",
-            inherits="ofb",
+        _OFB,
+        _under_latency(  # OFB's search with the latency its table predicts as the cost
+            _OFB,
+            "ofb_latency",
+            "OFB under a latency budget: searched heads, channels, units and width",
+            "OFB's model searched and sliced under the latency budget",
+            source="ofb_latency",
+            inherits="ofb_latency",
         ),
         _flora(
             "ofb_flora",

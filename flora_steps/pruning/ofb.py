@@ -47,18 +47,22 @@ the masked patches (``reconstruction_loss``).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
+from ..core.latency import StructureOptions, StructureTable
 from ..core.macs import CostModel
-from .structure import PrunedBlock
+from .structure import PrunedBlock, resize_attention, resize_mlp
 
 EMBED = "embed"
 ATTENTION, MLP = "attention", "mlp"
@@ -339,6 +343,130 @@ class OFBCosts:
         blocks = {name: (kept.heads * kept.head_dim, kept.mlp_hidden) for name, kept in structure.items()}
         return round(self.macs(embed_dim, blocks))
 
+    unit = "MACs"
+
+    def expected(self, search: OFBSearch) -> torch.Tensor:
+        """E[MACs] under every module's softmax(α) (differentiable): the MACs at the expected widths."""
+        return self.macs(*search.expected_widths())
+
+    def price(self, embed_dim: int, structure: Mapping[str, PrunedBlock]) -> float:
+        return self.structure_macs(embed_dim, structure)
+
+
+class OFBPrice(Protocol):
+    """What OFB's budget limits: MACs (``OFBCosts``) or the latency table's prediction (``OFBLatency``)."""
+
+    unit: str
+
+    def expected(self, search: OFBSearch) -> torch.Tensor:
+        """The expected cost under every module's softmax(α), differentiable: the search's cost loss."""
+        ...
+
+    def price(self, embed_dim: int, structure: Mapping[str, PrunedBlock]) -> float:
+        """The cost of a sliced structure (``PrunedBlock`` with heads)."""
+        ...
+
+
+class OFBLatency:
+    """OFB's cost in milliseconds per batch as the latency table predicts it (``StructureTable``): the fixed part
+    at the embedding width plus each block's attention and MLP at theirs.
+
+    Latency is not multilinear in the widths, so the expected latency is the full sum
+    over the candidates, ``Σ_e p(e) · (fixed(e) + Σ_blocks Σ_c p(c) · part(e, c))``
+    (independent modules): exact for the table's values. Built from the search before
+    progressive pruning, whose grids only ever lose their widest candidates."""
+
+    unit = "ms"
+
+    def __init__(self, table: StructureTable, search: OFBSearch) -> None:
+        self.table = table
+        embeds = search.masks[EMBED].grids[0].tolist()
+        self._values: dict[str, torch.Tensor] = {EMBED: torch.tensor([table.fixed_ms(e) for e in embeds])}
+        for name in search.blocks:
+            heads, head_dims = (grid.tolist() for grid in search.masks[_key(name, ATTENTION)].grids)
+            self._values[_key(name, ATTENTION)] = torch.tensor(
+                [[[table.attention_ms(name, e, h, d) for d in head_dims] for h in heads] for e in embeds]
+            )
+            units = search.masks[_key(name, MLP)].grids[0].tolist()
+            self._values[_key(name, MLP)] = torch.tensor([[table.mlp_ms(name, e, u) for u in units] for e in embeds])
+
+    def expected(self, search: OFBSearch) -> torch.Tensor:
+        embed = search.masks[EMBED].probabilities()
+        count = len(embed)
+        values = {key: value.to(embed.device) for key, value in self._values.items()}
+        total = values[EMBED][:count]
+        for name in search.blocks:
+            attention = search.masks[_key(name, ATTENTION)].probabilities()
+            mlp = search.masks[_key(name, MLP)].probabilities()
+            heads, head_dims = attention.shape
+            total = total + torch.einsum(
+                "ehd,hd->e", values[_key(name, ATTENTION)][:count, :heads, :head_dims], attention
+            )
+            total = total + values[_key(name, MLP)][:count, : len(mlp)] @ mlp
+        return (embed * total).sum()
+
+    def price(self, embed_dim: int, structure: Mapping[str, PrunedBlock]) -> float:
+        blocks = {name: (kept.heads, kept.head_dim, kept.mlp_hidden) for name, kept in structure.items()}
+        return self.table.predict_ms(embed_dim, blocks)
+
+
+def _grid_with_full(ratios: Iterable[float], units: int) -> list[int]:
+    return sorted({*OFBGrids.widths(ratios, units), units})
+
+
+def timed_structures(
+    vit: VisionTransformer, grids: OFBGrids, costs: CostModel, embed_points: int
+) -> tuple[dict[str, StructureOptions], dict[int, nn.Module]]:
+    """What the latency table times for OFB: every block's attention at each (embedding width, heads, channels per
+    head) and MLP at each (embedding width, units) of the candidate grids (the full widths included), and the model
+    less its attentions and MLPs (its *skeleton*) at each embedding width. Embedding widths: ``embed_points`` of the
+    grid's, evenly spaced, the narrowest and the full one included (the table is linear between them). Blocks of
+    one shape share their options; ``ValueError`` for a model OFB cannot prune."""
+    blocks = searchable_blocks(vit)
+    embeds = _grid_with_full(grids.embed, vit.embed_dim)
+    picked = np.unique(np.linspace(0, len(embeds) - 1, max(2, min(embed_points, len(embeds)))).round().astype(int))
+    timed = [embeds[i] for i in picked]
+    shared: dict[tuple[int, ...], StructureOptions] = {}
+    options = {}
+    for name, block in blocks.items():
+        attn, mlp = block.attn, block.mlp
+        tokens = costs.layers[f"{name}.attn.qkv"].tokens
+        key = (tokens, attn.num_heads, attn.head_dim, mlp.fc1.out_features)
+        if key not in shared:
+            heads, head_dims = (
+                _grid_with_full(grids.heads, attn.num_heads),
+                _grid_with_full(grids.head_dim, attn.head_dim),
+            )
+            units = _grid_with_full(grids.mlp, mlp.fc1.out_features)
+            shared[key] = StructureOptions(
+                tokens,
+                {
+                    (e, h, d): resize_attention(copy.deepcopy(attn), d, h, e)
+                    for e in timed
+                    for h in heads
+                    for d in head_dims
+                },
+                {(e, u): resize_mlp(copy.deepcopy(mlp), u, e) for e in timed for u in units},
+            )
+        options[name] = shared[key]
+    return options, {embed: skeleton(vit, embed) for embed in timed}
+
+
+class _Passthrough(nn.Module):
+    """An attention or MLP that does nothing: its input, whatever the block passes with it."""
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return x
+
+
+def skeleton(vit: VisionTransformer, embed_dim: int) -> VisionTransformer:
+    """A copy of ``vit`` at embedding width ``embed_dim`` with every block's attention and MLP removed (passed
+    through): the norms, sums, patch embedding and head that no attention or MLP width changes."""
+    model = restructure_embedding(copy.deepcopy(vit), embed_dim)
+    for block in model.blocks:
+        block.attn, block.mlp = _Passthrough(), _Passthrough()
+    return model
+
 
 def _block_macs(tokens: int, embed_dim, attention, mlp):
     return 4 * tokens * embed_dim * attention + 2 * tokens * tokens * attention + 2 * tokens * embed_dim * mlp
@@ -457,14 +585,15 @@ class OFBSearch(nn.Module):
 
     # --- the search's quantities -------------------------------------------------------------
 
-    def expected_macs(self, costs: OFBCosts) -> torch.Tensor:
-        """E[MACs] under every module's softmax(α) (differentiable)."""
+    def expected_widths(self) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """E[units kept] under every module's softmax(α) (differentiable): the embedding's, and per block the
+        attention's (heads x channels per head) and the MLP's."""
         embed = self.masks[EMBED].expected_units()
         blocks = {
             name: (self.masks[_key(name, ATTENTION)].expected_units(), self.masks[_key(name, MLP)].expected_units())
             for name in self.blocks
         }
-        return costs.macs(embed, blocks)
+        return embed, blocks
 
     def live_candidates(self) -> int:
         return sum(mask.live for mask in self.masks.values())
@@ -501,9 +630,9 @@ class OFBSearch(nn.Module):
         """How many modules still have more than one candidate."""
         return sum(not mask.finished for mask in self.masks.values())
 
-    def smallest_macs(self, costs: OFBCosts) -> int:
-        """MACs of the smallest structure the candidate grids allow (live or not: pruning keeps the narrow end)."""
-        return costs.structure_macs(*self.structure({key: (0,) * len(mask.grids) for key, mask in self.masks.items()}))
+    def smallest_cost(self, price: OFBPrice) -> float:
+        """Cost of the smallest structure the candidate grids allow (live or not: pruning keeps the narrow end)."""
+        return price.price(*self.structure({key: (0,) * len(mask.grids) for key, mask in self.masks.items()}))
 
     def _slice(self, key: str, widths: tuple[int, ...], optimizer) -> None:
         """Keep the top ``widths`` units of one module (weights, scores, grid and optimizer state)."""
@@ -585,8 +714,8 @@ class OFBSearch(nn.Module):
         return embed, blocks
 
     @torch.no_grad()
-    def cut_to_budget(self, costs: OFBCosts, low: float, high: float) -> dict[str, tuple[int, ...]]:
-        """The chosen cells (``choice``), narrowed by importance until their MACs are at most ``high``.
+    def cut_to_budget(self, price: OFBPrice, low: float, high: float) -> dict[str, tuple[int, ...]]:
+        """The chosen cells (``choice``), narrowed by importance until their cost (``price``) is at most ``high``.
 
         Not part of OFB: for a search that lands above its budget. Each move narrows one
         module to a smaller cell of its grid and removes the units of the lowest ranks;
@@ -598,8 +727,8 @@ class OFBSearch(nn.Module):
         cells = self.choice()
         values = {key: mask(self.weight) for key, mask in self.masks.items()}
 
-        def macs(choice: Mapping[str, tuple[int, ...]]) -> int:
-            return costs.structure_macs(*self.structure(choice))
+        def macs(choice: Mapping[str, tuple[int, ...]]) -> float:
+            return price.price(*self.structure(choice))
 
         def kept(key: str, cell: tuple[int, ...]) -> torch.Tensor:
             ranks, widths = self.masks[key].ranks(), self.masks[key].widths(cell)
@@ -624,7 +753,8 @@ class OFBSearch(nn.Module):
                         towards.append((lost / (current - after), -after, trial))
             if not landing and not towards:
                 raise ValueError(
-                    f"no narrowing of the searched widths ({current} MACs) lands in [{low:.0f}, {high:.0f}] MACs"
+                    f"no narrowing of the searched widths ({current:.6g} {price.unit}) lands in "
+                    f"[{low:.6g}, {high:.6g}] {price.unit}"
                 )
             _, after, cells = min(landing or towards, key=lambda option: option[:2])
             current = -after

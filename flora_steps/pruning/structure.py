@@ -61,21 +61,23 @@ def _linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=like.bias is not None, device=like.weight.device)
 
 
-def resize_attention(attn: Attention, head_dim: int, heads: int | None = None) -> Attention:
-    """``attn`` with ``heads`` heads (``None``: as many as it has) of ``head_dim`` channels, in place (new layers
-    uninitialised); returns it."""
+def resize_attention(attn: Attention, head_dim: int, heads: int | None = None, dim: int | None = None) -> Attention:
+    """``attn`` with ``heads`` heads (``None``: as many as it has) of ``head_dim`` channels on ``dim`` embedding
+    channels (``None``: as many as it has), in place (new layers uninitialised); returns it."""
     attn.num_heads = heads or attn.num_heads
-    width = attn.num_heads * head_dim
-    attn.qkv = _linear(attn.qkv.in_features, 3 * width, attn.qkv)
-    attn.proj = _linear(width, attn.proj.out_features, attn.proj)
+    width, dim = attn.num_heads * head_dim, dim or attn.qkv.in_features
+    attn.qkv = _linear(dim, 3 * width, attn.qkv)
+    attn.proj = _linear(width, dim, attn.proj)
     attn.head_dim, attn.attn_dim, attn.scale = head_dim, width, head_dim**-0.5
     return attn
 
 
-def resize_mlp(mlp: Mlp, hidden: int) -> Mlp:
-    """``mlp`` with ``hidden`` hidden units, in place (new layers uninitialised); returns it."""
-    mlp.fc1 = _linear(mlp.fc1.in_features, hidden, mlp.fc1)
-    mlp.fc2 = _linear(hidden, mlp.fc2.out_features, mlp.fc2)
+def resize_mlp(mlp: Mlp, hidden: int, dim: int | None = None) -> Mlp:
+    """``mlp`` with ``hidden`` hidden units on ``dim`` embedding channels (``None``: as many as it has), in place
+    (new layers uninitialised); returns it."""
+    dim = dim or mlp.fc1.in_features
+    mlp.fc1 = _linear(dim, hidden, mlp.fc1)
+    mlp.fc2 = _linear(hidden, dim, mlp.fc2)
     return mlp
 
 

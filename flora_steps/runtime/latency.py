@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ..core.latency import LatencyTable, WidthTable, precision_of
+from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of
 from ..errors import UserError
 from ..params import Params
 from .artifacts import read_csv
 from .machine import key_difference, table_key
+from .progress import progress
 
 
-def device_rows(table: pd.DataFrame, path: Path, key: dict) -> pd.DataFrame:
-    """The latency table's rows of ``key``'s device; one line when they were measured under another key."""
+@dataclass(frozen=True)
+class TimingDevice:
+    """One device a latency table is measured on, with what its timings need and are keyed by."""
+
+    device: torch.device
+    precision: torch.dtype
+    key: dict  # ``machine.table_key``: device name, threads, batch, precision, library versions
+    images: torch.Tensor  # ``retrain.latency_batch`` random images of the model's input shape, on ``device``
+    rounds: Callable  # a progress bar over the interleaved rounds
+
+    def keyed(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """``rows`` with the key's columns in front."""
+        return pd.concat([pd.DataFrame([self.key] * len(rows)), rows], axis=1)
+
+
+def timing_devices(device: torch.device, params: Params, shape: tuple[int, ...], desc: str) -> Iterator[TimingDevice]:
+    """The devices a latency table times: the CPU (with ``compute.threads``), and ``device`` too when it is CUDA
+    (in the precision of ``compute.amp`` there)."""
+    batch = params.retrain.latency_batch
+    for each in [torch.device("cpu")] + ([device] if device.type == "cuda" else []):
+        precision = precision_of(each, params.compute.amp)
+        yield TimingDevice(
+            each,
+            precision,
+            table_key(each, batch, precision),
+            torch.randn((batch, *shape), device=each),
+            partial(progress, desc=f"{desc} {each.type}"),
+        )
+
+
+def device_rows(table: pd.DataFrame, path: Path, key: dict, stage: str = "latency_table") -> pd.DataFrame:
+    """The latency table's rows of ``key``'s device; one line when they were measured under another key (naming
+    ``stage``, the stage that writes the table)."""
     rows = table[table["device"] == key["device"]].reset_index(drop=True)
     if rows.empty:
-        raise UserError(f"{path}: no timings on {key['device']}; rerun the latency_table stage on this machine")
+        raise UserError(f"{path}: no timings on {key['device']}; rerun the {stage} stage on this machine")
     difference = key_difference(rows.iloc[0].to_dict(), key)
     if difference is not None:
         raise UserError(
-            f"{path}: measured with {difference}; rerun the latency_table stage here "
-            "(snakemake -R latency_table, dvc repro -f latency_table)"
+            f"{path}: measured with {difference}; rerun the {stage} stage here "
+            f"(snakemake -R {stage}, dvc repro -f {stage})"
         )
     return rows
 
@@ -60,6 +94,15 @@ def read_tables(path: Path, device: torch.device, params: Params) -> tuple[Laten
     return LatencyTable.from_frame(rows), widths
 
 
+def read_structure_table(path: Path, device: torch.device, params: Params) -> StructureTable | None:
+    """OFB's latency table at ``path`` for ``device`` (as ``read_latency_table``); ``None`` when it is empty (a model
+    OFB cannot prune)."""
+    table = read_csv(path)
+    if table.empty:
+        return None
+    return StructureTable.from_frame(device_rows(table, path, _key(device, params), "latency_table_ofb"))
+
+
 def _key(device: torch.device, params: Params) -> dict:
     return table_key(device, params.retrain.latency_batch, precision_of(device, params.compute.amp))
 
@@ -68,7 +111,7 @@ def _key(device: torch.device, params: Params) -> dict:
 class LatencyBudget:
     """Budgets in predicted latency on one device: fractions of the dense model's, or milliseconds per batch."""
 
-    table: LatencyTable | WidthTable  # ranks' or pruned widths' predictions
+    table: LatencyTable | WidthTable | StructureTable  # ranks', pruned widths' or OFB's structures' predictions
     unit: str  # ``budgets.latency_unit``: fraction | ms
 
     def limit(self, budget: float) -> float:
@@ -89,4 +132,12 @@ def latency_budget(path: Path, device: torch.device, params: Params, widths: boo
     """Budgets in the latency the table predicts on ``device`` (the compute device: CUDA when the stage runs there),
     from its ranks or, with ``widths``, its pruned widths (each a fraction of its own prediction of the dense model)."""
     table = read_width_table(path, device, params) if widths else read_latency_table(path, device, params)
+    return LatencyBudget(table, params.budgets.latency_unit)
+
+
+def ofb_latency_budget(path: Path, device: torch.device, params: Params) -> LatencyBudget:
+    """Budgets in the latency OFB's table predicts on ``device``; one line when OFB cannot prune the model."""
+    table = read_structure_table(path, device, params)
+    if table is None:
+        raise UserError(f"{path}: empty: OFB cannot prune this model (see the latency_table_ofb stage's log)")
     return LatencyBudget(table, params.budgets.latency_unit)

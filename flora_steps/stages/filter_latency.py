@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,10 +50,33 @@ def scored_choices(scores: pd.DataFrame, block: BlockSpace) -> tuple[list[Choice
     return [tuple(int(rank) for rank in ranks) for ranks in rows[roles].itertuples(index=False)], rows
 
 
+#: The filter's columns this stage reads besides each block's rank roles.
+SCORE_COLUMNS = ("block", "macs", "saved_macs", "kl", "score", "kept")
+
+
+def read_scores(path: Path, space: SearchSpace) -> pd.DataFrame:
+    """The filter's ``sensitivity.csv``, checked against its space: one line naming what is missing or not a number."""
+    scores = read_csv(path)
+    roles = {block.role(layer) for block in space.blocks for layer in block.layers}
+    missing = [column for column in (*SCORE_COLUMNS, *sorted(roles)) if column not in scores.columns]
+    if missing:
+        raise UserError(f"{path}: no column {missing[0]!r}; expected the filter's scores (rerun the filter stage)")
+    numeric = [column for column in ("kl", *sorted(roles)) if not pd.api.types.is_numeric_dtype(scores[column])]
+    if numeric or scores[["kl", *sorted(roles)]].isna().any(axis=None):
+        raise UserError(f"{path}: column {(numeric or ['kl'])[0]!r} holds values that are not numbers")
+    for block in space.blocks:
+        rows = scores[scores["block"] == block.name]
+        roles_of = [block.role(layer) for layer in block.layers]
+        scored = {tuple(int(rank) for rank in ranks) for ranks in rows[roles_of].itertuples(index=False)}
+        if block.dense not in scored:
+            raise UserError(f"{path}: block {block.name!r} has no score of its dense tuple {block.dense}")
+    return scores
+
+
 def run(context: StageContext) -> None:
     params, cfg = context.params, context.params.filter
-    scores = read_csv(context.input("scores"))
     by_macs = read_space(context.input("space"))  # the MACs filter's: every block's layers and full ranks
+    scores = read_scores(context.input("scores"), by_macs)
     table = read_latency_table(context.input("table"), context.device, params)
     kept_blocks, rows = [], []
     for block in by_macs.blocks:

@@ -9,9 +9,10 @@ round so that machine noise hits all of them alike; the median and quartiles ove
 `retrain.latency_repeats` rounds are reported, on the CPU and also on CUDA when
 present (in bfloat16 with compute.amp). Beside each, the latency table's prediction
 (`latency_table`: fixed part plus each target layer at its rank, or for ViT-Slim's
-models the pruned fixed part plus each attention and MLP at its width) and its error;
-OFB's structures (heads and embedding width) and FLORA on a pruned model are not in
-the table (no prediction). The table must have been
+models the pruned fixed part plus each attention and MLP at its width; for OFB's
+models `latency_table_ofb`: the fixed part at their embedding width plus each
+attention and MLP at theirs) and its error; FLORA on a pruned model is in no table
+(no prediction). The tables must have been
 measured under the same key (device, threads, batch, precision, library versions):
 else one line says which differs. Writes `results/latency/`:
 
@@ -34,28 +35,41 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.latency import LatencyTable, WidthTable, precision_of, time_rounds
+from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of, time_rounds
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
 from ..pruning.structure import block_heads, part_widths
 from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.latency import read_tables
+from ..runtime.latency import read_structure_table, read_tables
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-def predicted_ms(ranks: LatencyTable, widths: WidthTable | None, spec: ModelSpec, heads: Mapping[str, int]) -> float:
-    """The table's prediction for a saved model: from its ranks, or from its pruned widths where it keeps every
-    head and the embedding width (ViT-Slim's; ``heads``: each block's); NaN for what the table does not time."""
-    if spec.embed_dim is not None:
-        return float("nan")
+def predicted_ms(
+    ranks: LatencyTable,
+    widths: WidthTable | None,
+    structures: StructureTable | None,
+    spec: ModelSpec,
+    heads: Mapping[str, int],
+) -> float:
+    """The tables' prediction for a saved model: from its ranks; from its pruned widths where it keeps every head
+    and the embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels, units and embedding
+    width by OFB's table (OFB's). NaN for what no table times (FLORA on a pruned model)."""
     if not spec.pruned:
         return ranks.predict_ms(spec.factorised)
-    if widths is None or spec.factorised or any(kept.heads is not None for kept in spec.pruned.values()):
+    if spec.factorised:
         return float("nan")
-    return widths.predict_ms(part_widths(spec.pruned, heads))
+    if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
+        if structures is None:
+            return float("nan")
+        embed = spec.embed_dim or structures.embed_dim
+        blocks = {
+            name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in spec.pruned.items()
+        }
+        return structures.predict_ms(embed, blocks)
+    return float("nan") if widths is None else widths.predict_ms(part_widths(spec.pruned, heads))
 
 
 def timing_table(
@@ -91,10 +105,11 @@ def run(context: StageContext) -> None:
     for device in devices:
         precision = precision_of(device, params.compute.amp)
         ranks, widths = read_tables(context.input("table"), device, params)
+        structures = read_structure_table(context.input("table_ofb"), device, params)
         images = torch.randn((batch, *shape), device=device)
         runs = {name: (model.eval().to(device), images) for name, (model, _) in models.items()}
         timed = time_rounds(runs, repeats, dtype=precision, rounds=partial(progress, desc=f"latency {device.type}"))
-        predicted = {name: predicted_ms(ranks, widths, spec, heads) for name, (_, spec) in models.items()}
+        predicted = {name: predicted_ms(ranks, widths, structures, spec, heads) for name, (_, spec) in models.items()}
         timings = timing_table(timed, predicted)
         timings.insert(2, "device", device.type)
         timings.insert(3, "batch", batch)

@@ -25,21 +25,18 @@ measuring it. Writes `results/latency_table/`:
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import pandas as pd
-import torch
 
 from ..core import find_linear_layers, trace_costs
-from ..core.latency import MODEL, LatencyTable, measure_table, precision_of
+from ..core.latency import MODEL, LatencyTable, measure_table
 from ..core.space import rank_grid
 from ..errors import UserError
 from ..pruning.structure import timed_parts
 from ..runtime.artifacts import load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.machine import table_key
+from ..runtime.latency import timing_devices
 from ..runtime.models import input_shape
-from ..runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +54,26 @@ def run(context: StageContext) -> None:
         name: rank_grid(layer.in_features, layer.out_features, params.filter.ratios) for name, layer in layers.items()
     }
     parts = timed_parts(dense, costs, params.filter.ratios)  # none for a model without ViT blocks
-    batch, repeats = params.retrain.latency_batch, params.retrain.table_repeats
-    devices = [torch.device("cpu")] + ([context.device] if context.device.type == "cuda" else [])
+    repeats = params.retrain.table_repeats
     tables, metrics = [], {}
-    for device in devices:
-        precision = precision_of(device, params.compute.amp)
-        images = torch.randn((batch, *shape), device=device)
+    for timing in timing_devices(context.device, params, shape, "latency table"):
         rows = measure_table(
-            dense,
-            layers,
-            ranks,
-            images,
-            repeats,
-            dtype=precision,
-            rounds=partial(progress, desc=f"latency table {device.type}"),
-            parts=parts,
+            dense, layers, ranks, timing.images, repeats, dtype=timing.precision, rounds=timing.rounds, parts=parts
         )
-        key = table_key(device, batch, precision)
-        tables.append(pd.concat([pd.DataFrame([key] * len(rows)), rows], axis=1))
+        tables.append(timing.keyed(rows))
         measured = float(rows.loc[rows["part"] == MODEL, "median_ms"].iloc[0])
         predicted = LatencyTable.from_frame(rows).dense_ms
-        metrics[device.type] = key | {
+        metrics[timing.device.type] = timing.key | {
             "dense_ms": measured,
             "dense_predicted_ms": round(predicted, 5),
             "rows": len(rows),
         }
         log.info(
             "%s (%s): dense %.3f ms per batch of %d; %d options",
-            device.type,
-            key["device_name"],
+            timing.device.type,
+            timing.key["device_name"],
             measured,
-            batch,
+            len(timing.images),
             len(rows),
         )
         dense.to("cpu")

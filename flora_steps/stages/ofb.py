@@ -1,6 +1,7 @@
-"""Search OFB's model at one MACs budget: unit scores, width distributions and weights trained together.
+"""Search OFB's model at one MACs or latency budget: unit scores, width distributions and weights trained together.
 
     python -m flora_steps.stages.ofb --params params.yaml --budget 0.3
+    python -m flora_steps.stages.ofb --params params.yaml --budget 0.85 --stage ofb_latency
 
 OFB (Once for Both, Ye et al., CVPR 2024; `flora_steps.pruning.ofb`) gives every
 attention (a joint grid of head counts x channels per head), MLP and the shared
@@ -33,6 +34,11 @@ default the released dynamics decide every module within a few epochs, led by th
 one-hot loss, and land near half the dense MACs whatever the budget; the cut is what
 gives OFB models at lower budgets (docs/methods.md measures what it costs).
 
+Under latency budgets (`ofb_latency`, `budgets.latency`, not in the release) the cost
+is the latency OFB's table predicts (`latency_table_ofb`; `OFBLatency`): the loss is
+`ofb.macs_weight · ((E[ms] − budget) / dense ms)²` with E[ms] summed over every
+candidate's probability, and the cut (`ofb.cut_to_budget`) prices by the table too.
+
 Optimisers as released: the weights and the scores S in one AdamW (S at `ofb.score_lr`,
 undecayed), the width logits α in their own group (`ofb.arch_lr`, betas
 `ofb.arch_betas`, decay `ofb.arch_weight_decay`), all on lr's schedule. The released
@@ -48,9 +54,10 @@ stage's `ofb` method fine-tunes the model. Writes `results/ofb/<budget>/`:
 - `structure.json`: the embedding width, each block's heads, channels per head and MLP
   units, and its MACs (checked against `torch.utils.flop_counter`)
 - `history.csv`: per epoch, train loss, lr, steps, images, val top-1 of the masked
-  model, its expected MACs as a fraction of dense, the live width candidates, the
-  undecided modules, λ and the mask ratio
-- `metrics.json`: the MACs the search decided at and the model's (after a cut), parameters,
+  model, its expected cost (MACs, or predicted ms) as a fraction of dense, the live
+  width candidates, the undecided modules, λ and the mask ratio
+- `metrics.json`: the MACs the search decided at and the model's (after a cut), under
+  latency budgets the predicted ms likewise, parameters,
   the epoch every module had decided and the epoch kept, val top-1 masked (that epoch)
   and sliced, the rates' rescaling, optimizer steps and training images
 """
@@ -69,11 +76,23 @@ from torch import nn
 from ..core import count_macs, trace_costs
 from ..errors import UserError
 from ..params import OFBParams
-from ..pruning.ofb import ATTENTION, EMBED, MLP, OFBCosts, OFBGrids, OFBSearch, module_kind, ramp
+from ..pruning.ofb import (
+    ATTENTION,
+    EMBED,
+    MLP,
+    OFBCosts,
+    OFBGrids,
+    OFBLatency,
+    OFBPrice,
+    OFBSearch,
+    module_kind,
+    ramp,
+)
 from ..runtime.artifacts import load_model, save_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.data import build_splits, make_loader
 from ..runtime.distributed import is_first
+from ..runtime.latency import ofb_latency_budget
 from ..runtime.models import data_config, input_shape
 from ..runtime.training import (
     HISTORY_COLUMNS,
@@ -90,7 +109,7 @@ log = logging.getLogger(__name__)
 HISTORY = [
     *HISTORY_COLUMNS,
     "val_top1",
-    "expected_macs_fraction",
+    "expected_fraction",
     "live_candidates",
     "undecided",
     "score_weight",
@@ -103,17 +122,23 @@ class Schedule:
     the epochs, progressive pruning runs ``prunes_per_epoch`` times an epoch, and once every module has
     decided PMIM stops and the decoder freezes. Keeps the best val epoch after that (``keep_if_best``).
 
-    ``band`` (low, high MACs; ``ofb.cut_to_budget``): a model that decides above ``high`` is cut by importance
-    into the band at that moment, so the rest of the search trains the structure that is kept."""
+    ``band`` (low, high, priced by ``price``; ``ofb.cut_to_budget``): a model that decides above ``high`` is cut
+    by importance into the band at that moment, so the rest of the search trains the structure that is kept."""
 
     def __init__(
-        self, search: OFBSearch, cfg: OFBParams, costs: OFBCosts, band: tuple[float, float] | None = None
+        self,
+        search: OFBSearch,
+        cfg: OFBParams,
+        costs: OFBCosts,
+        price: OFBPrice,
+        band: tuple[float, float] | None = None,
     ) -> None:
-        self.search, self.cfg, self.costs, self.band = search, cfg, costs, band
+        self.search, self.cfg, self.costs, self.price, self.band = search, cfg, costs, price, band
         self.mask_ratio = cfg.mask_ratio[0]
         self.epoch = 0  # the epoch being trained, from 1
         self.decided_epoch: int | None = None
         self.decided_macs: int | None = None  # the MACs progressive pruning converged to
+        self.decided_cost: float | None = None  # and their cost (MACs or predicted ms)
         self.best: dict[str, Any] | None = None  # epoch, val_top1 and weights of the best epoch once decided
 
     @property
@@ -132,15 +157,17 @@ class Schedule:
         if not self.search.decided:
             return replaced
         self.decided_epoch = self.epoch
-        self.decided_macs = structure_macs(self.search, self.costs)
+        self.decided_macs = structure_cost(self.search, self.costs)
+        self.decided_cost = structure_cost(self.search, self.price)
         self._freeze_decoder()
         log.info("every module has decided in epoch %d: PMIM off, decoder frozen", self.decided_epoch)
-        if self.band is not None and self.decided_macs > self.band[1]:
-            self.search.narrow(cut(self.search, self.costs, self.band), optimizer)
+        if self.band is not None and self.decided_cost > self.band[1]:
+            self.search.narrow(cut(self.search, self.price, self.band), optimizer)
             log.info(
-                "cut by importance from %d to %d MACs (ofb.cut_to_budget); the search trains the cut model on",
-                self.decided_macs,
-                structure_macs(self.search, self.costs),
+                "cut by importance from %.6g to %.6g %s (ofb.cut_to_budget); the search trains the cut model on",
+                self.decided_cost,
+                structure_cost(self.search, self.price),
+                self.price.unit,
             )
         return True  # DDP must be rebuilt without the frozen parameters (and the cut ones)
 
@@ -160,32 +187,36 @@ class Schedule:
             "shapes": self.search.shapes(),
             "decided_epoch": self.decided_epoch,
             "decided_macs": self.decided_macs,
+            "decided_cost": self.decided_cost,
             "best": self.best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.search.restore_shapes(state["shapes"])
         self.decided_epoch, self.decided_macs, self.best = state["decided_epoch"], state["decided_macs"], state["best"]
+        self.decided_cost = state.get("decided_cost", self.decided_macs)
         if self.decided:
             self._freeze_decoder()
 
 
-def structure_macs(search: OFBSearch, costs: OFBCosts) -> int:
-    """MACs of the search's chosen widths (``OFBSearch.choice``)."""
-    return costs.structure_macs(*search.structure(search.choice()))
+def structure_cost(search: OFBSearch, price: OFBPrice) -> float:
+    """Cost (MACs, or predicted ms) of the search's chosen widths (``OFBSearch.choice``)."""
+    return price.price(*search.structure(search.choice()))
 
 
-def cut(search: OFBSearch, costs: OFBCosts, band: tuple[float, float]) -> dict[str, tuple[int, ...]]:
+def cut(search: OFBSearch, price: OFBPrice, band: tuple[float, float]) -> dict[str, tuple[int, ...]]:
     """``OFBSearch.cut_to_budget`` into ``band``, its failure as one line naming the budgets key."""
     try:
-        return search.cut_to_budget(costs, *band)
+        return search.cut_to_budget(price, *band)
     except ValueError as error:
-        raise UserError(f"budgets.ofb: {error}; raise the budget or search.band") from None
+        key = "budgets.ofb" if isinstance(price, OFBCosts) else "budgets.latency"
+        raise UserError(f"{key}: {error}; raise the budget or search.band") from None
 
 
-def search_terms(search: OFBSearch, costs: OFBCosts, target: float, dense: float, cfg: OFBParams) -> torch.Tensor:
-    """The MACs loss and, per module still choosing its width, the adaptive one-hot loss and L1 on σ(S)."""
-    total = cfg.macs_weight * ((search.expected_macs(costs) - target) / dense) ** 2
+def search_terms(search: OFBSearch, price: OFBPrice, target: float, dense: float, cfg: OFBParams) -> torch.Tensor:
+    """The cost loss (MACs or predicted ms) and, per module still choosing its width, the adaptive one-hot loss and
+    L1 on σ(S)."""
+    total = cfg.macs_weight * ((price.expected(search) - target) / dense) ** 2
     sparsity = {EMBED: cfg.embed_weight, ATTENTION: cfg.attention_weight, MLP: cfg.mlp_weight}
     for key, mask in search.masks.items():
         if not mask.finished:
@@ -235,13 +266,22 @@ def run(context: StageContext) -> None:
     except ValueError as error:
         raise UserError(f"model.name: OFB cannot prune {spec.model}: {error}") from None
     dense_macs = costs_dense.dense_macs
-    target = budget * dense_macs
-    smallest = search.smallest_macs(costs)
+    if context.stage.cost == "macs":
+        price, dense, target = costs, dense_macs, budget * dense_macs
+        low = (budget - params.search.band) * dense_macs
+    else:  # the latency OFB's table predicts on the device the search runs on
+        limit = ofb_latency_budget(context.input("table"), device, params)
+        price, dense, (low, target) = (
+            OFBLatency(limit.table, search),
+            limit.table.dense_ms,
+            limit.band(budget, params.search.band),
+        )
+    smallest = search.smallest_cost(price)
     if smallest > target:
         raise UserError(
-            f"budgets.ofb: {budget} is below the smallest structure the candidate widths allow "
-            f"({smallest / dense_macs:.3f} of the dense MACs); raise it, or lower the smallest of ofb.embed_ratios, "
-            "head_ratios, head_dim_ratios, mlp_ratios"
+            f"budgets.{context.stage.foreach}: {budget} is below the smallest structure the candidate widths allow "
+            f"({smallest / dense:.3f} of the dense model's {price.unit}); raise it, or lower the smallest of "
+            "ofb.embed_ratios, head_ratios, head_dim_ratios, mlp_ratios"
         )
     search.to(device)
     teacher = frozen_teacher(teacher, device, params.compute.teacher_cache)
@@ -255,8 +295,8 @@ def run(context: StageContext) -> None:
 
     splits = build_splits(params.data, data_config(base), base.num_classes)
     val_loader = make_loader(splits.val, params.data.eval_batch_size, device, context.workers, splits.on_device)
-    band = ((budget - params.search.band) * dense_macs, target) if cfg.cut_to_budget else None
-    schedule = Schedule(search, cfg, costs, band)
+    band = (low, target) if cfg.cut_to_budget else None
+    schedule = Schedule(search, cfg, costs, price, band)
     tokens = base.patch_embed.num_patches
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
@@ -268,7 +308,7 @@ def run(context: StageContext) -> None:
         masked = token_masks(rng, len(images), tokens, schedule.mask_ratio).to(images.device)
         logits, reconstruction = network(images, masked)
         task = distillation_loss(logits.float(), targets, labels, cfg.temperature, cfg.hard_label_weight)
-        total = task + search_terms(search, costs, target, dense_macs, cfg)
+        total = task + search_terms(search, price, target, dense, cfg)
         if cfg.reconstruction_weight:
             balance = task.detach() / reconstruction.detach().clamp_min(1e-8)  # PMIM as large as the task loss
             total = total + cfg.reconstruction_weight * balance * reconstruction
@@ -278,10 +318,10 @@ def run(context: StageContext) -> None:
         top1 = evaluate(network, val_loader, device, params.compute.amp, "val")["top1"]
         schedule.keep_if_best(top1)
         with torch.no_grad():
-            expected = float(search.expected_macs(costs)) / dense_macs
+            expected = float(price.expected(search)) / dense
         return {
             "val_top1": top1,
-            "expected_macs_fraction": expected,
+            "expected_fraction": expected,
             "live_candidates": search.live_candidates(),
             "undecided": search.undecided(),
             "score_weight": search.weight,
@@ -316,13 +356,14 @@ def run(context: StageContext) -> None:
             len(history),
         )
     undecided = search.undecided()
-    searched_macs = schedule.decided_macs or structure_macs(search, costs)
+    searched_macs = schedule.decided_macs or structure_cost(search, costs)
+    searched_cost = schedule.decided_cost or structure_cost(search, price)
     cells = search.choice()
-    if band is not None and structure_macs(search, costs) > target:  # undecided to the end: cut untrained
-        cells = cut(search, costs, band)
+    if band is not None and structure_cost(search, price) > target:  # undecided to the end: cut untrained
+        cells = cut(search, price, band)
         log.warning("the undecided search's widths are above the budget: cut by importance with no training after")
     model, embed_dim, structure = search.finalise(cells)
-    macs = costs.structure_macs(embed_dim, structure)
+    macs, cost = costs.structure_macs(embed_dim, structure), price.price(embed_dim, structure)
     counted = count_macs(model, shape)
     if counted != macs:
         raise RuntimeError(f"MACs mismatch: the cost model says {macs}, flop_counter counts {counted}")
@@ -360,7 +401,16 @@ def run(context: StageContext) -> None:
             "macs_fraction": round(macs / dense_macs, 6),
             "params": sum(p.numel() for p in model.parameters()),
             "searched_macs_fraction": round(searched_macs / dense_macs, 6),
-            "cut": macs != searched_macs,
+            **(
+                {}
+                if price is costs
+                else {
+                    "predicted_ms": round(cost, 5),
+                    "predicted_fraction": round(cost / dense, 6),
+                    "searched_predicted_fraction": round(searched_cost / dense, 6),
+                }
+            ),
+            "cut": cost != searched_cost,
             "decided_epoch": schedule.decided_epoch,
             "undecided_modules": undecided,
             "kept_epoch": kept,
