@@ -177,28 +177,40 @@ def test_a_pruned_prediction_is_the_pruned_fixed_part_plus_each_part_at_its_widt
     rows += [(MLP, "blocks.0.mlp", 16, 2.0), (MLP, "blocks.0.mlp", 64, 4.0)]
     frame = pd.DataFrame(
         [{"part": part, "layer": layer, "width": width, "median_ms": ms} for part, layer, width, ms in rows]
-        + [{"part": FIXED, "median_ms": 0.0}, {"part": PRUNED_FIXED, "median_ms": 10.0}]
+        + [{"part": FIXED, "median_ms": 0.0}]
+        + [{"part": PRUNED_FIXED, "share": share, "median_ms": ms} for share, ms in ((1.0, 10.0), (0.5, 8.0))]
     )
     table = WidthTable.from_frame(frame)
-    assert table.dense_ms == 10 + 3 + 4
-    assert table.predict_ms({"blocks.0.attn": 20, "blocks.0.mlp": 16}) == 10 + 2 + 2  # linear between timed widths
+    assert table.dense_ms == 10 + 3 + 4  # the parts in full: share 1
+    # linear between timed widths: parts 2 + 2 of 3 + 4 in full, the fixed part linear between the timed shares
+    share = (2 + 2) / (3 + 4)
+    fixed = 8 + (10 - 8) * (share - 0.5) / (1 - 0.5)
+    assert table.predict_ms({"blocks.0.attn": 20, "blocks.0.mlp": 16}) == pytest.approx(fixed + 2 + 2)
+    assert table.predict_ms({"blocks.0.attn": 8, "blocks.0.mlp": 16}) == 8 + 1 + 2  # below the timed shares: 0.5's
     assert table.part_ms("blocks.0.attn", 4) == 1  # below the narrowest timed width: its time
     with pytest.raises(ValueError, match="'blocks.1.mlp' is not a prunable part"):
         table.predict_ms({"blocks.1.mlp": 8})
     with pytest.raises(ValueError, match="times no pruned widths"):
         WidthTable.from_frame(frame[frame["part"] != PRUNED_FIXED])
+    with pytest.raises(ValueError, match="times no pruned widths"):  # a table from before the shares were kept
+        WidthTable.from_frame(frame.drop(columns="share"))
 
 
 def test_parts_of_the_same_shape_are_timed_once_and_the_pruned_fixed_part_is_the_rest() -> None:
-    """Two blocks' MLPs share one module per width; the pruned fixed part is the model less every part in full."""
+    """Two blocks' MLPs share one module per width; the pruned fixed part is the dense model less every part in full
+    (share 1), and a uniformly pruned model less its parts at their widths (at their share of the full time)."""
     narrow, full = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     parts = {f"blocks.{b}.mlp": PartOptions(MLP, 8, 5, {4: narrow, 8: full}) for b in range(2)}
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    frame = measure_table(model, {}, {}, torch.randn(2, 5, 8), repeats=3, warmup=1, parts=parts)
+    pruned = [(nn.Linear(8, 8), {"blocks.0.mlp": 4, "blocks.1.mlp": 4})]
+    frame = measure_table(model, {}, {}, torch.randn(2, 5, 8), repeats=3, warmup=1, parts=parts, pruned_models=pruned)
     widths = frame[frame["part"] == MLP]
     assert list(widths["width"]) == [4, 8, 4, 8]
     assert widths.iloc[:2]["median_ms"].tolist() == widths.iloc[2:]["median_ms"].tolist()  # one timing, shared
-    assert list(frame["part"].iloc[-3:]) == [FIXED, PRUNED_FIXED, MODEL]
+    assert list(frame["part"].iloc[-4:]) == [FIXED, PRUNED_FIXED, PRUNED_FIXED, MODEL]
+    narrow_ms, full_ms = widths.iloc[:2]["median_ms"]
+    shares = frame.loc[frame["part"] == PRUNED_FIXED, "share"].tolist()
+    assert shares[0] == 1.0 and shares[1] == pytest.approx(narrow_ms / full_ms, rel=1e-3)
 
 
 def test_the_host_fingerprint_asks_for_gpus_only_off_the_cpu(tmp_path: Path, monkeypatch) -> None:
@@ -228,7 +240,9 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
         assert set(parts["layer"]) == {f"blocks.{b}.{part}" for b in range(4)}
         narrowest = 2 if kind == ATTENTION else 1  # one channel per head, one unit
         assert sorted(set(parts["width"])) == sorted({round(r * full) for r in ratios} | {narrowest})
-    assert (table["part"] == PRUNED_FIXED).sum() == 1
+    shares = table.loc[table["part"] == PRUNED_FIXED, "share"]  # the dense model's, and one uniform model a ratio
+    assert len(shares) == 1 + len([r for r in ratios if 0 < r < 1])
+    assert shares.iloc[0] == 1.0 and ((shares.iloc[1:] > 0) & (shares.iloc[1:] < 1)).all()
     metrics = json.loads((out / "metrics.json").read_text())["cpu"]
     assert metrics["dense_ms"] > 0 and metrics["dense_predicted_ms"] == pytest.approx(metrics["dense_ms"], rel=0.5)
 

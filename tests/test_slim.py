@@ -24,7 +24,14 @@ from flora_steps.pruning.slim import (
     structure_for_keep,
     zero_pruned,
 )
-from flora_steps.pruning.structure import PrunedBlock, part_widths, prunable_blocks, restructure_blocks
+from flora_steps.pruning.structure import (
+    PrunedBlock,
+    part_widths,
+    prunable_blocks,
+    restructure_blocks,
+    timed_models,
+    timed_parts,
+)
 
 
 def model_and_input(name: str = "vit_digits") -> tuple[torch.nn.Module, torch.Tensor]:
@@ -109,6 +116,20 @@ def test_thresholds_meet_the_macs_budget() -> None:
         structure_for_budget(masks, costs.heads, costs.macs, 0.01 * dense)
 
 
+def test_the_latency_tables_uniformly_pruned_models_have_their_parts_at_timed_widths() -> None:
+    """One model per ratio below 1, every block cut alike, each part at a width the table times alone."""
+    model, images = model_and_input()
+    ratios = [0.25, 0.5, 1.0]
+    parts = timed_parts(model, trace_costs(model, (1, 8, 8)), ratios)
+    models = timed_models(model, ratios)
+    assert [widths["blocks.0.mlp"] for _, widths in models] == [64, 128]  # vit_digits: 256 units
+    for pruned, widths in models:
+        assert set(widths) == set(parts) and all(width in parts[name].modules for name, width in widths.items())
+        assert pruned(images).shape == model(images).shape
+    assert model.blocks[0].mlp.fc1.out_features == 256  # the dense model untouched
+    assert timed_models(torch.nn.Sequential(torch.nn.Linear(2, 2)), ratios) == []
+
+
 def test_a_latency_budget_slices_by_the_tables_prediction() -> None:
     """A table where only MLP units cost time: the latency budget keeps the largest share whose predicted time fits,
     and its structure's MACs follow from that, not from a MACs limit."""
@@ -119,7 +140,7 @@ def test_a_latency_budget_slices_by_the_tables_prediction() -> None:
     blocks = list(costs.blocks)
     hidden = costs.dense[blocks[0]].mlp_hidden
     options = {f"{b}.mlp": {1: 0.0, hidden: 1.0} for b in blocks} | {f"{b}.attn": {1: 0.5, 64: 0.5} for b in blocks}
-    table = WidthTable(fixed_ms=1.0, options=options)  # dense: 1 + 4 x 0.5 + 4 x 1.0 = 7 ms
+    table = WidthTable(fixed={1.0: 1.0}, options=options)  # dense: 1 + 4 x 0.5 + 4 x 1.0 = 7 ms
     dense = trace_costs(model, (1, 8, 8))
     with pytest.raises(ValueError, match="ms predicted"):  # attention alone takes 3 ms
         slice_to_budget(model, masks, dense, 2.0, latency=table)

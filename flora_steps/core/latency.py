@@ -12,9 +12,13 @@ is the dense layer, as the materialised model has it.
 
 Pruned widths work alike (``WidthTable``): each prunable *part* of a block (its
 attention at a number of channels kept, its MLP at a number of hidden units kept) is
-timed at a grid of widths, and the rest of the model at full width is the *pruned
-fixed part*. A structure's prediction is that fixed part plus each part at its width,
-interpolated between timed widths.
+timed at a grid of widths, and the rest of the model is the *pruned fixed part*: the
+dense model less its parts in full, and each uniformly pruned model (every part cut to
+one ratio) less its parts at their widths. The rest of a pruned model runs faster than
+the dense model's (less memory traffic between its smaller parts), so the pruned fixed
+part is kept at each *share*, the parts' time as a fraction of their time in full. A
+structure's prediction is each part at its width, interpolated between timed widths,
+plus the pruned fixed part at its parts' share, interpolated between the uniform models'.
 
 Timings run in interleaved rounds (every module once per round) after warm-up rounds,
 so that a burst of machine noise hits all of them alike; each keeps its median and
@@ -45,6 +49,7 @@ COLUMNS = (
     "tokens",
     "rank",
     "width",
+    "share",
     "median_ms",
     "q1_ms",
     "q3_ms",
@@ -52,7 +57,8 @@ COLUMNS = (
 )
 #: ``part`` of a row: one option of a target layer, the fixed part, or the dense model as a whole.
 LAYER, FIXED, MODEL = "layer", "fixed", "model"
-#: ``part`` of a pruning row: a block's attention or MLP at one kept width, or the model less those parts.
+#: ``part`` of a pruning row: a block's attention or MLP at one kept width, or a model less those parts (at
+#: ``share``: its parts' time as a fraction of their time in full).
 ATTENTION, MLP, PRUNED_FIXED = "attention", "mlp", "pruned_fixed"
 
 
@@ -126,10 +132,11 @@ def _row(
     rank: int | None,
     values: np.ndarray,
     width: int | None = None,
+    share: float | None = None,
 ) -> dict:
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     numbers = (round(median, 5), round(q1, 5), round(q3, 5), len(values))
-    return dict(zip(COLUMNS, (part, layer, *dims, rank, width, *numbers), strict=True))
+    return dict(zip(COLUMNS, (part, layer, *dims, rank, width, share, *numbers), strict=True))
 
 
 def _dims(shape: LinearCost) -> tuple[int, int, int]:
@@ -150,16 +157,20 @@ def measure_table(
     dtype: torch.dtype = torch.float32,
     rounds: Rounds = iter,
     parts: Mapping[str, PartOptions] | None = None,
+    pruned_models: Sequence[tuple[nn.Module, Mapping[str, int]]] = (),
 ) -> pd.DataFrame:
     """The latency table of ``model`` (dense) on a batch ``images`` on their device.
 
     ``layers`` are the target layers' shapes (``trace_costs(model, ...).layers``, one
     image's tokens), ``ranks`` each one's ranks to time (the dense layer is always
     timed; ranks at or above break-even are left to it). ``parts`` are the prunable
-    parts by path (``blocks.0.attn``), each with its modules at the widths to time.
-    Layers and parts of the same shape are timed once and share their rows. Returns one
-    row per (layer, rank), with ``rank`` empty for the dense layer, then one per (part,
-    width), then the fixed part's, the pruned fixed part's (with parts) and the dense model's rows.
+    parts by path (``blocks.0.attn``), each with its modules at the widths to time;
+    ``pruned_models`` whole models with every part at one of those widths (by path), for
+    the pruned fixed part at their share. Layers and parts of the same shape are timed
+    once and share their rows. Returns one row per (layer, rank), with ``rank`` empty for
+    the dense layer, then one per (part, width), then the fixed part's, the pruned fixed
+    part's (with parts: the dense model's at share 1, then each pruned model's) and the
+    dense model's rows.
     """
     device, batch, parts = images.device, images.shape[0], parts or {}
     model = model.eval().to(device)
@@ -181,6 +192,7 @@ def measure_table(
         key: (module, inputs[key[0].tokens, key[0].in_features]) for key, module in layer_options.items()
     }
     runs |= {key: (module, inputs[key[2], key[1]]) for key, module in part_options.items()}
+    runs |= {("pruned", index): (pruned.eval().to(device), images) for index, (pruned, _) in enumerate(pruned_models)}
     timed = time_rounds({**runs, MODEL: (model, images)}, repeats, warmup, dtype, rounds)
     fixed = timed[MODEL] - sum(timed[shape, None] for shape in layers.values())
     rows = [
@@ -196,8 +208,13 @@ def measure_table(
     ]
     rows.append(_row(FIXED, "", (None,) * 3, None, fixed))
     if parts:
-        pruned_fixed = timed[MODEL] - sum(timed[_part_key(part, part.full)] for part in parts.values())
-        rows.append(_row(PRUNED_FIXED, "", (None,) * 3, None, pruned_fixed))
+        full = {name: part.full for name, part in parts.items()}
+        models = [(timed[MODEL], full), *((timed["pruned", i], w) for i, (_, w) in enumerate(pruned_models))]
+        full_ms = sum(np.median(timed[_part_key(part, part.full)]) for part in parts.values())
+        for model_ms, widths in models:
+            part_ms = [timed[_part_key(parts[name], width)] for name, width in widths.items()]
+            share = round(float(sum(np.median(values) for values in part_ms) / full_ms), 5)
+            rows.append(_row(PRUNED_FIXED, "", (None,) * 3, None, model_ms - sum(part_ms), share=share))
     return pd.DataFrame([*rows, _row(MODEL, "", (None,) * 3, None, timed[MODEL])])
 
 
@@ -286,23 +303,24 @@ class LatencyTable:
 
 @dataclass(frozen=True)
 class WidthTable:
-    """A latency table's pruning rows read back: the pruned fixed part, and each prunable part's timed widths (by
-    path, e.g. ``blocks.0.attn``) with their medians."""
+    """A latency table's pruning rows read back: the pruned fixed part at each share (the parts' time as a fraction
+    of their time in full), and each prunable part's timed widths (by path, e.g. ``blocks.0.attn``) with their
+    medians."""
 
-    fixed_ms: float
+    fixed: Mapping[float, float]
     options: Mapping[str, Mapping[int, float]]
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> WidthTable:
         """The pruning rows of one key's table; ``ValueError`` when it has none (a model without prunable blocks,
         or a table measured before they were timed)."""
-        fixed = frame.loc[frame["part"] == PRUNED_FIXED, "median_ms"]
-        if len(fixed) != 1 or "width" not in frame.columns:
+        fixed = frame[frame["part"] == PRUNED_FIXED]
+        if fixed.empty or "share" not in frame.columns or fixed["share"].isna().any():
             raise ValueError("the latency table times no pruned widths")
         options: dict[str, dict[int, float]] = {}
         for row in frame[frame["part"].isin((ATTENTION, MLP))].itertuples():
             options.setdefault(row.layer, {})[int(row.width)] = float(row.median_ms)
-        return cls(float(fixed.iloc[0]), options)
+        return cls(dict(zip(fixed["share"].astype(float), fixed["median_ms"].astype(float), strict=True)), options)
 
     def part_ms(self, name: str, width: int | None) -> float:
         """Predicted milliseconds of part ``name`` at ``width`` (``None``: full), linear between timed widths; below
@@ -313,6 +331,12 @@ class WidthTable:
         widths = sorted(timed)
         return float(np.interp(width, widths, [timed[w] for w in widths]))
 
+    def fixed_ms(self, share: float = 1.0) -> float:
+        """The pruned fixed part of a model whose parts take ``share`` of their time in full, linear between the
+        timed shares (the nearest one beyond them)."""
+        shares = sorted(self.fixed)
+        return float(np.interp(share, shares, [self.fixed[s] for s in shares]))
+
     def predict_ms(self, widths: Mapping[str, int]) -> float:
         """Predicted milliseconds per batch of the model with each part of ``widths`` at its width (others: full).
 
@@ -321,7 +345,13 @@ class WidthTable:
         unknown = sorted(set(widths) - set(self.options))
         if unknown:
             raise ValueError(f"part {unknown[0]!r} is not a prunable part of this latency table")
-        return self.fixed_ms + sum(self.part_ms(name, widths.get(name)) for name in self.options)
+        parts = sum(self.part_ms(name, widths.get(name)) for name in self.options)
+        return self.fixed_ms(parts / self.full_parts_ms) + parts
+
+    @property
+    def full_parts_ms(self) -> float:
+        """Predicted milliseconds of every part in full."""
+        return sum(self.part_ms(name, None) for name in self.options)
 
     @property
     def dense_ms(self) -> float:

@@ -4,7 +4,8 @@ A ``PrunedStructure`` maps block paths to ``PrunedBlock``; ``restructure_blocks`
 timm ViT those sizes (still plain timm modules, loadable with timm alone), and
 ``block_macs`` prices one block. ``prunable_blocks`` finds the blocks both methods prune.
 ``timed_parts`` gives the latency table each block's attention and MLP at a grid of
-widths, and ``part_widths`` a structure's widths in the table's terms.
+widths, ``timed_models`` the whole model pruned uniformly at each ratio of that grid,
+and ``part_widths`` a structure's widths in the table's terms.
 """
 
 from __future__ import annotations
@@ -128,6 +129,28 @@ def timed_parts(model: nn.Module, costs: CostModel, ratios: Iterable[float]) -> 
         parts[f"{name}.attn"] = PartOptions(ATTENTION, dim, tokens, attentions)
         parts[f"{name}.mlp"] = PartOptions(MLP, dim, tokens, mlps)
     return parts
+
+
+def timed_models(model: nn.Module, ratios: Iterable[float]) -> list[tuple[nn.Module, dict[str, int]]]:
+    """``model`` with every prunable block cut to each of ``ratios`` (0 < ratio < 1; its channels per head and MLP
+    units, rounded as ``timed_parts`` rounds them), each with its parts' widths (``part_widths``), for the latency
+    table's pruned fixed part; empty for a model without prunable blocks."""
+    try:
+        blocks = prunable_blocks(model)
+    except ValueError:
+        return []
+    heads = {name: block.attn.num_heads for name, block in blocks.items()}
+    models = []
+    for ratio in sorted({ratio for ratio in ratios if 0 < ratio < 1}):
+        structure = {
+            name: PrunedBlock(
+                head_dim=max(1, round(ratio * block.attn.head_dim)),
+                mlp_hidden=max(1, round(ratio * block.mlp.fc1.out_features)),
+            )
+            for name, block in blocks.items()
+        }
+        models.append((restructure_blocks(copy.deepcopy(model), structure), part_widths(structure, heads)))
+    return models
 
 
 def block_heads(model: nn.Module) -> dict[str, int]:

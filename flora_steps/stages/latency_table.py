@@ -8,16 +8,16 @@ as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch
 `retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
 less its dense target layers' is the fixed part. For ViT-Slim's widths, each block's
 attention (every head, the same ratios of its channels per head, and one channel per
-head) and MLP (the same ratios of its hidden units, and one unit) run too, and the
-dense model's time less theirs in full is the pruned fixed part. All of them run in
-interleaved rounds,
-`retrain.table_repeats` timed after three warm-up rounds; median and quartiles are
-kept. The latency stage predicts every compressed model's time from this table beside
+head) and MLP (the same ratios of its hidden units, and one unit) run too, and so does
+the whole model pruned uniformly at each of those ratios: each model's time less its
+parts' is the pruned fixed part at its parts' share of their time in full (the dense
+model's at share 1). All of them run in interleaved rounds, `retrain.table_repeats`
+timed after three warm-up rounds; median and quartiles are kept. The latency stage predicts every compressed model's time from this table beside
 measuring it. Writes `results/latency_table/`:
 
 - `table.csv`: per device, one row per layer and rank (empty rank: dense), per
   attention or MLP and width (channels or units kept), the fixed part, the pruned
-  fixed part and the dense model: median and quartile milliseconds per batch, each row
+  fixed part at each share and the dense model: median and quartile milliseconds per batch, each row
   keyed by device, device name, threads, batch, precision and torch/timm versions
 - `metrics.json`: per device, the key, the dense model's measured and predicted time
 """
@@ -32,7 +32,7 @@ from ..core import find_linear_layers, trace_costs
 from ..core.latency import MODEL, LatencyTable, measure_table
 from ..core.space import rank_grid
 from ..errors import UserError
-from ..pruning.structure import timed_parts
+from ..pruning.structure import timed_models, timed_parts
 from ..runtime.artifacts import load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
 from ..runtime.latency import timing_devices
@@ -54,11 +54,20 @@ def run(context: StageContext) -> None:
         name: rank_grid(layer.in_features, layer.out_features, params.filter.ratios) for name, layer in layers.items()
     }
     parts = timed_parts(dense, costs, params.filter.ratios)  # none for a model without ViT blocks
+    pruned_models = timed_models(dense, params.filter.ratios)
     repeats = params.retrain.table_repeats
     tables, metrics = [], {}
     for timing in timing_devices(context.device, params, shape, "latency table"):
         rows = measure_table(
-            dense, layers, ranks, timing.images, repeats, dtype=timing.precision, rounds=timing.rounds, parts=parts
+            dense,
+            layers,
+            ranks,
+            timing.images,
+            repeats,
+            dtype=timing.precision,
+            rounds=timing.rounds,
+            parts=parts,
+            pruned_models=pruned_models,
         )
         tables.append(timing.keyed(rows))
         measured = float(rows.loc[rows["part"] == MODEL, "median_ms"].iloc[0])
