@@ -100,7 +100,12 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
         for section, key, value, expected in (
             ("data", "eval_batch_size", 100, set()),
             ("retrain", "latency_repeats", 5, {"latency"}),
-            ("retrain", "table_repeats", 5, {"latency_table", "latency_table_ofb"}),
+            (
+                "retrain",
+                "table_repeats",
+                5,
+                {"latency_table", "latency_table_ofb", "latency_table_on_slim", "latency_table_on_ofb"},
+            ),
             ("ofb", "table_embed_widths", 3, {"latency_table_ofb"}),
             (
                 "retrain",

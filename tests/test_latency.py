@@ -34,6 +34,7 @@ from flora_steps.core.space import BlockSpace, SearchSpace
 from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.errors import UserError
 from flora_steps.pipeline.machine import host_fingerprint
+from flora_steps.pipeline.methods import METHODS
 from flora_steps.runtime.artifacts import read_space
 from flora_steps.runtime.latency import device_table
 from flora_steps.runtime.machine import KEY, key_difference, table_key
@@ -137,6 +138,31 @@ def test_time_rounds_times_every_module_in_every_round() -> None:
     ones = torch.ones(2, 3)
     timed = time_rounds({"a": (nn.Identity(), ones), "b": (nn.ReLU(), ones)}, repeats=4, warmup=2)
     assert set(timed) == {"a", "b"} and all(len(values) == 4 and (values >= 0).all() for values in timed.values())
+
+
+class _Recorder(nn.Module):
+    """Appends its name to ``calls`` when run."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.name)
+        return x
+
+
+def test_time_rounds_keeps_the_order_given_or_shuffles_each_round_by_its_seed() -> None:
+    def orders(**shuffle) -> list[list[str]]:
+        calls: list[str] = []
+        runs = {name: (_Recorder(name, calls), torch.ones(1)) for name in "abcde"}
+        time_rounds(runs, repeats=6, warmup=0, **shuffle)
+        return [calls[i : i + 5] for i in range(0, 30, 5)]
+
+    assert orders() == [list("abcde")] * 6
+    shuffled = orders(shuffle=0)
+    assert all(sorted(round_) == list("abcde") for round_ in shuffled)  # each module once a round
+    assert len({tuple(round_) for round_ in shuffled}) > 1 and shuffled == orders(shuffle=0)  # varied, seeded
 
 
 def test_the_key_names_the_device_threads_batch_precision_and_libraries() -> None:
@@ -247,31 +273,27 @@ def test_the_latency_table_stage_times_the_smoke_models_layers(smoke_pipeline: P
     assert metrics["dense_ms"] > 0 and metrics["dense_predicted_ms"] == pytest.approx(metrics["dense_ms"], rel=0.5)
 
 
-def test_the_latency_stage_predicts_every_low_rank_model_beside_its_time(smoke_pipeline: Path) -> None:
-    latency = pd.read_csv(smoke_pipeline / "results/latency/latency.csv")
-    predicted = latency.dropna(subset=["predicted_ms"])
-    # ViT-Slim's by its widths, OFB's by OFB's table; FLORA on a pruned model: in no table
-    assert set(predicted["method"]) == {"dense", "uniform", "control", "flora", "slim", "slim_latency"} | {
-        "control_latency",
-        "uniform_latency",
-        "flora_latency",
-        "ofb",
-        "ofb_latency",
-    }
-    assert latency[latency["predicted_ms"].isna()]["method"].isin(["slim_flora", "ofb_flora"]).all()
-    assert (predicted["predicted_ms"] > 0).all()
-    error = predicted["predicted_ms"] / predicted["latency_ms"] - 1
-    assert np.allclose(predicted["prediction_error"], error, atol=1e-3)
-    dense = predicted.iloc[0]
+def test_the_latency_stage_predicts_every_model_beside_its_time(smoke_pipeline: Path) -> None:
+    """Low-rank models by the ranks of the table of the model they compress (FLORA on a pruned model: that model's
+    own table), ViT-Slim's by its widths, OFB's by OFB's table."""
+    results = smoke_pipeline / "results"
+    latency = pd.read_csv(results / "latency/latency.csv")
+    assert set(latency["method"]) == set(METHODS) and latency["predicted_ms"].notna().all()
+    on_slim = LatencyTable.from_frame(pd.read_csv(results / "on_slim/latency_table/table.csv"))
+    spec = json.loads((results / "on_slim/retrain/flora/0.4/model.json").read_text())
+    slim_flora = latency[latency["method"] == "slim_flora"].iloc[0]
+    assert slim_flora["predicted_ms"] == pytest.approx(on_slim.predict_ms(spec["factorised"]), abs=1e-3)
+    assert (latency["predicted_ms"] > 0).all()
+    error = latency["predicted_ms"] / latency["latency_ms"] - 1
+    assert np.allclose(latency["prediction_error"], error, atol=1e-3)
+    dense = latency.iloc[0]
     assert dense["method"] == "dense" and dense["share_error"] == 0
-    share = (predicted["predicted_ms"] / dense["predicted_ms"]) / (predicted["latency_ms"] / dense["latency_ms"]) - 1
-    assert np.allclose(predicted["share_error"], share, atol=1e-3)
+    share = (latency["predicted_ms"] / dense["predicted_ms"]) / (latency["latency_ms"] / dense["latency_ms"]) - 1
+    assert np.allclose(latency["share_error"], share, atol=1e-3)
     metrics = json.loads((smoke_pipeline / "results/latency/metrics.json").read_text())["cpu"]
-    assert metrics["predicted_models"] == len(predicted)
-    assert metrics["prediction_median_abs_error"] == pytest.approx(
-        predicted["prediction_error"].abs().median(), abs=1e-4
-    )
-    assert metrics["share_median_abs_error"] == pytest.approx(predicted["share_error"][1:].abs().median(), abs=1e-4)
+    assert metrics["predicted_models"] == len(latency)
+    assert metrics["prediction_median_abs_error"] == pytest.approx(latency["prediction_error"].abs().median(), abs=1e-4)
+    assert metrics["share_median_abs_error"] == pytest.approx(latency["share_error"][1:].abs().median(), abs=1e-4)
 
 
 def test_the_latency_stage_refuses_a_table_of_another_machine(

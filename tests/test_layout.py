@@ -190,6 +190,8 @@ def test_dvc_yaml_for_several_runs_has_one_stage_per_run_of_each_replicated_stag
         "pretrain",
         "latency_table",
         "latency_table_ofb",
+        "latency_table_on_slim",
+        "latency_table_on_ofb",
         "latency",
         "report",
         "ablations",

@@ -13,7 +13,7 @@ import torch
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits)
 from flora_steps.core import count_macs, trace_costs
-from flora_steps.core.latency import SKELETON, StructureTable, measure_structure_table
+from flora_steps.core.latency import RESIDUAL, SKELETON, StructureTable, measure_structure_table
 from flora_steps.pruning.ofb import (
     EMBED,
     BiMask,
@@ -121,19 +121,27 @@ def structure_frame() -> pd.DataFrame:
     """OFB's latency table of the digits ViT on SMALL_GRIDS, timed at two of its three embedding widths."""
     torch.manual_seed(0)
     vit = timm.create_model("vit_digits", num_classes=10).eval()
-    blocks, skeletons = timed_structures(vit, SMALL_GRIDS, trace_costs(vit, (1, 8, 8)), embed_points=2)
-    return measure_structure_table(vit, blocks, skeletons, torch.randn(4, 1, 8, 8), repeats=3, warmup=1)
+    blocks, skeletons, models = timed_structures(vit, SMALL_GRIDS, trace_costs(vit, (1, 8, 8)), embed_points=2)
+    # the model narrowed at the narrowest width: every head, the narrowest channels per head and units
+    narrowed, widths = models[32]
+    assert list(models) == [32] and set(widths.values()) == {(2, 16, 128)}
+    assert narrowed(torch.randn(2, 1, 8, 8)).shape == (2, 10) and narrowed.blocks[0].mlp.fc1.out_features == 128
+    images = torch.randn(4, 1, 8, 8)
+    return measure_structure_table(vit, blocks, skeletons, images, repeats=3, warmup=1, models=models)
 
 
 def test_the_structure_table_holds_every_candidate_and_is_linear_between_embedding_widths(structure_frame) -> None:
     frame = structure_frame
     assert sorted(frame.loc[frame["part"] == SKELETON, "embed"]) == [32, 64]  # the ends of 32, 48, 64
+    assert sorted(frame.loc[frame["part"] == RESIDUAL, "embed"]) == [32, 64]  # the narrowed and the dense model
     attention = frame[(frame["part"] == "attention") & (frame["layer"] == "blocks.0")]
     assert sorted(zip(attention["embed"], attention["heads"], attention["width"])) == [
         (e, h, d) for e in (32, 64) for h in (1, 2) for d in (16, 32)
     ]
     table = StructureTable.from_frame(frame)
-    assert table.dense_ms == pytest.approx(table.model_ms)  # the residual makes the dense model's prediction exact
+    # the fixed part: the skeleton and the residual, each linear between the timed widths
+    assert table.fixed_ms(48) == pytest.approx(sum(table.skeleton.values()) / 2 + sum(table.residual.values()) / 2)
+    assert table.model_ms == frame.loc[frame["part"] == "model", "median_ms"].item()
     row = attention[(attention["embed"] == 32) & (attention["heads"] == 1) & (attention["width"] == 16)]
     assert table.attention_ms("blocks.0", 32, 1, 16) == pytest.approx(row["median_ms"].item())
     middle = table.mlp_ms("blocks.2", 48, 128)

@@ -115,7 +115,9 @@ def test_ofb_under_a_latency_budget_is_priced_by_its_latency_table(
 ) -> None:
     assert main(["latency_table_ofb", "--params", str(prepared)]) == 0
     table = pd.read_csv(workdir / "results/latency_table_ofb/table.csv")
-    assert set(table["part"]) == {"attention", "mlp", "skeleton", "model"} and (table["device"] == "cpu").all()
+    assert (
+        set(table["part"]) == {"attention", "mlp", "skeleton", "residual", "model"} and (table["device"] == "cpu").all()
+    )
     budget = round((smallest_predicted_fraction(workdir, smoke_params) + 1) / 2, 3)  # halfway to dense
     smoke_params["budgets"]["latency"] = [budget]
     write_params(prepared, smoke_params)

@@ -31,7 +31,6 @@ def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path, 
     params_file = tmp_path / "params.yaml"
     profile = yaml.safe_load((ROOT / "configs" / "rehearsal.yaml").read_text())
     profile["budgets"]["slim"] = profile["budgets"]["slim"][:1]  # one sliced model: each of its stages runs once
-    profile["budgets"]["ofb"] = [profile["budgets"]["ofb_base"]]  # one OFB search, the one FLORA compresses further
     params = load_params(write_params(params_file, profile))
     budgets = params.budgets.model_dump()
     monkeypatch.chdir(tmp_path)

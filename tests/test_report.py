@@ -333,11 +333,16 @@ def test_a_new_method_is_one_record(monkeypatch) -> None:
     assert figure.axes[0].get_title() == "random ranks vs control"
 
 
+#: The latency tables of FLORA's pruned bases: not replicated, though in their bases' folders.
+BASE_TABLES = ("on_slim/latency_table", "on_ofb/latency_table")
+
+
 def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: Path, tmp_path: Path, monkeypatch):
     """``runs: 2`` (here the smoke run's results twice): one report whose rows are over both runs, without the
     one-run note; the same results in each run give the one-run report's numbers."""
     (tmp_path / "results/runs").mkdir(parents=True)
-    for stage in ("pretrain", "latency_table", "latency_table_ofb", "latency"):
+    for stage in ("pretrain", "latency_table", "latency_table_ofb", "latency", *BASE_TABLES):  # once for every run
+        (tmp_path / "results" / stage).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     for run in (0, 1):
         (tmp_path / f"results/runs/{run}").mkdir()

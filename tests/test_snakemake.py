@@ -39,8 +39,8 @@ def project(smoke_pipeline: Path, tmp_path_factory) -> Path:
 
 
 #: What ``--forcerun search`` runs through Snakemake: the search, what reads its ranks, the report.
-#: The machine's latency tables: FLORA's and ViT-Slim's, and OFB's.
-TABLES = {"latency_table", "latency_table_ofb"}
+#: The machine's latency tables: FLORA's and ViT-Slim's, OFB's, and those of FLORA's pruned bases.
+TABLES = {"latency_table", "latency_table_ofb", "latency_table_on_slim", "latency_table_on_ofb"}
 SEARCH_AND_AFTER = {"search", "retrain_flora", "latency", "report"}
 
 
@@ -106,7 +106,9 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
             "decompose",
             "targets",
             ["*.attn.qkv"],
-            in_default(downstream({"decompose", "decompose_on_slim", "decompose_on_ofb", "latency_table"})),
+            in_default(
+                downstream({"decompose", "decompose_on_slim", "decompose_on_ofb"} | TABLES - {"latency_table_ofb"})
+            ),
         ),
         # every retrain and both bases' fine-tuning (so FLORA on them), latency, report
         ("retrain", "lr", 0.001, in_default(downstream(RETRAINS | BASES))),
@@ -192,8 +194,7 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "retrain_flora_latency",
         "ofb_latency",
         "retrain_ofb_latency",
-        "latency_table",
-        "latency_table_ofb",
+        *TABLES,
         "latency",
     }
     assert other_rules == {"decompose", "decompose_on_slim", "decompose_on_ofb", "report", "all"}
@@ -294,7 +295,7 @@ def test_with_several_runs_every_stage_after_the_dense_model_runs_once_per_run(p
     dry = snakemake_here("-n", "-p", "--forceall", "--cores", "2", "--config", "params=configs/runs.yaml", cwd=project)
     jobs = planned_jobs(dry.stdout)
     replicated = {name for name, stage in STAGES.items() if stage.replicated and name not in ABLATIONS_ONLY}
-    once = {"pretrain", "latency_table", "latency_table_ofb", "latency", "report"}
+    once = {"pretrain", *TABLES, "latency", "report"}
     assert jobs == {f"{name}_run{run}" for name in replicated for run in range(3)} | once
     report = dry.stdout.split("rule report:")[1].split("rule ")[0]
     for run in range(3):

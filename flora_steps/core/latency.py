@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -83,16 +83,23 @@ def time_rounds(
     warmup: int = 3,
     dtype: torch.dtype = torch.float32,
     rounds: Rounds = iter,
+    shuffle: int | None = None,
 ) -> dict[Hashable, np.ndarray]:
     """Milliseconds of each module's forward pass on its input in each of ``repeats`` interleaved rounds, after
-    ``warmup`` untimed rounds. Modules and inputs share one device; ``dtype`` other than float32 runs under
-    autocast."""
+    ``warmup`` untimed rounds, in the order of ``runs`` or, with a ``shuffle`` seed, each round in its own order.
+    A module that follows a different kind of module runs slower (on the CPU, up to 0.1 ms for one of 0.15 ms): a
+    fixed order gives that cost to the same modules every round. Modules and inputs share one device; ``dtype``
+    other than float32 runs under autocast."""
     device = next(iter(runs.values()))[1].device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     timings: dict[Hashable, list[float]] = {key: [] for key in runs}
+    keys = list(runs)
+    generator = None if shuffle is None else np.random.default_rng(shuffle)
     with autocast:
         for index in rounds(range(warmup + repeats)):
-            for key, (module, inputs) in runs.items():
+            order = range(len(keys)) if generator is None else generator.permutation(len(keys))
+            for key in (keys[i] for i in order):
+                module, inputs = runs[key]
                 _synchronise(device)
                 started = time.perf_counter()
                 module(inputs)
@@ -363,8 +370,9 @@ class WidthTable:
 #: head), ``MLP`` (``width``: units), ``SKELETON`` (the model less every attention and MLP) or ``MODEL`` (the dense
 #: model, a check), each at an embedding width ``embed``.
 STRUCTURE_COLUMNS = ("part", "layer", "embed", "heads", "width", "tokens", "median_ms", "q1_ms", "q3_ms", "repeats")
-#: ``part`` of a structure table's row timing what no attention or MLP holds (patch embedding, norms, sums, head).
-SKELETON = "skeleton"
+#: ``part`` of a structure table's row timing what no attention or MLP holds (patch embedding, norms, sums, head);
+#: and of a row holding a whole model's time at an embedding width less its skeleton and parts timed alone.
+SKELETON, RESIDUAL = "skeleton", "residual"
 
 
 @dataclass(frozen=True)
@@ -392,14 +400,25 @@ def measure_structure_table(
     warmup: int = 3,
     dtype: torch.dtype = torch.float32,
     rounds: Rounds = iter,
+    models: Mapping[int, tuple[nn.Module, Mapping[str, tuple[int, int, int]]]] | None = None,
 ) -> pd.DataFrame:
     """The structure table of ``model`` (dense, embedding width ``model.embed_dim``) on a batch ``images``.
 
     ``blocks`` gives each block's options (blocks sharing one ``StructureOptions`` object
     are timed once and share their rows' values), ``skeletons`` the model less its
-    attentions and MLPs at each embedding width. Everything runs in interleaved rounds
-    with the dense model. Returns a row per block, embedding width and attention cell or
-    MLP width, one per skeleton, and the dense model's.
+    attentions and MLPs at each embedding width, ``models`` a whole model at some of
+    those widths with each block's (heads, channels per head, units), all of them
+    options of ``blocks``. Everything runs in interleaved rounds with the dense model.
+    Returns a row per block, embedding width and attention cell or MLP width, one per
+    skeleton, the residual at each width of ``models`` and the dense model's (the model
+    less its skeleton and its parts timed alone, round by round), and the dense model's.
+
+    Each round runs in its own order: in a fixed one, the first option of each embedding
+    width ran up to 0.25 ms slower. Side by side on the default's model (two tables each),
+    the median error of OFB's models' predicted share of the dense model's latency was
+    29-31% in a fixed order with the residual of the dense model alone, 8-9% with the
+    residual at each width, 2-7% shuffled with it. The rank table keeps its fixed order,
+    which predicts low-rank models better (1.5-2.2% against 3.8-7.6% shuffled).
     """
     device, batch = images.device, images.shape[0]
     shared = {id(options): options for options in blocks.values()}
@@ -415,8 +434,10 @@ def measure_structure_table(
         for cell, module in options.mlp.items():
             runs[key, MLP, cell] = (module.eval().to(device), tokens_of(options, cell[0]))
     runs |= {(SKELETON, embed): (module.eval().to(device), images) for embed, module in skeletons.items()}
-    runs[MODEL] = (model.eval().to(device), images)
-    timed = time_rounds(runs, repeats, warmup, dtype, rounds)
+    full = {name: (*max(options.attention)[1:], max(options.mlp)[1]) for name, options in blocks.items()}
+    whole = {int(model.embed_dim): (model, full), **(models or {})}
+    runs |= {(MODEL, embed): (module.eval().to(device), images) for embed, (module, _) in whole.items()}
+    timed = time_rounds(runs, repeats, warmup, dtype, rounds, shuffle=0)
     rows = []
     for name, options in blocks.items():
         key = id(options)
@@ -433,7 +454,14 @@ def measure_structure_table(
     rows += [
         _structure_row(SKELETON, "", embed, None, None, None, timed[SKELETON, embed]) for embed in sorted(skeletons)
     ]
-    rows.append(_structure_row(MODEL, "", int(model.embed_dim), None, None, None, timed[MODEL]))
+    for embed in sorted(whole):
+        parts = sum(
+            timed[id(blocks[name]), ATTENTION, (embed, heads, head_dim)] + timed[id(blocks[name]), MLP, (embed, units)]
+            for name, (heads, head_dim, units) in whole[embed][1].items()
+        )
+        residual = timed[MODEL, embed] - timed[SKELETON, embed] - parts
+        rows.append(_structure_row(RESIDUAL, "", embed, None, None, None, residual))
+    rows.append(_structure_row(MODEL, "", int(model.embed_dim), None, None, None, timed[MODEL, int(model.embed_dim)]))
     return pd.DataFrame(rows)
 
 
@@ -447,27 +475,28 @@ def _interpolate(values: Mapping[int, float], embed: float) -> float:
 class StructureTable:
     """A structure table read back: the skeleton's time by embedding width, each block's attention by (heads,
     channels per head) and MLP by units, each by embedding width; linear in the embedding width between timed
-    ones. A structure's prediction is its fixed part (the skeleton at its embedding width plus ``residual_ms``)
+    ones. A structure's prediction is its fixed part (the skeleton and the residual at its embedding width)
     plus every block's attention and MLP at its widths.
 
-    ``residual_ms`` is the dense model's time less its skeleton and its parts timed
-    alone (what running them together costs or saves), as the rank table's fixed part
-    is the dense model less its layers: the dense model's prediction is its timing."""
+    The residual at a width is a whole model's time there less its skeleton and its
+    parts timed alone (what running them together costs or saves), as the rank table's
+    fixed part is the dense model less its layers: the dense model's prediction is its
+    timing. A narrower model's rest runs faster, so it is timed at several widths."""
 
     skeleton: Mapping[int, float]
     attention: Mapping[str, Mapping[tuple[int, int], Mapping[int, float]]]
     mlp: Mapping[str, Mapping[int, Mapping[int, float]]]
     embed_dim: int  # the dense model's
     model_ms: float  # the dense model, timed whole
-    residual_ms: float = 0.0
+    residual: Mapping[int, float] = field(default_factory=dict)  # by embedding width
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> StructureTable:
         """The table of one key's rows (``measure_structure_table``'s frame, or one device's rows of the CSV)."""
         model = frame[frame["part"] == MODEL]
-        skeleton = frame[frame["part"] == SKELETON]
-        if len(model) != 1 or skeleton.empty:
-            raise ValueError("expected the dense model's row and the skeleton's rows")
+        skeleton, residual = frame[frame["part"] == SKELETON], frame[frame["part"] == RESIDUAL]
+        if len(model) != 1 or skeleton.empty or residual.empty:
+            raise ValueError("expected the dense model's row, the skeleton's and the residual's rows")
         attention: dict[str, dict[tuple[int, int], dict[int, float]]] = {}
         mlp: dict[str, dict[int, dict[int, float]]] = {}
         for row in frame[frame["part"] == ATTENTION].itertuples():
@@ -476,8 +505,8 @@ class StructureTable:
         for row in frame[frame["part"] == MLP].itertuples():
             mlp.setdefault(row.layer, {}).setdefault(int(row.width), {})[int(row.embed)] = float(row.median_ms)
         widths = dict(zip(skeleton["embed"].astype(int), skeleton["median_ms"].astype(float), strict=True))
-        alone = cls(widths, attention, mlp, int(model["embed"].iloc[0]), float(model["median_ms"].iloc[0]))
-        return replace(alone, residual_ms=alone.model_ms - alone.dense_ms)
+        rests = dict(zip(residual["embed"].astype(int), residual["median_ms"].astype(float), strict=True))
+        return cls(widths, attention, mlp, int(model["embed"].iloc[0]), float(model["median_ms"].iloc[0]), rests)
 
     def attention_ms(self, block: str, embed: float, heads: int, head_dim: int) -> float:
         """Predicted milliseconds of ``block``'s attention with ``heads`` heads of ``head_dim`` channels."""
@@ -508,7 +537,7 @@ class StructureTable:
     def fixed_ms(self, embed: float) -> float:
         """Predicted milliseconds of what no attention or MLP holds at embedding width ``embed``: the skeleton and
         the residual."""
-        return _interpolate(self.skeleton, embed) + self.residual_ms
+        return _interpolate(self.skeleton, embed) + (_interpolate(self.residual, embed) if self.residual else 0.0)
 
     @property
     def full(self) -> dict[str, tuple[int, int, int]]:

@@ -399,15 +399,23 @@ def base_stage(base: Base) -> Stage:
     )
 
 
-_LATENCY_TABLE = _stage(
-    "latency_table",
-    folder="latency_table",
-    replicated=False,  # a property of the machine and the dense model's shapes
-    outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
-    inputs=_model_of("pretrain", "dense"),
-    params=("seed", *TIMING, "retrain.table_repeats", "decompose.targets", "filter.ratios"),
-    machine=True,
-)
+def latency_table_stage(base: Base) -> Stage:
+    """The latency table of ``base``'s model: the dense model's (what the latency methods choose by), or a pruned
+    base's (what predicts FLORA's models on it; its first run's)."""
+    return _stage(
+        base.stage("latency_table"),
+        "latency_table",
+        base=base.name,
+        folder=base.folder("latency_table"),
+        replicated=False,  # a property of the machine and the model's shapes
+        outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
+        inputs=_model_of(base.model, "dense"),
+        params=("seed", *TIMING, "retrain.table_repeats", "decompose.targets", "filter.ratios"),
+        machine=True,
+    )
+
+
+_LATENCY_TABLE = latency_table_stage(BASES["dense"])
 
 
 def latency_flora_stages(method: Method) -> list[Stage]:
@@ -465,7 +473,7 @@ _SEARCHES = [
     *_PRUNING,
 ]
 for _base in (BASES["slim"], BASES["ofb"]):
-    _SEARCHES += [base_stage(_base), *flora_stages(_base)]
+    _SEARCHES += [base_stage(_base), *flora_stages(_base), latency_table_stage(_base)]
 _RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
 #: The stage that makes each method's models.
 METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}
@@ -478,8 +486,8 @@ _LATENCY = _stage(
     replicated=False,  # times the first run's models
     outputs={"latency": Output("latency.csv"), "metrics": Output("metrics.json", "metrics")},
     machine=True,
-    inputs={  # the latency table, the dense model and every retrained model of every method
-        "table": Input("latency_table", "table"),
+    inputs={  # the latency tables, the dense model and every retrained model of every method
+        **{base.stage("table"): Input(base.stage("latency_table"), "table") for base in BASES.values()},
         "table_ofb": Input("latency_table_ofb", "table"),
         **_model_of("pretrain", "dense"),
         **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},

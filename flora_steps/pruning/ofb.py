@@ -414,30 +414,33 @@ def _grid_with_full(ratios: Iterable[float], units: int) -> list[int]:
     return sorted({*OFBGrids.widths(ratios, units), units})
 
 
+#: A model to time whole at one embedding width, with each block's (heads, channels per head, MLP units).
+TimedModel = tuple[nn.Module, dict[str, tuple[int, int, int]]]
+
+
 def timed_structures(
     vit: VisionTransformer, grids: OFBGrids, costs: CostModel, embed_points: int
-) -> tuple[dict[str, StructureOptions], dict[int, nn.Module]]:
+) -> tuple[dict[str, StructureOptions], dict[int, nn.Module], dict[int, TimedModel]]:
     """What the latency table times for OFB: every block's attention at each (embedding width, heads, channels per
-    head) and MLP at each (embedding width, units) of the candidate grids (the full widths included), and the model
-    less its attentions and MLPs (its *skeleton*) at each embedding width. Embedding widths: ``embed_points`` of the
-    grid's, evenly spaced, the narrowest and the full one included (the table is linear between them). Blocks of
-    one shape share their options; ``ValueError`` for a model OFB cannot prune."""
+    head) and MLP at each (embedding width, units) of the candidate grids (the full widths included), the model
+    less its attentions and MLPs (its *skeleton*) at each embedding width, and the whole model narrowed at each
+    embedding width but the full one (each block keeps every head, and the channels per head and units at the same
+    place of their grids as the embedding width in its grid), for the residual. Embedding widths: ``embed_points``
+    of the grid's, evenly spaced, the narrowest and the full one included (the table is linear between them).
+    Blocks of one shape share their options; ``ValueError`` for a model OFB cannot prune."""
     blocks = searchable_blocks(vit)
     embeds = _grid_with_full(grids.embed, vit.embed_dim)
     picked = np.unique(np.linspace(0, len(embeds) - 1, max(2, min(embed_points, len(embeds)))).round().astype(int))
     timed = [embeds[i] for i in picked]
     shared: dict[tuple[int, ...], StructureOptions] = {}
-    options = {}
+    options, narrowed = {}, {embed: {} for embed in timed[:-1]}
     for name, block in blocks.items():
         attn, mlp = block.attn, block.mlp
         tokens = costs.layers[f"{name}.attn.qkv"].tokens
         key = (tokens, attn.num_heads, attn.head_dim, mlp.fc1.out_features)
+        heads, head_dims = _grid_with_full(grids.heads, attn.num_heads), _grid_with_full(grids.head_dim, attn.head_dim)
+        units = _grid_with_full(grids.mlp, mlp.fc1.out_features)
         if key not in shared:
-            heads, head_dims = (
-                _grid_with_full(grids.heads, attn.num_heads),
-                _grid_with_full(grids.head_dim, attn.head_dim),
-            )
-            units = _grid_with_full(grids.mlp, mlp.fc1.out_features)
             shared[key] = StructureOptions(
                 tokens,
                 {
@@ -449,7 +452,27 @@ def timed_structures(
                 {(e, u): resize_mlp(copy.deepcopy(mlp), u, e) for e in timed for u in units},
             )
         options[name] = shared[key]
-    return options, {embed: skeleton(vit, embed) for embed in timed}
+        for index, embed in zip(picked, timed[:-1], strict=False):
+            place = index / (len(embeds) - 1)
+            narrowed[embed][name] = (heads[-1], _at(head_dims, place), _at(units, place))
+    models = {embed: (narrowed_model(vit, embed, widths), widths) for embed, widths in narrowed.items()}
+    return options, {embed: skeleton(vit, embed) for embed in timed}, models
+
+
+def _at(grid: Sequence[int], place: float) -> int:
+    """The value at ``place`` (0 to 1) along ``grid``."""
+    return grid[round(place * (len(grid) - 1))]
+
+
+def narrowed_model(vit: VisionTransformer, embed_dim: int, widths: Mapping[str, tuple[int, int, int]]) -> nn.Module:
+    """A copy of ``vit`` at embedding width ``embed_dim`` with each block's (heads, channels per head, MLP units)
+    of ``widths`` (placeholder weights: a model to time)."""
+    model = restructure_embedding(copy.deepcopy(vit), embed_dim)
+    for name, (heads, head_dim, units) in widths.items():
+        block = model.get_submodule(name)
+        resize_attention(block.attn, head_dim, heads)
+        resize_mlp(block.mlp, units)
+    return model
 
 
 class _Passthrough(nn.Module):

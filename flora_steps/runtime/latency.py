@@ -68,10 +68,10 @@ def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
     return LatencyTable.from_frame(device_rows(table, path, key))
 
 
-def read_latency_table(path: Path, device: torch.device, params: Params) -> LatencyTable:
+def read_latency_table(path: Path, device: torch.device, params: Params, stage: str = "latency_table") -> LatencyTable:
     """The table at ``path`` for ``device`` as this process would time it (``retrain.latency_batch``, the precision
-    of ``compute.amp`` there)."""
-    return device_table(read_csv(path), path, _key(device, params))
+    of ``compute.amp`` there); ``stage``: the stage that writes it, for the error."""
+    return LatencyTable.from_frame(device_rows(read_csv(path), path, _key(device, params), stage))
 
 
 def read_width_table(path: Path, device: torch.device, params: Params) -> WidthTable:

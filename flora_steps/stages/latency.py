@@ -9,10 +9,10 @@ round so that machine noise hits all of them alike; the median and quartiles ove
 `retrain.latency_repeats` rounds are reported, on the CPU and also on CUDA when
 present (in bfloat16 with compute.amp). Beside each, the latency table's prediction
 (`latency_table`: fixed part plus each target layer at its rank, or for ViT-Slim's
-models the pruned fixed part plus each attention and MLP at its width; for OFB's
-models `latency_table_ofb`: the fixed part at their embedding width plus each
-attention and MLP at theirs) and its error; FLORA on a pruned model is in no table
-(no prediction). The tables must have been
+models the pruned fixed part at their parts' share plus each attention and MLP at its
+width; for OFB's models `latency_table_ofb`: the fixed part at their embedding width
+plus each attention and MLP at theirs; for FLORA on a pruned model, the latency table
+of that model, `latency_table_on_slim` or `_on_ofb`) and its error. The tables must have been
 measured under the same key (device, threads, batch, precision, library versions):
 else one line says which differs. Writes `results/latency/`:
 
@@ -37,10 +37,11 @@ import torch
 
 from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of, time_rounds
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
+from ..pipeline.methods import BASES, METHODS
 from ..pruning.structure import block_heads, part_widths
 from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.latency import read_structure_table, read_tables
+from ..runtime.latency import read_latency_table, read_structure_table, read_tables
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
@@ -54,13 +55,12 @@ def predicted_ms(
     spec: ModelSpec,
     heads: Mapping[str, int],
 ) -> float:
-    """The tables' prediction for a saved model: from its ranks; from its pruned widths where it keeps every head
-    and the embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels, units and embedding
-    width by OFB's table (OFB's). NaN for what no table times (FLORA on a pruned model)."""
-    if not spec.pruned:
+    """The tables' prediction for a saved model: from its ranks by its base model's table (``ranks``; the dense
+    model's, or the pruned base's for FLORA on it); from its pruned widths where it keeps every head and the
+    embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels, units and embedding width by
+    OFB's table (OFB's). NaN where the table times none of its kind (a model without prunable blocks)."""
+    if spec.factorised or not spec.pruned:
         return ranks.predict_ms(spec.factorised)
-    if spec.factorised:
-        return float("nan")
     if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
         if structures is None:
             return float("nan")
@@ -105,11 +105,19 @@ def run(context: StageContext) -> None:
     for device in devices:
         precision = precision_of(device, params.compute.amp)
         ranks, widths = read_tables(context.input("table"), device, params)
+        base_ranks = {"dense": ranks} | {  # FLORA on a pruned base: that model's own table
+            name: read_latency_table(context.input(base.stage("table")), device, params, base.stage("latency_table"))
+            for name, base in BASES.items()
+            if name != "dense"
+        }
         structures = read_structure_table(context.input("table_ofb"), device, params)
         images = torch.randn((batch, *shape), device=device)
         runs = {name: (model.eval().to(device), images) for name, (model, _) in models.items()}
         timed = time_rounds(runs, repeats, dtype=precision, rounds=partial(progress, desc=f"latency {device.type}"))
-        predicted = {name: predicted_ms(ranks, widths, structures, spec, heads) for name, (_, spec) in models.items()}
+        predicted = {
+            (method, budget): predicted_ms(base_ranks[METHODS[method].base], widths, structures, spec, heads)
+            for (method, budget), (_, spec) in models.items()
+        }
         timings = timing_table(timed, predicted)
         timings.insert(2, "device", device.type)
         timings.insert(3, "batch", batch)

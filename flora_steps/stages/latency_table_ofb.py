@@ -10,19 +10,22 @@ compute.amp), each block's attention at every (heads, channels per head) cell an
 at every width of those grids (the full widths included) runs alone on a batch of
 `retrain.latency_batch` images' tokens at `ofb.table_embed_widths` embedding widths
 (evenly spaced over the grid, both ends included; linear between). The model less its
-attentions and MLPs (its *skeleton*) runs at those embedding widths too, and the dense
-model beside them: its time less its skeleton and parts is the residual every
-prediction adds (so the dense model's prediction is its timing). Blocks of one shape
-are timed once. All run in interleaved rounds, `retrain.table_repeats` timed after
-three warm-up rounds; median and quartiles are kept. `ofb_latency` searches OFB with
+attentions and MLPs (its *skeleton*) runs at those embedding widths too, and so do the
+dense model and the model narrowed at each of those widths (every head kept, channels
+per head and units at the same place of their grids): each one's time less its
+skeleton and parts is the residual at its width, which a prediction adds (linear
+between widths; the dense model's prediction is its timing). Blocks of one shape are
+timed once. All run in interleaved rounds (each round in its own order),
+`retrain.table_repeats` timed after three warm-up rounds; median and quartiles are
+kept. `ofb_latency` searches OFB with
 this table's prediction as its cost, and the latency stage predicts OFB's models from
 it. Writes `results/latency_table_ofb/`:
 
 - `table.csv`: per device, one row per block, embedding width and attention cell or MLP
-  width, per skeleton width and the dense model: median and quartile milliseconds per
+  width, per skeleton width, per residual width and the dense model: median and quartile milliseconds per
   batch, each row keyed by device, device name, threads, batch, precision and
   torch/timm versions; only the header for a model OFB cannot prune
-- `metrics.json`: per device, the key, the dense model's time and the residual
+- `metrics.json`: per device, the key, the dense model's time and the residual by width
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def run(context: StageContext) -> None:
     grids = OFBGrids(cfg.head_ratios, cfg.head_dim_ratios, cfg.mlp_ratios, cfg.embed_ratios)
     repeats = params.retrain.table_repeats
     try:
-        blocks, skeletons = timed_structures(dense, grids, trace_costs(dense, shape), cfg.table_embed_widths)
+        blocks, skeletons, models = timed_structures(dense, grids, trace_costs(dense, shape), cfg.table_embed_widths)
     except ValueError as error:
         log.warning("OFB cannot prune %s (%s): the table is empty", spec.model, error)
         write_csv(context.output("table"), pd.DataFrame(columns=[*KEY, *STRUCTURE_COLUMNS]))
@@ -59,13 +62,20 @@ def run(context: StageContext) -> None:
     tables, metrics = [], {}
     for timing in timing_devices(context.device, params, shape, "OFB latency table"):
         rows = measure_structure_table(
-            dense, blocks, skeletons, timing.images, repeats, dtype=timing.precision, rounds=timing.rounds
+            dense,
+            blocks,
+            skeletons,
+            timing.images,
+            repeats,
+            dtype=timing.precision,
+            rounds=timing.rounds,
+            models=models,
         )
         tables.append(timing.keyed(rows))
         table = StructureTable.from_frame(rows)
         metrics[timing.device.type] = timing.key | {
             "dense_ms": table.model_ms,
-            "residual_ms": round(table.residual_ms, 5),
+            "residual_ms": {embed: round(ms, 5) for embed, ms in sorted(table.residual.items())},
             "embed_widths": sorted(table.skeleton),
             "rows": len(rows),
         }
@@ -76,7 +86,7 @@ def run(context: StageContext) -> None:
             timing.key["device_name"],
             table.model_ms,
             len(timing.images),
-            table.residual_ms,
+            table.residual[table.embed_dim],
             len(rows),
         )
         dense.to("cpu")
