@@ -142,6 +142,7 @@ def test_the_structure_table_holds_every_candidate_and_is_linear_between_embeddi
     # the fixed part: the skeleton and the residual, each linear between the timed widths
     assert table.fixed_ms(48) == pytest.approx(sum(table.skeleton.values()) / 2 + sum(table.residual.values()) / 2)
     assert table.model_ms == frame.loc[frame["part"] == "model", "median_ms"].item()
+    assert table.dense_ms == pytest.approx(table.model_ms, abs=1e-4)  # the residual makes it the dense model's median
     row = attention[(attention["embed"] == 32) & (attention["heads"] == 1) & (attention["width"] == 16)]
     assert table.attention_ms("blocks.0", 32, 1, 16) == pytest.approx(row["median_ms"].item())
     middle = table.mlp_ms("blocks.2", 48, 128)

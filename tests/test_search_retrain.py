@@ -126,7 +126,7 @@ def test_search_with_a_budget_not_in_params_is_one_clear_line(searched: Path, mo
 def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_path: Path, monkeypatch, capsys):
     params = yaml.safe_load((searched / "params.yaml").read_text())
     params["budgets"] = {"search": [0.1], "uniform": [0.05, 0.1], "slim": [0.05], "slim_base": 0.3, "slim_flora": [0.1]}
-    params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1], "latency": [0.9]}
+    params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1], "latency": [0.98]}
     params["budgets"]["latency_unit"] = "fraction"
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "filter", "supernet"):
@@ -179,15 +179,15 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("control", 0.4),
         ("control", 0.5),
         ("flora", 0.5),
-        ("control_latency", 0.9),
-        ("uniform_latency", 0.9),
-        ("flora_latency", 0.9),
+        ("control_latency", 0.98),
+        ("uniform_latency", 0.98),
+        ("flora_latency", 0.98),
         ("slim", 0.35),
-        ("slim_latency", 0.9),
+        ("slim_latency", 0.98),
         ("slim_flora", 0.4),
         ("ofb", 0.35),
         ("ofb", 0.5),
-        ("ofb_latency", 0.9),
+        ("ofb_latency", 0.98),
         ("ofb_flora", 0.4),
     ]
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()

@@ -455,12 +455,16 @@ def measure_structure_table(
         _structure_row(SKELETON, "", embed, None, None, None, timed[SKELETON, embed]) for embed in sorted(skeletons)
     ]
     for embed in sorted(whole):
-        parts = sum(
-            timed[id(blocks[name]), ATTENTION, (embed, heads, head_dim)] + timed[id(blocks[name]), MLP, (embed, units)]
+        pieces = [timed[SKELETON, embed]] + [
+            timed[id(blocks[name]), kind, cell]
             for name, (heads, head_dim, units) in whole[embed][1].items()
-        )
-        residual = timed[MODEL, embed] - timed[SKELETON, embed] - parts
-        rows.append(_structure_row(RESIDUAL, "", embed, None, None, None, residual))
+            for kind, cell in ((ATTENTION, (embed, heads, head_dim)), (MLP, (embed, units)))
+        ]
+        row = _structure_row(RESIDUAL, "", embed, None, None, None, timed[MODEL, embed] - sum(pieces))
+        # the median: the model's less its pieces' (each whole model's prediction is then its median; in shuffled
+        # rounds the median of the differences strays from it); the quartiles: of the differences, round by round
+        row["median_ms"] = round(float(np.median(timed[MODEL, embed]) - sum(np.median(piece) for piece in pieces)), 5)
+        rows.append(row)
     rows.append(_structure_row(MODEL, "", int(model.embed_dim), None, None, None, timed[MODEL, int(model.embed_dim)]))
     return pd.DataFrame(rows)
 
@@ -481,7 +485,7 @@ class StructureTable:
     The residual at a width is a whole model's time there less its skeleton and its
     parts timed alone (what running them together costs or saves), as the rank table's
     fixed part is the dense model less its layers: the dense model's prediction is its
-    timing. A narrower model's rest runs faster, so it is timed at several widths."""
+    median. A narrower model's rest runs faster, so it is timed at several widths."""
 
     skeleton: Mapping[int, float]
     attention: Mapping[str, Mapping[tuple[int, int], Mapping[int, float]]]

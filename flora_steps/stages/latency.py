@@ -19,8 +19,9 @@ else one line says which differs. Writes `results/latency/`:
 - `latency.csv`: per model and device, the median and quartile milliseconds per
   batch, the speedup over the dense model, the predicted milliseconds and the
   prediction's relative error, and the error of the predicted share of the dense
-  model's latency (a drift of the machine's speed between the table and this stage
-  cancels there)
+  model's latency (the prediction over the same table's prediction of the dense model,
+  the rank table's for FLORA on a pruned base; a drift of the machine's speed between
+  the table and this stage cancels there)
 - `metrics.json`: per device, each model's median, and both errors' median absolute
   value
 """
@@ -48,45 +49,50 @@ from ..runtime.progress import progress
 log = logging.getLogger(__name__)
 
 
-def predicted_ms(
+def prediction(
+    dense: LatencyTable,
     ranks: LatencyTable,
     widths: WidthTable | None,
     structures: StructureTable | None,
     spec: ModelSpec,
     heads: Mapping[str, int],
-) -> float:
-    """The tables' prediction for a saved model: from its ranks by its base model's table (``ranks``; the dense
-    model's, or the pruned base's for FLORA on it); from its pruned widths where it keeps every head and the
-    embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels, units and embedding width by
-    OFB's table (OFB's). NaN where the table times none of its kind (a model without prunable blocks)."""
+) -> tuple[float, float]:
+    """The tables' prediction for a saved model, and the same table's prediction of the dense model (what its
+    fraction budgets divide by): from its ranks by its base model's table (``ranks``; ``dense``, the dense model's,
+    or the pruned base's for FLORA on it, whose dense prediction is ``dense``'s); from its pruned widths where it
+    keeps every head and the embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels,
+    units and embedding width by OFB's table (OFB's). NaN where the table times none of its kind."""
     if spec.factorised or not spec.pruned:
-        return ranks.predict_ms(spec.factorised)
+        return ranks.predict_ms(spec.factorised), dense.dense_ms
     if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
         if structures is None:
-            return float("nan")
+            return float("nan"), float("nan")
         embed = spec.embed_dim or structures.embed_dim
         blocks = {
             name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in spec.pruned.items()
         }
-        return structures.predict_ms(embed, blocks)
-    return float("nan") if widths is None else widths.predict_ms(part_widths(spec.pruned, heads))
+        return structures.predict_ms(embed, blocks), structures.dense_ms
+    if widths is None:
+        return float("nan"), float("nan")
+    return widths.predict_ms(part_widths(spec.pruned, heads)), widths.dense_ms
 
 
 def timing_table(
-    timed: Mapping[tuple[str, float], np.ndarray], predicted: Mapping[tuple[str, float], float]
+    timed: Mapping[tuple[str, float], np.ndarray], predicted: Mapping[tuple[str, float], tuple[float, float]]
 ) -> pd.DataFrame:
     """Per model (the dense one first): median and quartile ms, speedup over dense, the prediction and its relative
-    error, and the error of the predicted share of the dense model's latency (what a fraction budget relies on)."""
+    error, and the error of the predicted share of the dense model's latency (what a fraction budget relies on:
+    the prediction over the same table's prediction of the dense model; ``predicted``: both, per model)."""
     rows = []
     for (method, budget), values in timed.items():
         q1, median, q3 = np.percentile(values, [25, 50, 75])
         rows.append({"method": method, "budget": budget, "latency_ms": median, "q1_ms": q1, "q3_ms": q3})
-    table = pd.DataFrame(rows).assign(predicted_ms=[predicted[key] for key in timed])
+    table = pd.DataFrame(rows).assign(predicted_ms=[predicted[key][0] for key in timed])
+    reference = np.array([predicted[key][1] for key in timed])
     dense = table.iloc[0]
     table["speedup"] = dense["latency_ms"] / table["latency_ms"]
     table["prediction_error"] = table["predicted_ms"] / table["latency_ms"] - 1
-    share = (table["predicted_ms"] / dense["predicted_ms"]) / (table["latency_ms"] / dense["latency_ms"])
-    table["share_error"] = share - 1
+    table["share_error"] = (table["predicted_ms"] / reference) / (table["latency_ms"] / dense["latency_ms"]) - 1
     return table.round(4)
 
 
@@ -115,7 +121,7 @@ def run(context: StageContext) -> None:
         runs = {name: (model.eval().to(device), images) for name, (model, _) in models.items()}
         timed = time_rounds(runs, repeats, dtype=precision, rounds=partial(progress, desc=f"latency {device.type}"))
         predicted = {
-            (method, budget): predicted_ms(base_ranks[METHODS[method].base], widths, structures, spec, heads)
+            (method, budget): prediction(ranks, base_ranks[METHODS[method].base], widths, structures, spec, heads)
             for (method, budget), (_, spec) in models.items()
         }
         timings = timing_table(timed, predicted)
