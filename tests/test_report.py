@@ -125,7 +125,24 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     methods += ["flora_latency"]
     methods += ["slim", "slim_latency", "slim_flora", "ofb", "ofb", "ofb_latency", "ofb_flora"]
     assert list(results["method"]) == methods
-    assert list(results["budget"]) == [1.0, 0.4, 0.5, 0.4, 0.5, 0.5, 0.98, 0.98, 0.98, 0.35, 0.98, 0.4, 0.35, 0.5, 0.98, 0.4]
+    assert list(results["budget"]) == [
+        1.0,
+        0.4,
+        0.5,
+        0.4,
+        0.5,
+        0.5,
+        0.98,
+        0.98,
+        0.98,
+        0.35,
+        0.98,
+        0.4,
+        0.35,
+        0.5,
+        0.98,
+        0.4,
+    ]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
     assert list(results["seeds"].fillna(0)) == [0] + [2] * 15
     flora = results[results["method"] == "flora"].iloc[0]
