@@ -15,8 +15,8 @@ attention at a number of channels kept, its MLP at a number of hidden units kept
 timed at a grid of widths, and the rest of the model is the *pruned fixed part*: the
 dense model less its parts in full, and each uniformly pruned model (every part cut to
 one ratio) less its parts at their widths. The rest of a pruned model runs faster than
-the dense model's (less memory traffic between its smaller parts), so the pruned fixed
-part is kept at each *share*, the parts' time as a fraction of their time in full. A
+the dense model's (measured, `bench/width_prediction.py`), so the pruned fixed part is
+kept at each *share*, the parts' time as a fraction of their time in full. A
 structure's prediction is each part at its width, interpolated between timed widths,
 plus the pruned fixed part at its parts' share, interpolated between the uniform models'.
 
@@ -367,8 +367,8 @@ class WidthTable:
 
 
 #: The columns of a structure table (OFB's widths) after its key: ``part`` is ``ATTENTION`` (``width``: channels per
-#: head), ``MLP`` (``width``: units), ``SKELETON`` (the model less every attention and MLP) or ``MODEL`` (the dense
-#: model, a check), each at an embedding width ``embed``.
+#: head), ``MLP`` (``width``: units), ``SKELETON`` (the model less every attention and MLP), ``RESIDUAL`` (a whole
+#: model less its skeleton and parts) or ``MODEL`` (the dense model), each at an embedding width ``embed``.
 STRUCTURE_COLUMNS = ("part", "layer", "embed", "heads", "width", "tokens", "median_ms", "q1_ms", "q3_ms", "repeats")
 #: ``part`` of a structure table's row timing what no attention or MLP holds (patch embedding, norms, sums, head);
 #: and of a row holding a whole model's time at an embedding width less its skeleton and parts timed alone.
@@ -410,8 +410,9 @@ def measure_structure_table(
     those widths with each block's (heads, channels per head, units), all of them
     options of ``blocks``. Everything runs in interleaved rounds with the dense model.
     Returns a row per block, embedding width and attention cell or MLP width, one per
-    skeleton, the residual at each width of ``models`` and the dense model's (the model
-    less its skeleton and its parts timed alone, round by round), and the dense model's.
+    skeleton, the residual at each width of ``models`` and the dense model's (the model's
+    median less its skeleton's and its parts' timed alone; quartiles of the differences
+    round by round), and the dense model's.
 
     Each round runs in its own order: in a fixed one, the first option of each embedding
     width ran up to 0.25 ms slower. Side by side on the default's model (two tables each),

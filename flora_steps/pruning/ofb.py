@@ -62,7 +62,7 @@ from torch import nn
 
 from ..core.latency import StructureOptions, StructureTable
 from ..core.macs import CostModel
-from .structure import PrunedBlock, resize_attention, resize_mlp
+from .structure import PrunedBlock, resize_attention, resize_mlp, restructure_blocks
 
 EMBED = "embed"
 ATTENTION, MLP = "attention", "mlp"
@@ -467,12 +467,8 @@ def _at(grid: Sequence[int], place: float) -> int:
 def narrowed_model(vit: VisionTransformer, embed_dim: int, widths: Mapping[str, tuple[int, int, int]]) -> nn.Module:
     """A copy of ``vit`` at embedding width ``embed_dim`` with each block's (heads, channels per head, MLP units)
     of ``widths`` (placeholder weights: a model to time)."""
-    model = restructure_embedding(copy.deepcopy(vit), embed_dim)
-    for name, (heads, head_dim, units) in widths.items():
-        block = model.get_submodule(name)
-        resize_attention(block.attn, head_dim, heads)
-        resize_mlp(block.mlp, units)
-    return model
+    structure = {name: PrunedBlock(head_dim, units, heads) for name, (heads, head_dim, units) in widths.items()}
+    return restructure_blocks(restructure_embedding(copy.deepcopy(vit), embed_dim), structure)
 
 
 class _Passthrough(nn.Module):
@@ -744,13 +740,13 @@ class OFBSearch(nn.Module):
         module to a smaller cell of its grid and removes the units of the lowest ranks;
         its cost is the summed mask value (λ·σ(S) + (1 − λ)·V) of those units. A move
         that lands in [``low``, ``high``] wins, the cheapest first; otherwise the move with
-        the least mask value per MAC saved that stays at or above ``low``. ``ValueError``
+        the least mask value per unit of cost saved that stays at or above ``low``. ``ValueError``
         when no move gets there.
         """
         cells = self.choice()
         values = {key: mask(self.weight) for key, mask in self.masks.items()}
 
-        def macs(choice: Mapping[str, tuple[int, ...]]) -> float:
+        def cost(choice: Mapping[str, tuple[int, ...]]) -> float:
             return price.price(*self.structure(choice))
 
         def kept(key: str, cell: tuple[int, ...]) -> torch.Tensor:
@@ -758,7 +754,7 @@ class OFBSearch(nn.Module):
             inside = ranks[0] < widths[0]
             return inside if len(widths) == 1 else inside & (ranks[1] < widths[1])
 
-        current = macs(cells)
+        current = cost(cells)
         while current > high:
             landing, towards = [], []
             for key, mask in self.masks.items():
@@ -766,7 +762,7 @@ class OFBSearch(nn.Module):
                     if cell == cells[key] or any(c > now for c, now in zip(cell, cells[key])):
                         continue
                     trial = {**cells, key: cell}
-                    after = macs(trial)
+                    after = cost(trial)
                     if after < low:
                         continue
                     lost = float(values[key][kept(key, cells[key]) & ~kept(key, cell)].sum())

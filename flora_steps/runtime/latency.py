@@ -63,15 +63,15 @@ def device_rows(table: pd.DataFrame, path: Path, key: dict, stage: str = "latenc
     return rows
 
 
-def device_table(table: pd.DataFrame, path: Path, key: dict) -> LatencyTable:
+def device_table(table: pd.DataFrame, path: Path, key: dict, stage: str = "latency_table") -> LatencyTable:
     """The latency table's rows of ``key``'s device, read back (``device_rows``)."""
-    return LatencyTable.from_frame(device_rows(table, path, key))
+    return LatencyTable.from_frame(device_rows(table, path, key, stage))
 
 
 def read_latency_table(path: Path, device: torch.device, params: Params, stage: str = "latency_table") -> LatencyTable:
     """The table at ``path`` for ``device`` as this process would time it (``retrain.latency_batch``, the precision
     of ``compute.amp`` there); ``stage``: the stage that writes it, for the error."""
-    return LatencyTable.from_frame(device_rows(read_csv(path), path, _key(device, params), stage))
+    return device_table(read_csv(path), path, _key(device, params), stage)
 
 
 def read_width_table(path: Path, device: torch.device, params: Params) -> WidthTable:
