@@ -43,7 +43,7 @@ from flora_steps.runtime.machine import KEY, key_difference, table_key
 QKV, FC1 = LinearCost(8, 24, 5), LinearCost(8, 32, 5)
 
 
-def handmade_table() -> LatencyTable:
+def handmade_frame() -> pd.DataFrame:
     """Two layers: a (8 -> 24) one timed at ranks 2 and 4 (break-even 6), a (8 -> 32) one timed dense only."""
     rows = [
         (LAYER, "blocks.0.qkv", QKV, None, 3.0),
@@ -51,7 +51,7 @@ def handmade_table() -> LatencyTable:
         (LAYER, "blocks.0.qkv", QKV, 4, 2.0),
         (LAYER, "blocks.0.fc1", FC1, None, 5.0),
     ]
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         [
             {"part": part, "layer": layer, "in_features": shape.in_features, "out_features": shape.out_features}
             | {"tokens": shape.tokens, "rank": rank, "median_ms": ms}
@@ -59,7 +59,11 @@ def handmade_table() -> LatencyTable:
         ]
         + [{"part": FIXED, "median_ms": 10.0}, {"part": MODEL, "median_ms": 18.5}]
     )
-    return LatencyTable.from_frame(frame)
+
+
+def handmade_table() -> LatencyTable:
+    """``handmade_frame``'s table."""
+    return LatencyTable.from_frame(handmade_frame())
 
 
 def test_a_prediction_is_the_fixed_part_plus_each_layer_at_its_rank() -> None:
@@ -335,8 +339,23 @@ def test_a_search_and_a_uniform_fit_can_price_by_a_latency_table() -> None:
     ratio, ranks = fit_uniform_ratio(macs, list(macs.layers), 17.0, cost=table.predict_ms)
     assert ratio == 0.5 and ranks == {"blocks.0.qkv": 4, "blocks.0.fc1": 4} and table.predict_ms(ranks) == 17
     assert table.predict_ms({"blocks.0.qkv": 5, "blocks.0.fc1": 5}) > 17  # the next ratio does not fit
-    with pytest.raises(ValueError, match=r"budget of 15 is below the uniform model at rank 1 \(16\)"):
+    with pytest.raises(ValueError, match=r"budget of 15 is below the uniform model at rank ratio 0.125 \(16\)"):
         fit_uniform_ratio(macs, list(macs.layers), 15.0, cost=table.predict_ms)
+
+
+def test_a_uniform_fit_under_a_latency_table_takes_only_ratios_it_timed() -> None:
+    """Interpolated ranks can run slower than both timed neighbours: the fit may keep only timed ones."""
+    frame = handmade_frame()
+    fc1 = frame[(frame["layer"] == "blocks.0.fc1")].assign(rank=4, median_ms=3.0)
+    table = LatencyTable.from_frame(pd.concat([frame, fc1], ignore_index=True))
+    macs = CostModel({"blocks.0.qkv": QKV, "blocks.0.fc1": FC1}, other_macs=0, other_params=0)
+    assert table.timed({"blocks.0.qkv": 4, "blocks.0.fc1": 4}) and table.timed({"blocks.0.qkv": 6})  # 6: dense
+    assert not table.timed({"blocks.0.qkv": 2, "blocks.0.fc1": 2}) and not table.timed({"blocks.0.qkv": 5})
+    assert fit_uniform_ratio(macs, list(macs.layers), 17.0, cost=table.predict_ms)[0] == 5 / 8  # interpolated
+    ratio, ranks = fit_uniform_ratio(macs, list(macs.layers), 17.0, cost=table.predict_ms, allowed=table.timed)
+    assert ratio == 0.5 and ranks == {"blocks.0.qkv": 4, "blocks.0.fc1": 4} and table.predict_ms(ranks) == 15
+    with pytest.raises(ValueError, match="no uniform rank ratio is allowed"):
+        fit_uniform_ratio(macs, list(macs.layers), 17.0, cost=table.predict_ms, allowed=lambda ranks: False)
 
 
 UNIFORMS = ("control_latency", "uniform_latency")

@@ -387,6 +387,10 @@ def test_local_normalisation_and_the_schedules() -> None:
     image = torch.randn(1, 3, 16, 16)
     normalised = local_normalise(image, 5)
     assert normalised.shape == image.shape and torch.isfinite(normalised).all()
+    for row, column in ((0, 0), (1, 14), (8, 8), (15, 3)):  # corners, edges and inside: the neighbours in the image
+        patch = image[0, :, max(row - 2, 0) : row + 3, max(column - 2, 0) : column + 3].reshape(3, -1)
+        expected = (image[0, :, row, column] - patch.mean(1)) / (patch.var(1) + 1e-6).sqrt()
+        assert torch.allclose(normalised[0, :, row, column], expected, atol=1e-4)
     assert ramp(0.0, 10, 0.99, 0.1) == 0.99 and ramp(5, 10, 0.99, 0.1) == pytest.approx(0.545)
     assert ramp(12, 10, 0.05, 0.25) == 0.25
 

@@ -268,6 +268,15 @@ class LatencyTable:
         values = [timed[r] for r in factorised] + ([timed[None]] if len(points) > len(factorised) else [])
         return float(np.interp(rank, points, values))
 
+    def timed(self, ranks: Mapping[str, int]) -> bool:
+        """Whether the table timed every layer of a rank config at its rank (ranks at or above break-even: dense),
+        so that ``predict_ms`` interpolates nothing."""
+        return all(
+            not factorised_is_cheaper(self.layers[name].in_features, self.layers[name].out_features, rank)
+            or rank in self.options[name]
+            for name, rank in ranks.items()
+        )
+
     def _quartiles(self, name: str, rank: int | None) -> tuple[float, float]:
         """Lower and upper quartile of a timed option; the prediction for both where none were kept."""
         return self.quartiles.get(name, {}).get(rank) or (self.layer_ms(name, rank),) * 2

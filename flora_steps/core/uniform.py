@@ -45,16 +45,25 @@ def fit_uniform_ratio(
     budget: float,
     multiple: int = 1,
     cost: Callable[[Mapping[str, int]], float] | None = None,
+    allowed: Callable[[Mapping[str, int]], bool] | None = None,
 ) -> tuple[float, dict[str, int]]:
     """The largest candidate ratio whose uniform rank config costs at most ``budget``, and that config.
 
     The cost is the config's MACs (``costs.macs``) unless ``cost`` prices it otherwise (a latency table's
-    ``predict_ms``). Raises ``ValueError`` when even the smallest rank everywhere exceeds the budget.
+    ``predict_ms``); ``allowed`` keeps only the candidates whose config it accepts (a latency table's ``timed``).
+    Raises ``ValueError`` when even the smallest candidate exceeds the budget, or none is allowed.
     """
     cost = cost or costs.macs
-    ratios = candidate_ratios(costs, layers, multiple)
-    fitting = [r for r in ratios if cost(uniform_ranks(costs, layers, r, multiple)) <= budget]
+    configs = {
+        ratio: uniform_ranks(costs, layers, ratio, multiple) for ratio in candidate_ratios(costs, layers, multiple)
+    }
+    configs = {ratio: ranks for ratio, ranks in configs.items() if allowed is None or allowed(ranks)}
+    if not configs:
+        raise ValueError("no uniform rank ratio is allowed")
+    fitting = [ratio for ratio, ranks in configs.items() if cost(ranks) <= budget]
     if not fitting:
-        smallest = cost(uniform_ranks(costs, layers, ratios[0], multiple))
-        raise ValueError(f"budget of {budget:.6g} is below the uniform model at rank {multiple} ({smallest:.6g})")
-    return fitting[-1], uniform_ranks(costs, layers, fitting[-1], multiple)
+        lowest = min(configs)
+        raise ValueError(
+            f"budget of {budget:.6g} is below the uniform model at rank ratio {lowest:.4g} ({cost(configs[lowest]):.6g})"
+        )
+    return fitting[-1], configs[fitting[-1]]

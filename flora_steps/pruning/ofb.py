@@ -503,13 +503,20 @@ def masked_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, support: torch.Tensor
     return normed * support
 
 
+def _box_mean(images: torch.Tensor, window: int) -> torch.Tensor:
+    """The mean of each pixel's ``window`` x ``window`` neighbourhood inside the image, per channel: one pass along
+    each axis (the box is a rectangle, so its mean is the mean along rows of the means along columns)."""
+    pad = window // 2
+    rows = F.avg_pool2d(images, (window, 1), 1, (pad, 0), count_include_pad=False)
+    return F.avg_pool2d(rows, (1, window), 1, (0, pad), count_include_pad=False)
+
+
 def local_normalise(images: torch.Tensor, window: int) -> torch.Tensor:
     """Each pixel normalised by the mean and (unbiased) variance of its ``window`` x ``window`` neighbourhood,
     per channel: PMIM's reconstruction target."""
-    pool = {"kernel_size": window, "stride": 1, "padding": window // 2, "count_include_pad": False}
-    mean = F.avg_pool2d(images, **pool)
-    square = F.avg_pool2d(images**2, **pool)
-    count = F.avg_pool2d(torch.ones_like(images[:, :1]), window, 1, window // 2, count_include_pad=True) * window**2
+    mean, square = _box_mean(images, window), _box_mean(images**2, window)
+    ones = images.new_ones(1, 1, *images.shape[-2:])
+    count = F.avg_pool2d(ones, window, 1, window // 2, count_include_pad=True) * window**2  # pixels inside
     variance = ((square - mean**2) * count / (count - 1).clamp_min(1)).clamp_min(0)
     return (images - mean) / (variance + 1e-6).sqrt()
 

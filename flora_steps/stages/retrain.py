@@ -143,11 +143,14 @@ def uniform_ranks(context: StageContext, source: nn.Module, spec: ModelSpec, cos
     method, whose latency the table predicts fit the budget."""
     budget, multiple = context.budget, context.params.retrain.uniform_rank_multiple
     limit, price = budget * dense.dense_macs, None
+    allowed = None
     if context.stage.cost == "latency":
         latency = latency_budget(context.input("table"), context.device, context.params)
-        limit, price = latency.limit(budget), latency.table.predict_ms
+        # only ratios whose ranks the table timed: off its grid a pair can run slower than both timed neighbours,
+        # even than the dense layer (rank 44 of a 64-wide layer on one CPU thread), which interpolation misses
+        limit, price, allowed = latency.limit(budget), latency.table.predict_ms, latency.table.timed
     try:
-        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), limit, multiple, cost=price)
+        ratio, ranks = fit_uniform_ratio(costs, list(lowrank_layers(source)), limit, multiple, price, allowed)
     except ValueError as error:
         raise UserError(f"{budgets_key(context.stage.foreach)}: {budget}: {error}") from None
     return ranks, {"rank_ratio": round(ratio, 6)} | ({"predicted_ms": round(price(ranks), 4)} if price else {})
