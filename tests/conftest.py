@@ -25,16 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-#: The modules that take longest, run first: pytest-xdist hands modules to its workers in this order (the
-#: collection's: ``--no-loadscope-reorder``), so the short ones fill in beside them instead of one long module
-#: running alone at the end. The rehearsal and the hybrid models need no smoke results: they run while the first
-#: worker makes them (``smoke_pipeline``) for DVC's tests, Snakemake's and most others.
+#: The modules that take longest, each run first among its kind: pytest-xdist hands modules to its workers in the
+#: collection's order (``--no-loadscope-reorder``), so the short ones fill in beside them instead of one long module
+#: running alone at the end. DVC's tests go first: their worker makes the smoke pipeline (``smoke_pipeline``) that
+#: most modules wait for; the other worker meanwhile runs the modules that need none, the rehearsal's first.
 LONGEST = ("test_dvc.py", "test_rehearsal.py", "test_hybrid.py", "test_snakemake.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(LONGEST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))
+    waits = {item.path.name for item in items if "smoke_pipeline" in item.fixturenames} - {LONGEST[0]}
+    items.sort(key=lambda item: (item.path.name in waits, rank.get(item.path.name, len(LONGEST))))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,7 +16,15 @@ from PIL import Image
 
 from flora_steps.errors import UserError
 from flora_steps.params import DataParams
-from flora_steps.runtime.data import SeededSampler, build_splits, make_loader, random_shift, train_loader
+from flora_steps.runtime.data import (
+    SeededSampler,
+    build_splits,
+    load_digits,
+    make_loader,
+    random_shift,
+    stratified_split,
+    train_loader,
+)
 from flora_steps.runtime.distributed import shard
 from flora_steps.runtime.transforms import posterize, training_transform
 
@@ -62,6 +70,32 @@ def test_digits_splits_are_fixed_stratified_and_disjoint() -> None:
         assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 0.05 * len(split) + 2
     rows = {tuple(image.flatten().tolist()) for s in (splits.train, splits.val, splits.test) for image in s.images}
     assert len(rows) >= 1797 - 20  # disjoint up to the few duplicate images digits contains
+
+
+def test_the_digits_and_their_splits_are_scikit_learns() -> None:
+    """Read and split here without importing scikit-learn (a second per stage job): the same images and labels,
+    and the same stratified splits as ``train_test_split``, for balanced and unbalanced classes, ties included."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    pixels, target = load_digits()
+    reference = sklearn_digits()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(target, reference.target)
+    rng = np.random.default_rng(0)
+    unbalanced = rng.choice(7, size=203, p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+    for labels in (target, target[:400], unbalanced, np.repeat(np.arange(3), 5)):
+        for fraction in (0.1, 0.2, 0.25, 0.33, 0.5, 0.8):
+            for seed in (0, 1, 7):
+                try:
+                    expected = train_test_split(
+                        np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+                    )
+                except ValueError:  # too few images for a part to hold every class: refused here too
+                    with pytest.raises(UserError, match=f"data.val_fraction: {fraction} cannot split"):
+                        stratified_split(labels, fraction, seed)
+                    continue
+                kept, held_out = stratified_split(labels, fraction, seed)
+                assert np.array_equal(kept, np.sort(expected[0])) and np.array_equal(held_out, np.sort(expected[1]))
 
 
 def test_digits_are_normalised_with_the_model_statistics() -> None:

@@ -13,7 +13,7 @@ from conftest import ROOT, SMOKE, run_command, run_recorded, write_params
 
 from flora_steps.params import load_params
 from flora_steps.pipeline import schema
-from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, param_value
+from flora_steps.pipeline.catalogue import STAGES, UNTRACKED, chain, param_value, priority
 from flora_steps.pipeline.code import code_files
 from flora_steps.pipeline.dvc_yaml import render
 
@@ -32,6 +32,14 @@ def test_every_output_of_every_stage_lies_in_its_own_folder() -> None:
             assert reference.output in STAGES[reference.stage].outputs, (stage.name, reference)
 
 
+def test_stages_that_time_models_start_first_then_the_longest_chains() -> None:
+    alone = {name for name, stage in STAGES.items() if stage.resources.alone}
+    assert {"latency_table", "latency_table_ofb", "latency"} <= alone
+    assert min(priority(name) for name in alone) > max(priority(name) for name in STAGES if name not in alone)
+    assert chain("report") == 1 and chain("latency") == 2 and chain("pretrain") > chain("filter") > chain("supernet")
+    assert priority("filter") > priority("supernet") > priority("search")
+
+
 def test_tracked_params_are_keys_of_the_params_schema() -> None:
     params = load_params(ROOT / "params.yaml").model_dump(mode="json")
     for stage in STAGES.values():
@@ -45,7 +53,7 @@ def test_tracked_params_are_keys_of_the_params_schema() -> None:
 #: forked child, which reports the package source files that the import ran.
 IMPORTS_PER_STAGE = """
 import os, sys
-import matplotlib.figure, pandas, pydantic, safetensors.torch, sklearn.datasets, timm, torch, torchvision, tqdm, yaml
+import matplotlib.figure, pandas, pydantic, safetensors.torch, timm, torch, torchvision, tqdm, yaml
 assert not any(name.startswith("flora_steps") for name in sys.modules)
 for module in sys.argv[1:]:
     reader, writer = os.pipe()

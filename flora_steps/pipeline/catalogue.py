@@ -653,10 +653,17 @@ def tracked_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def priority(stage: str) -> int:
-    """The longest chain of stages that still waits for ``stage`` (its jobs start first when jobs compete)."""
+def chain(stage: str) -> int:
+    """The longest chain of stages that still waits for ``stage``, itself included."""
     readers = [s.name for s in STAGES.values() if any(r.stage == stage for r in s.inputs.values())]
-    return 1 + max((priority(reader) for reader in readers), default=0)
+    return 1 + max((chain(reader) for reader in readers), default=0)
+
+
+def priority(stage: str) -> int:
+    """Which jobs start first when jobs compete: a stage that times models before every other (it needs the machine
+    to itself, which a busy run gives only when every job ends at once: left to the end, its chain ran on one core),
+    then the longest chain of stages still waiting."""
+    return chain(stage) + (len(STAGES) if STAGES[stage].resources.alone else 0)
 
 
 def choosing_stages(method: str) -> tuple[list[tuple[str, str | None]], str | None]:

@@ -23,7 +23,9 @@ run was resumed.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 import os
 import pickle
 import random
@@ -75,25 +77,64 @@ class DataSplits:
     on_device: OnDevice | None = None  # None: the splits already give normalised float tensors
 
 
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``draws`` to take from each class of ``counts``: the floor of its share, and one more for the
+    largest remainders, ties broken by ``rng`` (scikit-learn's ``_approximate_mode``)."""
+    continuous = counts / counts.sum() * draws
+    taken = np.floor(continuous)
+    missing = int(draws - taken.sum())
+    remainder = continuous - taken
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if missing <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        taken[chosen] += 1
+        missing -= len(chosen)
+    return taken.astype(int)
+
+
+def _stratified_indices(labels: np.ndarray, held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (kept, held-out) indices that scikit-learn's ``train_test_split(stratify=labels, random_state=seed)``
+    returns for ``held`` held-out images, the same draws in the same order (``StratifiedShuffleSplit``)."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    kept_counts = _approximate_mode(counts, len(labels) - held, rng)
+    held_counts = _approximate_mode(counts - kept_counts, held, rng)
+    kept, held_out = [], []
+    for members, keep, hold in zip(by_class, kept_counts, held_counts, strict=True):
+        shuffled = members.take(rng.permutation(len(members)), mode="clip")
+        kept.extend(shuffled[:keep])
+        held_out.extend(shuffled[keep : keep + hold])
+    return np.asarray(kept, dtype=int), np.asarray(held_out, dtype=int)
+
+
 def stratified_split(
     labels: Sequence[int], fraction: float, seed: int, key: str = "data.val_fraction"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed.
+    """Indices (kept, held out), holding out ``fraction`` of every class, deterministic per seed: scikit-learn's
+    stratified ``train_test_split``, computed here (importing scikit-learn costs each stage job about a second).
 
     Both parts must hold every class; otherwise a ``UserError`` names ``key``, the params key of ``fraction``.
     """
-    from sklearn.model_selection import train_test_split  # on first use: importing scikit-learn takes ~1 s
-
     labels = np.asarray(labels)
-    classes = np.unique(labels)
-    try:
-        kept, held_out = train_test_split(
-            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
-        )
-    except ValueError as error:
+    classes, counts = np.unique(labels, return_counts=True)
+    held = math.ceil(fraction * len(labels))
+    kept_count = len(labels) - held
+    reason = (
+        f"a class has {counts.min()} image"
+        if counts.min() < 2
+        else f"{min(held, kept_count)} images for one part"
+        if min(held, kept_count) < len(classes)
+        else ""
+    )
+    if reason:
         raise UserError(
-            f"{key}: {fraction} cannot split {len(labels)} images of {len(classes)} classes ({error})"
-        ) from None
+            f"{key}: {fraction} cannot split {len(labels)} images of {len(classes)} classes ({reason}; each part "
+            "needs one image of every class)"
+        )
+    kept, held_out = _stratified_indices(labels, held, seed)
     for part, name in ((held_out, "held-out"), (kept, "remaining")):
         missing = np.setdiff1d(classes, labels[part])
         if missing.size:
@@ -210,16 +251,25 @@ def random_shift(images: torch.Tensor, shift: int, fill: float, offsets: torch.T
     return padded[torch.arange(batch)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled handwritten digits: 1,797 images of 8 x 8 pixels in 0 ... 16, and their labels, as
+    ``sklearn.datasets.load_digits`` reads them, from its data file (importing scikit-learn costs about a second)."""
+    package = importlib.util.find_spec("sklearn")
+    path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if package else None
+    if path is None or not path.is_file():
+        raise UserError("data.dataset: digits needs scikit-learn's bundled digits.csv.gz; install scikit-learn")
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def digits_splits(params: DataParams, data_config: dict[str, Any]) -> DataSplits:
     """Digits scaled to [0, 1] and normalised with the model's mean/std; random shift on train."""
-    from sklearn.datasets import load_digits  # on first use: importing scikit-learn takes ~1 s
-
-    digits = load_digits()
+    pixels, target = load_digits()
     mean, std = data_config["mean"][0], data_config["std"][0]
-    images = (torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1) - mean) / std
-    labels = torch.tensor(digits.target)
-    rest, test = stratified_split(digits.target, params.test_fraction, params.split_seed, "data.test_fraction")
-    train, val = (rest[i] for i in stratified_split(digits.target[rest], params.val_fraction, params.split_seed))
+    images = (torch.tensor(pixels / 16.0, dtype=torch.float32).unsqueeze(1) - mean) / std
+    labels = torch.tensor(target)
+    rest, test = stratified_split(target, params.test_fraction, params.split_seed, "data.test_fraction")
+    train, val = (rest[i] for i in stratified_split(target[rest], params.val_fraction, params.split_seed))
     background = -mean / std
     return DataSplits(
         train=ShiftedImages(images[train], labels[train], params.shift, background),
