@@ -36,7 +36,8 @@ from flora_steps.core.uniform import fit_uniform_ratio
 from flora_steps.errors import UserError
 from flora_steps.pipeline.machine import host_fingerprint
 from flora_steps.pipeline.methods import METHODS
-from flora_steps.runtime.artifacts import read_space
+from flora_steps.pruning.structure import block_heads, part_widths
+from flora_steps.runtime.artifacts import ModelSpec, load_model, read_space
 from flora_steps.runtime.latency import device_table
 from flora_steps.runtime.machine import KEY, key_difference, table_key
 
@@ -293,11 +294,27 @@ def test_the_latency_stage_predicts_every_model_beside_its_time(smoke_pipeline: 
     assert np.allclose(latency["prediction_error"], error, atol=1e-3)
     dense = latency.iloc[0]
     assert dense["method"] == "dense" and dense["share_error"] == 0
-    # the share of the dense model's latency: over the same table's prediction of the dense model (the rank table's
-    # for FLORA on a pruned base)
-    ofb_dense = StructureTable.from_frame(pd.read_csv(results / "latency_table_ofb/table.csv")).dense_ms
-    slim_dense = WidthTable.from_frame(pd.read_csv(results / "latency_table/table.csv")).dense_ms
-    own = {"ofb": ofb_dense, "ofb_latency": ofb_dense, "slim": slim_dense, "slim_latency": slim_dense}
+    # the share of the dense model's latency: over the same table's prediction of the dense model; FLORA on a pruned
+    # base: its share of that base by the base's table, times the base's share of the dense model by the width tables
+    structures = StructureTable.from_frame(pd.read_csv(results / "latency_table_ofb/table.csv"))
+    widths = WidthTable.from_frame(pd.read_csv(results / "latency_table/table.csv"))
+    on_ofb = LatencyTable.from_frame(pd.read_csv(results / "on_ofb/latency_table/table.csv"))
+    heads = block_heads(load_model(results / "pretrain/model")[0])
+    slim_widths = ModelSpec.model_validate(spec).pruned
+    ofb_spec = ModelSpec.model_validate_json((results / "on_ofb/retrain/flora/0.4/model.json").read_text())
+    blocks = {
+        name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in ofb_spec.pruned.items()
+    }
+    own = {
+        "ofb": structures.dense_ms,
+        "ofb_latency": structures.dense_ms,
+        "slim": widths.dense_ms,
+        "slim_latency": widths.dense_ms,
+        "slim_flora": on_slim.dense_ms * widths.dense_ms / widths.predict_ms(part_widths(slim_widths, heads)),
+        "ofb_flora": on_ofb.dense_ms
+        * structures.dense_ms
+        / structures.predict_ms(ofb_spec.embed_dim or structures.embed_dim, blocks),
+    }
     reference = latency["method"].map(lambda method: own.get(method, dense["predicted_ms"]))
     share = (latency["predicted_ms"] / reference) / (latency["latency_ms"] / dense["latency_ms"]) - 1
     assert np.allclose(latency["share_error"], share, atol=1e-3)

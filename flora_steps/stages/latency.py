@@ -19,9 +19,10 @@ else one line says which differs. Writes `results/latency/`:
 - `latency.csv`: per model and device, the median and quartile milliseconds per
   batch, the speedup over the dense model, the predicted milliseconds and the
   prediction's relative error, and the error of the predicted share of the dense
-  model's latency (the prediction over the same table's prediction of the dense model,
-  the rank table's for FLORA on a pruned base; a drift of the machine's speed between
-  the table and this stage cancels there)
+  model's latency (the prediction over the same table's prediction of the dense model;
+  for FLORA on a pruned model, its share of that model by that model's table times that
+  model's share of the dense one by ViT-Slim's or OFB's table; a drift of the machine's
+  speed between a table and this stage cancels there)
 - `metrics.json`: per device, each model's median, and both errors' median absolute
   value
 """
@@ -57,13 +58,30 @@ def prediction(
     spec: ModelSpec,
     heads: Mapping[str, int],
 ) -> tuple[float, float]:
-    """The tables' prediction for a saved model, and the same table's prediction of the dense model (what its
-    fraction budgets divide by): from its ranks by its base model's table (``ranks``; ``dense``, the dense model's,
-    or the pruned base's for FLORA on it, whose dense prediction is ``dense``'s); from its pruned widths where it
-    keeps every head and the embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels,
-    units and embedding width by OFB's table (OFB's). NaN where the table times none of its kind."""
-    if spec.factorised or not spec.pruned:
+    """The tables' prediction for a saved model, and the dense model's latency in the same table's terms (what its
+    predicted share of the dense model divides by): from its ranks by its base model's table (``ranks``; ``dense``,
+    the dense model's, or the pruned base's for FLORA on it); from its pruned widths where it keeps every head and the
+    embedding width (ViT-Slim's; ``heads``: each block's); from its heads, channels, units and embedding width by
+    OFB's table (OFB's). NaN where the table times none of its kind.
+
+    FLORA on a pruned base: its share of the base by the base's table, times the base's share of the dense model by
+    the pruned method's table (timed beside the dense model's), so that no share spans two tables timed apart."""
+    if not spec.pruned:
         return ranks.predict_ms(spec.factorised), dense.dense_ms
+    base_ms, base_dense_ms = pruned_prediction(widths, structures, spec, heads)
+    if spec.factorised:
+        return ranks.predict_ms(spec.factorised), ranks.dense_ms * base_dense_ms / base_ms
+    return base_ms, base_dense_ms
+
+
+def pruned_prediction(
+    widths: WidthTable | None,
+    structures: StructureTable | None,
+    spec: ModelSpec,
+    heads: Mapping[str, int],
+) -> tuple[float, float]:
+    """A pruned model's prediction from its widths (its factorised layers aside), and its table's of the dense
+    model: OFB's table where it prunes heads or the embedding width, else ViT-Slim's widths; NaN without it."""
     if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
         if structures is None:
             return float("nan"), float("nan")
