@@ -121,15 +121,9 @@ def stratified_split(
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     held = math.ceil(fraction * len(labels))
-    kept_count = len(labels) - held
-    reason = (
-        f"a class has {counts.min()} image"
-        if counts.min() < 2
-        else f"{min(held, kept_count)} images for one part"
-        if min(held, kept_count) < len(classes)
-        else ""
-    )
-    if reason:
+    smaller = min(held, len(labels) - held)
+    if counts.min() < 2 or smaller < len(classes):
+        reason = f"a class has {counts.min()} image" if counts.min() < 2 else f"{smaller} images for one part"
         raise UserError(
             f"{key}: {fraction} cannot split {len(labels)} images of {len(classes)} classes ({reason}; each part "
             "needs one image of every class)"
