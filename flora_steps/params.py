@@ -177,6 +177,8 @@ class BudgetParams(Section):
     ofb_base: Budget  # OFB's model searched at this budget (one of ofb) is what FLORA compresses further
     ofb_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
     latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # the methods under latency budgets
+    slim_flora_latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA on ViT-Slim's model, by latency
+    ofb_flora_latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA on OFB's model, by latency
     latency_unit: Literal["fraction", "ms"]  # latency budgets: fractions of the dense model's latency, or ms per batch
 
     @model_validator(mode="after")
@@ -187,11 +189,12 @@ class BudgetParams(Section):
         for name, values in self:
             if isinstance(values, list) and len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
-        if self.latency_unit == "fraction" and max(self.latency) > 1:
-            raise ValueError(
-                f"latency: {max(self.latency)} is above 1: with latency_unit fraction a budget is a share of the dense "
-                "model's latency (latency_unit ms: milliseconds per batch)"
-            )
+        for name in ("latency", "slim_flora_latency", "ofb_flora_latency"):
+            if self.latency_unit == "fraction" and max(getattr(self, name)) > 1:
+                raise ValueError(
+                    f"{name}: {max(getattr(self, name))} is above 1: with latency_unit fraction a budget is a share of "
+                    "the dense model's latency (latency_unit ms: milliseconds per batch)"
+                )
         for base in BASES.values():
             if base.budget is None:
                 continue

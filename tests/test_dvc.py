@@ -118,7 +118,8 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
                 "supernet",
                 "init",
                 "random",
-                {"supernet", "supernet_on_slim", "supernet_on_ofb", "supernet_flora_latency"},
+                {"supernet", "supernet_on_slim", "supernet_on_ofb", "supernet_flora_latency"}
+                | {"supernet_flora_latency_on_slim", "supernet_flora_latency_on_ofb"},
             ),
             ("slim", "mlp_weight", 0.0001, {"slim"}),  # DVC lists a stage whose own deps changed
         ):

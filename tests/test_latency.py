@@ -315,6 +315,7 @@ def test_the_latency_stage_predicts_every_model_beside_its_time(smoke_pipeline: 
         * structures.dense_ms
         / structures.predict_ms(ofb_spec.embed_dim or structures.embed_dim, blocks),
     }
+    own |= {"slim_flora_latency": own["slim_flora"], "ofb_flora_latency": own["ofb_flora"]}  # the same base models
     reference = latency["method"].map(lambda method: own.get(method, dense["predicted_ms"]))
     share = (latency["predicted_ms"] / reference) / (latency["latency_ms"] / dense["latency_ms"]) - 1
     assert np.allclose(latency["share_error"], share, atol=1e-3)
@@ -400,6 +401,24 @@ def test_flora_and_the_uniform_baselines_under_latency_budgets_fit_the_predicted
     assert svd["predicted_ms"] == control["predicted_ms"] and svd["source"].startswith("SVD")
     uniform_ranks = [json.loads((retrained / f"{m}/{budget}/ranks.json").read_text())["ranks"] for m in UNIFORMS]
     assert uniform_ranks[0] == uniform_ranks[1]
+
+
+@pytest.mark.parametrize("base", ["slim", "ofb"])
+def test_flora_on_a_pruned_model_searches_shares_of_that_models_latency(smoke_pipeline: Path, base: str) -> None:
+    """Priced by the pruned model's own table, its budgets are shares of that model's predicted latency; the
+    subnet it chose is the one fine-tuned."""
+    results = smoke_pipeline / "results"
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    budget, band = params["budgets"][f"{base}_flora_latency"][0], params["search"]["band"]
+    table = LatencyTable.from_frame(pd.read_csv(results / f"on_{base}/latency_table/table.csv"))
+    search = json.loads((results / f"on_{base}/search_latency/{budget}/metrics.json").read_text())
+    assert search["limit_ms"] == pytest.approx(budget * table.dense_ms, rel=1e-4)
+    assert (budget - band) * table.dense_ms - 1e-6 <= search["predicted_ms"] <= budget * table.dense_ms + 1e-6
+    ranks = json.loads((results / f"on_{base}/search_latency/{budget}/ranks.json").read_text())["ranks"]
+    assert search["predicted_ms"] == pytest.approx(table.predict_ms(ranks), abs=1e-3)
+    retrained = results / f"on_{base}/retrain/flora_latency/{budget}"
+    assert json.loads((retrained / "ranks.json").read_text())["ranks"] == ranks
+    assert json.loads((retrained / "metrics.json").read_text())["method"] == "flora_latency"
 
 
 def test_the_latency_filter_keeps_the_scored_tuples_by_predicted_latency(smoke_pipeline: Path) -> None:

@@ -123,7 +123,8 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     assert (before["train_steps"] == before["supernet_steps"]).iloc[1:].all()
     methods = ["dense"] + ["uniform"] * 2 + ["control"] * 2 + ["flora", "control_latency", "uniform_latency"]
     methods += ["flora_latency"]
-    methods += ["slim", "slim_latency", "slim_flora", "ofb", "ofb", "ofb_latency", "ofb_flora"]
+    methods += ["slim", "slim_latency", "slim_flora", "slim_flora_latency"]
+    methods += ["ofb", "ofb", "ofb_latency", "ofb_flora", "ofb_flora_latency"]
     assert list(results["method"]) == methods
     assert list(results["budget"]) == [
         1.0,
@@ -138,13 +139,15 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
         0.35,
         0.98,
         0.4,
+        0.98,
         0.35,
         0.5,
         0.98,
         0.4,
+        0.98,
     ]
     assert (results["top1_low"] <= results["top1"]).all() and (results["top1"] <= results["top1_high"]).all()
-    assert list(results["seeds"].fillna(0)) == [0] + [2] * 15
+    assert list(results["seeds"].fillna(0)) == [0] + [2] * 17
     flora = results[results["method"] == "flora"].iloc[0]
     control = results[results["method"] == "control"].iloc[0]
     uniform = results[results["method"] == "uniform"].iloc[0]
@@ -214,8 +217,13 @@ def test_report_writes_every_table_and_figure(reported: Path) -> None:
     search_costs = pd.read_csv(out / "search_costs.csv").set_index("method")
     assert list(search_costs.index) == [
         *("uniform", "control", "flora", "control_latency", "uniform_latency", "flora_latency"),
-        *("slim", "slim_latency", "slim_flora", "ofb", "ofb_latency", "ofb_flora"),
+        *("slim", "slim_latency", "slim_flora", "slim_flora_latency", "ofb", "ofb_latency", "ofb_flora"),
+        "ofb_flora_latency",
     ]
+    for base in ("slim", "ofb"):  # FLORA's latency stages on the pruned model, its latency table, and that model's
+        stages = search_costs.loc[f"{base}_flora_latency", "stages"]
+        assert f"latency_table_on_{base}" in stages and f"supernet_flora_latency_on_{base}" in stages, stages
+        assert f"base_on_{base}" in stages and f"search_flora_latency_on_{base} per budget" in stages, stages
 
     # The latency methods carry the latency table's timing too; FLORA's its own filter and supernet, not FLORA's.
     def seconds(folder: str) -> float:
@@ -371,7 +379,7 @@ def test_a_report_over_two_runs_reads_every_run(smoke_pipeline: Path, reported: 
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--params", "params.yaml"]) == 0
     results = pd.read_csv("results/report/results.csv")
-    assert list(results["runs"]) == [1] + [2] * 15 + [1] + [2] * 15
+    assert list(results["runs"]) == [1] + [2] * 17 + [1] + [2] * 17
     summary = json.loads(Path("results/report/summary.json").read_text())
     assert summary["statistics"]["runs"] == 2 and summary["statistics"]["omitted_variance"] is None
     assert not Path("results/report/means.md").read_text().startswith("Intervals omit")
@@ -414,8 +422,11 @@ def test_the_report_sets_accuracy_against_measured_latency(smoke_pipeline: Path,
         fine_tuned.loc[latency.set_index(["method", "budget"]).index, "top1"]
     )
     compared = pd.read_csv(out / "latency_comparison.csv")
-    assert list(compared["protocol"]) == ["fine-tuned", "inherited"]
-    assert set(compared["method"]) == {"flora_latency"} and set(compared["baseline"]) == {"flora"}
+    # each FLORA under latency budgets against FLORA on the same model under MACs budgets
+    pairs = [("flora_latency", "flora"), ("slim_flora_latency", "slim_flora"), ("ofb_flora_latency", "ofb_flora")]
+    assert list(compared["protocol"]) == ["fine-tuned"] * 3 + ["inherited"] * 3
+    assert list(zip(compared["method"], compared["baseline"], strict=True)) == pairs * 2
+    compared = compared[compared["method"] == "flora_latency"]
     flora_latency = latency.set_index("method").loc["flora_latency"]
     # its x: its measured latency, in microseconds
     assert ((compared["latency_us"] - 1000 * flora_latency["latency_ms"]).abs() <= 1).all()

@@ -127,6 +127,7 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
     params = yaml.safe_load((searched / "params.yaml").read_text())
     params["budgets"] = {"search": [0.1], "uniform": [0.05, 0.1], "slim": [0.05], "slim_base": 0.3, "slim_flora": [0.1]}
     params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1], "latency": [0.98]}
+    params["budgets"] |= {"slim_flora_latency": [0.9], "ofb_flora_latency": [0.9]}
     params["budgets"]["latency_unit"] = "fraction"
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "filter", "supernet"):
@@ -185,10 +186,12 @@ def test_latency_stage_times_every_model_beside_the_dense_one(searched: Path) ->
         ("slim", 0.35),
         ("slim_latency", 0.98),
         ("slim_flora", 0.4),
+        ("slim_flora_latency", 0.98),
         ("ofb", 0.35),
         ("ofb", 0.5),
         ("ofb_latency", 0.98),
         ("ofb_flora", 0.4),
+        ("ofb_flora_latency", 0.98),
     ]
     assert (table["latency_ms"] > 0).all() and (table["device"] == "cpu").all()
     assert table.set_index("method").loc["dense", "speedup"] == 1

@@ -41,6 +41,8 @@ def project(smoke_pipeline: Path, tmp_path_factory) -> Path:
 #: What ``--forcerun search`` runs through Snakemake: the search, what reads its ranks, the report.
 #: The machine's latency tables: FLORA's and ViT-Slim's, OFB's, and those of FLORA's pruned bases.
 TABLES = {"latency_table", "latency_table_ofb", "latency_table_on_slim", "latency_table_on_ofb"}
+#: FLORA's stages under latency budgets, on each pruned model as on the dense one.
+LATENCY_FLORA = ("filter_latency", "supernet_flora_latency", "search_flora_latency", "retrain_flora_latency")
 SEARCH_AND_AFTER = {"search", "retrain_flora", "latency", "report"}
 
 
@@ -194,6 +196,7 @@ def test_gpu_stages_declare_a_gpu_so_that_one_runs_at_a_time(project: Path) -> N
         "retrain_flora_latency",
         "ofb_latency",
         "retrain_ofb_latency",
+        *(f"{stage}_on_{base}" for base in ("slim", "ofb") for stage in LATENCY_FLORA),
         *TABLES,
         "latency",
     }

@@ -419,22 +419,26 @@ _LATENCY_TABLE = latency_table_stage(BASES["dense"])
 
 
 def latency_flora_stages(method: Method) -> list[Stage]:
-    """FLORA's filter, supernet and search for ``method``'s latency budgets: ``filter_latency`` keeps the filter's
-    scored rank tuples by the latency table's prediction, the supernet trains on that space, and the search prices
-    subnets by the table."""
-    flora = {stage.module: stage for stage in flora_stages(BASES["dense"])}
-    own = {"filter": "filter_latency", "supernet": method.source}
-    table = {"table": Input("latency_table", "table")}
+    """FLORA's filter, supernet and search for ``method``'s latency budgets on its base: ``filter_latency`` keeps the
+    filter's scored rank tuples by the prediction of the base's latency table, the supernet trains on that space, and
+    the search prices subnets by that table (fractions of the latency it predicts for the base model)."""
+    base = BASES[method.base]
+    flora = {stage.module: stage for stage in flora_stages(base)}
+    own = {base.stage("filter"): base.stage("filter_latency"), base.stage("supernet"): method.source}
+    table = {"table": Input(base.stage("latency_table"), "table")}
 
     def relinked(stage: Stage) -> dict[str, Input]:
         return {key: replace(read, stage=own.get(read.stage, read.stage)) for key, read in stage.inputs.items()}
 
     return [
         _stage(
+            base.stage("filter_latency"),
             "filter_latency",
-            folder="filter_latency",
+            base=base.name,
+            folder=base.folder("filter_latency"),
             outputs={key: output for key, output in flora["filter"].outputs.items() if key != "plot"},
-            inputs={"scores": Input("filter", "sensitivity"), "space": Input("filter", "space"), **table},
+            inputs={"scores": Input(base.stage("filter"), "sensitivity"), "space": Input(base.stage("filter"), "space")}
+            | table,
             params=("seed", *DEVICE, *_keys("filter", ("keep_ratio", "bins")), "retrain.latency_batch"),
             cost=method.cost,
         ),
@@ -442,7 +446,7 @@ def latency_flora_stages(method: Method) -> list[Stage]:
             flora["supernet"],
             name=method.source,
             method=method.option,
-            folder="supernet_latency",
+            folder=base.folder("supernet_latency"),
             inputs=relinked(flora["supernet"]),
             cost=method.cost,
         ),
@@ -450,7 +454,7 @@ def latency_flora_stages(method: Method) -> list[Stage]:
             flora["search"],
             name=method.searched_by,
             method=method.option,
-            folder=f"search_{method.budgets}/{{budget}}",
+            folder=base.folder("search_latency/{budget}"),
             foreach=method.budgets,
             inputs={**relinked(flora["search"]), **table},
             params=(*flora["search"].params, *_LATENCY_BUDGET),
@@ -464,16 +468,12 @@ _SEARCHES = [
     _LATENCY_TABLE,  # what the latency methods choose by
     _LATENCY_TABLE_OFB,
     *flora_stages(BASES["dense"]),
-    *(
-        stage
-        for method in METHODS.values()
-        if method.cost == "latency" and method.searched_by
-        for stage in latency_flora_stages(method)
-    ),
+    *(stage for stage in latency_flora_stages(METHODS["flora_latency"])),
     *_PRUNING,
 ]
 for _base in (BASES["slim"], BASES["ofb"]):
     _SEARCHES += [base_stage(_base), *flora_stages(_base), latency_table_stage(_base)]
+    _SEARCHES += latency_flora_stages(next(m for m in METHODS.values() if m.base == _base.name and m.cost == "latency"))
 _RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
 #: The stage that makes each method's models.
 METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}

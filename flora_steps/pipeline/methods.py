@@ -113,6 +113,22 @@ def _flora(name: str, base: Base, label: str, short: str, style: Mapping[str, An
     )
 
 
+def _flora_latency(name: str, base: Base, label: str, short: str, style: Mapping[str, Any], **changes: Any) -> Method:
+    """FLORA on ``base`` under latency budgets: its filter keeps tuples by the latency ``base``'s table predicts, its
+    supernet trains on them, its search prices subnets by that table (``catalogue.latency_flora_stages``)."""
+    supernet = base.stage("supernet_flora_latency")  # trained on the space filter_latency keeps by predicted latency
+    return replace(
+        _flora(name, base, label, short, style),
+        origin="latency supernet weights, ranks searched under a latency budget",
+        source=supernet,
+        inherits=supernet,
+        command="flora_latency",
+        searched_by=base.stage("search_flora_latency"),
+        cost="latency",
+        **changes,
+    )
+
+
 def _under_latency(method: Method, name: str, label: str, origin: str, **changes: Any) -> Method:
     """``method`` with budgets in the latency the table predicts (``budgets.latency``): hollow markers, and
     "(latency)" after its panel title."""
@@ -208,21 +224,13 @@ METHODS = {
             "uniform rank under a latency budget, from SVD",
             "SVD of the base model, uniform rank ratio under a latency budget",
         ),
-        replace(  # FLORA's supernet, searched with the latency table's prediction as the cost
-            _flora(
-                "flora_latency",
-                BASES["dense"],
-                "FLORA under latency budgets: searched ranks, from the supernet",
-                "FLORA (latency)",
-                {"color": "darkred", "marker": "*", "markersize": 10, "fillstyle": "none"},
-            ),
-            origin="latency supernet weights, ranks searched under a latency budget",
-            source="supernet_flora_latency",  # trained on the space filter_latency keeps by predicted latency
-            inherits="supernet_flora_latency",
+        _flora_latency(
+            "flora_latency",
+            BASES["dense"],
+            "FLORA under latency budgets: searched ranks, from the supernet",
+            "FLORA (latency)",
+            {"color": "darkred", "marker": "*", "markersize": 10, "fillstyle": "none"},
             budgets="latency",
-            command="flora_latency",
-            searched_by="search_flora_latency",
-            cost="latency",
             compared_at_latency=("flora",),  # FLORA searched under MACs budgets, at the same measured latency
         ),
         _SLIM,
@@ -240,6 +248,15 @@ METHODS = {
             {"color": "tab:orange", "marker": "P", "markersize": 8},
             baselines=("slim",),
         ),
+        _flora_latency(
+            "slim_flora_latency",
+            BASES["slim"],
+            "FLORA on a ViT-Slim model under latency budgets",
+            "FLORA on ViT-Slim (latency)",
+            {"color": "tab:orange", "marker": "P", "markersize": 8, "fillstyle": "none"},
+            budgets="slim_flora_latency",
+            compared_at_latency=("slim_flora",),
+        ),
         _OFB,
         _under_latency(  # OFB's search with the latency its table predicts as the cost
             _OFB,
@@ -256,6 +273,15 @@ METHODS = {
             "FLORA on OFB",
             {"color": "tab:pink", "marker": "X", "markersize": 8},
             baselines=("ofb",),
+        ),
+        _flora_latency(
+            "ofb_flora_latency",
+            BASES["ofb"],
+            "FLORA on an OFB model under latency budgets",
+            "FLORA on OFB (latency)",
+            {"color": "tab:pink", "marker": "X", "markersize": 8, "fillstyle": "none"},
+            budgets="ofb_flora_latency",
+            compared_at_latency=("ofb_flora",),
         ),
     )
 }

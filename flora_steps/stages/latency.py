@@ -40,10 +40,16 @@ import torch
 from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of, time_rounds
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
 from ..pipeline.methods import BASES, METHODS
-from ..pruning.structure import block_heads, part_widths
+from ..pruning.structure import block_heads
 from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.latency import read_latency_table, read_structure_table, read_tables
+from ..runtime.latency import (
+    dense_in_pruned_terms,
+    pruned_prediction,
+    read_latency_table,
+    read_structure_table,
+    read_tables,
+)
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
@@ -65,34 +71,13 @@ def prediction(
     OFB's table (OFB's). NaN where the table times none of its kind.
 
     FLORA on a pruned base: its share of the base by the base's table, times the base's share of the dense model by
-    the pruned method's table (timed beside the dense model's), so that no share spans two tables timed apart."""
+    the pruned method's table (timed beside the dense model's), so that no share spans two tables timed apart
+    (``dense_in_pruned_terms``)."""
     if not spec.pruned:
         return ranks.predict_ms(spec.factorised), dense.dense_ms
-    base_ms, base_dense_ms = pruned_prediction(widths, structures, spec, heads)
     if spec.factorised:
-        return ranks.predict_ms(spec.factorised), ranks.dense_ms * base_dense_ms / base_ms
-    return base_ms, base_dense_ms
-
-
-def pruned_prediction(
-    widths: WidthTable | None,
-    structures: StructureTable | None,
-    spec: ModelSpec,
-    heads: Mapping[str, int],
-) -> tuple[float, float]:
-    """A pruned model's prediction from its widths (its factorised layers aside), and its table's of the dense
-    model: OFB's table where it prunes heads or the embedding width, else ViT-Slim's widths; NaN without it."""
-    if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
-        if structures is None:
-            return float("nan"), float("nan")
-        embed = spec.embed_dim or structures.embed_dim
-        blocks = {
-            name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in spec.pruned.items()
-        }
-        return structures.predict_ms(embed, blocks), structures.dense_ms
-    if widths is None:
-        return float("nan"), float("nan")
-    return widths.predict_ms(part_widths(spec.pruned, heads)), widths.dense_ms
+        return ranks.predict_ms(spec.factorised), dense_in_pruned_terms(ranks, widths, structures, spec, heads)
+    return pruned_prediction(widths, structures, spec, heads)
 
 
 def timing_table(

@@ -22,7 +22,10 @@ every process scores each subnet on its share of the images.
 same search with the latency the machine's table predicts (`latency_table`) as a
 subnet's cost: legal in [B - search.band x dense latency, B], B a share of the dense
 model's latency or milliseconds (`budgets.latency_unit`); it writes under
-`results/search_latency/<budget>/`, with each candidate's predicted milliseconds.
+`results/search_latency/<budget>/`, with each candidate's predicted milliseconds. With
+`--base slim` or `--base ofb` (budgets `budgets.slim_flora_latency`,
+`budgets.ofb_flora_latency`) it prices by that pruned model's table
+(`latency_table_on_slim`/`_on_ofb`), its budgets shares of that model's latency.
 Writes `results/search/<budget>/`:
 
 - `ranks.json`: the chosen subnet as a rank config
@@ -49,6 +52,7 @@ from ..core import RankConfig, lowrank_layers, set_ranks, trace_costs
 from ..core.search import CostTable, EvolutionSettings, Genome, Operators, evolve, genome_choices
 from ..core.space import SearchSpace, sampling_probabilities
 from ..errors import UserError
+from ..pipeline.methods import METHODS
 from ..pipeline.schema import budgets_key
 from ..runtime.artifacts import load_model, read_space, write_csv, write_json, write_rank_config
 from ..runtime.context import StageContext, run_as_program, stage_main
@@ -208,10 +212,14 @@ def run(context: StageContext) -> None:
     costs = trace_costs(supernet, input_shape(supernet))
     macs = CostTable.of_macs(space, costs)  # every subnet's MACs, whatever its budget limits
     dense = trace_costs(teacher, input_shape(teacher)).dense_macs  # budgets are fractions of the dense model's MACs
+    base = context.stage.base
+    model = "the dense model" if base == "dense" else f"{METHODS[base].short}'s model"  # what latency budgets are of
     limit = (
         macs_budget(macs, dense, budget, cfg.band)
         if context.stage.cost == "macs"
-        else latency_budget_of(space, latency_budget(context.input("table"), device, params), budget, cfg.band)
+        else latency_budget_of(
+            space, latency_budget(context.input("table"), device, params, model=model), budget, cfg.band
+        )
     )
     table, low, high = limit.table, limit.low, limit.high
     check_reachable(table, low, high, budgets_key(context.stage.foreach), budget, limit.describe)
