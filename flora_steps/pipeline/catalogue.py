@@ -463,17 +463,19 @@ def latency_flora_stages(method: Method) -> list[Stage]:
     ]
 
 
+#: FLORA under latency budgets, on each base it compresses.
+_LATENCY_FLORA = {method.base: method for method in METHODS.values() if method.cost == "latency" and method.searched_by}
 _SEARCHES = [
     _PRETRAIN,
     _LATENCY_TABLE,  # what the latency methods choose by
     _LATENCY_TABLE_OFB,
     *flora_stages(BASES["dense"]),
-    *(stage for stage in latency_flora_stages(METHODS["flora_latency"])),
+    *latency_flora_stages(_LATENCY_FLORA["dense"]),
     *_PRUNING,
 ]
 for _base in (BASES["slim"], BASES["ofb"]):
     _SEARCHES += [base_stage(_base), *flora_stages(_base), latency_table_stage(_base)]
-    _SEARCHES += latency_flora_stages(next(m for m in METHODS.values() if m.base == _base.name and m.cost == "latency"))
+    _SEARCHES += latency_flora_stages(_LATENCY_FLORA[_base.name])
 _RETRAINS = [retrain_stage(method) for method in RETRAINED.values()]
 #: The stage that makes each method's models.
 METHOD_STAGES = {method.name: stage.name for method, stage in zip(RETRAINED.values(), _RETRAINS, strict=True)}

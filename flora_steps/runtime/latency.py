@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,8 +13,7 @@ import torch
 from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of
 from ..errors import UserError
 from ..params import Params
-from ..pruning.structure import part_widths
-from .artifacts import ModelSpec, read_csv
+from .artifacts import read_csv
 from .machine import key_difference, table_key
 from .progress import progress
 
@@ -129,39 +128,6 @@ class LatencyBudget:
     def describe(self, milliseconds: float) -> str:
         """Milliseconds in words: ``2.21 ms (0.754 of the dense model's)``."""
         return f"{milliseconds:.4g} ms ({milliseconds / self.table.dense_ms:.3f} of {self.model}'s)"
-
-
-def pruned_prediction(
-    widths: WidthTable | None, structures: StructureTable | None, spec: ModelSpec, heads: Mapping[str, int]
-) -> tuple[float, float]:
-    """A pruned model's predicted ms from its widths (factorised layers aside), and the same table's prediction of
-    the dense model: OFB's table where it prunes heads or the embedding width, else ViT-Slim's widths (``heads``:
-    each block's in the dense model); NaN without that table."""
-    if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
-        if structures is None:
-            return float("nan"), float("nan")
-        embed = spec.embed_dim or structures.embed_dim
-        blocks = {
-            name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in spec.pruned.items()
-        }
-        return structures.predict_ms(embed, blocks), structures.dense_ms
-    if widths is None:
-        return float("nan"), float("nan")
-    return widths.predict_ms(part_widths(spec.pruned, heads)), widths.dense_ms
-
-
-def dense_in_pruned_terms(
-    table: LatencyTable,
-    widths: WidthTable | None,
-    structures: StructureTable | None,
-    spec: ModelSpec,
-    heads: Mapping[str, int],
-) -> float:
-    """The dense model's ms in the terms of a pruned model's rank table (``table``): that model's prediction there
-    over its share of the dense model by ViT-Slim's widths or OFB's table, which are timed beside the dense model's
-    (``pruned_prediction``): what the latency stage's shares of FLORA's models on it divide by; NaN without those."""
-    pruned_ms, dense_ms = pruned_prediction(widths, structures, spec, heads)
-    return table.dense_ms * dense_ms / pruned_ms
 
 
 def latency_budget(

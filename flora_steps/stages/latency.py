@@ -40,20 +40,47 @@ import torch
 from ..core.latency import LatencyTable, StructureTable, WidthTable, precision_of, time_rounds
 from ..pipeline.catalogue import METHOD_STAGES, STAGES
 from ..pipeline.methods import BASES, METHODS
-from ..pruning.structure import block_heads
+from ..pruning.structure import block_heads, part_widths
 from ..runtime.artifacts import ModelSpec, load_model, write_csv, write_json
 from ..runtime.context import StageContext, run_as_program, stage_main
-from ..runtime.latency import (
-    dense_in_pruned_terms,
-    pruned_prediction,
-    read_latency_table,
-    read_structure_table,
-    read_tables,
-)
+from ..runtime.latency import read_latency_table, read_structure_table, read_tables
 from ..runtime.models import input_shape
 from ..runtime.progress import progress
 
 log = logging.getLogger(__name__)
+
+
+def pruned_prediction(
+    widths: WidthTable | None, structures: StructureTable | None, spec: ModelSpec, heads: Mapping[str, int]
+) -> tuple[float, float]:
+    """A pruned model's predicted ms from its widths (factorised layers aside), and the same table's prediction of
+    the dense model: OFB's table where it prunes heads or the embedding width, else ViT-Slim's widths (``heads``:
+    each block's in the dense model); NaN without that table."""
+    if spec.embed_dim is not None or any(kept.heads is not None for kept in spec.pruned.values()):
+        if structures is None:
+            return float("nan"), float("nan")
+        embed = spec.embed_dim or structures.embed_dim
+        blocks = {
+            name: (kept.heads or heads[name], kept.head_dim, kept.mlp_hidden) for name, kept in spec.pruned.items()
+        }
+        return structures.predict_ms(embed, blocks), structures.dense_ms
+    if widths is None:
+        return float("nan"), float("nan")
+    return widths.predict_ms(part_widths(spec.pruned, heads)), widths.dense_ms
+
+
+def dense_in_pruned_terms(
+    table: LatencyTable,
+    widths: WidthTable | None,
+    structures: StructureTable | None,
+    spec: ModelSpec,
+    heads: Mapping[str, int],
+) -> float:
+    """The dense model's ms in the terms of a pruned model's rank table (``table``): that model's prediction there
+    over its share of the dense model by ViT-Slim's widths or OFB's table, which are timed beside the dense model's
+    (``pruned_prediction``): what the shares of FLORA's models on it divide by; NaN without those."""
+    pruned_ms, dense_ms = pruned_prediction(widths, structures, spec, heads)
+    return table.dense_ms * dense_ms / pruned_ms
 
 
 def prediction(
