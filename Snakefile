@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flora_steps.errors import UserError
 from flora_steps.params import load_params
-from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES, param_value, priority, tracked_params
+from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES, idle_stages, param_value, priority, tracked_params
 from flora_steps.pipeline.code import STAGES_PACKAGE, code_files
 from flora_steps.pipeline.machine import host_fingerprint
 from flora_steps.pipeline.schema import Case, budget_values, resolve, results_root, runs_of
@@ -52,6 +52,8 @@ CPUS_PER_GPU = int(config.get("cpus_per_gpu", 8))
 # the stages that time models (the latency table, the latency stage) rerun on a new processor, GPU or torch/timm
 # version: this host's, as Snakemake tracks params (on a cluster, the submitting host's; the stages check their own)
 MACHINE = host_fingerprint(PARAMS["compute"]["device"])
+# the stages that do not run under these budgets (a method whose budgets list is empty, and what only it needs): no rule
+IDLE = idle_stages(PARAMS["budgets"])
 
 
 wildcard_constraints:
@@ -84,6 +86,8 @@ def inputs(stage, run):
     (`runs_of`: the stage's own, every run, or the first)."""
     files = {"code": [str(path) for path in code_files(STAGES[stage].module)]}
     for key, reference in STAGES[stage].inputs.items():
+        if reference.stage in IDLE:  # read only if it runs (the report's models of a method without budgets)
+            continue
         found = resolve(STAGES[stage], reference, STAGES)
         files[key] = []
         for each in runs_of(STAGES[stage], reference, found.producer, run, RUNS):
@@ -127,7 +131,7 @@ def resources(stage):
 # One rule per stage of the catalogue (FLORA's stages once per base model: the dense one, ViT-Slim's and OFB's,
 # and from the first one each ablation changes, once per ablation), and per run of the pipeline for a replicated
 # stage. The default target is the pipeline and its report; the rule `ablations` (its table) runs the ablations.
-for stage in STAGES:
+for stage in (name for name in STAGES if name not in IDLE):
     for run in runs_of_stage(stage):
 
         rule:
@@ -165,7 +169,7 @@ rule all:
         [
             every_budget(stage, run, "metrics")
             for stage in STAGES
-            if "metrics" in STAGES[stage].outputs and stage not in ABLATIONS_ONLY
+            if "metrics" in STAGES[stage].outputs and stage not in ABLATIONS_ONLY and stage not in IDLE
             for run in runs_of_stage(stage)
         ],
         rules.report.output.summary,

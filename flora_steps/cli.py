@@ -84,9 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in TOOLS:
             return stage_module(args.command).run(args)
         if args.command == "dvc-yaml":
+            from .pipeline.catalogue import idle_stages
             from .pipeline.dvc_yaml import write
 
-            write(args.output, load_params(DEFAULT_PARAMS).runs)
+            default = load_params(DEFAULT_PARAMS)
+            write(args.output, default.runs, idle_stages(default.model_dump(mode="json")["budgets"]))
             print(f"wrote {args.output}")
             return 0
         params = load_params(args.params)

@@ -165,6 +165,17 @@ Budget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0, le=1)]
 LatencyBudget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0)]
 
 
+#: The budgets lists in latency (``budgets.latency_unit``).
+LATENCY_BUDGETS = (
+    "latency",
+    "uniform_latency",
+    "slim_latency",
+    "ofb_latency",
+    "slim_flora_latency",
+    "ofb_flora_latency",
+)
+
+
 class BudgetParams(Section):
     """MACs budgets as fractions of the dense model's MACs: which searches and baselines run."""
 
@@ -176,9 +187,13 @@ class BudgetParams(Section):
     ofb: Annotated[list[Budget], Field(min_length=1)]  # OFB baseline: one search, one retrained model per budget
     ofb_base: Budget  # OFB's model searched at this budget (one of ofb) is what FLORA compresses further
     ofb_flora: Annotated[list[Budget], Field(min_length=1)]  # FLORA on that model: one search and retrain per budget
-    latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # the methods under latency budgets
-    slim_flora_latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA on ViT-Slim's model, by latency
-    ofb_flora_latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA on OFB's model, by latency
+    latency: Annotated[list[LatencyBudget], Field(min_length=1)]  # FLORA and its control under latency budgets
+    # the other methods under latency budgets; an empty list runs none of that method's stages
+    uniform_latency: list[LatencyBudget]  # SVD uniform
+    slim_latency: list[LatencyBudget]  # ViT-Slim
+    ofb_latency: list[LatencyBudget]  # OFB
+    slim_flora_latency: list[LatencyBudget]  # FLORA on ViT-Slim's model: shares of that model's latency
+    ofb_flora_latency: list[LatencyBudget]  # FLORA on OFB's model: shares of that model's latency
     latency_unit: Literal["fraction", "ms"]  # latency budgets: fractions of the dense model's latency, or ms per batch
 
     @model_validator(mode="after")
@@ -189,8 +204,8 @@ class BudgetParams(Section):
         for name, values in self:
             if isinstance(values, list) and len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a budget twice")
-        for name in ("latency", "slim_flora_latency", "ofb_flora_latency"):
-            if self.latency_unit == "fraction" and max(getattr(self, name)) > 1:
+        for name in LATENCY_BUDGETS:
+            if self.latency_unit == "fraction" and max(getattr(self, name), default=0) > 1:
                 raise ValueError(
                     f"{name}: {max(getattr(self, name))} is above 1: with latency_unit fraction a budget is a share of "
                     "the dense model's latency (latency_unit ms: milliseconds per batch)"

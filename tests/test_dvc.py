@@ -24,6 +24,7 @@ from workflow import (
     in_default,
     run,
     snakemake_here,
+    use_profile,
 )
 
 from flora_steps.pipeline.catalogue import STAGES
@@ -39,7 +40,7 @@ def dvc_project(smoke_pipeline: Path, tmp_path_factory) -> Path:
     Snakemake takes the same results (test_snakemake.py); both engines run the same commands
     (``test_both_engines_run_the_same_commands``)."""
     project = copy_project(tmp_path_factory.mktemp("dvc_project"))
-    shutil.copy(project / "configs/smoke.yaml", project / "params.yaml")
+    use_profile(project, "smoke.yaml")
     shutil.copytree(smoke_pipeline / "results", project / "results", ignore=shutil.ignore_patterns("ablations"))
     run(["git", "init", "-q"], project)
     dvc("init", "-q", cwd=project)
@@ -185,7 +186,7 @@ def test_dvc_finds_the_smoke_pipeline_up_to_date(dvc_project: Path) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_dry_runs_with_dvc(dvc_project: Path, profile: str, tmp_path: Path) -> None:
     project = copy_project(tmp_path)
-    shutil.copy(project / "configs" / profile, project / "params.yaml")
+    use_profile(project, profile)
     shutil.copytree(dvc_project / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     run(["git", "init", "-q"], project)
     assert dvc_dry_run(project)[0] == "python -m flora_steps.stages.pretrain --params params.yaml"

@@ -59,8 +59,8 @@ def test_the_hybrid_profile_is_the_default_with_the_hybrid_model() -> None:
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     hybrid = yaml.safe_load((ROOT / "configs/hybrid.yaml").read_text())
     assert hybrid["model"].pop("name") == "vit_digits_hybrid" and default["model"].pop("name") == "vit_digits"
-    # OFB's grids reach 0.154 of the hybrid's MACs at the smallest (its stem is not pruned): its budgets start higher
-    assert hybrid["budgets"].pop("ofb") == [0.16, *default["budgets"].pop("ofb")[1:]]
+    # OFB's grids reach 0.154 of the hybrid's MACs at the smallest (its stem is not pruned)
+    assert min(default["budgets"]["ofb"]) > 0.154
     assert hybrid == default
 
 
@@ -115,3 +115,18 @@ def test_a_saved_structure_of_a_model_without_vit_blocks_builds() -> None:
     with torch.device("meta"):
         model = build_model("swin_tiny_patch4_window7_224", {}, lowrank={"layers.0.blocks.0.mlp.fc1": 96})
     assert isinstance(model.layers[0].blocks[0].mlp.fc1, LowRankLinear)
+
+
+def test_the_published_profile_is_the_default_with_five_runs_every_budget_and_every_latency_method() -> None:
+    """configs/default_5_runs.yaml differs from params.yaml only where the default saves time (issue 24's 10
+    minutes on 2 cores): its runs, the methods the default leaves out under latency budgets, and fewer budgets
+    of the same curves."""
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    published = yaml.safe_load((ROOT / "configs/default_5_runs.yaml").read_text())
+    assert (published.pop("runs"), default.pop("runs")) == (5, 1)
+    for name in ("uniform_latency", "slim_latency", "ofb_latency", "slim_flora_latency", "ofb_flora_latency"):
+        assert default["budgets"].pop(name) == [] and published["budgets"].pop(name)
+    for name in ("search", "uniform", "slim", "slim_flora", "ofb", "ofb_flora"):
+        fewer, every = default["budgets"].pop(name), published["budgets"].pop(name)
+        assert set(fewer) < set(every), name
+    assert published == default

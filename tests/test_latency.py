@@ -471,7 +471,7 @@ def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
-    params["budgets"]["latency"] = [0.05]
+    params["budgets"]["latency"] = params["budgets"]["slim_latency"] = [0.05]
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency", "slim"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
@@ -485,7 +485,7 @@ def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     assert "budgets.latency: 0.05: budget of " in capsys.readouterr().err
     assert main(["retrain", "--method", "slim_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(lines) == 1 and "budgets.latency: 0.05: even the smallest slim model (" in lines[0]
+    assert len(lines) == 1 and "budgets.slim_latency: 0.05: even the smallest slim model (" in lines[0]
     assert not (tmp_path / "results/retrain").exists()  # nothing half-written
 
 

@@ -119,7 +119,7 @@ def test_ofb_under_a_latency_budget_is_priced_by_its_latency_table(
         set(table["part"]) == {"attention", "mlp", "skeleton", "residual", "model"} and (table["device"] == "cpu").all()
     )
     budget = round((smallest_predicted_fraction(workdir, smoke_params) + 1) / 2, 3)  # halfway to dense
-    smoke_params["budgets"]["latency"] = [budget]
+    smoke_params["budgets"]["ofb_latency"] = [budget]
     write_params(prepared, smoke_params)
     assert main(["ofb", "--params", str(prepared), "--method", "latency", "--budget", str(budget)]) == 0
     out = workdir / f"results/ofb_latency/{budget}"
@@ -138,11 +138,11 @@ def test_ofb_under_a_latency_budget_is_priced_by_its_latency_table(
 def test_a_latency_budget_below_ofbs_smallest_structure_stops_with_one_line(
     workdir: Path, prepared: Path, smoke_params: dict, capsys
 ) -> None:
-    smoke_params["budgets"]["latency"] = [0.01]
+    smoke_params["budgets"]["ofb_latency"] = [0.01]
     write_params(prepared, smoke_params)
     assert main(["latency_table_ofb", "--params", str(prepared)]) == 0
     assert main(["ofb", "--params", str(prepared), "--method", "latency", "--budget", "0.01"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "budgets.latency: 0.01 is below the smallest structure the candidate widths allow" in error
+    assert "budgets.ofb_latency: 0.01 is below the smallest structure the candidate widths allow" in error
     assert "of the dense model's ms" in error
     assert not (workdir / "results/ofb_latency/0.01").exists()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from flora_steps.cli import main
+from flora_steps.pipeline.catalogue import idle_stages
 from flora_steps.report.figures import plot_tradeoff
 from flora_steps.report.tradeoff import (
     envelope,
@@ -434,3 +435,42 @@ def test_the_report_sets_accuracy_against_measured_latency(smoke_pipeline: Path,
         assert {f"{prefix}_low", f"{prefix}_high", f"{prefix}_verdict"} <= set(compared.columns)
     shown = (out / "latency_comparison.md").read_text()
     assert shown.startswith("The first run's models, timed on cpu.") and "extra latency reduction" in shown
+
+
+#: The methods under latency budgets whose lists may be empty, as the default leaves them.
+OPTIONAL_LATENCY = ("uniform_latency", "slim_latency", "ofb_latency", "slim_flora_latency", "ofb_flora_latency")
+
+
+def test_a_method_without_budgets_runs_no_stage_and_leaves_the_report(
+    smoke_pipeline: Path, reported: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Emptying the optional latency lists idles their methods' stages (FLORA's latency stages on the pruned models
+    too, not those models' latency tables, which predict FLORA on them); the report over the same results then
+    has every other row and comparison as before (simultaneous intervals, over fewer comparisons, narrow), and none
+    of theirs."""
+    params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
+    params["budgets"] |= {name: [] for name in OPTIONAL_LATENCY}
+    assert idle_stages(params["budgets"]) == {
+        *(f"retrain_{method}" for method in ("uniform_latency", "slim_latency", "ofb_latency")),
+        "ofb_latency",
+        *(
+            f"{stage}_on_{base}"
+            for base in ("slim", "ofb")
+            for stage in ("filter_latency", "supernet_flora_latency", "search_flora_latency", "retrain_flora_latency")
+        ),
+    }
+    (tmp_path / "results").mkdir()
+    for folder in (reported / "results").iterdir():
+        if folder.name != "report":
+            (tmp_path / "results" / folder.name).symlink_to(folder.resolve())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--params", "params.yaml"]) == 0
+    out, full = tmp_path / "results/report", reported / "results/report"
+    for name in ("results", "comparison", "search_costs", "latency_comparison"):
+        kept = pd.read_csv(full / f"{name}.csv")
+        kept = kept[~kept["method"].isin(OPTIONAL_LATENCY)].reset_index(drop=True)
+        made = pd.read_csv(out / f"{name}.csv")
+        alone = [column for column in made.columns if "_sim" not in column]
+        pd.testing.assert_frame_equal(made[alone], kept[alone], check_exact=False, rtol=1e-9)
+    assert set(pd.read_csv(out / "latency.csv")["method"]).isdisjoint(OPTIONAL_LATENCY)

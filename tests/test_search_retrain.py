@@ -128,6 +128,7 @@ def test_search_below_the_smallest_subnet_is_one_clear_line(searched: Path, tmp_
     params["budgets"] = {"search": [0.1], "uniform": [0.05, 0.1], "slim": [0.05], "slim_base": 0.3, "slim_flora": [0.1]}
     params["budgets"] |= {"ofb": [0.05, 0.3], "ofb_base": 0.3, "ofb_flora": [0.1], "latency": [0.98]}
     params["budgets"] |= {"slim_flora_latency": [0.9], "ofb_flora_latency": [0.9]}
+    params["budgets"] |= {"uniform_latency": [], "slim_latency": [], "ofb_latency": []}
     params["budgets"]["latency_unit"] = "fraction"
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "filter", "supernet"):

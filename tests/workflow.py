@@ -5,17 +5,28 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import ROOT, run_command
 
-from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES
+from flora_steps.params import load_params
+from flora_steps.pipeline import dvc_yaml
+from flora_steps.pipeline.catalogue import ABLATION_STAGES, STAGES, idle_stages
 from flora_steps.pipeline.code import code_files
 
 #: Every params profile of configs/.
 PROFILES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def use_profile(project: Path, profile: str) -> None:
+    """Make ``configs/<profile>`` the project's ``params.yaml`` and regenerate its ``dvc.yaml``, as ``flora
+    dvc-yaml`` does (its runs, and no stage for a method whose budgets list is empty)."""
+    shutil.copy(project / "configs" / profile, project / "params.yaml")
+    params = load_params(project / "params.yaml")
+    dvc_yaml.write(project / "dvc.yaml", params.runs, idle_stages(params.model_dump(mode="json")["budgets"]))
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -337,7 +337,7 @@ _OFB_LATENCY = replace(
     name="ofb_latency",
     method="latency",
     folder="ofb_latency/{budget}",
-    foreach="latency",
+    foreach="ofb_latency",
     inputs={**_OFB.inputs, "table": Input("latency_table_ofb", "table")},
     params=(*_OFB.params, budgets_key("latency_unit"), "retrain.latency_batch"),
     cost="latency",
@@ -492,7 +492,11 @@ _LATENCY = _stage(
         **{base.stage("table"): Input(base.stage("latency_table"), "table") for base in BASES.values()},
         "table_ofb": Input("latency_table_ofb", "table"),
         **_model_of("pretrain", "dense"),
-        **{key: read for method, stage in METHOD_STAGES.items() for key, read in _model_of(stage, method).items()},
+        **{
+            key: replace(read, collected=True)
+            for method, stage in METHOD_STAGES.items()
+            for key, read in _model_of(stage, method).items()
+        },
     },
     params=(
         "seed",
@@ -506,9 +510,13 @@ _LATENCY = _stage(
 EVALUATIONS = {"": "metrics", "_predictions": "predictions", "_inherited_predictions": "inherited_predictions"}
 
 
-def _evaluations(method: str, stage: str) -> dict[str, Input]:
-    """A method's metrics and predictions (fine-tuned and as fine-tuning starts), from every run: a report's inputs."""
-    return {f"{method}{suffix}": Input(stage, output, every_run=True) for suffix, output in EVALUATIONS.items()}
+def _evaluations(method: str, stage: str, collected: bool = False) -> dict[str, Input]:
+    """A method's metrics and predictions (fine-tuned and as fine-tuning starts), from every run: a report's inputs
+    (``collected``: the method's, if it runs)."""
+    return {
+        f"{method}{suffix}": Input(stage, output, every_run=True, collected=collected)
+        for suffix, output in EVALUATIONS.items()
+    }
 
 
 _REPORT = _stage(
@@ -547,8 +555,12 @@ _REPORT = _stage(
         "search_ranks": Input("search", "ranks"),
         "latency": Input("latency", "latency"),  # every model's measured latency (the first run's)
         # every stage's metrics (its wall time among them; the first run's), every method's models in every run
-        **{f"{name}_metrics": Input(name, "metrics") for name in SEARCH_STAGES},
-        **{key: read for method, stage in METHOD_STAGES.items() for key, read in _evaluations(method, stage).items()},
+        **{f"{name}_metrics": Input(name, "metrics", collected=True) for name in SEARCH_STAGES},
+        **{
+            key: read
+            for method, stage in METHOD_STAGES.items()
+            for key, read in _evaluations(method, stage, collected=True).items()
+        },
     },
     params=(
         "seed",
@@ -652,6 +664,27 @@ def param_value(params: Mapping[str, Any], key: str) -> Any:
 def tracked_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """The stage's tracked keys and their values (what both engines compare to rerun it)."""
     return {key: param_value(params, key) for key in STAGES[stage].params}
+
+
+def idle_stages(budgets: Mapping[str, Any]) -> frozenset[str]:
+    """The stages that do not run under the params' ``budgets`` section (a plain mapping): each per-budget stage
+    whose list is empty (``budgets.slim_latency: []``: no ViT-Slim under latency budgets), and each stage that only
+    idle stages need. A stage runs when no stage needs it (the report, a method's retrain stage with budgets) or a
+    running stage needs it; reading its artifacts if it runs (``Input.collected``) is not needing it."""
+    empty = {name for name, stage in STAGES.items() if stage.foreach and not budgets[stage.foreach]}
+    needed_by: dict[str, set[str]] = {name: set() for name in STAGES}
+    for stage in STAGES.values():
+        for read in stage.inputs.values():
+            if not read.collected:
+                needed_by[read.stage].add(stage.name)
+    running = {name for name, readers in needed_by.items() if not readers and name not in empty}
+    pending = list(running)
+    while pending:
+        for read in STAGES[pending.pop()].inputs.values():
+            if not read.collected and read.stage not in running and read.stage not in empty:
+                running.add(read.stage)
+                pending.append(read.stage)
+    return frozenset(STAGES) - running
 
 
 @cache

@@ -7,7 +7,9 @@ depends on that stage's whole results folder, as DVC cannot list one dependency
 per budget; one that reads the run at one budget named by a params key depends on
 that run's files (``${budgets.ofb_base}``, filled in by DVC). With ``runs`` above 1 in
 ``params.yaml``, each replicated stage is one DVC stage per run of the pipeline
-(``search_run1``, with ``--run 1``): regenerate after changing ``runs``.
+(``search_run1``, with ``--run 1``): regenerate after changing ``runs``. A stage idle under
+``params.yaml``'s budgets (``catalogue.idle_stages``: a method with an empty budgets list)
+has no DVC stage: regenerate after emptying or filling such a list.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def _dependency(found: Resolved, run: int | None) -> Path:
     return found.producer.root(run=run)  # every budget: DVC cannot list one dependency per budget
 
 
-def _dependencies(stage: Stage, run: int | None, runs: int) -> list[str]:
+def _dependencies(stage: Stage, run: int | None, runs: int, idle: frozenset[str]) -> list[str]:
     paths = [str(path) for path in code_files(stage.module)]
     for reference in stage.inputs.values():
+        if reference.stage in idle:
+            continue
         found = resolve(stage, reference, STAGES)
         for each in runs_of(stage, reference, found.producer, run, runs):
             path = str(_dependency(found, each))
@@ -59,7 +63,7 @@ def _dependencies(stage: Stage, run: int | None, runs: int) -> list[str]:
     return paths
 
 
-def _entry(stage: Stage, run: int | None, runs: int) -> dict[str, Any]:
+def _entry(stage: Stage, run: int | None, runs: int, idle: frozenset[str]) -> dict[str, Any]:
     budget = ITEM if stage.foreach else None
     outs: list[Any] = []
     metrics: list[Any] = []
@@ -75,7 +79,7 @@ def _entry(stage: Stage, run: int | None, runs: int) -> dict[str, Any]:
     outs.append({str(stage.path("log", budget, run=run)): {"cache": False}})
     entry: dict[str, Any] = {
         "cmd": command(stage, run),
-        "deps": _dependencies(stage, run, runs),
+        "deps": _dependencies(stage, run, runs, idle),
         "params": list(stage.params),
         "outs": outs,
     }
@@ -83,20 +87,23 @@ def _entry(stage: Stage, run: int | None, runs: int) -> dict[str, Any]:
     return {"foreach": f"${{{budgets_key(stage.foreach)}}}", "do": entry} if stage.foreach else entry
 
 
-def render(runs: int = 1) -> str:
-    """The text of ``dvc.yaml`` for ``runs`` runs of the pipeline (``params.yaml``'s ``runs``)."""
+def render(runs: int = 1, idle: frozenset[str] = frozenset()) -> str:
+    """The text of ``dvc.yaml`` for ``runs`` runs of the pipeline (``params.yaml``'s ``runs``), without the
+    ``idle`` stages (``catalogue.idle_stages`` of its budgets)."""
     numbers: list[int | None] = [None] if runs == 1 else list(range(runs))
     stages = {
-        stage.name if run is None or not stage.replicated else f"{stage.name}_run{run}": _entry(stage, run, runs)
+        stage.name if run is None or not stage.replicated else f"{stage.name}_run{run}": _entry(stage, run, runs, idle)
         for stage in STAGES.values()
+        if stage.name not in idle
         for run in (numbers if stage.replicated else [None])
     }
     document = {"stages": stages, "plots": [{name: plot} for name, plot in COMBINED_PLOTS.items()]}
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=120)
 
 
-def write(path: Path, runs: int = 1) -> None:
-    """Write ``render(runs)`` to ``path`` through a temporary file, so that a failure leaves no half-written file."""
+def write(path: Path, runs: int = 1, idle: frozenset[str] = frozenset()) -> None:
+    """Write ``render(runs, idle)`` to ``path`` through a temporary file, so that a failure leaves no half-written
+    file."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(render(runs))
+    temporary.write_text(render(runs, idle))
     temporary.replace(path)

@@ -130,17 +130,16 @@ def _flora_latency(name: str, base: Base, label: str, short: str, style: Mapping
 
 
 def _under_latency(method: Method, name: str, label: str, origin: str, **changes: Any) -> Method:
-    """``method`` with budgets in the latency the table predicts (``budgets.latency``): hollow markers, and
-    "(latency)" after its panel title."""
+    """``method`` with budgets in the latency the table predicts (``budgets.<name>``, the control's
+    ``budgets.latency`` with FLORA's): hollow markers, and "(latency)" after its panel title."""
     return replace(
         method,
         name=name,
         label=label,
         short=f"{method.short} (latency)",
         origin=origin,
-        budgets="latency",
         cost="latency",
-        **{"style": {**method.style, "fillstyle": "none"}, **changes},
+        **{"style": {**method.style, "fillstyle": "none"}, "budgets": name, **changes},
     )
 
 
@@ -217,6 +216,7 @@ METHODS = {
             style={**_CONTROL.style, "color": "darkgreen", "fillstyle": "none"},
             source="supernet_flora_latency",
             inherits="supernet_flora_latency",
+            budgets="latency",  # FLORA's latency budgets: its control at each
         ),
         _under_latency(
             _UNIFORM,

@@ -70,12 +70,16 @@ class Input:
     run of a per-budget producer that a stage running once reads (``resolve``).
     ``every_run``: a stage that is not replicated reads the artifact of every run of the
     pipeline (the report's predictions); otherwise the first run's (a figure).
+    ``collected``: read if its stage runs (the report's and the latency stage's models and
+    metrics of every method): a stage idle under the params' budgets (``catalogue.idle_stages``)
+    gives no paths, and reading it does not make that stage run.
     """
 
     stage: str
     output: str
     budget: str | None = None
     every_run: bool = False
+    collected: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,13 +210,17 @@ def input_paths(
     root: Path = RESULTS,
     run: int | None = None,
     runs: int = 1,
+    idle: frozenset[str] = frozenset(),
 ) -> dict[str, list[Path]]:
     """Each input of one run of ``consumer`` (at budget name ``budget``, in run ``run`` of ``runs``): one path, or
     one per budget of a per-budget producer, for each run it reads (run by run). ``budgets`` is the params'
-    budgets section (it says which budgets a producer ran at)."""
+    budgets section (it says which budgets a producer ran at); an input from an ``idle`` stage has no paths."""
     paths = {}
     for key, reference in consumer.inputs.items():
         found = resolve(consumer, reference, stages)
+        if reference.stage in idle:
+            paths[key] = []
+            continue
         if found.case is Case.ONCE:
             names: list[str | None] = [None]
         elif found.case is Case.SAME:

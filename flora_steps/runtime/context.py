@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import UserError
 from ..params import Params, load_params, with_values
-from ..pipeline.catalogue import STAGES, param_value, stage_for, tracked_params
+from ..pipeline.catalogue import STAGES, idle_stages, param_value, stage_for, tracked_params
 from ..pipeline.code import STAGES_PACKAGE
 from ..pipeline.commands import add_stage_arguments
 from ..pipeline.schema import RESULTS, Stage, budget_name, budgets_key, input_paths, results_root
@@ -108,7 +108,10 @@ class StageContext:
         """The paths of input ``key``: one, or one per budget when a per-budget stage makes it (for each run of
         the pipeline it reads, run by run)."""
         budgets = self._dumped_params["budgets"]
-        return input_paths(self.stage, self.budget_name, budgets, STAGES, self.root, self.run, self.params.runs)[key]
+        paths = input_paths(
+            self.stage, self.budget_name, budgets, STAGES, self.root, self.run, self.params.runs, idle_stages(budgets)
+        )
+        return paths[key]
 
     def inputs_by_run(self, key: str) -> list[list[Path]]:
         """The paths of an input read from every run of the pipeline (``Input.every_run``), one list per run."""

@@ -34,7 +34,7 @@ default the released dynamics decide every module within a few epochs, led by th
 one-hot loss, and land near half the dense MACs whatever the budget; the cut is what
 gives OFB models at lower budgets (docs/methods.md measures what it costs).
 
-Under latency budgets (`ofb_latency`, `budgets.latency`, not in the release) the cost
+Under latency budgets (`ofb_latency`, `budgets.ofb_latency`, not in the release) the cost
 is the latency OFB's table predicts (`latency_table_ofb`; `OFBLatency`): the loss is
 `ofb.macs_weight · ((E[ms] − budget) / dense ms)²` with E[ms] summed over every
 candidate's probability, and the cut (`ofb.cut_to_budget`) prices by the table too.
@@ -209,7 +209,7 @@ def cut(search: OFBSearch, price: OFBPrice, band: tuple[float, float]) -> dict[s
     try:
         return search.cut_to_budget(price, *band)
     except ValueError as error:
-        key = "budgets.ofb" if isinstance(price, OFBCosts) else "budgets.latency"
+        key = "budgets.ofb" if isinstance(price, OFBCosts) else "budgets.ofb_latency"
         raise UserError(f"{key}: {error}; raise the budget or search.band") from None
 
 

@@ -247,7 +247,7 @@ def stage_seconds(context: StageContext) -> tuple[dict[str, float], dict[str, li
         runs = [seconds(path) for path in context.inputs(f"{name}_metrics")]
         if stage.foreach:
             per_budget[name] = runs
-        else:
+        elif runs:  # none: the stage is idle under these budgets
             once[name] = runs[0]
     return once, per_budget
 
@@ -258,6 +258,8 @@ def method_search_costs(context: StageContext, once: dict[str, float], per_budge
     budgets = context.params.budgets
     choosing = {}
     for method in RETRAINED:
+        if not getattr(budgets, RETRAINED[method].budgets):
+            continue  # no models
         stages, searched = choosing_stages(method)
         runs = []
         for stage, key in stages:

@@ -38,7 +38,8 @@ keys null): the training FLORA on their model has in all. Budgets are fractions 
 the dense model's MACs, but for the methods under latency budgets (`flora_latency`,
 `control_latency`, `uniform_latency`, `slim_latency`, each like its namesake): there
 the latency table (`latency_table`) predicts the cost, of ranks or of ViT-Slim's widths,
-and `budgets.latency` limits it.
+and the method's own list (`budgets.latency` for FLORA and its control, `budgets.uniform_latency`,
+`budgets.slim_latency`) limits it.
 
 A factorised layer becomes two `nn.Linear` (in -> r, r -> out), a layer at full rank
 or at/above break-even one dense `nn.Linear`. Fine-tuning distils from the dense base
