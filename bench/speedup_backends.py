@@ -2,12 +2,15 @@
 
     python bench/speedup_backends.py [--model deit_base_patch16_224] [--budget 0.45] [--subnets 3]
                                      [--backends eager compile onnxruntime] [--forms macs fastest]
+                                     [--choose random latency] [--candidates 200]
                                      [--step 16] [--batch 16] [--repeats 5]
 
 Builds, as retrain materialises them (random weights; latency does not depend on the
 values), the dense model and ``--subnets`` searched-style subnets at ``--budget`` of
 the dense MACs (the search's own sampler over the rank grid, MACs in [budget - 0.02,
-budget]), each in every backend:
+budget]); with ``--choose latency``, the ``--subnets`` that a latency table measured here
+first (below) predicts to take the least time per MAC among ``--candidates`` such draws:
+how far choosing ranks by the table can lift the share. Each in every backend:
 - ``eager``: PyTorch as the saved model runs (factorised layers as two ``nn.Linear``);
 - ``compile``: ``torch.compile`` (Inductor) of the same model;
 - ``frozen``: ``torch.compile`` with Inductor's ``freezing`` (weights as constants: prepacked
@@ -83,18 +86,30 @@ class OnnxModule(nn.Module):
 
 
 def searched_configs(
-    dense: nn.Module, costs: CostModel, budget: float, count: int, seed: int
+    dense: nn.Module,
+    costs: CostModel,
+    budget: float,
+    count: int,
+    seed: int,
+    latency: LatencyTable | None = None,
+    candidates: int = 1,
 ) -> tuple[dict[str, dict[str, int]], dict]:
-    """``count`` searched-style rank configs at ``budget`` and each one's MACs ratio (dense / subnet)."""
+    """``count`` searched-style rank configs at ``budget`` and each one's MACs ratio (dense / subnet); with a
+    ``latency`` table, the ``count`` it predicts to take the least time per MAC among ``candidates`` drawn at that
+    budget (the best share of their MACs ratio: the fastest alone would be the cheapest in MACs)."""
     layers = find_linear_layers(dense, DEFAULT_TARGETS)
     space = full_space({n: (costs.layers[n].in_features, costs.layers[n].out_features) for n in layers}, RATIOS)
     table = CostTable.of_macs(space, costs)
     rng = np.random.default_rng(seed)
-    configs = {}
-    while len(configs) < count:
+    drawn: list[dict[str, int]] = []
+    while len(drawn) < max(count, candidates if latency else count):
         genome = random_legal(rng, table, (budget - BAND) * costs.dense_macs, budget * costs.dense_macs)
         if genome is not None:
-            configs[f"searched #{len(configs) + 1}"] = space.ranks(genome_choices(space, genome))
+            drawn.append(space.ranks(genome_choices(space, genome)))
+    if latency is not None:
+        drawn.sort(key=lambda config: latency.predict_ms(config) / costs.macs(config))
+    label = "latency-chosen" if latency else "searched"
+    configs = {f"{label} #{index + 1}": config for index, config in enumerate(drawn[:count])}
     ratios = {name: costs.dense_macs / costs.macs(config) for name, config in configs.items()}
     return configs, ratios
 
@@ -158,6 +173,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--choose",
+        nargs="+",
+        choices=["random", "latency"],
+        default=["random"],
+        help="random: --subnets drawn at the budget; latency: the --subnets the latency table predicts to take "
+        "the least time per MAC among --candidates drawn at the budget (both: side by side)",
+    )
+    parser.add_argument("--candidates", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
@@ -165,19 +189,26 @@ def main() -> None:
     shape = input_shape(dense)
     images = torch.randn((args.batch, *shape))
     costs = trace_costs(dense, shape)
-    configs, macs_ratio = searched_configs(dense, costs, args.budget, args.subnets, args.seed)
-    factorised = copy.deepcopy(dense)
-    factorise(factorised, find_linear_layers(dense, DEFAULT_TARGETS))
-    plain = {"dense": dense, FIXED: without_targets(dense)}
-    if "macs" in args.forms:
-        plain |= {f"{name} macs": materialise(factorised, config).eval() for name, config in configs.items()}
-    if "fastest" in args.forms:
+    table = None
+    if "fastest" in args.forms or "latency" in args.choose:
         with torch.no_grad():
             table = ladder_table(dense, costs, images, args.step, args.repeats)
         print(
             f"table: fixed part {table.fixed_ms:.1f} ms of the dense model's {table.dense_ms:.1f} ms "
             f"({table.fixed_ms / table.dense_ms:.1%}), {costs.other_macs / costs.dense_macs:.1%} of its MACs"
         )
+    configs, macs_ratio = {}, {}
+    for mode in args.choose:
+        chooser = table if mode == "latency" else None
+        chosen, ratios = searched_configs(dense, costs, args.budget, args.subnets, args.seed, chooser, args.candidates)
+        configs |= chosen
+        macs_ratio |= ratios
+    factorised = copy.deepcopy(dense)
+    factorise(factorised, find_linear_layers(dense, DEFAULT_TARGETS))
+    plain = {"dense": dense, FIXED: without_targets(dense)}
+    if "macs" in args.forms:
+        plain |= {f"{name} macs": materialise(factorised, config).eval() for name, config in configs.items()}
+    if "fastest" in args.forms:
         for name, config in configs.items():
             widths = table.fastest_widths(config)
             changed = {layer: width for layer, width in widths.items() if width != config[layer]}
