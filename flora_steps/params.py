@@ -165,15 +165,8 @@ Budget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0, le=1)]
 LatencyBudget = Annotated[float, BeforeValidator(_written_as_float), Field(gt=0)]
 
 
-#: The budgets lists in latency (``budgets.latency_unit``).
-LATENCY_BUDGETS = (
-    "latency",
-    "uniform_latency",
-    "slim_latency",
-    "ofb_latency",
-    "slim_flora_latency",
-    "ofb_flora_latency",
-)
+#: The budgets lists in latency (``budgets.latency_unit``): those of the methods priced by a latency table.
+LATENCY_BUDGETS = tuple(dict.fromkeys(method.budgets for method in METHODS.values() if method.cost == "latency"))
 
 
 class BudgetParams(Section):

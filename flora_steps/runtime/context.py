@@ -107,11 +107,14 @@ class StageContext:
     def inputs(self, key: str) -> list[Path]:
         """The paths of input ``key``: one, or one per budget when a per-budget stage makes it (for each run of
         the pipeline it reads, run by run)."""
+        return self._input_paths[key]
+
+    @cached_property
+    def _input_paths(self) -> dict[str, list[Path]]:
+        """Every input's paths, resolved once (the stages idle under these budgets give none)."""
         budgets = self._dumped_params["budgets"]
-        paths = input_paths(
-            self.stage, self.budget_name, budgets, STAGES, self.root, self.run, self.params.runs, idle_stages(budgets)
-        )
-        return paths[key]
+        idle = idle_stages(budgets)
+        return input_paths(self.stage, self.budget_name, budgets, STAGES, self.root, self.run, self.params.runs, idle)
 
     def inputs_by_run(self, key: str) -> list[list[Path]]:
         """The paths of an input read from every run of the pipeline (``Input.every_run``), one list per run."""
