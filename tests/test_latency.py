@@ -470,22 +470,24 @@ def test_vit_slim_under_a_latency_budget_is_sliced_where_its_predicted_widths_fi
 def test_a_latency_budget_below_the_fastest_subnet_is_one_clear_line(
     smoke_pipeline: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
+    """On the smoke pipeline's clock (``conftest.macs_clock``) the parts no rank or width changes take 8.5% of the
+    dense model's time, and ViT-Slim's narrowest slice 1.4%: 1% is below all three."""
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())
-    params["budgets"]["latency"] = params["budgets"]["slim_latency"] = [0.05]
+    params["budgets"]["latency"] = params["budgets"]["slim_latency"] = [0.01]
     (tmp_path / "results").mkdir()
     for stage in ("pretrain", "latency_table", "filter_latency", "supernet_latency", "slim"):
         (tmp_path / "results" / stage).symlink_to(smoke_pipeline / "results" / stage)
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", params)
-    assert main(["search", "--method", "flora_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
+    assert main(["search", "--method", "flora_latency", "--budget", "0.01", "--params", "params.yaml"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(lines) == 1 and "budgets.latency: 0.05 is below the cheapest subnet of the filtered space (" in lines[0]
+    assert len(lines) == 1 and "budgets.latency: 0.01 is below the cheapest subnet of the filtered space (" in lines[0]
     assert "of the dense model's)" in lines[0]
-    assert main(["retrain", "--method", "control_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
-    assert "budgets.latency: 0.05: budget of " in capsys.readouterr().err
-    assert main(["retrain", "--method", "slim_latency", "--budget", "0.05", "--params", "params.yaml"]) == 2
+    assert main(["retrain", "--method", "control_latency", "--budget", "0.01", "--params", "params.yaml"]) == 2
+    assert "budgets.latency: 0.01: budget of " in capsys.readouterr().err
+    assert main(["retrain", "--method", "slim_latency", "--budget", "0.01", "--params", "params.yaml"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(lines) == 1 and "budgets.slim_latency: 0.05: even the smallest slim model (" in lines[0]
+    assert len(lines) == 1 and "budgets.slim_latency: 0.01: even the smallest slim model (" in lines[0]
     assert not (tmp_path / "results/retrain").exists()  # nothing half-written
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import ROOT, run_as_two_processes, write_params
+from conftest import ROOT, machine_independent_latency, run_as_two_processes, write_params
 from rehearsal import TRAIN_PER_CLASS, write_rehearsal_inputs
 from workflow import ABLATIONS_ONLY
 
@@ -34,19 +34,20 @@ def test_the_real_scale_path_runs_on_the_cpu_with_two_processes(tmp_path: Path, 
     params = load_params(write_params(params_file, profile))
     budgets = params.budgets.model_dump()
     monkeypatch.chdir(tmp_path)
-    for stage in (stage for name, stage in STAGES.items() if name not in ABLATIONS_ONLY):
-        for budget in budgets[stage.foreach] if stage.foreach else [None]:
-            arguments = [stage.module, "--params", str(params_file)]
-            arguments += stage.arguments("" if budget is None else budget_name(budget))
-            if stage.distributed:
-                run_as_two_processes(arguments)
-            else:
-                assert main(arguments) == 0, stage.name
-            log = (tmp_path / stage.path("log", None if budget is None else budget_name(budget))).read_text()
-            if stage.distributed:
-                assert "one of 2 processes under torchrun" in log, stage.name
-                if stage.module in ("supernet", "retrain", "slim", "ofb"):
-                    assert "weights identical on all 2 processes" in log, stage.name
+    with machine_independent_latency():  # the latency budgets' fate may not rest on this machine's speed
+        for stage in (stage for name, stage in STAGES.items() if name not in ABLATIONS_ONLY):
+            for budget in budgets[stage.foreach] if stage.foreach else [None]:
+                arguments = [stage.module, "--params", str(params_file)]
+                arguments += stage.arguments("" if budget is None else budget_name(budget))
+                if stage.distributed:
+                    run_as_two_processes(arguments)
+                else:
+                    assert main(arguments) == 0, stage.name
+                log = (tmp_path / stage.path("log", None if budget is None else budget_name(budget))).read_text()
+                if stage.distributed:
+                    assert "one of 2 processes under torchrun" in log, stage.name
+                    if stage.module in ("supernet", "retrain", "slim", "ofb"):
+                        assert "weights identical on all 2 processes" in log, stage.name
 
     results = tmp_path / "results"
     train_images = 4 * TRAIN_PER_CLASS - 8  # 8 held out as the val split
