@@ -1,7 +1,7 @@
 """Benchmark: the share of the MACs speedup that compressed models achieve, per inference backend.
 
     python bench/speedup_backends.py [--model deit_base_patch16_224] [--budget 0.45] [--subnets 3]
-                                     [--backends eager compile onnxruntime] [--forms macs fastest]
+                                     [--backends eager compile onnxruntime] [--forms macs fastest tiled]
                                      [--choose random latency] [--candidates 200]
                                      [--step 16] [--batch 16] [--repeats 5]
 
@@ -23,20 +23,31 @@ and in every form (``--forms``):
   (``LatencyTable.fastest_widths``: its rank, a timed rank above it padded with zero
   components, or dense; the same function). The table times each target layer's shape
   dense and as a pair at every multiple of ``--step`` below break-even, at this batch.
-All of them run in interleaved rounds (median and quartiles of ``--repeats``), beside the
-dense model whose target layers return zeros at no cost (what the ranks cannot shrink:
-attention's softmax, the norms, GELU, the other layers). For each subnet, form and
-backend it prints the speedup over the dense model in the same backend, the MACs ratio
-(dense MACs / subnet MACs) and the share of it achieved; the speedup over the eager dense
-model, which is what a user of the uncompressed model gains; and the ceiling: the
-speedup if the target layers ran as fast per MAC as dense ones and the rest kept its
-time.
+- ``tiled``: the ``macs`` form with each MLP run on a few tokens of every image at a time
+  (``TokenTiled``: tiles of about ``--tile-rows`` rows), against the dense model tiled
+  the same way. An MLP acts on each token alone, so the result is the same, but a tile's
+  hidden layer (DeiT-B: 3,072 wide) can stay in the cache instead of going through
+  memory; a factorised ``fc1`` writes that hidden layer for a fraction of the dense
+  layer's MACs. The tiles run along the static token axis, so the ONNX export keeps its
+  dynamic batch dimension (feed-forward chunking, as Reformer and Hugging Face's
+  ``chunk_size_feed_forward`` call it).
+All of them run in interleaved rounds, each in its own order (median and quartiles of
+``--repeats``), beside the dense model whose target layers return zeros at no cost (what
+the ranks cannot shrink: attention's softmax, the norms, GELU, the other layers). For
+each subnet, form and backend it prints the speedup over the dense model in the same
+backend and form, the MACs ratio (dense MACs / subnet MACs) and the share of it
+achieved; the speedup over the eager dense model, which is what a user of the
+uncompressed model gains; and the ceiling: the speedup if the target layers ran as fast
+per MAC as dense ones and the rest kept its time. With ``macs`` and ``tiled`` both, it
+also prints each model's tiled time over its untiled time, paired round by round
+(median and quartiles): what tiling itself gains, with the machine's drift cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -65,6 +76,7 @@ from flora_steps.tools.export import export_onnx
 
 #: The dense model without its target layers (``without_targets``).
 FIXED = "no target layers"
+TILED = " tiled"  # the suffix of a model in the tiled form
 RATIOS = [0.0625, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0]  # params.yaml's filter.ratios
 BAND = 0.02
 
@@ -112,6 +124,24 @@ def searched_configs(
     configs = {f"{label} #{index + 1}": config for index, config in enumerate(drawn[:count])}
     ratios = {name: costs.dense_macs / costs.macs(config) for name, config in configs.items()}
     return configs, ratios
+
+
+class TokenTiled(nn.Module):
+    """A token-wise ``module`` (an MLP) run on ``tokens`` tokens of every image at a time: the same result."""
+
+    def __init__(self, module: nn.Module, tokens: int) -> None:
+        super().__init__()
+        self.module, self.tokens = module, tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.module(part) for part in x.split(self.tokens, dim=-2)], dim=-2)
+
+
+def tile_mlps(model: nn.Module, tokens: int) -> nn.Module:
+    """``model`` (a timm ViT) with every block's MLP ``TokenTiled``; in place."""
+    for block in model.blocks:
+        block.mlp = TokenTiled(block.mlp, tokens)
+    return model
 
 
 class Vanished(nn.Module):
@@ -168,7 +198,8 @@ def main() -> None:
         default=["eager", "compile", "onnxruntime"],
         choices=["eager", "compile", "frozen", "onnxruntime"],
     )
-    parser.add_argument("--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest"])
+    parser.add_argument("--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest", "tiled"])
+    parser.add_argument("--tile-rows", type=int, default=512, help="rows per tile of the tiled form's MLPs")
     parser.add_argument("--step", type=int, default=16, help="the latency table's rank step")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
@@ -219,6 +250,12 @@ def main() -> None:
                 f"{table.predict_ms({t: w for t, w in widths.items() if w is not None}):.1f} ms fastest"
             )
             plain[f"{name} fastest"] = materialise(factorised, config, widths).eval()
+    if "tiled" in args.forms:
+        tokens = max(1, math.ceil(args.tile_rows / args.batch))
+        print(f"tiled: MLPs on {tokens} tokens of each image at a time ({tokens * args.batch} rows)")
+        for name in ("dense", FIXED, *configs):
+            model = plain[name] if name in ("dense", FIXED) else materialise(factorised, configs[name]).eval()
+            plain[name + TILED] = tile_mlps(copy.deepcopy(model), tokens)
     del factorised
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         runs = {
@@ -226,27 +263,29 @@ def main() -> None:
             for backend in args.backends
             for name, model in plain.items()
         }
-        timed = time_rounds(runs, args.repeats, warmup=2)
+        timed = time_rounds(runs, args.repeats, warmup=2, shuffle=args.seed)
     median = {key: statistics.median(values) for key, values in timed.items()}
     spread = {key: np.percentile(values, [25, 75]) for key, values in timed.items()}
+    references = ("dense", FIXED, "dense" + TILED, FIXED + TILED)
     for backend in args.backends:
-        for name in ("dense", FIXED):
+        for name in (name for name in references if name in plain):
             q1, q3 = spread[backend, name]
             print(f"{backend:12s} {name:20s} {median[backend, name]:9.1f} ms  [{q1:.1f}, {q3:.1f}]")
     targets = find_linear_layers(dense, DEFAULT_TARGETS)
     for name in plain:
-        if name in ("dense", FIXED):
+        if name in references:
             continue
         subnet = name.rsplit(" ", 1)[0]
         ratio = macs_ratio[subnet]
         shrink = sum(costs.layer_macs(t, configs[subnet].get(t)) for t in targets) / sum(
             costs.layer_macs(t) for t in targets
         )
+        form = TILED if name.endswith(TILED) else ""
         for backend in args.backends:
             # the target layers as fast per MAC as dense ones, the rest of the model as it is
-            dense_ms, fixed_ms = median[backend, "dense"], median[backend, FIXED]
+            dense_ms, fixed_ms = median[backend, "dense" + form], median[backend, FIXED + form]
             ceiling = dense_ms / (fixed_ms + (dense_ms - fixed_ms) * shrink)
-            speedup = median[backend, "dense"] / median[backend, name]
+            speedup = dense_ms / median[backend, name]
             q1, q3 = spread[backend, name]
             versus = median["eager", "dense"] / median[backend, name] if "eager" in args.backends else float("nan")
             print(
@@ -254,6 +293,13 @@ def main() -> None:
                 f"speedup {speedup:5.2f}x  MACs ratio {ratio:5.2f}x  achieved {speedup / ratio:6.1%}  "
                 f"vs eager dense {versus:5.2f}x  ceiling {ceiling:5.2f}x ({ceiling / ratio:.1%})"
             )
+    if {"macs", "tiled"} <= set(args.forms):
+        for backend in args.backends:
+            for name in ("dense", *configs):
+                untiled = timed[backend, name if name == "dense" else f"{name} macs"]
+                gain = timed[backend, name + TILED] / untiled  # round by round: the same moment's noise
+                q1, q3 = np.percentile(gain, [25, 75])
+                print(f"{backend:12s} {name:20s} tiled / untiled time {np.median(gain):.3f} [{q1:.3f}, {q3:.3f}]")
 
 
 if __name__ == "__main__":
