@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
-from flora_steps.core.latency import time_rounds
+from flora_steps.core.latency import precision_of, time_rounds
 from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
 from flora_steps.core.uniform import fit_uniform_ratio
@@ -67,16 +67,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only), as compute.amp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    print(f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    dtype = precision_of(device, args.amp)
+    print(f"batch {args.batch}, {device}, {dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
     for name in args.models:
         built = compressed_models(timm.create_model(name), args.budget, args.seed)
         models = {label: model.to(device) for label, (model, _) in built.items()}
         images = torch.randn((args.batch, *input_shape(models["dense"])), device=device)
-        timed = time_rounds({label: (model.eval(), images) for label, model in models.items()}, args.repeats, warmup=1)
+        runs = {label: (model.eval(), images) for label, model in models.items()}
+        timed = time_rounds(runs, args.repeats, warmup=1, dtype=dtype)
         latency = {label: float(np.median(values)) for label, values in timed.items()}
         dense_macs = built["dense"][1]
         for label, (_, macs) in built.items():

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
-from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
+from flora_steps.core.latency import LatencyTable, measure_table, precision_of, time_rounds
 from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space, rank_grid
 from flora_steps.core.uniform import fit_uniform_ratio
@@ -69,11 +69,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only), as compute.amp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    print(f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    dtype = precision_of(device, args.amp)
+    print(f"batch {args.batch}, {device}, {dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
     for name in args.models:
         dense = timm.create_model(name).eval()
         shape = input_shape(dense)
@@ -82,13 +84,13 @@ def main() -> None:
         targets = {n: costs.layers[n] for n in layers}
         ranks = {n: rank_grid(c.in_features, c.out_features, RATIOS) for n, c in targets.items()}
         images = torch.randn((args.batch, *shape), device=device)
-        frame = measure_table(dense, targets, ranks, images, args.repeats)
+        frame = measure_table(dense, targets, ranks, images, args.repeats, dtype=dtype)
         table = LatencyTable.from_frame(frame)
         factorised = copy.deepcopy(dense)
         factorise(factorised, layers)
         configs = {"dense": {}, **subnets(dense, args.budgets, args.subnets, args.seed)}
         models = {label: materialise(factorised, config).eval().to(device) for label, config in configs.items()}
-        timed = time_rounds({label: (model, images) for label, model in models.items()}, args.repeats)
+        timed = time_rounds({label: (model, images) for label, model in models.items()}, args.repeats, dtype=dtype)
         measured = {label: statistics.median(timed[label]) for label in configs}
         predicted = {label: table.predict_ms(config) for label, config in configs.items()}
         errors, relative_errors = [], []
