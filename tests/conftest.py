@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import flora_steps.runtime.models  # noqa: F401  (registers vit_digits with timm)
+from flora_steps.core.latency import Rounds
 from flora_steps.pipeline.catalogue import STAGES
 from flora_steps.pipeline.schema import budget_name
 
@@ -124,7 +125,7 @@ def macs_clock(
     repeats: int,
     warmup: int = 3,
     dtype: torch.dtype = torch.float32,
-    rounds=iter,
+    rounds: Rounds = iter,
     shuffle: int | None = None,
 ) -> dict[Hashable, np.ndarray]:
     """``core.latency.time_rounds`` on a clock every machine shares: a forward pass takes one millisecond per
