@@ -16,7 +16,10 @@ how far choosing ranks by the table can lift the share. Each in every backend:
 - ``frozen``: ``torch.compile`` with Inductor's ``freezing`` (weights as constants: prepacked
   oneDNN matmuls, elementwise ops fused into them), the CPU inference setting;
 - ``onnxruntime``: the model exported as ``flora export`` does, run by ONNX Runtime
-  (CPU, as many intra-op threads as torch has).
+  (CPU, as many intra-op threads as torch has);
+- ``onnxruntime-fused``: that export after ONNX Runtime's transformer optimizer for ViTs
+  (``onnxruntime.transformers.optimizer``: each MLP's bias and GELU fused into one
+  ``BiasGelu``, each residual add into its LayerNorm as ``SkipLayerNormalization``).
 and in every form (``--forms``):
 - ``macs``: as ``materialise`` makes them by MACs (a pair below break-even, else dense);
 - ``fastest``: each layer in the form a latency table measured here first finds fastest
@@ -173,6 +176,13 @@ def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: P
         return torch.compile(model, options={"freezing": True})
     path = folder / f"{name.replace(' ', '_').replace('#', '')}.onnx"
     export_onnx(model, shape, path)
+    if backend == "onnxruntime-fused":
+        from onnxruntime.transformers import optimizer
+
+        heads, width = model.blocks[0].attn.num_heads, model.embed_dim
+        optimizer.optimize_model(str(path), model_type="vit", num_heads=heads, hidden_size=width).save_model_to_file(
+            str(path)
+        )
     return OnnxModule(path, torch.get_num_threads())
 
 
@@ -196,7 +206,7 @@ def main() -> None:
         "--backends",
         nargs="+",
         default=["eager", "compile", "onnxruntime"],
-        choices=["eager", "compile", "frozen", "onnxruntime"],
+        choices=["eager", "compile", "frozen", "onnxruntime", "onnxruntime-fused"],
     )
     parser.add_argument("--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest", "tiled"])
     parser.add_argument("--tile-rows", type=int, default=512, help="rows per tile of the tiled form's MLPs")
