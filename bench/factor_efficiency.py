@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from flora_steps.core import DEFAULT_TARGETS, find_linear_layers
+from flora_steps.runtime.allocator import use_allocator
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
 
 
@@ -55,7 +56,14 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[48, 96, 128, 200, 256, 384])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--allocator",
+        choices=["heap", "system"],
+        default="heap",
+        help="glibc malloc as compute.allocator sets it in the stages (heap: freed memory kept for reuse)",
+    )
     args = parser.parse_args()
+    use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     model = timm.create_model(args.model, pretrained=False).eval()
     rows = args.batch * tokens(model)

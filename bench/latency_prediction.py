@@ -34,6 +34,7 @@ from flora_steps.core.latency import LatencyTable, measure_table, precision_of, 
 from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space, rank_grid
 from flora_steps.core.uniform import fit_uniform_ratio
+from flora_steps.runtime.allocator import use_allocator
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
 
 BAND = 0.02
@@ -68,10 +69,17 @@ def main() -> None:
     parser.add_argument("--subnets", type=int, default=2, help="searched-style subnets per budget")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--allocator",
+        choices=["heap", "system"],
+        default="heap",
+        help="glibc malloc as compute.allocator sets it in the stages (heap: freed memory kept for reuse)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only), as compute.amp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    use_allocator(args.allocator)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = precision_of(device, args.amp)

@@ -27,6 +27,7 @@ from flora_steps.core import trace_costs
 from flora_steps.core.latency import StructureTable, measure_structure_table, time_rounds
 from flora_steps.pruning.ofb import OFBGrids, timed_structures
 from flora_steps.pruning.structure import block_heads
+from flora_steps.runtime.allocator import use_allocator
 from flora_steps.runtime.artifacts import load_model
 from flora_steps.runtime.models import input_shape
 
@@ -37,8 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument(
+        "--allocator",
+        choices=["heap", "system"],
+        default="heap",
+        help="glibc malloc as compute.allocator sets it in the stages (heap: freed memory kept for reuse)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
+    use_allocator(args.allocator)
     torch.set_num_threads(PARAMS["compute"]["threads"] or torch.get_num_threads())
     torch.manual_seed(0)
     dense, _ = load_model(args.results / "pretrain/model.safetensors")

@@ -74,6 +74,7 @@ from flora_steps.core.latency import LatencyTable, measure_table, time_rounds
 from flora_steps.core.lowrank import break_even_rank
 from flora_steps.core.search import CostTable, genome_choices, random_legal
 from flora_steps.core.space import full_space
+from flora_steps.runtime.allocator import use_allocator
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
 from flora_steps.tools.export import export_onnx
 
@@ -213,6 +214,12 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=16, help="the latency table's rank step")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--allocator",
+        choices=["heap", "system"],
+        default="heap",
+        help="glibc malloc as compute.allocator sets it in the stages (heap: freed memory kept for reuse)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--choose",
@@ -224,6 +231,7 @@ def main() -> None:
     )
     parser.add_argument("--candidates", type=int, default=200)
     args = parser.parse_args()
+    use_allocator(args.allocator)
     torch.manual_seed(args.seed)
     print(f"{args.model}, batch {args.batch}, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
     dense = timm.create_model(args.model).eval()

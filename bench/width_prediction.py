@@ -33,6 +33,7 @@ import yaml
 from flora_steps.core import trace_costs
 from flora_steps.core.latency import WidthTable, measure_table, time_rounds
 from flora_steps.pruning.structure import block_heads, part_widths, prunable_blocks, timed_models, timed_parts
+from flora_steps.runtime.allocator import use_allocator
 from flora_steps.runtime.artifacts import load_model
 from flora_steps.runtime.models import input_shape
 
@@ -45,7 +46,14 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["0.14", "0.26"], help="ViT-Slim budgets of the run")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument(
+        "--allocator",
+        choices=["heap", "system"],
+        default="heap",
+        help="glibc malloc as compute.allocator sets it in the stages (heap: freed memory kept for reuse)",
+    )
     args = parser.parse_args()
+    use_allocator(args.allocator)
     torch.set_num_threads(PARAMS["compute"]["threads"] or torch.get_num_threads())
     torch.manual_seed(0)
     dense, _ = load_model(args.results / "pretrain/model.safetensors")

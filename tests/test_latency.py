@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import write_params
+from conftest import run_command, write_params
 from torch import nn
 
 from flora_steps.cli import main
@@ -37,6 +38,8 @@ from flora_steps.errors import UserError
 from flora_steps.pipeline.machine import host_fingerprint
 from flora_steps.pipeline.methods import METHODS
 from flora_steps.pruning.structure import block_heads, part_widths
+from flora_steps.runtime import allocator
+from flora_steps.runtime.allocator import allocator_in_use, glibc, use_allocator
 from flora_steps.runtime.artifacts import ModelSpec, load_model, read_space
 from flora_steps.runtime.latency import device_table
 from flora_steps.runtime.machine import KEY, key_difference, table_key
@@ -174,6 +177,7 @@ def test_time_rounds_keeps_the_order_given_or_shuffles_each_round_by_its_seed() 
 def test_the_key_names_the_device_threads_batch_precision_and_libraries() -> None:
     key = table_key(torch.device("cpu"), 16, precision_of(torch.device("cpu"), amp=True))
     assert tuple(key) == KEY
+    assert key["allocator"] == allocator_in_use()
     assert key["precision"] == "float32" and key["threads"] == torch.get_num_threads() and key["batch"] == 16
     assert key["torch"] == torch.__version__.split("+")[0] or key["torch"].startswith(torch.__version__[:4])
     assert precision_of(torch.device("cuda"), amp=True) == torch.bfloat16
@@ -183,6 +187,36 @@ def test_the_key_names_the_device_threads_batch_precision_and_libraries() -> Non
         f"threads {key['threads'] + 1!r}, here {key['threads']!r}"
     )
     assert key_difference({**key, "batch": str(key["batch"])}, key) is None  # read back from a CSV
+
+
+FAULTS_OF_A_FRESH_BLOCK = """
+import resource, sys, torch
+from flora_steps.runtime.allocator import use_allocator
+assert use_allocator(sys.argv[1]) == sys.argv[1]
+faults = []
+for _ in range(20):  # a forward pass's pattern: a large activation made, used and freed again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(48 << 18)  # 48 MiB: above glibc's largest mmap threshold
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[-5:]))
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="mallopt is glibc's")
+def test_the_heap_allocator_serves_a_large_block_again_without_page_faults() -> None:
+    """Each allocator in a fresh process, the last 5 of 20 blocks: the system one maps each afresh (at least one
+    fault per page, 24 per block with 2 MiB pages); the heap one hands back freed memory (glibc 2.36 reuses a
+    64-byte aligned block, as torch's are, once about a dozen are free: hence the warm-up)."""
+    runs = {kind: run_command([sys.executable, "-c", FAULTS_OF_A_FRESH_BLOCK, kind]) for kind in ("system", "heap")}
+    assert all(run.returncode == 0 for run in runs.values()), {kind: run.stderr for kind, run in runs.items()}
+    faults = {kind: int(run.stdout) for kind, run in runs.items()}
+    assert faults["system"] >= 5 * 24 and faults["heap"] < min(faults["system"], 120), faults
+
+
+def test_the_allocator_in_use_is_the_system_one_without_glibc(monkeypatch) -> None:
+    monkeypatch.setattr(allocator, "glibc", lambda: None)
+    monkeypatch.setattr(allocator, "_in_use", "system")
+    assert use_allocator("heap") == "system" and allocator_in_use() == "system"
 
 
 def test_a_table_measured_under_another_key_is_one_line(tmp_path: Path) -> None:
@@ -199,6 +233,8 @@ def test_a_table_measured_under_another_key_is_one_line(tmp_path: Path) -> None:
     other = frame.assign(timm="0.0.1")
     with pytest.raises(UserError, match=r"table.csv: measured with timm '0.0.1', here '.+'; rerun the latency_table"):
         device_table(other, tmp_path / "table.csv", key)
+    with pytest.raises(UserError, match=r"table.csv: measured with allocator 'other', here"):
+        device_table(frame.assign(allocator="other"), tmp_path / "table.csv", key)
     with pytest.raises(UserError, match="no timings on cuda"):
         device_table(frame, tmp_path / "table.csv", {**key, "device": "cuda"})
     assert rows.dense_ms == 18

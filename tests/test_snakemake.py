@@ -137,6 +137,7 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ("ofb", "macs_weight", 10.0, in_default(downstream({"ofb", "ofb_latency"}))),  # every OFB search and after
         ("data", "eval_batch_size", 100, set()),
         ("compute", "threads", 3, in_default(downstream(TABLES))),
+        ("compute", "allocator", "system", in_default(downstream(TABLES))),
     ],
 )
 def test_snakemake_reruns_only_what_a_changed_param_touches(project: Path, section, key, value, expected) -> None:

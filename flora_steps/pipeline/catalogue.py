@@ -288,7 +288,7 @@ _PRETRAIN = _stage(
 )
 
 #: The machine's timings that predict a model's latency (``core.latency``): the same on every run.
-TIMING = ("compute.device", "compute.amp", "compute.threads", "retrain.latency_batch")
+TIMING = ("compute.device", "compute.amp", "compute.threads", "compute.allocator", "retrain.latency_batch")
 _OFB_GRIDS = _keys("ofb", ("head_ratios", "head_dim_ratios", "mlp_ratios", "embed_ratios"))
 _OFB = _stage(
     "ofb",
@@ -618,6 +618,7 @@ STAGES: dict[str, Stage] = {
 #: (a stage whose results they do change tracks them: the latency stage tracks threads).
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
+    "compute.allocator": "how malloc reuses freed memory: speed",
     "runs": "how many runs of the pipeline there are: where each run's results lie, not what they are",
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",

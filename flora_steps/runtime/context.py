@@ -31,6 +31,7 @@ from ..pipeline.code import STAGES_PACKAGE
 from ..pipeline.commands import add_stage_arguments
 from ..pipeline.schema import RESULTS, Stage, budget_name, budgets_key, input_paths, results_root
 from . import distributed
+from .allocator import use_allocator
 from .artifacts import remove_temporaries
 from .data import default_workers
 from .training import checkpoint_name
@@ -328,6 +329,7 @@ def run_stage(
             log.info("removed %s, left by a killed run", path)
         if params.compute.threads:
             torch.set_num_threads(params.compute.threads)
+        use_allocator(params.compute.allocator)
         seed_everything(params.seed)
         if stage.distributed and "WORLD_SIZE" in os.environ:
             context.device = distributed.join(context.device)

@@ -1,4 +1,4 @@
-"""The key of a latency table: the device it was timed on, the threads, batch, precision and library versions."""
+"""The key of a latency table: the device it was timed on, the threads, allocator, batch, precision and library versions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from ..pipeline.machine import cpu_name, library_versions
+from .allocator import allocator_in_use
 
 #: The key's columns, first in a latency table's CSV; a table is reused only where every one is the same.
-KEY = ("device", "device_name", "threads", "batch", "precision", "torch", "timm")
+KEY = ("device", "device_name", "threads", "allocator", "batch", "precision", "torch", "timm")
 
 
 def device_name(device: torch.device) -> str:
@@ -23,6 +24,7 @@ def table_key(device: torch.device, batch: int, precision: torch.dtype) -> dict[
         "device": device.type,
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_in_use(),
         "batch": batch,
         "precision": str(precision).removeprefix("torch."),
         **library_versions(),

@@ -13,7 +13,7 @@ models the pruned fixed part at their parts' share plus each attention and MLP a
 width; for OFB's models `latency_table_ofb`: the fixed part at their embedding width
 plus each attention and MLP at theirs; for FLORA on a pruned model, the latency table
 of that model, `latency_table_on_slim` or `_on_ofb`) and its error. The tables must have been
-measured under the same key (device, threads, batch, precision, library versions):
+measured under the same key (device, threads, allocator, batch, precision, library versions):
 else one line says which differs. Writes `results/latency/`:
 
 - `latency.csv`: per model and device, the median and quartile milliseconds per

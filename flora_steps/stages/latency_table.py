@@ -18,7 +18,7 @@ measuring it. Writes `results/latency_table/`:
 - `table.csv`: per device, one row per layer and rank (empty rank: dense), per
   attention or MLP and width (channels or units kept), the fixed part, the pruned
   fixed part at each share and the dense model: median and quartile milliseconds per batch, each row
-  keyed by device, device name, threads, batch, precision and torch/timm versions
+  keyed by device, device name, threads, allocator, batch, precision and torch/timm versions
 - `metrics.json`: per device, the key, the dense model's measured and predicted time
 """
 

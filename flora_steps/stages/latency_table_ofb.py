@@ -23,7 +23,7 @@ it. Writes `results/latency_table_ofb/`:
 
 - `table.csv`: per device, one row per block, embedding width and attention cell or MLP
   width, per skeleton width, per residual width and the dense model: median and quartile milliseconds per
-  batch, each row keyed by device, device name, threads, batch, precision and
+  batch, each row keyed by device, device name, threads, allocator, batch, precision and
   torch/timm versions; only the header for a model OFB cannot prune
 - `metrics.json`: per device, the key, the dense model's time and the residual by width
 """
