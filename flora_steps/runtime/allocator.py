@@ -13,7 +13,9 @@ model's disagree when they happen in different states.
 up to ``KEPT_BYTES`` of freed memory there for the next allocation, which is what jemalloc
 and tcmalloc (PyTorch's CPU performance tuning guide recommends them) do. Outside a
 stage, the same setting is ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
-glibc.malloc.trim_threshold=1073741824``. Where the C library is not glibc (macOS,
+glibc.malloc.trim_threshold=1073741824``. glibc 2.36 hands a freed block back to an
+aligned request (torch's are 64-byte aligned) only once about a dozen of its size are
+free, so the first forward passes (the warm-up) still fault. Where the C library is not glibc (macOS,
 musl) nothing changes and the allocator in use is ``system``. CUDA tensors have
 PyTorch's own caching allocator.
 """
