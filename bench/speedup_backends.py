@@ -1,7 +1,7 @@
 """Benchmark: the share of the MACs speedup that compressed models achieve, per inference backend.
 
     python bench/speedup_backends.py [--model deit_base_patch16_224] [--budget 0.45] [--subnets 3]
-                                     [--backends eager compile onnxruntime] [--forms macs fastest tiled]
+                                     [--backends eager compile onnxruntime] [--forms macs fastest tiled bias_after]
                                      [--choose random latency] [--candidates 200]
                                      [--step 16] [--batch 16] [--repeats 5]
 
@@ -26,6 +26,10 @@ and in every form (``--forms``):
   (``LatencyTable.fastest_widths``: its rank, a timed rank above it padded with zero
   components, or dense; the same function). The table times each target layer's shape
   dense and as a pair at every multiple of ``--step`` below break-even, at this batch.
+- ``bias_after``: the ``macs`` form with every linear layer (the dense model's too) as a
+  matmul and then its bias added in place (``BiasAfter``), instead of ``addmm``, which
+  first copies the bias into the output and then accumulates the product onto it: a
+  second pass over the output that costs most where the inner dimension (a rank) is small.
 - ``tiled``: the ``macs`` form with each MLP run on a few tokens of every image at a time
   (``TokenTiled``: tiles of about ``--tile-rows`` rows), against the dense model tiled
   the same way. An MLP acts on each token alone, so the result is the same, but a tile's
@@ -41,8 +45,9 @@ each subnet, form and backend it prints the speedup over the dense model in the 
 backend and form, the MACs ratio (dense MACs / subnet MACs) and the share of it
 achieved; the speedup over the eager dense model, which is what a user of the
 uncompressed model gains; and the ceiling: the speedup if the target layers ran as fast
-per MAC as dense ones and the rest kept its time. With ``macs`` and ``tiled`` both, it
-also prints each model's tiled time over its untiled time, paired round by round
+per MAC as dense ones and the rest kept its time. With ``macs`` and ``tiled`` (or
+``bias_after``) both, it also prints each model's time in that form over its time in
+``macs``, paired round by round
 (median and quartiles): what tiling itself gains, with the machine's drift cancelled.
 """
 
@@ -81,6 +86,8 @@ from flora_steps.tools.export import export_onnx
 #: The dense model without its target layers (``without_targets``).
 FIXED = "no target layers"
 TILED = " tiled"  # the suffix of a model in the tiled form
+BIAS = " bias-after"  # the suffix of a model in the bias_after form
+SUFFIX = {"tiled": TILED, "bias_after": BIAS}
 RATIOS = [0.0625, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0]  # params.yaml's filter.ratios
 BAND = 0.02
 
@@ -139,6 +146,25 @@ class TokenTiled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.module(part) for part in x.split(self.tokens, dim=-2)], dim=-2)
+
+
+class BiasAfter(nn.Module):
+    """``linear`` as a matmul, then its bias added in place."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = torch.matmul(x, self.linear.weight.t())
+        return product if self.linear.bias is None else product.add_(self.linear.bias)
+
+
+def bias_after(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.Linear`` as ``BiasAfter``; in place."""
+    for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
+        replace_module(model, name, BiasAfter(model.get_submodule(name)))
+    return model
 
 
 def tile_mlps(model: nn.Module, tokens: int) -> nn.Module:
@@ -214,7 +240,9 @@ def main() -> None:
         default=["eager", "compile", "onnxruntime"],
         choices=["eager", "compile", "frozen", "onnxruntime", "onnxruntime-fused"],
     )
-    parser.add_argument("--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest", "tiled"])
+    parser.add_argument(
+        "--forms", nargs="+", default=["macs", "fastest"], choices=["macs", "fastest", "tiled", "bias_after"]
+    )
     parser.add_argument("--tile-rows", type=int, default=512, help="rows per tile of the tiled form's MLPs")
     parser.add_argument("--step", type=int, default=16, help="the latency table's rank step")
     parser.add_argument("--batch", type=int, default=16)
@@ -279,6 +307,10 @@ def main() -> None:
         for name in ("dense", FIXED, *configs):
             model = plain[name] if name in ("dense", FIXED) else materialise(factorised, configs[name]).eval()
             plain[name + TILED] = tile_mlps(copy.deepcopy(model), tokens)
+    if "bias_after" in args.forms:
+        for name in ("dense", FIXED, *configs):
+            model = plain[name] if name in ("dense", FIXED) else materialise(factorised, configs[name]).eval()
+            plain[name + BIAS] = bias_after(copy.deepcopy(model))
     del factorised
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         runs = {
@@ -289,7 +321,7 @@ def main() -> None:
         timed = time_rounds(runs, args.repeats, warmup=2, shuffle=args.seed)
     median = {key: statistics.median(values) for key, values in timed.items()}
     spread = {key: np.percentile(values, [25, 75]) for key, values in timed.items()}
-    references = ("dense", FIXED, "dense" + TILED, FIXED + TILED)
+    references = tuple(name + suffix for suffix in ("", TILED, BIAS) for name in ("dense", FIXED))
     for backend in args.backends:
         for name in (name for name in references if name in plain):
             q1, q3 = spread[backend, name]
@@ -303,7 +335,7 @@ def main() -> None:
         shrink = sum(costs.layer_macs(t, configs[subnet].get(t)) for t in targets) / sum(
             costs.layer_macs(t) for t in targets
         )
-        form = TILED if name.endswith(TILED) else ""
+        form = next((suffix for suffix in (TILED, BIAS) if name.endswith(suffix)), "")
         for backend in args.backends:
             # the target layers as fast per MAC as dense ones, the rest of the model as it is
             dense_ms, fixed_ms = median[backend, "dense" + form], median[backend, FIXED + form]
@@ -316,13 +348,13 @@ def main() -> None:
                 f"speedup {speedup:5.2f}x  MACs ratio {ratio:5.2f}x  achieved {speedup / ratio:6.1%}  "
                 f"vs eager dense {versus:5.2f}x  ceiling {ceiling:5.2f}x ({ceiling / ratio:.1%})"
             )
-    if {"macs", "tiled"} <= set(args.forms):
+    for form in (form for form in SUFFIX if {"macs", form} <= set(args.forms)):
         for backend in args.backends:
             for name in ("dense", *configs):
-                untiled = timed[backend, name if name == "dense" else f"{name} macs"]
-                gain = timed[backend, name + TILED] / untiled  # round by round: the same moment's noise
+                plain_time = timed[backend, name if name == "dense" else f"{name} macs"]
+                gain = timed[backend, name + SUFFIX[form]] / plain_time  # round by round: the same moment's noise
                 q1, q3 = np.percentile(gain, [25, 75])
-                print(f"{backend:12s} {name:20s} tiled / untiled time {np.median(gain):.3f} [{q1:.3f}, {q3:.3f}]")
+                print(f"{backend:12s} {name:20s} {form} / macs time {np.median(gain):.3f} [{q1:.3f}, {q3:.3f}]")
 
 
 if __name__ == "__main__":
