@@ -56,9 +56,7 @@ class ComputeParams(Section):
 
     device: Literal["auto", "cpu", "cuda"]
     threads: NonNegativeInt  # torch CPU threads; 0 leaves PyTorch's default
-    allocator: Literal[
-        "heap", "system"
-    ]  # heap: malloc keeps freed memory for reuse (glibc); system: the C library's defaults
+    allocator: Literal["heap", "system"]  # heap: glibc's malloc keeps freed memory for reuse; system: its defaults
     workers: NonNegativeInt | None  # DataLoader workers per process; 0: the main process; None: CPUs given - 1
     processes: PositiveInt  # processes a distributed stage starts under torchrun, one per GPU
     amp: bool  # bfloat16 autocast on CUDA (ignored on CPU)

@@ -15,9 +15,9 @@ and tcmalloc (PyTorch's CPU performance tuning guide recommends them) do. Outsid
 stage, the same setting is ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=1073741824``. glibc 2.36 hands a freed block back to an
 aligned request (torch's are 64-byte aligned) only once about a dozen of its size are
-free, so the first forward passes (the warm-up) still fault. Where the C library is not glibc (macOS,
-musl) nothing changes and the allocator in use is ``system``. CUDA tensors have
-PyTorch's own caching allocator.
+free, so the first forward passes (the warm-up) still fault. Where the C library is not
+glibc (macOS, musl) nothing changes and the allocator in use is ``system``. CUDA tensors
+have PyTorch's own caching allocator.
 """
 
 from __future__ import annotations
