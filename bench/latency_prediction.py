@@ -9,7 +9,9 @@ rank of params.yaml's filter.ratios grid, the fixed part; ``core.latency.measure
 then builds compressed models as retrain materialises them: per budget (fraction of the
 dense MACs) ``--subnets`` searched-style subnets (the search's own sampler over the rank
 grid, MACs in [budget - 0.02, budget]) and the uniform-rank model with any integer rank
-(ranks off the grid: interpolated). Times them with the dense model in interleaved
+(ranks off the grid: interpolated, with ``--multiple`` plus the misalignment of their
+remainder, which the table times on one window of ranks per layer shape; each such model
+is also predicted by the grid alone, plain interpolation, for comparison). Times them with the dense model in interleaved
 rounds (median of ``--repeats``) and prints each one's predicted and measured
 milliseconds per batch and the relative error, the same for its share of the dense
 model's latency (what a budget in fractions of it relies on: a drift of the machine's
@@ -25,6 +27,7 @@ import copy
 import statistics
 
 import numpy as np
+import pandas as pd
 import timm
 import torch
 import yaml
@@ -70,6 +73,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
+        "--multiple", type=int, default=16, help="retrain.table_rank_multiple: the misalignment window (0: none)"
+    )
+    parser.add_argument(
         "--allocator",
         choices=["heap", "system"],
         default="heap",
@@ -92,8 +98,14 @@ def main() -> None:
         targets = {n: costs.layers[n] for n in layers}
         ranks = {n: rank_grid(c.in_features, c.out_features, RATIOS) for n, c in targets.items()}
         images = torch.randn((args.batch, *shape), device=device)
-        frame = measure_table(dense, targets, ranks, images, args.repeats, dtype=dtype)
-        table = LatencyTable.from_frame(frame)
+        frame = measure_table(dense, targets, ranks, images, args.repeats, dtype=dtype, multiple=args.multiple)
+        table = LatencyTable.from_frame(frame, args.multiple)
+        grid_ranks = {(layer, rank) for layer, grid in ranks.items() for rank in grid}
+        on_grid = [
+            row.part != "layer" or pd.isna(row.rank) or (row.layer, int(row.rank)) in grid_ranks
+            for row in frame.itertuples()
+        ]
+        grid = LatencyTable.from_frame(frame[on_grid])  # the same timings without the windows: plain interpolation
         factorised = copy.deepcopy(dense)
         factorise(factorised, layers)
         configs = {"dense": {}, **subnets(dense, args.budgets, args.subnets, args.seed)}
@@ -101,22 +113,29 @@ def main() -> None:
         timed = time_rounds({label: (model, images) for label, model in models.items()}, args.repeats, dtype=dtype)
         measured = {label: statistics.median(timed[label]) for label in configs}
         predicted = {label: table.predict_ms(config) for label, config in configs.items()}
-        errors, relative_errors = [], []
+        plain = {label: grid.predict_ms(config) for label, config in configs.items()}
+        errors, relative_errors, plain_errors, plain_relative = [], [], [], []
         for label, config in configs.items():
             error = predicted[label] / measured[label] - 1
             # the share of the dense model's latency, predicted against measured: what a fraction budget relies on
             relative = (predicted[label] / predicted["dense"]) / (measured[label] / measured["dense"]) - 1
+            plain_error = plain[label] / measured[label] - 1
+            plain_share = (plain[label] / plain["dense"]) / (measured[label] / measured["dense"]) - 1
             errors.append(abs(error))
+            plain_errors.append(abs(plain_error))
             if label != "dense":
                 relative_errors.append(abs(relative))
+                plain_relative.append(abs(plain_share))
+            grid_only = "" if table.timed(config) else f"  (grid alone: {plain_error:+7.1%}, {plain_share:+7.1%})"
             print(
                 f"{name:24s} {label:18s} {costs.macs(config) / costs.dense_macs:6.3f} of dense MACs"
                 f"  measured {measured[label]:9.2f} ms  predicted {predicted[label]:9.2f} ms  error {error:+7.1%}"
-                f"  of dense: measured {measured[label] / measured['dense']:.3f} error {relative:+7.1%}"
+                f"  of dense: measured {measured[label] / measured['dense']:.3f} error {relative:+7.1%}{grid_only}"
             )
         print(
             f"{name:24s} median |error| {statistics.median(errors):.1%} over {len(errors)} models;"
-            f" of the dense latency: {statistics.median(relative_errors):.1%} over {len(relative_errors)}\n"
+            f" of the dense latency: {statistics.median(relative_errors):.1%} over {len(relative_errors)};"
+            f" by the grid alone: {statistics.median(plain_errors):.1%}, {statistics.median(plain_relative):.1%}\n"
         )
 
 

@@ -321,6 +321,7 @@ class RetrainParams(TrainingParams):
     latency_batch: PositiveInt  # images per forward pass when timing inference (the latency stage)
     latency_repeats: PositiveInt  # timed rounds of the latency stage (median and quartiles kept)
     table_repeats: PositiveInt  # timed rounds of the latency_table stage
+    table_rank_multiple: NonNegativeInt  # latency_table times each layer at every rank of one window between multiples
 
     @field_validator("seeds")
     @classmethod

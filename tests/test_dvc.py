@@ -110,6 +110,7 @@ def test_dvc_reruns_only_what_a_changed_param_touches(dvc_project: Path) -> None
                 5,
                 {"latency_table", "latency_table_ofb", "latency_table_on_slim", "latency_table_on_ofb"},
             ),
+            ("retrain", "table_rank_multiple", 8, {"latency_table", "latency_table_on_slim", "latency_table_on_ofb"}),
             ("ofb", "table_embed_widths", 3, {"latency_table_ofb"}),
             (
                 "retrain",

@@ -28,6 +28,8 @@ from flora_steps.core.latency import (
     StructureTable,
     WidthTable,
     measure_table,
+    misalignment,
+    misalignment_window,
     precision_of,
     time_rounds,
 )
@@ -102,6 +104,44 @@ def test_the_fastest_form_of_a_layer_is_its_rank_a_faster_timed_rank_above_it_or
 
     assert spread((1.4, 2.1)).fastest_width("blocks.0.qkv", 2) == 2  # overlapping spreads: noise, not speed
     assert spread((1.4, 1.9)).fastest_width("blocks.0.qkv", 2) == 4
+
+
+def test_a_window_of_ranks_between_two_multiples_lies_near_the_middle_of_the_grid_below_break_even() -> None:
+    grid = [48, 96, 192, 288, 384, 576, 768]  # DeiT-B's fc2 (3,072 -> 768; break-even 615): median of the pairs 240
+    assert misalignment_window(3072, 768, grid, 16) == list(range(240, 257))
+    assert misalignment_window(3072, 768, [48, 96], 16) == list(range(64, 81))  # 64 and 80 as near 72: the lower
+    assert misalignment_window(24, 24, [2, 9, 10, 11], 4) == [4, 5, 6, 7, 8]  # break-even 12: not 8 ... 12
+    assert misalignment_window(3072, 768, grid, 0) == misalignment_window(3072, 768, grid, 1) == []
+    assert misalignment_window(64, 64, [4, 8, 16, 24], 16) == []  # break-even 32: no window of 16 below it
+
+
+def test_misalignment_is_what_a_remainder_adds_over_the_line_between_the_multiples() -> None:
+    timed = {None: 9.0, 2: 1.0, 4: 2.5, 5: 3.5, 6: 3.5, 7: 4.0, 8: 3.0}  # window 4 ... 8: the line 2.5 + k / 8
+    assert misalignment(timed, 4) == pytest.approx({0: 0.0, 1: 0.875, 2: 0.75, 3: 1.125})
+    assert misalignment(timed, 0) == misalignment({None: 9.0, 2: 1.0, 4: 2.5, 8: 3.0}, 4) == {}  # no window
+
+
+def test_a_rank_off_the_grid_is_interpolated_less_its_neighbours_misalignment_plus_its_own() -> None:
+    layer = LinearCost(64, 64, 5)  # break-even 32
+    options = {None: 10.0, 4: 1.0, 8: 2.0, 9: 3.0, 10: 2.75, 11: 3.5, 12: 2.5, 20: 4.5}  # window 8 ... 12
+    table = LatencyTable(5.0, {"a": layer}, {"a": options}, multiple=4)
+    assert table.misalignments["a"] == pytest.approx({0: 0.0, 1: 0.875, 2: 0.5, 3: 1.125})
+    assert table.layer_ms("a", 11) == 3.5  # timed: its own time
+    assert table.layer_ms("a", 16) == pytest.approx(3.5)  # a multiple: the line between 12 and 20
+    assert table.layer_ms("a", 17) == pytest.approx(3.75 + 0.875)  # the line, plus remainder 1's misalignment
+    assert table.layer_ms("a", 15) == pytest.approx(3.25 + 1.125)
+    assert table.layer_ms("a", 26) == pytest.approx(7.25 + 0.5)  # between 20 and the dense layer at break-even
+    plain = LatencyTable(5.0, {"a": layer}, {"a": options})  # measured without a multiple: interpolated plainly
+    assert plain.layer_ms("a", 17) == pytest.approx(3.75) and plain.layer_ms("a", 11) == 3.5
+
+
+def test_measuring_with_a_multiple_times_each_shape_on_its_window_too() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))  # break-even 8: windows of 2 from 2 or 4; the grid's middle is 2
+    frame = measure_table(model, {"0": LinearCost(16, 16, 4)}, {"0": [2]}, torch.randn(2, 4, 16), 2, 1, multiple=2)
+    assert sorted(frame.loc[frame["part"] == LAYER, "rank"].fillna(0)) == [0, 2, 3, 4]
+    table = LatencyTable.from_frame(frame, 2)
+    assert set(table.misalignments["0"]) == {0, 1} and table.timed({"0": 3})
+    assert LatencyTable.from_frame(frame).misalignments == {"0": {}}  # read without it: plain interpolation
 
 
 def test_a_table_without_a_fixed_part_or_a_dense_timing_is_rejected() -> None:

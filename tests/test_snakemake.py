@@ -125,6 +125,7 @@ def changed_profile(project: Path, section: str, key: str, value) -> Iterator[li
         ("retrain", "uniform_epochs", 5, {"retrain_uniform", "retrain_uniform_latency", "latency", "report"}),
         ("retrain", "latency_repeats", 5, {"latency", "report"}),  # timings and the report's latency tables only
         ("retrain", "table_repeats", 5, in_default(downstream(TABLES))),  # and what the tables price
+        ("retrain", "table_rank_multiple", 8, in_default(downstream(TABLES - {"latency_table_ofb"}))),  # ranks'
         ("ofb", "table_embed_widths", 3, in_default(downstream({"latency_table_ofb"}))),  # OFB's alone
         (
             "slim",

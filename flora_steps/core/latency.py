@@ -8,7 +8,13 @@ part*: the dense model less its dense target layers, per round). A rank
 configuration's predicted latency is then a sum, like its MACs: the fixed part plus
 one entry per target layer (``LatencyTable.predict_ms``). A rank that was not timed
 is interpolated between the neighbouring timed ranks; a rank at or above break-even
-is the dense layer, as the materialised model has it.
+is the dense layer, as the materialised model has it. Kernels run a rank that is not a
+multiple of their vector width slower than both multiples around it (on an AVX-512
+CPU, rank 223 of DeiT-B's ``fc2`` takes 19% longer than rank 224), which interpolation
+misses; with a ``multiple``, each layer shape is also timed at every rank of one
+*window* from a multiple to the next (``misalignment_window``), and the time a rank's
+remainder adds over the line between the window's ends (its *misalignment*) is added to
+the interpolation at every rank with that remainder.
 
 Pruned widths work alike (``WidthTable``): each prunable *part* of a block (its
 attention at a number of channels kept, its MLP at a number of hidden units kept) is
@@ -150,6 +156,38 @@ def _dims(shape: LinearCost) -> tuple[int, int, int]:
     return shape.in_features, shape.out_features, shape.tokens
 
 
+def misalignment_window(in_features: int, out_features: int, grid: Iterable[int], multiple: int) -> list[int]:
+    """The ranks ``g, g + 1, ..., g + multiple`` that time a layer's misalignment: ``g`` the multiple of ``multiple``
+    nearest the middle of the layer's factorised ``grid`` whose window lies below break-even; none where
+    ``multiple`` is below 2 or the layer is too narrow for a window."""
+    if multiple < 2:
+        return []
+    starts = [
+        start
+        for start in range(multiple, break_even_rank(in_features, out_features), multiple)
+        if factorised_is_cheaper(in_features, out_features, start + multiple)
+    ]
+    if not starts:
+        return []
+    factorised = [rank for rank in grid if factorised_is_cheaper(in_features, out_features, rank)]
+    middle = float(np.median(factorised)) if factorised else starts[-1] / 2
+    start = min(starts, key=lambda start: (abs(start - middle), start))
+    return list(range(start, start + multiple + 1))
+
+
+def misalignment(timed: Mapping[int | None, float], multiple: int) -> dict[int, float]:
+    """Milliseconds a rank's remainder modulo ``multiple`` adds over the line between the multiples around it, by
+    remainder (0: none), from a window of ``timed`` ranks (``misalignment_window``); empty without one."""
+    if multiple < 2:
+        return {}
+    for start in sorted(rank for rank in timed if rank is not None and rank % multiple == 0):
+        window = range(start, start + multiple + 1)
+        if all(rank in timed for rank in window):
+            low, high = timed[start], timed[start + multiple]
+            return {k: timed[start + k] - (low + k * (high - low) / multiple) for k in range(multiple)}
+    return {}
+
+
 def _part_key(part: PartOptions, width: int) -> tuple[str, int, int, int]:
     return part.kind, part.dim, part.tokens, width
 
@@ -165,12 +203,14 @@ def measure_table(
     rounds: Rounds = iter,
     parts: Mapping[str, PartOptions] | None = None,
     pruned_models: Sequence[tuple[nn.Module, Mapping[str, int]]] = (),
+    multiple: int = 0,
 ) -> pd.DataFrame:
     """The latency table of ``model`` (dense) on a batch ``images`` on their device.
 
     ``layers`` are the target layers' shapes (``trace_costs(model, ...).layers``, one
     image's tokens), ``ranks`` each one's ranks to time (the dense layer is always
-    timed; ranks at or above break-even are left to it). ``parts`` are the prunable
+    timed; ranks at or above break-even are left to it), and with ``multiple`` the ranks
+    of its ``misalignment_window`` too. ``parts`` are the prunable
     parts by path (``blocks.0.attn``), each with its modules at the widths to time;
     ``pruned_models`` whole models with every part at one of those widths (by path), for
     the pruned fixed part at their share. Layers and parts of the same shape are timed
@@ -184,7 +224,8 @@ def measure_table(
     layer_options: dict[tuple[LinearCost, int | None], nn.Module] = {}
     for name, shape in layers.items():  # layers of the same shape share their modules and input
         layer_options.setdefault((shape, None), layer_module(shape, None, device))
-        for rank in ranks.get(name, ()):
+        window = misalignment_window(shape.in_features, shape.out_features, ranks.get(name, ()), multiple)
+        for rank in [*ranks.get(name, ()), *window]:
             if factorised_is_cheaper(shape.in_features, shape.out_features, rank):
                 layer_options.setdefault((shape, rank), layer_module(shape, rank, device))
     part_options = {  # parts of the same shape share theirs
@@ -228,16 +269,24 @@ def measure_table(
 @dataclass(frozen=True)
 class LatencyTable:
     """A latency table read back: the fixed part, and each target layer's timed ranks (``None``: dense) with
-    their medians and, where the frame has them, their quartiles."""
+    their medians and, where the frame has them, their quartiles; with a ``multiple``, each layer's misalignment
+    by remainder (``misalignment``), where its window was timed."""
 
     fixed_ms: float
     layers: Mapping[str, LinearCost]
     options: Mapping[str, Mapping[int | None, float]]
     quartiles: Mapping[str, Mapping[int | None, tuple[float, float]]] = field(default_factory=dict)
+    multiple: int = 0
+    misalignments: Mapping[str, Mapping[int, float]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        misalignments = {name: misalignment(timed, self.multiple) for name, timed in self.options.items()}
+        object.__setattr__(self, "misalignments", misalignments)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> LatencyTable:
-        """The table of one key's rows (``measure_table``'s frame, or the rows of one device of the CSV)."""
+    def from_frame(cls, frame: pd.DataFrame, multiple: int = 0) -> LatencyTable:
+        """The table of one key's rows (``measure_table``'s frame, or the rows of one device of the CSV);
+        ``multiple``: as it was measured with (0: ranks off the grid interpolated plainly)."""
         fixed = frame.loc[frame["part"] == FIXED, "median_ms"]
         if len(fixed) != 1:
             raise ValueError(f"expected one row of the fixed part, found {len(fixed)}")
@@ -252,21 +301,29 @@ class LatencyTable:
         missing = [name for name, timed in options.items() if None not in timed]
         if missing:
             raise ValueError(f"no dense timing of layer {missing[0]!r}")
-        return cls(float(fixed.iloc[0]), layers, options, quartiles)
+        return cls(float(fixed.iloc[0]), layers, options, quartiles, multiple)
 
     def layer_ms(self, name: str, rank: int | None) -> float:
-        """Predicted milliseconds of target layer ``name`` at ``rank`` (``None``: dense)."""
+        """Predicted milliseconds of target layer ``name`` at ``rank`` (``None``: dense): its timing, else the
+        neighbouring timed ranks interpolated less their misalignment, plus the rank's own."""
         shape, timed = self.layers[name], self.options[name]
         if rank is None or not factorised_is_cheaper(shape.in_features, shape.out_features, rank):
             return timed[None]
         if rank in timed:
             return timed[rank]
+        added = self.misalignments.get(name) or {}
+
+        def misaligned(r: int) -> float:
+            return added.get(r % self.multiple, 0.0) if added else 0.0
+
         factorised = sorted(r for r in timed if r is not None)
         # the dense layer stands at break-even: the rank from which the materialised model holds it
         even = break_even_rank(shape.in_features, shape.out_features)
         points = [*factorised, even] if not factorised or factorised[-1] < even else factorised
-        values = [timed[r] for r in factorised] + ([timed[None]] if len(points) > len(factorised) else [])
-        return float(np.interp(rank, points, values))
+        values = [timed[r] - misaligned(r) for r in factorised] + (
+            [timed[None]] if len(points) > len(factorised) else []
+        )
+        return float(np.interp(rank, points, values)) + misaligned(rank)
 
     def timed(self, ranks: Mapping[str, int]) -> bool:
         """Whether the table timed every layer of a rank config at its rank (ranks at or above break-even: dense),

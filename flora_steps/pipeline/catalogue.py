@@ -410,7 +410,14 @@ def latency_table_stage(base: Base) -> Stage:
         replicated=False,  # a property of the machine and the model's shapes
         outputs={"table": Output("table.csv"), "metrics": Output("metrics.json", "metrics")},
         inputs=_model_of(base.model, "dense"),
-        params=("seed", *TIMING, "retrain.table_repeats", "decompose.targets", "filter.ratios"),
+        params=(
+            "seed",
+            *TIMING,
+            "retrain.table_repeats",
+            "retrain.table_rank_multiple",
+            "decompose.targets",
+            "filter.ratios",
+        ),
         machine=True,
     )
 
@@ -619,6 +626,7 @@ STAGES: dict[str, Stage] = {
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
     "compute.allocator": "how malloc reuses freed memory: speed",
+    "retrain.table_rank_multiple": "how latency_table, which tracks it, measured its table: a reader reruns with it",
     "runs": "how many runs of the pipeline there are: where each run's results lie, not what they are",
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",

@@ -4,8 +4,9 @@
 
 On the CPU (with compute.threads) and also on CUDA when present (in bfloat16 with
 compute.amp), each target layer of the dense model (decompose.targets) runs dense and
-as a factorised pair at each rank of its grid (filter.ratios), alone, on a batch of
-`retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
+as a factorised pair at each rank of its grid (filter.ratios) and of one window from a
+multiple of `retrain.table_rank_multiple` to the next (what a rank off the grid costs for
+not being a multiple), alone, on a batch of `retrain.latency_batch` images' tokens; the dense model runs beside them, and its time
 less its dense target layers' is the fixed part. For ViT-Slim's widths, each block's
 attention (every head, the same ratios of its channels per head, and one channel per
 head) and MLP (the same ratios of its hidden units, and one unit) run too, and so does
@@ -68,6 +69,7 @@ def run(context: StageContext) -> None:
             rounds=timing.rounds,
             parts=parts,
             pruned_models=pruned_models,
+            multiple=params.retrain.table_rank_multiple,
         )
         tables.append(timing.keyed(rows))
         measured = float(rows.loc[rows["part"] == MODEL, "median_ms"].iloc[0])
