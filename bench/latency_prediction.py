@@ -2,6 +2,7 @@
 
     python bench/latency_prediction.py [--models vit_digits deit_small_patch16_224 deit_base_patch16_224]
                                        [--budgets 0.3 0.45 0.6] [--subnets 2] [--batch 16] [--repeats 7]
+                                       [--multiple 16]
 
 For each model (random weights; latency does not depend on the values): measures its
 latency table as the latency_table stage does (each target layer dense and at each
@@ -11,10 +12,10 @@ dense MACs) ``--subnets`` searched-style subnets (the search's own sampler over 
 grid, MACs in [budget - 0.02, budget]) and the uniform-rank model with any integer rank
 (ranks off the grid: interpolated, with ``--multiple`` plus the misalignment of their
 remainder, which the table times on one window of ranks per layer shape; each such model
-is also predicted by the grid alone, plain interpolation, for comparison). Times them with the dense model in interleaved
-rounds (median of ``--repeats``) and prints each one's predicted and measured
-milliseconds per batch and the relative error, the same for its share of the dense
-model's latency (what a budget in fractions of it relies on: a drift of the machine's
+is also predicted by the grid alone, plain interpolation, for comparison). Times them
+with the dense model in interleaved rounds (median of ``--repeats``) and prints each
+one's predicted and measured milliseconds per batch and the relative error, the same for
+its share of the dense model's latency (what a budget in fractions of it relies on: a drift of the machine's
 speed between the table's timing and the model's cancels there), and the median
 absolute errors per model.
 The latency stage reports the same error for the pipeline's own models.
