@@ -15,9 +15,9 @@ remainder, which the table times on one window of ranks per layer shape; each su
 is also predicted by the grid alone, plain interpolation, for comparison). Times them
 with the dense model in interleaved rounds (median of ``--repeats``) and prints each
 one's predicted and measured milliseconds per batch and the relative error, the same for
-its share of the dense model's latency (what a budget in fractions of it relies on: a drift of the machine's
-speed between the table's timing and the model's cancels there), and the median
-absolute errors per model.
+its share of the dense model's latency (what a budget in fractions of it relies on: a
+drift of the machine's speed between the table's timing and the model's cancels there),
+and the median absolute errors per model.
 The latency stage reports the same error for the pipeline's own models.
 """
 
