@@ -314,16 +314,15 @@ class LatencyTable:
         added = self.misalignments.get(name) or {}
 
         def misaligned(r: int) -> float:
-            return added.get(r % self.multiple, 0.0) if added else 0.0
+            return added[r % self.multiple] if added else 0.0
 
         factorised = sorted(r for r in timed if r is not None)
+        values = [timed[r] - misaligned(r) for r in factorised]
         # the dense layer stands at break-even: the rank from which the materialised model holds it
         even = break_even_rank(shape.in_features, shape.out_features)
-        points = [*factorised, even] if not factorised or factorised[-1] < even else factorised
-        values = [timed[r] - misaligned(r) for r in factorised] + (
-            [timed[None]] if len(points) > len(factorised) else []
-        )
-        return float(np.interp(rank, points, values)) + misaligned(rank)
+        if not factorised or factorised[-1] < even:
+            factorised, values = [*factorised, even], [*values, timed[None]]
+        return float(np.interp(rank, factorised, values)) + misaligned(rank)
 
     def timed(self, ranks: Mapping[str, int]) -> bool:
         """Whether the table timed every layer of a rank config at its rank (ranks at or above break-even: dense),

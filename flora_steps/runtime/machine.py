@@ -1,4 +1,5 @@
-"""The key of a latency table: the device it was timed on, the threads, allocator, batch, precision and library versions."""
+"""The key of a latency table: the device it was timed on, its threads, allocator, batch, precision and library
+versions."""
 
 from __future__ import annotations
 
