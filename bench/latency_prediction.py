@@ -100,13 +100,13 @@ def main() -> None:
         ranks = {n: rank_grid(c.in_features, c.out_features, RATIOS) for n, c in targets.items()}
         images = torch.randn((args.batch, *shape), device=device)
         frame = measure_table(dense, targets, ranks, images, args.repeats, dtype=dtype, multiple=args.multiple)
-        table = LatencyTable.from_frame(frame, args.multiple)
+        table = LatencyTable.from_frame(frame)
         grid_ranks = {(layer, rank) for layer, grid in ranks.items() for rank in grid}
         on_grid = [
             row.part != "layer" or pd.isna(row.rank) or (row.layer, int(row.rank)) in grid_ranks
             for row in frame.itertuples()
         ]
-        grid = LatencyTable.from_frame(frame[on_grid])  # the same timings without the windows: plain interpolation
+        grid = LatencyTable.from_frame(frame[on_grid].drop(columns="rank_multiple"))  # without the windows: plainly
         factorised = copy.deepcopy(dense)
         factorise(factorised, layers)
         configs = {"dense": {}, **subnets(dense, args.budgets, args.subnets, args.seed)}

@@ -139,9 +139,13 @@ def test_measuring_with_a_multiple_times_each_shape_on_its_window_too() -> None:
     model = nn.Sequential(nn.Linear(16, 16))  # break-even 8: windows of 2 from 2 or 4; the grid's middle is 2
     frame = measure_table(model, {"0": LinearCost(16, 16, 4)}, {"0": [2]}, torch.randn(2, 4, 16), 2, 1, multiple=2)
     assert sorted(frame.loc[frame["part"] == LAYER, "rank"].fillna(0)) == [0, 2, 3, 4]
-    table = LatencyTable.from_frame(frame, 2)
+    assert set(frame.loc[frame["part"] == LAYER, "rank_multiple"]) == {2}  # the table says what it was timed with
+    table = LatencyTable.from_frame(frame)
     assert set(table.misalignments["0"]) == {0, 1} and table.timed({"0": 3})
-    assert LatencyTable.from_frame(frame).misalignments == {"0": {}}  # read without it: plain interpolation
+    plain = LatencyTable.from_frame(frame.drop(columns="rank_multiple"))  # a table without it: plain interpolation
+    assert plain.misalignments == {"0": {}}
+    with pytest.raises(ValueError, match=r"rank multiples \[2, 8\]; expected one"):
+        LatencyTable.from_frame(pd.concat([frame, frame.iloc[:1].assign(rank_multiple=8)], ignore_index=True))
 
 
 def test_a_table_without_a_fixed_part_or_a_dense_timing_is_rejected() -> None:
@@ -277,6 +281,8 @@ def test_a_table_measured_under_another_key_is_one_line(tmp_path: Path) -> None:
         device_table(frame.assign(allocator="other"), tmp_path / "table.csv", key)
     with pytest.raises(UserError, match="no timings on cuda"):
         device_table(frame, tmp_path / "table.csv", {**key, "device": "cuda"})
+    with pytest.raises(UserError, match="table.csv: expected one row of the fixed part, found 0; rerun the latency_"):
+        device_table(frame[frame["part"] != FIXED], tmp_path / "table.csv", key)
     assert rows.dense_ms == 18
 
 

@@ -54,6 +54,7 @@ COLUMNS = (
     "out_features",
     "tokens",
     "rank",
+    "rank_multiple",
     "width",
     "share",
     "median_ms",
@@ -146,10 +147,11 @@ def _row(
     values: np.ndarray,
     width: int | None = None,
     share: float | None = None,
+    multiple: int | None = None,
 ) -> dict:
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     numbers = (round(median, 5), round(q1, 5), round(q3, 5), len(values))
-    return dict(zip(COLUMNS, (part, layer, *dims, rank, width, share, *numbers), strict=True))
+    return dict(zip(COLUMNS, (part, layer, *dims, rank, multiple, width, share, *numbers), strict=True))
 
 
 def _dims(shape: LinearCost) -> tuple[int, int, int]:
@@ -215,7 +217,7 @@ def measure_table(
     ``pruned_models`` whole models with every part at one of those widths (by path), for
     the pruned fixed part at their share. Layers and parts of the same shape are timed
     once and share their rows. Returns one row per (layer, rank), with ``rank`` empty for
-    the dense layer, then one per (part, width), then the fixed part's, the pruned fixed
+    the dense layer and ``rank_multiple`` the ``multiple``, then one per (part, width), then the fixed part's, the pruned fixed
     part's (with parts: the dense model's at share 1, then each pruned model's) and the
     dense model's rows.
     """
@@ -244,7 +246,7 @@ def measure_table(
     timed = time_rounds({**runs, MODEL: (model, images)}, repeats, warmup, dtype, rounds)
     fixed = timed[MODEL] - sum(timed[shape, None] for shape in layers.values())
     rows = [
-        _row(LAYER, name, _dims(shape), rank, timed[option, rank])
+        _row(LAYER, name, _dims(shape), rank, timed[option, rank], multiple=multiple)
         for name, shape in layers.items()
         for option, rank in layer_options
         if option == shape
@@ -284,12 +286,17 @@ class LatencyTable:
         object.__setattr__(self, "misalignments", misalignments)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, multiple: int = 0) -> LatencyTable:
-        """The table of one key's rows (``measure_table``'s frame, or the rows of one device of the CSV);
-        ``multiple``: as it was measured with (0: ranks off the grid interpolated plainly)."""
+    def from_frame(cls, frame: pd.DataFrame) -> LatencyTable:
+        """The table of one key's rows (``measure_table``'s frame, or the rows of one device of the CSV), with the
+        ``multiple`` its layer rows were measured with (``rank_multiple``; none, or 0: ranks off the grid
+        interpolated plainly)."""
         fixed = frame.loc[frame["part"] == FIXED, "median_ms"]
         if len(fixed) != 1:
             raise ValueError(f"expected one row of the fixed part, found {len(fixed)}")
+        multiples = set(frame.get("rank_multiple", pd.Series(dtype=float))[frame["part"] == LAYER].dropna())
+        if len(multiples) > 1:
+            raise ValueError(f"layer rows measured with rank multiples {sorted(map(int, multiples))}; expected one")
+        multiple = int(multiples.pop()) if multiples else 0
         layers, options, quartiles = {}, {}, {}
         spread = {"q1_ms", "q3_ms"} <= set(frame.columns)
         for row in frame[frame["part"] == LAYER].itertuples():

@@ -626,7 +626,6 @@ STAGES: dict[str, Stage] = {
 UNTRACKED = {
     "compute.threads": "CPU threads: speed",
     "compute.allocator": "how malloc reuses freed memory: speed",
-    "retrain.table_rank_multiple": "how latency_table, which tracks it, measured its table: a reader reruns with it",
     "runs": "how many runs of the pipeline there are: where each run's results lie, not what they are",
     "compute.workers": "loader processes: speed (each training image's augmentation has its own seed)",
     "compute.processes": "torchrun processes: the global batch and schedule stay the same",

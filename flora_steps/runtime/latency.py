@@ -63,17 +63,23 @@ def device_rows(table: pd.DataFrame, path: Path, key: dict, stage: str = "latenc
     return rows
 
 
-def device_table(
-    table: pd.DataFrame, path: Path, key: dict, stage: str = "latency_table", multiple: int = 0
-) -> LatencyTable:
-    """The latency table's rows of ``key``'s device, read back (``device_rows``; ``multiple``: as measured with)."""
-    return LatencyTable.from_frame(device_rows(table, path, key, stage), multiple)
+def device_table(table: pd.DataFrame, path: Path, key: dict, stage: str = "latency_table") -> LatencyTable:
+    """The latency table's rows of ``key``'s device, read back (``device_rows``)."""
+    return _rank_table(device_rows(table, path, key, stage), path, stage)
+
+
+def _rank_table(rows: pd.DataFrame, path: Path, stage: str = "latency_table") -> LatencyTable:
+    """``rows`` read back as a rank table; one line when they are not one."""
+    try:
+        return LatencyTable.from_frame(rows)
+    except ValueError as error:
+        raise UserError(f"{path}: {error}; rerun the {stage} stage") from None
 
 
 def read_latency_table(path: Path, device: torch.device, params: Params, stage: str = "latency_table") -> LatencyTable:
     """The table at ``path`` for ``device`` as this process would time it (``retrain.latency_batch``, the precision
     of ``compute.amp`` there); ``stage``: the stage that writes it, for the error."""
-    return device_table(read_csv(path), path, _key(device, params), stage, params.retrain.table_rank_multiple)
+    return device_table(read_csv(path), path, _key(device, params), stage)
 
 
 def read_width_table(path: Path, device: torch.device, params: Params) -> WidthTable:
@@ -93,7 +99,7 @@ def read_tables(path: Path, device: torch.device, params: Params) -> tuple[Laten
         widths = WidthTable.from_frame(rows)
     except ValueError:
         widths = None
-    return LatencyTable.from_frame(rows, params.retrain.table_rank_multiple), widths
+    return _rank_table(rows, path), widths
 
 
 def read_structure_table(path: Path, device: torch.device, params: Params) -> StructureTable | None:
