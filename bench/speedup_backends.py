@@ -99,12 +99,14 @@ BAND = 0.02
 class OnnxModule(nn.Module):
     """An ONNX Runtime session called like a module (for ``time_rounds``)."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, profiled: bool = False) -> None:
         super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        if profiled:  # every run's node timings, written by ``session.end_profiling()`` beside the model
+            options.enable_profiling, options.profile_file_prefix = True, str(path.with_suffix(""))
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
@@ -202,8 +204,10 @@ def without_targets(dense: nn.Module) -> nn.Module:
     return model
 
 
-def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: Path, name: str) -> nn.Module:
-    """``model`` (eval) as ``backend`` runs it."""
+def in_backend(
+    model: nn.Module, backend: str, shape: tuple[int, ...], folder: Path, name: str, profiled: bool = False
+) -> nn.Module:
+    """``model`` (eval) as ``backend`` runs it (``profiled``: an ONNX Runtime session that profiles its runs)."""
     if backend == "eager":
         return model
     if backend == "compile":
@@ -219,7 +223,7 @@ def in_backend(model: nn.Module, backend: str, shape: tuple[int, ...], folder: P
         optimizer.optimize_model(str(path), model_type="vit", num_heads=heads, hidden_size=width).save_model_to_file(
             str(path)
         )
-    return OnnxModule(path, torch.get_num_threads())
+    return OnnxModule(path, torch.get_num_threads(), profiled)
 
 
 def ladder_table(dense: nn.Module, costs: CostModel, images: torch.Tensor, step: int, repeats: int) -> LatencyTable:
