@@ -217,9 +217,9 @@ def measure_table(
     ``pruned_models`` whole models with every part at one of those widths (by path), for
     the pruned fixed part at their share. Layers and parts of the same shape are timed
     once and share their rows. Returns one row per (layer, rank), with ``rank`` empty for
-    the dense layer and ``rank_multiple`` the ``multiple``, then one per (part, width), then the fixed part's, the pruned fixed
-    part's (with parts: the dense model's at share 1, then each pruned model's) and the
-    dense model's rows.
+    the dense layer and ``rank_multiple`` the ``multiple``, then one per (part, width),
+    then the fixed part's, the pruned fixed part's (with parts: the dense model's at share
+    1, then each pruned model's) and the dense model's rows.
     """
     device, batch, parts = images.device, images.shape[0], parts or {}
     model = model.eval().to(device)
@@ -293,7 +293,8 @@ class LatencyTable:
         fixed = frame.loc[frame["part"] == FIXED, "median_ms"]
         if len(fixed) != 1:
             raise ValueError(f"expected one row of the fixed part, found {len(fixed)}")
-        multiples = set(frame.get("rank_multiple", pd.Series(dtype=float))[frame["part"] == LAYER].dropna())
+        measured = frame.loc[frame["part"] == LAYER, "rank_multiple"] if "rank_multiple" in frame else pd.Series()
+        multiples = set(measured.dropna())
         if len(multiples) > 1:
             raise ValueError(f"layer rows measured with rank multiples {sorted(map(int, multiples))}; expected one")
         multiple = int(multiples.pop()) if multiples else 0
