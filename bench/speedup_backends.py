@@ -114,6 +114,11 @@ class OnnxModule(nn.Module):
         return self.session.run(None, {self.input: images.numpy()})[0]
 
 
+def target_shrink(costs: CostModel, targets: list[str], config: dict[str, int]) -> float:
+    """The target layers' MACs at ``config`` over theirs in the dense model."""
+    return sum(costs.layer_macs(t, config.get(t)) for t in targets) / sum(costs.layer_macs(t) for t in targets)
+
+
 def searched_configs(
     dense: nn.Module,
     costs: CostModel,
@@ -341,9 +346,7 @@ def main() -> None:
             continue
         subnet = name.rsplit(" ", 1)[0]
         ratio = macs_ratio[subnet]
-        shrink = sum(costs.layer_macs(t, configs[subnet].get(t)) for t in targets) / sum(
-            costs.layer_macs(t) for t in targets
-        )
+        shrink = target_shrink(costs, targets, configs[subnet])
         form = next((suffix for suffix in (TILED, BIAS) if name.endswith(suffix)), "")
         for backend in args.backends:
             # the target layers as fast per MAC as dense ones, the rest of the model as it is (eager only: a compiler

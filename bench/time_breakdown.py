@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from speedup_backends import OnnxModule, in_backend, searched_configs
+from speedup_backends import OnnxModule, in_backend, searched_configs, target_shrink
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from flora_steps.core import DEFAULT_TARGETS, CostModel, factorise, find_linear_layers, materialise, trace_costs
+from flora_steps.core import DEFAULT_TARGETS, factorise, find_linear_layers, materialise, trace_costs
 from flora_steps.runtime.models import input_shape  # also registers vit_digits
 
 #: The profiler's matmul events of a linear layer in PyTorch, and where each one's input and weight shapes lie.
@@ -88,11 +88,6 @@ def onnx_splits(session: OnnxModule, others: set[tuple[int, int]]) -> list[tuple
         if shape not in others:
             targets[np.searchsorted(starts, event["ts"], side="right") - 1] += event["dur"] / 1000
     return [(run["dur"] / 1000, float(spent)) for run, spent in zip(runs, targets, strict=True)]
-
-
-def target_shrink(costs: CostModel, targets: list[str], config: dict[str, int]) -> float:
-    """The target layers' MACs at ``config`` over theirs in the dense model."""
-    return sum(costs.layer_macs(t, config.get(t)) for t in targets) / sum(costs.layer_macs(t) for t in targets)
 
 
 def main() -> None:
